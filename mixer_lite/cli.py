@@ -1,0 +1,82 @@
+"""The ``mixer-lite`` command line: parses arguments and calls the package's functions.
+
+Nothing imports this module; notebooks call the same functions directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_make_data(args) -> int:
+    from .synthshop import make_synthshop
+
+    stats = make_synthshop(args.out, preset=args.preset, seed=args.seed, workers=args.workers,
+                           progress=not args.quiet)
+    print(json.dumps(stats))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from .dataset import DatasetError, load_dataset
+
+    try:
+        data = load_dataset(args.dir, check_images=not args.no_image_check)
+    except DatasetError as e:
+        for p in e.problems:
+            print(str(p), file=sys.stderr)
+        print(f"{args.dir}: INVALID, {len(e.problems)} problem(s)", file=sys.stderr)
+        return 1
+    s = data.summary
+    print(f"{args.dir}: valid: {s['docs']} docs, {s['train_queries']} train queries, "
+          f"{s['test_queries']} test queries, {s['clicks']} click rows "
+          f"({s['click_events']} click events), {s['qrels']} qrels")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(data_dir=args.data, reports=args.reports, preset=args.preset, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixer-lite", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-data", help="generate a SynthShop dataset folder")
+    s.add_argument("--out", required=True, help="new (or empty) folder to write")
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "large"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=1, help="processes rendering images")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_make_data)
+
+    s = sub.add_parser("validate", help="check a dataset folder against the format")
+    s.add_argument("dir")
+    s.add_argument("--no-image-check", action="store_true",
+                   help="check image paths but do not open the files")
+    s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("demo", help="the main job on the built-in data (what `make demo` runs)")
+    s.add_argument("--data", default="data/synth-small")
+    s.add_argument("--reports", default="reports")
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "large"])
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"mixer-lite {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Read and validate a dataset folder (``docs/DATASET_FORMAT.md``) into Hugging Face datasets.
+
+Every dataset mixer-lite touches, SynthShop or a user's own export, is one folder of four JSON
+Lines files and the images they name.  This module is the one gate between those files and the
+rest of the package: :func:`validate_dataset` checks every rule of the format and reports *every*
+problem with its file, line and field; :func:`load_dataset` refuses a folder with problems, then
+loads the four tables with ``datasets`` (images decoded lazily, on access).
+
+Validation is plain Python over the lines, before any Arrow or torch code sees them, so bad
+input never surfaces as a pyarrow, PIL or torch traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+FILES = ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One violation of the format: where it is and what is wrong."""
+
+    file: str
+    line: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class DatasetError(ValueError):
+    """A dataset folder that breaks the format; ``problems`` lists every violation found."""
+
+    def __init__(self, root: Path, problems: list[Problem]):
+        self.root = root
+        self.problems = problems
+        shown = "\n".join(f"  {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"{root}: {len(problems)} problem(s) in the dataset folder:\n{shown}{more}")
+
+
+# --------------------------------------------------------------------------------------------
+# Line-level checks
+# --------------------------------------------------------------------------------------------
+def _read_records(root: Path, name: str, problems: list[Problem]) -> list[tuple[int, dict]]:
+    """(line number, object) for every well-formed line; a problem for every other line."""
+    path = root / name
+    if not path.is_file():
+        problems.append(Problem(name, None, None, "file is missing"))
+        return []
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(Problem(name, lineno, None, f"not valid UTF-8 ({e.reason})"))
+                continue
+            if not text.strip():
+                problems.append(Problem(name, lineno, None, "empty line"))
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                problems.append(Problem(name, lineno, None, f"malformed JSON ({e.msg})"))
+                continue
+            if not isinstance(obj, dict):
+                problems.append(Problem(name, lineno, None,
+                                        f"expected a JSON object, got {type(obj).__name__}"))
+                continue
+            records.append((lineno, obj))
+    return records
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_id(name: str, lineno: int, obj: dict, key: str, problems: list[Problem]) -> bool:
+    value = obj.get(key)
+    if key not in obj:
+        problems.append(Problem(name, lineno, key, "missing"))
+    elif not isinstance(value, str) or not value:
+        problems.append(Problem(name, lineno, key,
+                                f"must be a non-empty string, got {json.dumps(value)}"))
+    else:
+        return True
+    return False
+
+
+def _check_unique(name: str, key: str, records: list[tuple[int, dict]],
+                  problems: list[Problem]) -> dict[str, int]:
+    """Map id -> first line, with a problem for every repeat."""
+    seen: dict[str, int] = {}
+    for lineno, obj in records:
+        value = obj[key]
+        if value in seen:
+            problems.append(Problem(name, lineno, key,
+                                    f"duplicate id {value!r} (first on line {seen[value]})"))
+        else:
+            seen[value] = lineno
+    return seen
+
+
+def _check_image(root: Path, real_root: Path, name: str, lineno: int, obj: dict,
+                 check_images: bool, problems: list[Problem]) -> bool:
+    value = obj.get("image")
+    if "image" not in obj:
+        problems.append(Problem(name, lineno, "image", "missing"))
+        return False
+    if not isinstance(value, str) or not value:
+        problems.append(Problem(name, lineno, "image",
+                                f"must be a non-empty relative path, got {json.dumps(value)}"))
+        return False
+    if os.path.isabs(value) or value.startswith(("/", "\\")):
+        problems.append(Problem(name, lineno, "image", f"absolute path {value!r} not allowed"))
+        return False
+    if ".." in Path(value.replace("\\", "/")).parts:
+        problems.append(Problem(name, lineno, "image", f"path {value!r} leaves the folder ('..')"))
+        return False
+    path = root / value
+    try:
+        real = path.resolve(strict=True)
+    except (FileNotFoundError, OSError):
+        problems.append(Problem(name, lineno, "image", f"file {value!r} does not exist"))
+        return False
+    if real != real_root and real_root not in real.parents:
+        problems.append(Problem(name, lineno, "image",
+                                f"{value!r} is a link that leads outside the dataset folder"))
+        return False
+    if not real.is_file():
+        problems.append(Problem(name, lineno, "image", f"{value!r} is not a file"))
+        return False
+    if check_images:
+        try:
+            with Image.open(real) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            problems.append(Problem(name, lineno, "image",
+                                    f"{value!r} does not open as an image ({e})"))
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Folder-level validation
+# --------------------------------------------------------------------------------------------
+def validate_dataset(root: str | os.PathLike, check_images: bool = True) -> list[Problem]:
+    """Every violation of the format in the folder ``root``; an empty list means valid.
+
+    ``check_images=False`` still checks that every image path exists and stays inside the
+    folder, but does not open the files (much faster on millions of images).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return [Problem(str(root), None, None, "not a directory")]
+    real_root = root.resolve()
+    problems: list[Problem] = []
+
+    docs = _read_records(root, "docs.jsonl", problems)
+    docs = [(n, o) for n, o in docs if _check_id("docs.jsonl", n, o, "doc_id", problems)]
+    for lineno, obj in docs:
+        _check_image(root, real_root, "docs.jsonl", lineno, obj, check_images, problems)
+        if "text" not in obj:
+            problems.append(Problem("docs.jsonl", lineno, "text", "missing"))
+        elif not isinstance(obj["text"], str):
+            problems.append(Problem("docs.jsonl", lineno, "text",
+                                    f"must be a string, got {_type_name(obj['text'])}"))
+        if "category" in obj and (not isinstance(obj["category"], str) or not obj["category"]):
+            problems.append(Problem("docs.jsonl", lineno, "category",
+                                    f"when given, must be a non-empty string, "
+                                    f"got {json.dumps(obj['category'])}"))
+    doc_ids = _check_unique("docs.jsonl", "doc_id", docs, problems)
+
+    queries = _read_records(root, "queries.jsonl", problems)
+    queries = [(n, o) for n, o in queries
+               if _check_id("queries.jsonl", n, o, "query_id", problems)]
+    split_of: dict[str, str] = {}
+    for lineno, obj in queries:
+        _check_image(root, real_root, "queries.jsonl", lineno, obj, check_images, problems)
+        split = obj.get("split")
+        if split not in ("train", "test"):
+            problems.append(Problem("queries.jsonl", lineno, "split",
+                                    f"must be \"train\" or \"test\", got {json.dumps(split)}"))
+        split_of.setdefault(obj["query_id"], split)
+    _check_unique("queries.jsonl", "query_id", queries, problems)
+
+    for lineno, obj in _read_records(root, "clicks.jsonl", problems):
+        if _check_id("clicks.jsonl", lineno, obj, "query_id", problems):
+            q = obj["query_id"]
+            if q not in split_of:
+                problems.append(Problem("clicks.jsonl", lineno, "query_id",
+                                        f"unknown query {q!r} (not in queries.jsonl)"))
+            elif split_of[q] == "test":
+                problems.append(Problem("clicks.jsonl", lineno, "query_id",
+                                        f"{q!r} is a test query; test queries must not "
+                                        f"appear in clicks"))
+        if _check_id("clicks.jsonl", lineno, obj, "doc_id", problems) \
+                and obj["doc_id"] not in doc_ids:
+            problems.append(Problem("clicks.jsonl", lineno, "doc_id",
+                                    f"unknown doc {obj['doc_id']!r} (not in docs.jsonl)"))
+        count = obj.get("count")
+        if "count" not in obj:
+            problems.append(Problem("clicks.jsonl", lineno, "count", "missing"))
+        elif isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            problems.append(Problem("clicks.jsonl", lineno, "count",
+                                    f"must be a positive integer, got {json.dumps(count)}"))
+
+    qrels = _read_records(root, "qrels.jsonl", problems)
+    qrels = [(n, o) for n, o in qrels if _check_id("qrels.jsonl", n, o, "query_id", problems)]
+    _check_unique("qrels.jsonl", "query_id", qrels, problems)
+    for lineno, obj in qrels:
+        q = obj["query_id"]
+        if q not in split_of:
+            problems.append(Problem("qrels.jsonl", lineno, "query_id",
+                                    f"unknown query {q!r} (not in queries.jsonl)"))
+        elif split_of[q] != "test":
+            problems.append(Problem("qrels.jsonl", lineno, "query_id",
+                                    f"{q!r} is not a test query; qrels name test queries only"))
+        ids = obj.get("doc_ids")
+        if "doc_ids" not in obj:
+            problems.append(Problem("qrels.jsonl", lineno, "doc_ids", "missing"))
+        elif not isinstance(ids, list) or not ids:
+            problems.append(Problem("qrels.jsonl", lineno, "doc_ids",
+                                    f"must be a non-empty list, got {json.dumps(ids)}"))
+        elif not all(isinstance(d, str) and d for d in ids):
+            problems.append(Problem("qrels.jsonl", lineno, "doc_ids",
+                                    "every entry must be a non-empty string"))
+        else:
+            if len(set(ids)) != len(ids):
+                problems.append(Problem("qrels.jsonl", lineno, "doc_ids", "repeats a doc id"))
+            unknown = [d for d in ids if d not in doc_ids]
+            if unknown:
+                problems.append(Problem("qrels.jsonl", lineno, "doc_ids",
+                                        f"unknown doc(s) {unknown[:5]} (not in docs.jsonl)"))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+_COLUMNS = {
+    "docs.jsonl": ["doc_id", "image", "text", "category"],
+    "queries.jsonl": ["query_id", "image", "split"],
+    "clicks.jsonl": ["query_id", "doc_id", "count"],
+    "qrels.jsonl": ["query_id", "doc_ids"],
+}
+
+
+@dataclass
+class ShopData:
+    """A validated dataset folder as four Hugging Face ``Dataset`` tables.
+
+    ``docs`` and ``queries`` carry an ``image`` column of the ``datasets.Image`` feature that
+    decodes to a PIL image on access; ``image_path`` keeps the absolute path.
+    """
+
+    root: Path
+    docs: "datasets.Dataset"  # noqa: F821
+    queries: "datasets.Dataset"  # noqa: F821
+    clicks: "datasets.Dataset"  # noqa: F821
+    qrels: "datasets.Dataset"  # noqa: F821
+    summary: dict = field(default_factory=dict)
+
+    @cached_property
+    def doc_ids(self) -> list[str]:
+        return self.docs["doc_id"]
+
+    @cached_property
+    def query_ids(self) -> list[str]:
+        return self.queries["query_id"]
+
+    @cached_property
+    def doc_row(self) -> dict[str, int]:
+        return {d: i for i, d in enumerate(self.doc_ids)}
+
+    @cached_property
+    def query_row(self) -> dict[str, int]:
+        return {q: i for i, q in enumerate(self.query_ids)}
+
+    def query_rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.queries["split"]) == split)
+
+
+def _table(root: Path, name: str):
+    import datasets
+
+    path = root / name
+    if path.stat().st_size == 0:
+        return datasets.Dataset.from_dict({c: [] for c in _COLUMNS[name]})
+    # keep_in_memory: the tables are small next to the images, and a Hugging Face cache keyed
+    # on the file would outlive edits made to the folder between runs.
+    ds = datasets.Dataset.from_json(str(path), keep_in_memory=True)
+    if name == "docs.jsonl" and "category" not in ds.column_names:
+        ds = ds.add_column("category", [None] * len(ds))
+    return ds.select_columns(_COLUMNS[name])
+
+
+def _with_images(ds, root: Path):
+    """Replace the relative ``image`` column by a lazily decoded ``datasets.Image`` column."""
+    import datasets
+
+    paths = [str(root / p) for p in ds["image"]]
+    ds = ds.remove_columns("image").add_column("image_path", paths).add_column("image", paths)
+    return ds.cast_column("image", datasets.Image())
+
+
+def load_dataset(root: str | os.PathLike, check_images: bool = True) -> ShopData:
+    """Validate ``root`` and load it; raises :class:`DatasetError` listing every problem."""
+    import datasets
+
+    root = Path(root)
+    problems = validate_dataset(root, check_images=check_images)
+    if problems:
+        raise DatasetError(root, problems)
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bar()
+    try:
+        docs = _with_images(_table(root, "docs.jsonl"), root)
+        queries = _with_images(_table(root, "queries.jsonl"), root)
+        clicks = _table(root, "clicks.jsonl")
+        qrels = _table(root, "qrels.jsonl")
+    finally:
+        if was:
+            datasets.enable_progress_bar()
+    split = np.asarray(queries["split"])
+    summary = {"docs": len(docs), "train_queries": int((split == "train").sum()),
+               "test_queries": int((split == "test").sum()), "clicks": len(clicks),
+               "click_events": int(np.sum(clicks["count"])) if len(clicks) else 0,
+               "qrels": len(qrels)}
+    return ShopData(root=root, docs=docs, queries=queries, clicks=clicks, qrels=qrels,
+                    summary=summary)
