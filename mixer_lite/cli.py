@@ -35,6 +35,28 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _cmd_build_classes(args) -> int:
+    from .classes import ClassConfig, analyse_steps, build_classes_from_clicks, write_classes
+    from .config import apply_overrides
+    from .dataset import load_dataset
+
+    cfg = apply_overrides(ClassConfig(), args.overrides)
+    data = load_dataset(args.data, check_images=False)
+    c = data.clicks
+    classes, stats = build_classes_from_clicks(c["query_id"], c["doc_id"], c["count"], cfg)
+    write_classes(args.out, classes)
+    print(json.dumps(stats))
+    if args.analyze:
+        from .synthshop import load_truth
+
+        steps = analyse_steps(c["query_id"], c["doc_id"], c["count"], load_truth(args.data), cfg)
+        for s in steps:
+            s.pop("sizes")
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in s.items()}))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -60,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check image paths but do not open the files")
     s.set_defaults(func=_cmd_validate)
 
+    s = sub.add_parser("build-classes", help="weak-label classes from a folder's clicks",
+                       description="Overrides set ClassConfig fields, e.g. --min_share=0.3.")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True, help="CLASSES.jsonl to write")
+    s.add_argument("--analyze", action="store_true",
+                   help="also print purity / noise / recall per step against _truth/ "
+                        "(SynthShop folders only)")
+    s.set_defaults(func=_cmd_build_classes, overrides=[])
+
     s = sub.add_parser("demo", help="the main job on the built-in data (what `make demo` runs)")
     s.add_argument("--data", default="data/synth-small")
     s.add_argument("--reports", default="reports")
@@ -70,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    overrides = [x for x in extra if x.startswith("--") and "=" in x]
+    if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
+        build_parser().parse_args(argv)  # let argparse report what it does not know
+        print(f"mixer-lite {args.command}: does not take --key=value overrides", file=sys.stderr)
+        return 2
+    args.overrides = overrides
     try:
         return args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:

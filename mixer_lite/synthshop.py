@@ -169,7 +169,7 @@ PRESETS = {
     "tiny": SynthConfig(n_products=300, n_queries=2400, chunk_products=100),
     "small": SynthConfig(n_products=3000, n_queries=24000),
     # 100k products need ~8 brand/material variants per look (the taxonomy has 13,824 looks).
-    "large": SynthConfig(n_products=100_000, n_queries=300_000, clicks_per_query=2.6,
+    "large": SynthConfig(n_products=100_000, n_queries=450_000, clicks_per_query=3.0,
                          variants_per_design=7.0, chunk_products=1000),
 }
 
@@ -719,3 +719,19 @@ def zipf_exponent_mle(ranks: np.ndarray, support: np.ndarray) -> float:
         else:
             hi = mid
     return (lo + hi) / 2
+
+
+def load_truth(root: str | os.PathLike) -> dict[str, str]:
+    """``{doc or query id: product id}`` from a SynthShop folder's ``_truth/`` (analysis only)."""
+    root = Path(root)
+    truth = {}
+    for name, key in (("docs.jsonl", "doc_id"), ("queries.jsonl", "query_id")):
+        path = root / "_truth" / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no truth here; truth-based analysis needs a "
+                                    f"SynthShop folder")
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                truth[r[key]] = r["product_id"]
+    return truth

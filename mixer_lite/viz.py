@@ -60,3 +60,51 @@ def query_doc_grid(data, n_queries: int = 6, n_docs: int = 3, seed: int = 0,
     fig.suptitle("Query photos (left) and the shop docs of the same product (right): "
                  "image plus title", fontsize=11)
     return _finish(fig, path)
+
+
+def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs: int = 4,
+                      top_tokens: int = 3, titles: list[str] | None = None,
+                      path: str | os.PathLike | None = None):
+    """Per doc: its image, then each concept's text-to-image attention as a heatmap over it.
+
+    ``info`` is what ``MixerModel.embed_docs(..., return_attention=True)`` returned;
+    ``token_strings[i]`` are the tokens of doc i.  Each heatmap's title names the concept's
+    ``top_tokens`` most-read tokens, so a reader sees *what* a concept picked up in the text and
+    *where* it looked in the image.
+    """
+    t2i = info["text_to_image"].detach().float().cpu().numpy()
+    t2c = info.get("token_to_concept")
+    t2c = t2c.detach().float().cpu().numpy() if t2c is not None else None
+    grid = info["grid"]
+    n_docs = min(n_docs, len(t2i))
+    n_concepts = t2i.shape[1]
+    fig, axes = plt.subplots(n_docs, n_concepts + 1, squeeze=False,
+                             figsize=(1.9 * (n_concepts + 1), 2.2 * n_docs))
+    for r in range(n_docs):
+        img = images[r].detach().float().cpu()
+        img = (img / 255.0 if img.max() > 1.5 else img).permute(1, 2, 0).numpy()
+        axes[r, 0].imshow(img)
+        head = titles[r] if titles else "doc"
+        w = info.get("image_weight")
+        if w is not None:
+            head += f"\nimage weight {float(w[r]):.2f}"
+        axes[r, 0].set_title("\n".join(textwrap.wrap(head, 26)[:4]), fontsize=7)
+        toks = token_strings[r]
+        for k in range(n_concepts):
+            ax = axes[r, k + 1]
+            ax.imshow(img)
+            heat = t2i[r, k].reshape(grid, grid)
+            ax.imshow(heat, cmap="magma", alpha=0.6, extent=(0, img.shape[1], img.shape[0], 0),
+                      interpolation="bilinear")
+            if t2c is not None:
+                order = np.argsort(-t2c[r, k, : len(toks)])[:top_tokens]
+                label = ", ".join(toks[i] for i in order)
+                ax.set_title(f"concept {k}: {label}", fontsize=7)
+            else:
+                ax.set_title(f"token '{toks[k]}'" if k < len(toks) else "(padding)", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("Text-to-image attention: where each text concept looks in the doc image "
+                 "(brighter = more weight)", fontsize=10)
+    return _finish(fig, path)

@@ -1,0 +1,67 @@
+"""``--key=value`` overrides for the package's configuration dataclasses (nanoGPT style).
+
+Values are parsed by the field's declared type; an unknown key or an unparsable value is an
+error that names the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+
+def _parse(value: str, typ, key: str):
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}={value}: expected true or false")
+    if origin is tuple:
+        parts = value.split(",")
+        args = typing.get_args(typ)
+        if len(parts) != len(args):
+            raise ValueError(f"--{key}={value}: expected {len(args)} comma-separated values")
+        return tuple(_parse(p, a, key) for p, a in zip(parts, args))
+    if typ in (int, float, str):
+        try:
+            return typ(value)
+        except ValueError:
+            raise ValueError(f"--{key}={value}: expected {typ.__name__}") from None
+    if origin is typing.Union or origin is types.UnionType:  # e.g. int | None
+        if value.lower() in ("none", "null", ""):
+            return None
+        return _parse(value, next(a for a in typing.get_args(typ) if a is not type(None)), key)
+    raise ValueError(f"--{key}: fields of type {typ} cannot be set from the command line")
+
+
+def apply_overrides(obj, overrides: list[str]):
+    """A copy of dataclass ``obj`` with ``key=value`` items applied (``a.b=...`` for nested)."""
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected --key=value")
+        key, value = item.split("=", 1)
+        obj = _set(obj, key.split("."), value, key)
+    return obj
+
+
+def _set(obj, path: list[str], value: str, key: str):
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    if path[0] not in names:
+        raise ValueError(f"unknown config key {key!r}; known keys of {type(obj).__name__}: "
+                         f"{', '.join(names)}")
+    current = getattr(obj, path[0])
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"unknown config key {key!r}: {path[0]} has no sub-keys")
+        new = _set(current, path[1:], value, key)
+    elif dataclasses.is_dataclass(current):
+        raise ValueError(f"config key {key!r} is a group; set one of its fields, e.g. "
+                         f"{key}.{dataclasses.fields(current)[0].name}=...")
+    else:
+        new = _parse(value, hints[path[0]], key)
+    return dataclasses.replace(obj, **{path[0]: new})

