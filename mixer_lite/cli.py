@@ -57,6 +57,15 @@ def _cmd_build_classes(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train import config_from, train
+
+    cfg = config_from(args.config, args.overrides)
+    result = train(args.data, args.out, cfg, resume=args.resume, preset=args.config)
+    print(json.dumps(result))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -90,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print purity / noise / recall per step against _truth/ "
                         "(SynthShop folders only)")
     s.set_defaults(func=_cmd_build_classes, overrides=[])
+
+    s = sub.add_parser("train", help="train a model; --key=value overrides the preset",
+                       description="Overrides set TrainConfig fields: --lr=1e-3, "
+                                   "--model.fusion=concat, --classes.min_share=0.3 ...")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--config", default="tiny-cpu", help="preset: tiny-cpu | base-gpu")
+    s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints")
+    s.set_defaults(func=_cmd_train, overrides=[])
 
     s = sub.add_parser("demo", help="the main job on the built-in data (what `make demo` runs)")
     s.add_argument("--data", default="data/synth-small")

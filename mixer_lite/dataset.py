@@ -339,3 +339,53 @@ def load_dataset(root: str | os.PathLike, check_images: bool = True) -> ShopData
                "qrels": len(qrels)}
     return ShopData(root=root, docs=docs, queries=queries, clicks=clicks, qrels=qrels,
                     summary=summary)
+
+
+class ImageTable:
+    """Images of a dataset as uint8 tensors [N, 3, size, size], by row index.
+
+    ``preload=True`` decodes everything once (threads; PIL releases the GIL while decoding):
+    right for SynthShop-sized data on a laptop.  ``preload=False`` decodes each batch on demand
+    with the same threads, so memory stays bounded on real datasets of millions of images.
+    """
+
+    def __init__(self, paths: list[str], size: int, preload: bool = True, threads: int = 4,
+                 progress: bool = False, desc: str = "images"):
+        self.paths, self.size, self.threads = list(paths), size, max(1, threads)
+        self.cache = None
+        if preload:
+            import torch
+            from tqdm.auto import tqdm
+
+            self.cache = torch.empty(len(self.paths), 3, size, size, dtype=torch.uint8)
+            step = 512
+            for lo in tqdm(range(0, len(self.paths), step), desc=f"loading {desc}",
+                           disable=not progress, unit_scale=step):
+                idx = np.arange(lo, min(lo + step, len(self.paths)))
+                self.cache[idx] = self._decode(idx)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _decode_one(self, i: int) -> np.ndarray:
+        with Image.open(self.paths[i]) as im:
+            im = im.convert("RGB")
+            if im.size != (self.size, self.size):
+                im = im.resize((self.size, self.size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+
+    def _decode(self, idx):
+        import torch
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.threads) as pool:
+            arrays = list(pool.map(self._decode_one, [int(i) for i in idx]))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.cache is not None:
+            import torch
+
+            return self.cache[torch.from_numpy(idx)]
+        return self._decode(idx)

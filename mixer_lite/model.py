@@ -91,7 +91,7 @@ class SingleHeadAttention(nn.Module):
     def __init__(self, dim: int, dropout: float = 0.0):
         super().__init__()
         self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim, bias=False)  # a key bias shifts all scores equally: no-op
         self.v = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
@@ -470,6 +470,12 @@ class MixerModel(nn.Module):
                 info["grid"] = int(round(math.sqrt(patches.shape[1])))
         emb = F.normalize(self.out_proj(out), dim=-1)
         return (emb, info) if return_attention else emb
+
+    def forward(self, query_images, doc_images, tokens: dict | None = None):
+        """Both paths in one call (what DDP wraps): (query embeddings, doc embeddings)."""
+        q = self.embed_queries(query_images) if len(query_images) else None
+        d = self.embed_docs(doc_images, tokens) if len(doc_images) else None
+        return q, d
 
     # ---- persistence --------------------------------------------------------------------
     def export_config(self) -> dict:

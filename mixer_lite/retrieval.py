@@ -1,0 +1,222 @@
+"""Retrieval: embed docs offline, index them with FAISS, search query photos, score the ranking.
+
+The paper's fourth challenge is serving: thousands of image queries a second against a large
+candidate set.  Docs are embedded once, offline (:func:`embed_docs`); a FAISS index answers
+queries by inner product on the unit-norm embeddings.  Exact search (``flat``) is the default
+and the reference; ``ivf`` (IVF-Flat), ``hnsw`` and ``ivfpq`` (IVF with product quantisation)
+trade a little recall for speed and memory on large indexes (``bench/retrieval.py``).
+
+Metrics (:func:`ranking_metrics`), per test query with relevant docs R from ``qrels.jsonl``:
+
+* ``recall@K``: 1 if any doc of R is in the top K (the hit rate used in image retrieval; a
+  product's docs are interchangeable answers), averaged over queries;
+* ``map@10``: average precision in the top 10, normalised by min(|R|, 10);
+* ``mrr``: 1 / rank of the first relevant doc within the searched depth (0 if none).
+
+Ranked lists are taken as given: breaking score ties is the search's job (the flat index and
+:func:`exact_search` both put the lower doc row first).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+KS = (1, 5, 10, 20, 50)
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def embed_queries(model, images, batch_size: int = 256, device="cpu",
+                  progress: bool = False) -> np.ndarray:
+    """Unit-norm embeddings of query photos; ``images`` is an :class:`ImageTable` or tensor."""
+    model.eval()
+    out = []
+    for lo in tqdm(range(0, len(images), batch_size), desc="embedding queries",
+                   disable=not progress):
+        idx = np.arange(lo, min(lo + batch_size, len(images)))
+        out.append(model.embed_queries(images[idx].to(device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
+@torch.no_grad()
+def embed_docs(model, images, texts: list[str], batch_size: int = 256, device="cpu",
+               progress: bool = False) -> np.ndarray:
+    """Unit-norm embeddings of docs (image + text), computed offline in batches."""
+    model.eval()
+    out = []
+    for lo in tqdm(range(0, len(images), batch_size), desc="embedding docs",
+                   disable=not progress):
+        idx = np.arange(lo, min(lo + batch_size, len(images)))
+        tokens = model.tokenize([texts[i] for i in idx])
+        out.append(model.embed_docs(images[idx].to(device), tokens).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
+def raw_pixel_embeddings(images, side: int = 16, batch_size: int = 1024) -> np.ndarray:
+    """The no-learning baseline: images shrunk to ``side`` x ``side``, centred, unit norm."""
+    out = []
+    for lo in range(0, len(images), batch_size):
+        x = images[np.arange(lo, min(lo + batch_size, len(images)))].float() / 255.0
+        x = torch.nn.functional.adaptive_avg_pool2d(x, side).flatten(1)
+        x = x - x.mean(dim=1, keepdim=True)
+        out.append(torch.nn.functional.normalize(x, dim=1))
+    return torch.cat(out).numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Indexes and search
+# --------------------------------------------------------------------------------------------
+def build_index(doc_emb: np.ndarray, kind: str = "flat", nlist: int | None = None,
+                nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 128, pq_m: int | None = None,
+                seed: int = 0):
+    """A FAISS inner-product index over ``doc_emb`` [N, d] (float32, unit norm)."""
+    import faiss
+
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    x = np.ascontiguousarray(doc_emb, dtype=np.float32)
+    n, d = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef_search
+    else:
+        # FAISS wants ~39 training points per list; small indexes get fewer lists.
+        nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+        quantizer = faiss.IndexFlatIP(d)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            pq_m = pq_m or next(m for m in (d // 2, d // 4, d // 8, 1) if m and d % m == 0)
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(x)
+        index.nprobe = min(nprobe, nlist)
+    index.add(x)
+    return index
+
+
+def search(index, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, doc rows) per query; rows of -1 mark fewer than k results."""
+    k = min(k, index.ntotal)
+    scores, rows = index.search(np.ascontiguousarray(query_emb, dtype=np.float32), k)
+    # FAISS leaves the order of equal scores open: put the lower doc row first, as exact_search.
+    order = np.lexsort((rows, -scores), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def exact_search(doc_emb, query_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch matmul + top-k: the reference the FAISS indexes are checked against."""
+    s = torch.from_numpy(np.asarray(query_emb, np.float32)) @ \
+        torch.from_numpy(np.asarray(doc_emb, np.float32)).t()
+    k = min(k, s.shape[1])
+    # Stable sort: equal scores keep the lower doc row first.
+    order = torch.sort(-s, dim=1, stable=True).indices[:, :k]
+    return torch.gather(s, 1, order).numpy(), order.numpy()
+
+
+def save_index(index, path: str | Path) -> None:
+    import faiss
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(path)
+
+
+def load_index(path: str | Path):
+    import faiss
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no saved index; run `mixer-lite index --run RUN` first")
+    return faiss.read_index(str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+def ranking_metrics(ranked: np.ndarray, relevant: list[set[int]], ks=KS) -> dict:
+    """Recall@K, mAP@10 and MRR of ranked doc rows [Q, depth] against relevant row sets."""
+    ranked = np.asarray(ranked)
+    if len(ranked) != len(relevant):
+        raise ValueError(f"{len(ranked)} ranked lists but {len(relevant)} relevance sets")
+    if len(ranked) == 0:
+        raise ValueError("no queries to evaluate")
+    hits = np.zeros(ranked.shape, dtype=bool)
+    for i, rel in enumerate(relevant):
+        hits[i] = np.isin(ranked[i], list(rel))
+    first = np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
+    out = {f"recall@{k}": float(np.mean((first >= 0) & (first < k))) for k in ks}
+    top = hits[:, :10]
+    prec = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
+    denom = np.array([min(len(r), 10) for r in relevant], dtype=np.float64)
+    out["map@10"] = float(np.mean((prec * top).sum(axis=1) / denom))
+    out["mrr"] = float(np.mean(np.where(first >= 0, 1.0 / np.maximum(first + 1, 1), 0.0)))
+    out["queries"] = int(len(ranked))
+    return out
+
+
+def relevance(data, query_rows: np.ndarray) -> list[set[int]]:
+    """Relevant doc rows of each query row, from ``qrels``; a query without qrels is an error."""
+    rel = {r["query_id"]: r["doc_ids"] for r in data.qrels}
+    out = []
+    for q in query_rows:
+        qid = data.query_ids[int(q)]
+        if qid not in rel:
+            raise ValueError(f"query {qid!r} has no line in {data.root}/qrels.jsonl")
+        out.append({data.doc_row[d] for d in rel[qid]})
+    return out
+
+
+def per_category(ranked: np.ndarray, relevant: list[set[int]], doc_category: list) -> dict:
+    """Recall@10 per category of the query's relevant docs (docs without category skipped)."""
+    groups: dict[str, list[int]] = {}
+    for i, rel in enumerate(relevant):
+        cat = doc_category[min(rel)]
+        if cat is not None:
+            groups.setdefault(cat, []).append(i)
+    return {c: {"recall@10": ranking_metrics(ranked[idx], [relevant[i] for i in idx],
+                                             ks=(10,))["recall@10"], "queries": len(idx)}
+            for c, idx in sorted(groups.items())}
+
+
+def evaluate_embeddings(data, doc_emb: np.ndarray, query_emb: np.ndarray,
+                        query_rows: np.ndarray, index_kind: str = "flat", index=None,
+                        **index_params) -> dict:
+    """Search ``query_emb`` (rows ``query_rows`` of ``data.queries``) and score against qrels."""
+    if len(doc_emb) != len(data.docs):
+        raise ValueError(f"{len(doc_emb)} doc embeddings for {len(data.docs)} docs in "
+                         f"{data.root}/docs.jsonl: the index was built from another dataset")
+    relevant = relevance(data, query_rows)
+    index = index or build_index(doc_emb, index_kind, **index_params)
+    _, ranked = search(index, query_emb, max(KS))
+    metrics = ranking_metrics(ranked, relevant)
+    metrics["docs"] = int(len(doc_emb))
+    metrics["index"] = index_kind
+    metrics["per_category"] = per_category(ranked, relevant, data.docs["category"])
+    return metrics
+
+
+def recall_curve(ranked: np.ndarray, relevant: list[set[int]], max_k: int = 50) -> np.ndarray:
+    """Recall@K for K = 1..max_k (the curve the figures plot)."""
+    ks = tuple(range(1, max_k + 1))
+    m = ranking_metrics(ranked[:, :max_k], relevant, ks=ks)
+    return np.array([m[f"recall@{k}"] for k in ks])
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,197 @@
+"""Losses against independent references: naive margin softmax, pytorch-metric-learning,
+single-process vs 2-process gloo, naive loops for the pairwise baselines."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import ArcFaceLoss, CosFaceLoss
+
+from mixer_lite.losses import MarginClassifier, info_nce, margin_logits, triplet_loss
+
+
+def naive_margin_loss(x, w, labels, kind, m, s, keep=None):
+    """Row-by-row margin softmax over the centres in ``keep`` (all by default)."""
+    keep = list(range(len(w))) if keep is None else list(keep)
+    total = 0.0
+    for i in range(len(x)):
+        xi = x[i] / x[i].norm()
+        logits = []
+        for c in keep:
+            cos = xi @ (w[c] / w[c].norm())
+            if c == labels[i]:
+                theta = torch.acos(cos.clamp(-1, 1))
+                cos = cos - m if kind == "cosface" else torch.cos(theta + m)
+            logits.append(s * cos)
+        logits = torch.stack(logits)
+        total = total - torch.log_softmax(logits, 0)[keep.index(int(labels[i]))]
+    return total / len(x)
+
+
+def data(n=12, c=20, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(c, d, generator=g), \
+        torch.randint(0, c, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kind,m", [("cosface", 0.35), ("arcface", 0.5)])
+def test_full_rate_equals_naive_margin_softmax_values_and_gradients(kind, m):
+    x, w, y = data()
+    clf = MarginClassifier(20, 8, kind=kind, margin=m, scale=16, sample_rate=1.0)
+    clf.weight.data.copy_(w)
+    xa = x.clone().requires_grad_(True)
+    loss = clf(xa, y)
+    loss.backward()
+    xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = naive_margin_loss(xb, wb, y, kind, m, 16)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(clf.weight.grad, wb.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_loss_equals_naive_on_the_sampled_centres():
+    x, w, y = data(n=6, c=50)
+    clf = MarginClassifier(50, 8, sample_rate=0.2, scale=16, seed=3)
+    clf.weight.data.copy_(w)
+    keep = clf.sample_centres(y, step=5).tolist()
+    assert len(keep) >= 10 and set(y.tolist()) <= set(keep)
+    loss = clf(x, y, step=5)
+    loss.backward()
+    wb = w.clone().requires_grad_(True)
+    ref = naive_margin_loss(x, wb, y, "cosface", 0.35, 16, keep)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(clf.weight.grad, wb.grad, rtol=1e-4, atol=1e-6)
+    dropped = sorted(set(range(50)) - set(keep))
+    assert torch.all(clf.weight.grad[dropped] == 0)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.5])
+def test_positives_are_always_sampled(rate):
+    clf = MarginClassifier(1000, 4, sample_rate=rate)
+    for step in range(20):
+        y = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(step))
+        idx = clf.sample_centres(y, step)
+        assert set(y.tolist()) <= set(idx.tolist())
+        assert len(idx) == max(math.ceil(rate * 1000), len(set(y.tolist())))
+        assert torch.all(idx[1:] > idx[:-1])
+
+
+@pytest.mark.parametrize("kind", ["cosface", "arcface"])
+def test_logits_equal_pytorch_metric_learning(kind):
+    torch.manual_seed(0)
+    x, w, y = data(n=64, c=10, d=16)
+    if kind == "cosface":
+        ref = CosFaceLoss(num_classes=10, embedding_size=16, margin=0.35, scale=30)
+        m = 0.35
+    else:
+        ref = ArcFaceLoss(num_classes=10, embedding_size=16, margin=math.degrees(0.5), scale=30)
+        m = 0.5
+    ref.W.data.copy_(w.t())  # PML stores centres as [embedding, classes]
+    cosine = ref.get_cosine(x)
+    mask = F.one_hot(y, 10).bool()
+    target = cosine[mask]
+    theta = torch.acos(target.clamp(-1, 1))
+    assert torch.all(theta < math.pi - m)  # where the two definitions agree by construction
+    pml = cosine.clone()
+    pml[mask] = ref.modify_cosine_of_target_classes(target)
+    pml = ref.scale_logits(pml, x)
+    ours = margin_logits(F.normalize(x, dim=-1) @ F.normalize(w, dim=-1).t(), mask, kind, m, 30)
+    torch.testing.assert_close(ours, pml, rtol=1e-5, atol=1e-4)
+    clf = MarginClassifier(10, 16, kind=kind, margin=m, scale=30)
+    clf.weight.data.copy_(w)
+    torch.testing.assert_close(clf(x, y), ref(x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_labels_and_settings_are_rejected():
+    clf = MarginClassifier(5, 4)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        clf(torch.randn(2, 4), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="sample_rate"):
+        MarginClassifier(5, 4, sample_rate=0)
+    with pytest.raises(ValueError, match="margin kind"):
+        MarginClassifier(5, 4, kind="sphereface")
+
+
+# ---- model parallel: 2 gloo processes vs one ---------------------------------------------
+def _rank_main(rank, world, init_file, out_dir, rate):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    x, w, y = data(n=10, c=21, d=8, seed=1)
+    clf = MarginClassifier(21, 8, kind="arcface", margin=0.5, scale=16, sample_rate=rate,
+                           model_parallel=True)
+    clf.weight.data.copy_(w[clf.start: clf.start + clf.shard])
+    rows = slice(rank * 5, rank * 5 + 5)
+    xl = x[rows].clone().requires_grad_(True)
+    loss = clf(xl, y[rows], step=3)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "xgrad": xl.grad, "wgrad": clf.weight.grad,
+                "start": clf.start, "shard": clf.shard,
+                "sampled": clf.sample_centres((y - clf.start)[(y >= clf.start) &
+                                                              (y < clf.start + clf.shard)], 3)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_process_model_parallel_equals_one_process(tmp_path):
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), 1.0), nprocs=2)
+    x, w, y = data(n=10, c=21, d=8, seed=1)
+    clf = MarginClassifier(21, 8, kind="arcface", margin=0.5, scale=16)
+    clf.weight.data.copy_(w)
+    xa = x.clone().requires_grad_(True)
+    loss = clf(xa, y)
+    loss.backward()
+    r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    assert (r[0]["start"], r[0]["shard"], r[1]["start"], r[1]["shard"]) == (0, 11, 11, 10)
+    for i in range(2):
+        torch.testing.assert_close(r[i]["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r[i]["xgrad"], xa.grad[i * 5: i * 5 + 5], rtol=1e-4,
+                                   atol=1e-6)
+    torch.testing.assert_close(torch.cat([r[0]["wgrad"], r[1]["wgrad"]]), clf.weight.grad,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_sampled_model_parallel_equals_naive_on_the_union(tmp_path):
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), 0.4), nprocs=2)
+    x, w, y = data(n=10, c=21, d=8, seed=1)
+    r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    keep = sorted(set((r[0]["sampled"] + r[0]["start"]).tolist()) |
+                  set((r[1]["sampled"] + r[1]["start"]).tolist()))
+    assert set(y.tolist()) <= set(keep) and len(keep) < 21
+    xb = x.clone().requires_grad_(True)
+    ref = naive_margin_loss(xb, w, y, "arcface", 0.5, 16, keep)
+    ref.backward()
+    torch.testing.assert_close(r[0]["loss"], ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r[0]["xgrad"], r[1]["xgrad"]]), xb.grad, rtol=1e-4,
+                               atol=1e-6)
+
+
+# ---- pairwise baselines ------------------------------------------------------------------
+def test_info_nce_equals_naive_loop():
+    q, d, _ = data(n=6, c=6)
+    t = 0.1
+    qn, dn = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
+    total = 0.0
+    for i in range(6):
+        row = torch.stack([qn[i] @ dn[j] / t for j in range(6)])
+        col = torch.stack([qn[j] @ dn[i] / t for j in range(6)])
+        total += -torch.log_softmax(row, 0)[i] - torch.log_softmax(col, 0)[i]
+    torch.testing.assert_close(info_nce(q, d, t), total / 12)
+
+
+def test_triplet_equals_naive_loop():
+    q, d, _ = data(n=5, c=5, seed=2)
+    qn, dn = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
+    want = np.mean([max(0.0, 0.2 - float(qn[i] @ dn[i]) +
+                        max(float(qn[i] @ dn[j]) for j in range(5) if j != i))
+                    for i in range(5)])
+    assert float(triplet_loss(q, d, 0.2)) == pytest.approx(want, abs=1e-6)

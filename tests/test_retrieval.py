@@ -1,0 +1,117 @@
+"""Retrieval metrics against hand-computed cases and a naive loop; FAISS against torch top-k."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mixer_lite.retrieval import (build_index, exact_search, load_index, ranking_metrics,
+                                  recall_curve, save_index, search)
+
+
+def naive_metrics(ranked, relevant, ks=(1, 5, 10, 20, 50)):
+    out = {}
+    for k in ks:
+        out[f"recall@{k}"] = np.mean([any(d in rel for d in row[:k])
+                                      for row, rel in zip(ranked, relevant)])
+    aps, rrs = [], []
+    for row, rel in zip(ranked, relevant):
+        hits, s = 0, 0.0
+        for i, d in enumerate(row[:10]):
+            if d in rel:
+                hits += 1
+                s += hits / (i + 1)
+        aps.append(s / min(len(rel), 10))
+        rr = 0.0
+        for i, d in enumerate(row):
+            if d in rel:
+                rr = 1 / (i + 1)
+                break
+        rrs.append(rr)
+    out["map@10"], out["mrr"] = np.mean(aps), np.mean(rrs)
+    return out
+
+
+def test_hand_computed_case():
+    ranked = np.array([[3, 1, 2, 0, 4],    # first hit at rank 2
+                       [0, 1, 2, 3, 4],    # hits at ranks 1 and 3 (two relevant docs)
+                       [4, 3, 2, 1, 0]])   # no hit at all
+    relevant = [{1}, {0, 2}, {9}]
+    m = ranking_metrics(ranked, relevant, ks=(1, 2, 5))
+    assert m["recall@1"] == pytest.approx(1 / 3)
+    assert m["recall@2"] == pytest.approx(2 / 3)
+    assert m["recall@5"] == pytest.approx(2 / 3)
+    # AP@10: q0 = (1/2)/1; q1 = (1/1 + 2/3)/2; q2 = 0
+    assert m["map@10"] == pytest.approx((0.5 + (1 + 2 / 3) / 2 + 0) / 3)
+    assert m["mrr"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert m["queries"] == 3
+
+
+def test_ties_are_broken_by_lower_doc_row_in_exact_search():
+    docs = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)  # rows 0 and 1 tie
+    q = np.array([[1, 0]], dtype=np.float32)
+    scores, ranked = exact_search(docs, q, 3)
+    assert ranked.tolist() == [[0, 1, 2]]
+    assert ranking_metrics(ranked, [{1}], ks=(1, 2))["recall@1"] == 0.0
+    _, flat = search(build_index(docs, "flat"), q, 3)
+    assert flat.tolist() == [[0, 1, 2]]
+
+
+def test_metrics_equal_naive_reference_on_random_data():
+    rng = np.random.default_rng(0)
+    ranked = np.stack([rng.permutation(200)[:50] for _ in range(300)])
+    relevant = [set(rng.choice(200, size=rng.integers(1, 12), replace=False).tolist())
+                for _ in range(300)]
+    ours, ref = ranking_metrics(ranked, relevant), naive_metrics(ranked, relevant)
+    for k, v in ref.items():
+        assert ours[k] == pytest.approx(v), k
+
+
+def test_recall_curve_is_monotone_and_matches_metrics():
+    rng = np.random.default_rng(1)
+    ranked = np.stack([rng.permutation(100)[:50] for _ in range(50)])
+    relevant = [{int(x)} for x in rng.integers(0, 100, 50)]
+    curve = recall_curve(ranked, relevant)
+    assert np.all(np.diff(curve) >= 0)
+    assert curve[9] == pytest.approx(ranking_metrics(ranked, relevant)["recall@10"])
+
+
+def _unit(n, d, seed):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_faiss_flat_equals_torch_topk():
+    docs, q = _unit(2000, 32, 0), _unit(100, 32, 1)
+    s1, r1 = search(build_index(docs, "flat"), q, 20)
+    s2, r2 = exact_search(docs, q, 20)
+    np.testing.assert_array_equal(r1, r2)
+    np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_saved_index_answers_identically(kind, tmp_path):
+    docs, q = _unit(3000, 32, 2), _unit(50, 32, 3)
+    index = build_index(docs, kind)
+    before = search(index, q, 10)
+    save_index(index, tmp_path / "index.faiss")
+    after = search(load_index(tmp_path / "index.faiss"), q, 10)
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_allclose(before[0], after[0])
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_find_most_exact_neighbours(kind):
+    docs, q = _unit(5000, 32, 4), _unit(200, 32, 5)
+    _, exact = exact_search(docs, q, 10)
+    _, approx = search(build_index(docs, kind, nprobe=32), q, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, exact)])
+    assert overlap > 0.8
+
+
+def test_bad_inputs_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="index kind"):
+        build_index(_unit(10, 4, 0), "annoy")
+    with pytest.raises(ValueError, match="ranked lists"):
+        ranking_metrics(np.zeros((2, 3), int), [{1}])
+    with pytest.raises(FileNotFoundError, match="mixer-lite index"):
+        load_index(tmp_path / "none.faiss")

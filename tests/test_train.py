@@ -1,0 +1,138 @@
+"""Training: exact resume, config errors, every loss path, and torchrun (2 gloo ranks) == 1 rank."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mixer_lite.train import EpochSampler, augment, config_from, train
+
+SMALL = ["--model.vit_dim=32", "--model.vit_depth=1", "--model.vit_heads=2",
+         "--model.text_dim=32", "--model.text_depth=1", "--model.text_heads=2",
+         "--model.embed_dim=32", "--model.n_concepts=4", "--batch_size=32", "--threads=1",
+         "--loader_threads=2"]
+
+
+def cfg(*extra):
+    return config_from("tiny-cpu", SMALL + list(extra))
+
+
+def weights(run):
+    return torch.load(run / "model.pt", weights_only=False)["state_dict"]
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
+    data = tiny_dir[0]
+    c = cfg("--epochs=0.12", "--checkpoint_every=2", "--eval_at_end=false")
+    full = train(data, tmp_path / "full", c, progress=False)
+    assert full["finished"] and full["steps"] >= 5
+    killed = train(data, tmp_path / "cut", dataclasses.replace(c, stop_after=3), progress=False)
+    assert not killed["finished"] and not (tmp_path / "cut" / "model.pt").exists()
+    ck = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["step"] == 2  # the last checkpoint before the "kill"
+    resumed = train(data, tmp_path / "cut", c, resume=True, progress=False)
+    assert resumed["finished"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert steps == sorted(steps)
+
+
+def test_existing_run_is_not_overwritten(tiny_dir, tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_dir[0], tmp_path / "run", cfg(), progress=False)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--loss=arcface", "--sample_rate=0.3"],
+    ["--loss=infonce"],
+    ["--loss=triplet", "--model.fusion=concat"],
+    ["--labels=raw_clicks", "--grad_accum=2", "--model.fusion=image_only"],
+    ["--model.fusion=text_only", "--model.shared_transform=true"],
+])
+def test_every_loss_and_label_path_trains_and_evaluates(tiny_dir, tmp_path, extra):
+    r = train(tiny_dir[0], tmp_path / "run", cfg("--epochs=0.05", *extra), progress=False)
+    assert r["finished"]
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["queries"] == 144 and 0 <= ev["recall@10"] <= ev["recall@50"] <= 1
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert losses and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("item,msg", [
+    ("--lr=fast", "expected float"),
+    ("--modle.fusion=concat", "unknown config key 'modle.fusion'"),
+    ("--loss=contrastive", "loss must be one of"),
+    ("--model.fusion=late", "fusion must be one of"),
+    ("--batch_size=30", None),
+])
+def test_malformed_config_is_rejected(item, msg):
+    if msg is None:  # valid on its own; with grad_accum=4 it is not a multiple
+        with pytest.raises(ValueError, match="multiple of grad_accum"):
+            config_from("tiny-cpu", [item, "--grad_accum=4"])
+        return
+    with pytest.raises(ValueError, match=msg):
+        config_from("tiny-cpu", [item])
+    r = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--data", "x", "--out",
+                        "y", item], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="presets: tiny-cpu, base-gpu"):
+        config_from("huge", [])
+
+
+def test_sampler_caps_classes_and_depends_only_on_seed_and_epoch():
+    labels = np.array([0] * 50 + [1] * 3 + [2] * 10)
+    s = EpochSampler(labels, cap=5, batch_size=4, seed=1)
+    assert s.epoch_len == 5 + 3 + 5 and s.steps_per_epoch == 3
+    order = s.epoch_order(2)
+    assert np.bincount(labels[order]).tolist() == [5, 3, 5]
+    again = EpochSampler(labels, cap=5, batch_size=4, seed=1)
+    assert np.array_equal(again.batch(7), s.batch(7))
+    assert not np.array_equal(s.epoch_order(3), order)
+
+
+def test_augment_is_seeded_and_shape_preserving():
+    x = torch.randint(0, 255, (6, 3, 16, 16), dtype=torch.uint8)
+    a, b = augment(x, 3, 0), augment(x, 3, 0)
+    assert torch.equal(a, b) and a.shape == x.shape and a.dtype == torch.uint8
+    assert not torch.equal(augment(x, 4, 0), a)
+
+
+def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
+    """Hybrid parallel: DDP encoders + sharded classifier over 2 gloo ranks == 1 process."""
+    args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--epochs=0.05",
+            "--model.dropout=0", "--augment=false", "--eval_at_end=false"]
+    one = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--out",
+                          str(tmp_path / "one"), *args], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29533", "-m", "mixer_lite.cli", "train", "--out",
+                          str(tmp_path / "two"), *args], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        if k.endswith("self_attn.in_proj_bias"):
+            # Its key third has an identically zero gradient (softmax ignores a shift shared by
+            # all keys): Adam turns the float noise there into lr-sized steps.  Compare the rest.
+            d = a[k].shape[0] // 3
+            a[k], b[k] = torch.cat([a[k][:d], a[k][2 * d:]]), torch.cat([b[k][:d], b[k][2 * d:]])
+        torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=2e-5,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    ca = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=False)
+    cb = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)
+    shards = torch.cat([s["weight"] for s in cb["classifier"]])
+    torch.testing.assert_close(ca["classifier"]["weight"], shards, rtol=2e-4, atol=2e-5)
