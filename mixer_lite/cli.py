@@ -42,14 +42,14 @@ def _cmd_build_classes(args) -> int:
 
     cfg = apply_overrides(ClassConfig(), args.overrides)
     data = load_dataset(args.data, check_images=False)
-    c = data.clicks
-    classes, stats = build_classes_from_clicks(c["query_id"], c["doc_id"], c["count"], cfg)
+    q, d, n = data.clicks_columns()
+    classes, stats = build_classes_from_clicks(q, d, n, cfg)
     write_classes(args.out, classes)
     print(json.dumps(stats))
     if args.analyze:
         from .synthshop import load_truth
 
-        steps = analyse_steps(c["query_id"], c["doc_id"], c["count"], load_truth(args.data), cfg)
+        steps = analyse_steps(q, d, n, load_truth(args.data), cfg)
         for s in steps:
             s.pop("sizes")
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
@@ -63,6 +63,95 @@ def _cmd_train(args) -> int:
     cfg = config_from(args.config, args.overrides)
     result = train(args.data, args.out, cfg, resume=args.resume, preset=args.config)
     print(json.dumps(result))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from .dataset import load_dataset
+    from .retrieval import (evaluate_model, evaluate_raw_pixels, load_run_model, write_json)
+    from .viz import recall_curves
+
+    if args.split != "test":
+        raise ValueError("only the test split has ground truth (qrels.jsonl)")
+    if not args.run and not args.baseline:
+        raise ValueError("give --run RUN (one or more) or --baseline raw-pixel")
+    data = load_dataset(args.data, check_images=False)
+    results = {}
+    for run in args.run:
+        model = load_run_model(run)
+        metrics = evaluate_model(model, data, index_kind=args.index, progress=not args.quiet)
+        name = f"eval-{args.index}.json" if args.index != "flat" else "eval.json"
+        write_json(Path(run) / name, metrics)
+        recall_curves({Path(run).name: metrics["recall_curve"]},
+                      path=Path(run) / "recall_curve.png")
+        results[str(run)] = metrics
+    if args.baseline:
+        results["raw-pixel baseline"] = evaluate_raw_pixels(data, index_kind=args.index)
+    if args.compare_out:
+        recall_curves({Path(k).name: v["recall_curve"] for k, v in results.items()},
+                      title="Recall@K: runs compared", path=args.compare_out)
+    summary = {k: {m: v[m] for m in ("recall@1", "recall@5", "recall@10", "recall@20",
+                                     "recall@50", "map@10", "mrr", "queries", "docs", "index")}
+               for k, v in results.items()}
+    print(json.dumps(next(iter(summary.values())) if len(summary) == 1 else summary))
+    return 0
+
+
+def _cmd_index(args) -> int:
+    from pathlib import Path
+
+    from .dataset import ImageTable, image_paths, load_dataset
+    from .retrieval import build_index, embed_docs, load_run_model, save_index, write_json
+
+    data = load_dataset(args.data, check_images=False)
+    model = load_run_model(args.run)
+    images = ImageTable(image_paths(data, "docs"), model.cfg.image_size, preload=False,
+                        threads=4)
+    emb = embed_docs(model, images, data.doc_texts, progress=not args.quiet)
+    index = build_index(emb, args.index)
+    out = Path(args.run) / "index"
+    save_index(index, out / "docs.faiss")
+    write_json(out / "meta.json", {"data": str(Path(args.data).resolve()), "kind": args.index,
+                                   "doc_ids": data.doc_ids})
+    print(json.dumps({"index": str(out / "docs.faiss"), "kind": args.index, "docs": len(emb)}))
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .dataset import load_dataset
+    from .retrieval import load_index, load_run_model, search
+
+    meta_path = Path(args.run) / "index" / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: no index; run `mixer-lite index --run "
+                                f"{args.run} --data DIR` first")
+    meta = json.loads(meta_path.read_text())
+    data = load_dataset(args.data, check_images=False)
+    if meta["doc_ids"] != data.doc_ids:
+        raise ValueError(f"the index in {args.run} was built from {meta['data']}, whose docs "
+                         f"differ from {args.data}/docs.jsonl; rebuild it with mixer-lite index")
+    model = load_run_model(args.run)
+    try:
+        with Image.open(args.image) as im:
+            im = im.convert("RGB").resize((model.cfg.image_size,) * 2, Image.BILINEAR)
+            x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image {args.image}: cannot open as an image ({e})") from None
+    with torch.no_grad():
+        q = model.embed_queries(x).numpy()
+    scores, rows = search(load_index(Path(args.run) / "index" / "docs.faiss"), q, args.k)
+    texts = data.doc_texts
+    for rank, (s, r) in enumerate(zip(scores[0], rows[0]), 1):
+        if r >= 0:
+            print(f"{rank}\t{data.doc_ids[r]}\t{s:.4f}\t{texts[r]}")
     return 0
 
 
@@ -108,6 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="tiny-cpu", help="preset: tiny-cpu | base-gpu")
     s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints")
     s.set_defaults(func=_cmd_train, overrides=[])
+
+    s = sub.add_parser("evaluate", help="Recall@K, mAP@10, MRR of runs on the test split")
+    s.add_argument("--run", action="append", default=[], help="run folder (repeat to compare)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", default="test")
+    s.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw", "ivfpq"])
+    s.add_argument("--baseline", choices=["raw-pixel"], help="add the no-learning baseline")
+    s.add_argument("--compare-out", help="PNG with every run's recall curve")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("index", help="embed a run's docs offline and save a FAISS index")
+    s.add_argument("--run", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw", "ivfpq"])
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_index)
+
+    s = sub.add_parser("search", help="top-k docs for one query photo, from a saved index")
+    s.add_argument("--run", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--k", type=int, default=10)
+    s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("demo", help="the main job on the built-in data (what `make demo` runs)")
     s.add_argument("--data", default="data/synth-small")

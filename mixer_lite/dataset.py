@@ -270,14 +270,32 @@ class ShopData:
     clicks: "datasets.Dataset"  # noqa: F821
     qrels: "datasets.Dataset"  # noqa: F821
     summary: dict = field(default_factory=dict)
+    _columns: dict = field(default_factory=dict, repr=False)
 
-    @cached_property
+    # Plain Python lists of the columns the pipeline reads (``datasets`` hands out lazy Column
+    # objects, and row access would decode the image too).
+    def column(self, table: str, name: str) -> list:
+        key = (table, name)
+        if key not in self._columns:
+            self._columns[key] = list(getattr(self, table)[name])
+        return self._columns[key]
+
+    @property
     def doc_ids(self) -> list[str]:
-        return self.docs["doc_id"]
+        return self.column("docs", "doc_id")
 
-    @cached_property
+    @property
     def query_ids(self) -> list[str]:
-        return self.queries["query_id"]
+        return self.column("queries", "query_id")
+
+    @property
+    def doc_texts(self) -> list[str]:
+        return self.column("docs", "text")
+
+    def clicks_columns(self) -> tuple[list, list, list]:
+        """(query ids, doc ids, counts) of ``clicks.jsonl``, row by row."""
+        return (self.column("clicks", "query_id"), self.column("clicks", "doc_id"),
+                self.column("clicks", "count"))
 
     @cached_property
     def doc_row(self) -> dict[str, int]:
@@ -288,7 +306,7 @@ class ShopData:
         return {q: i for i, q in enumerate(self.query_ids)}
 
     def query_rows(self, split: str) -> np.ndarray:
-        return np.flatnonzero(np.asarray(self.queries["split"]) == split)
+        return np.flatnonzero(np.asarray(self.column("queries", "split")) == split)
 
 
 def _table(root: Path, name: str):
@@ -389,3 +407,9 @@ class ImageTable:
 
             return self.cache[torch.from_numpy(idx)]
         return self._decode(idx)
+
+
+def image_paths(data: ShopData, table: str, rows=None) -> list[str]:
+    """Absolute image paths of ``rows`` (all by default) of ``data.docs`` or ``data.queries``."""
+    paths = data.column(table, "image_path")
+    return paths if rows is None else [paths[int(r)] for r in rows]

@@ -10,7 +10,9 @@ samples.  Here:
   Partial FC (An et al., 2021): each step keeps every class present in the batch and a
   ``sample_rate`` share of the others, so a step's cost and memory scale with the sample, not
   with the number of classes.  Device-agnostic: the sampling runs on the centres' device with
-  an explicit generator.
+  an explicit generator.  The centres carry their own row-wise AdamW (:meth:`step`), which
+  touches only the rows a step used: a dense optimiser over all centres would cost as much as
+  the full softmax it replaces.
 * **Model parallel**: the same class, constructed under ``torch.distributed``, holds only its
   rank's shard of the centres; embeddings and labels are all-gathered and the softmax
   cross-entropy is computed across shards (max, sum of exponentials and target logit reduced
@@ -102,6 +104,11 @@ class MarginClassifier(nn.Module):
         self.start = self.rank * base + min(self.rank, extra)
         self.weight = nn.Parameter(_init_rows(self.start, self.shard, dim, seed))
         self.seed = seed
+        # Row-wise AdamW state (see :meth:`step`): persistent, checkpointed with the weights.
+        self.register_buffer("exp_avg", torch.zeros(self.shard, dim))
+        self.register_buffer("exp_avg_sq", torch.zeros(self.shard, dim))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._used: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- class-centre sampling ----------------------------------------------------------
     def sample_centres(self, local_labels: torch.Tensor, step: int) -> torch.Tensor:
@@ -141,13 +148,74 @@ class MarginClassifier(nn.Module):
         remap[idx] = torch.arange(len(idx), device=idx.device)
         target = torch.where(mine, remap[local.clamp(0, self.shard - 1)],
                              torch.full_like(local, -1))
-        w = F.normalize(self.weight[idx], dim=-1)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            # The sampled rows become a leaf of their own: backward then touches only them, never
+            # a dense gradient of all centres (see step()).
+            rows = self.weight.detach()[idx].requires_grad_(True)
+            self._used.append((idx, rows))
+        else:
+            rows = self.weight[idx]
+        w = F.normalize(rows, dim=-1)
         cosine = x @ w.to(x.dtype).t()
         mask = F.one_hot(target.clamp(min=0), len(idx)).bool() & (target >= 0)[:, None]
         logits = margin_logits(cosine.float(), mask, self.kind, self.margin, self.scale)
         if self.world == 1:
             return F.cross_entropy(logits, target)
         return _sharded_cross_entropy(logits, mask)
+
+
+    # ---- the row-wise optimiser ---------------------------------------------------------
+    def used_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, summed gradients) of every centre used since the last :meth:`step`."""
+        if not self._used:
+            return (torch.zeros(0, dtype=torch.long, device=self.weight.device),
+                    torch.zeros(0, self.weight.shape[1], device=self.weight.device))
+        idx = torch.cat([i for i, _ in self._used])
+        grad = torch.cat([r.grad if r.grad is not None else torch.zeros_like(r)
+                          for _, r in self._used])
+        rows, inverse = torch.unique(idx, return_inverse=True)
+        summed = torch.zeros(len(rows), grad.shape[1], device=grad.device, dtype=grad.dtype)
+        summed.index_add_(0, inverse, grad)
+        return rows, summed
+
+    def dense_grad(self) -> torch.Tensor:
+        """The gradient as a full [shard, dim] tensor (for tests and inspection)."""
+        rows, grad = self.used_rows()
+        out = torch.zeros_like(self.weight)
+        out[rows] = grad.to(out.dtype)
+        return out
+
+    def scale_grad(self, factor) -> None:
+        for _, r in self._used:
+            if r.grad is not None:
+                r.grad.mul_(factor)
+
+    def clear_used(self) -> None:
+        self._used.clear()
+
+    @torch.no_grad()
+    def step(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+             weight_decay: float = 0.0) -> None:
+        """AdamW on the centres used since the last step; the others and their moments wait.
+
+        This is "lazy" Adam, the usual optimiser for huge embedding tables: the cost of a step
+        scales with the sampled centres, not with all classes.  With ``sample_rate=1`` every row
+        is used every step and this is exactly ``torch.optim.AdamW``.
+        """
+        rows, g = self.used_rows()
+        self._used.clear()
+        if not len(rows):
+            return
+        self.steps += 1
+        t = int(self.steps)
+        b1, b2 = betas
+        m = self.exp_avg[rows].mul_(b1).add_(g, alpha=1 - b1)
+        v = self.exp_avg_sq[rows].mul_(b2).addcmul_(g, g, value=1 - b2)
+        self.exp_avg[rows], self.exp_avg_sq[rows] = m, v
+        w = self.weight.data[rows].mul_(1 - lr * weight_decay)
+        denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+        w.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        self.weight.data[rows] = w
 
 
 class _SumOverRanks(torch.autograd.Function):

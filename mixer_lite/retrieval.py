@@ -203,8 +203,62 @@ def evaluate_embeddings(data, doc_emb: np.ndarray, query_emb: np.ndarray,
     metrics = ranking_metrics(ranked, relevant)
     metrics["docs"] = int(len(doc_emb))
     metrics["index"] = index_kind
-    metrics["per_category"] = per_category(ranked, relevant, data.docs["category"])
+    metrics["per_category"] = per_category(ranked, relevant, data.column("docs", "category"))
+    metrics["recall_curve"] = [round(float(v), 6) for v in recall_curve(ranked, relevant)]
     return metrics
+
+
+def judged_query_rows(data) -> np.ndarray:
+    """Rows of ``data.queries`` that ``qrels`` judges (the test split), sorted."""
+    rows = np.array(sorted({data.query_row[r["query_id"]] for r in data.qrels}), dtype=np.int64)
+    if not len(rows):
+        raise ValueError(f"{data.root}/qrels.jsonl is empty: no test queries to evaluate")
+    return rows
+
+
+def evaluate_model(model, data, device="cpu", batch_size: int = 256, index_kind: str = "flat",
+                   progress: bool = False, preload: bool = True, doc_emb=None) -> dict:
+    """Embed every doc and every judged query with ``model``, search, and score."""
+    from .dataset import ImageTable, image_paths
+
+    size = model.cfg.image_size
+    rows = judged_query_rows(data)
+    if doc_emb is None:
+        docs = ImageTable(image_paths(data, "docs"), size, preload, progress=progress,
+                          desc="docs")
+        doc_emb = embed_docs(model, docs, data.doc_texts, batch_size, device, progress)
+    queries = ImageTable(image_paths(data, "queries", rows), size, preload, progress=progress,
+                         desc="queries")
+    query_emb = embed_queries(model, queries, batch_size, device, progress)
+    return evaluate_embeddings(data, doc_emb, query_emb, rows, index_kind)
+
+
+def evaluate_raw_pixels(data, size: int = 64, side: int = 16, index_kind: str = "flat") -> dict:
+    """The no-learning baseline in the same evaluator: raw pixels for queries and docs alike."""
+    from .dataset import ImageTable, image_paths
+
+    rows = judged_query_rows(data)
+    docs = raw_pixel_embeddings(ImageTable(image_paths(data, "docs"), size), side)
+    queries = raw_pixel_embeddings(ImageTable(image_paths(data, "queries", rows), size), side)
+    return evaluate_embeddings(data, docs, queries, rows, index_kind)
+
+
+def load_run_model(run: str | Path, device="cpu"):
+    """The trained model a run folder holds (``RUN/model.pt``), in eval mode."""
+    from .model import MixerModel
+
+    path = Path(run) / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trained model in this run (did training finish?)")
+    ck = torch.load(path, map_location=device, weights_only=False)
+    model = MixerModel.from_export(ck["export"])
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the model its config describes (saved by "
+                         f"another mixer-lite version?): {str(e).splitlines()[-1].strip()}") \
+            from None
+    return model.to(device).eval()
 
 
 def recall_curve(ranked: np.ndarray, relevant: list[set[int]], max_k: int = 50) -> np.ndarray:

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .classes import ClassConfig, build_classes_from_clicks, raw_click_classes
-from .dataset import ImageTable, ShopData, load_dataset
+from .dataset import ImageTable, ShopData, image_paths, load_dataset
 from .losses import MarginClassifier, info_nce, triplet_loss
 from .model import MixerModel, ModelConfig, WordTokenizer
-from .retrieval import embed_docs, embed_queries, evaluate_embeddings, write_json
+from .retrieval import evaluate_model, write_json
 
 LOSSES = ("cosface", "arcface", "infonce", "triplet")
 DEFAULT_MARGIN = {"cosface": 0.35, "arcface": 0.5, "triplet": 0.2, "infonce": 0.0}
@@ -137,19 +137,18 @@ class Samples:
 
 
 def make_samples(data: ShopData, cfg: TrainConfig) -> tuple[Samples, dict]:
-    c = data.clicks
-    if len(c) == 0:
+    cq, cd, cn = data.clicks_columns()
+    if len(cq) == 0:
         raise ValueError(f"{data.root}/clicks.jsonl has no clicks: nothing to train on")
     if cfg.loss in ("infonce", "triplet"):
-        q = np.array([data.query_row[x] for x in c["query_id"]])
-        d = np.array([data.doc_row[x] for x in c["doc_id"]])
+        q = np.array([data.query_row[x] for x in cq])
+        d = np.array([data.doc_row[x] for x in cd])
         return Samples(np.zeros(len(q), np.int8), q, np.arange(len(q)), len(q), d), \
             {"pairs": int(len(q))}
     if cfg.labels == "classes":
-        classes, stats = build_classes_from_clicks(c["query_id"], c["doc_id"], c["count"],
-                                                   cfg.classes)
+        classes, stats = build_classes_from_clicks(cq, cd, cn, cfg.classes)
     else:
-        classes = raw_click_classes(c["query_id"], c["doc_id"], c["count"])
+        classes = raw_click_classes(cq, cd, cn)
         stats = {"classes": len(classes)}
     kind, row, label = [], [], []
     for k, cl in enumerate(classes):
@@ -252,7 +251,7 @@ def build_model(data: ShopData, samples: Samples, cfg: TrainConfig) -> MixerMode
     if cfg.model.text_encoder == "scratch" and cfg.model.fusion != "image_only":
         doc_rows = np.unique(samples.row[samples.kind == 1]) if samples.pair_doc is None \
             else np.unique(samples.pair_doc)
-        tok = WordTokenizer.fit([data.docs[int(r)]["text"] for r in doc_rows],
+        tok = WordTokenizer.fit([data.doc_texts[int(r)] for r in doc_rows],
                                 max_size=cfg.model.vocab_size)
     return MixerModel(cfg.model, tok)
 
@@ -277,8 +276,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     classifier = None if pairwise else MarginClassifier(
         samples.num_classes, cfg.model.embed_dim, cfg.loss, cfg.margin_value, cfg.scale,
         cfg.sample_rate, model_parallel=world > 1, seed=cfg.seed).to(device)
-    params = [p for p in model.parameters() if p.requires_grad] + \
-        (list(classifier.parameters()) if classifier is not None else [])
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = EpochSampler(samples.label if not pairwise else np.arange(len(samples.row)),
                            cfg.max_per_class, cfg.batch_size, cfg.seed)
@@ -311,14 +309,14 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
                                          "steps_per_epoch": sampler.steps_per_epoch})
     q_rows = np.unique(samples.row[samples.kind == 0])
     d_rows = np.unique(samples.row[samples.kind == 1] if not pairwise else samples.pair_doc)
-    images_q = ImageTable(_paths(data.queries, q_rows), cfg.model.image_size,
+    images_q = ImageTable(image_paths(data, "queries", q_rows), cfg.model.image_size,
                           cfg.preload_images, cfg.loader_threads, progress=rank == 0,
                           desc="query photos")
-    images_d = ImageTable(_paths(data.docs, d_rows), cfg.model.image_size, cfg.preload_images,
+    images_d = ImageTable(image_paths(data, "docs", d_rows), cfg.model.image_size, cfg.preload_images,
                           cfg.loader_threads, progress=rank == 0, desc="doc images")
     q_pos = {int(r): i for i, r in enumerate(q_rows)}
     d_pos = {int(r): i for i, r in enumerate(d_rows)}
-    texts = data.docs["text"]
+    texts = data.doc_texts
 
     amp = cfg.amp and device.type == "cuda"
     local_bs = cfg.batch_size // world
@@ -335,6 +333,8 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
                 break
             batch = sampler.batch(step)[rank * local_bs: (rank + 1) * local_bs]
             opt.zero_grad(set_to_none=True)
+            if classifier is not None:
+                classifier.clear_used()
             loss_sum = 0.0
             for m in range(cfg.grad_accum):
                 idx = batch[m * micro: (m + 1) * micro]
@@ -345,7 +345,10 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
                 loss_sum += float(loss.detach()) / cfg.grad_accum
             if cfg.clip_grad:
                 _clip_global_norm(model, classifier, cfg.clip_grad, world)
+            lr = sched.get_last_lr()[0]
             opt.step()
+            if classifier is not None:  # its own row-wise AdamW, same schedule
+                classifier.step(lr, weight_decay=cfg.weight_decay)
             sched.step()
             if bar is not None:
                 bar.update(1)
@@ -380,11 +383,6 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     if world > 1:
         torch.distributed.barrier()
     return result
-
-
-def _paths(table, rows) -> list[str]:
-    paths = table["image_path"]
-    return [paths[int(r)] for r in rows]
 
 
 def _step_loss(net, model, classifier, samples, idx, images_q, images_d, q_pos, d_pos, texts,
@@ -423,15 +421,16 @@ def _clip_global_norm(model, classifier, max_norm: float, world: int) -> None:
     classifier ones are sharded, so their squared norms are summed over ranks."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     sq = sum((g.float() ** 2).sum() for g in grads) if grads else torch.zeros(())
-    if classifier is not None and classifier.weight.grad is not None:
-        shard = (classifier.weight.grad.float() ** 2).sum()
+    if classifier is not None:
+        shard = (classifier.used_rows()[1].float() ** 2).sum()
         if world > 1:
             torch.distributed.all_reduce(shard)
-        sq = sq + shard
-        grads.append(classifier.weight.grad)
+        sq = sq + shard.to(sq.device)
     factor = (max_norm / (torch.sqrt(sq) + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(factor.to(g.device, g.dtype))
+    if classifier is not None:
+        classifier.scale_grad(factor)
 
 
 def _checkpoint(path, model, classifier, opt, sched, step, rank, world):
@@ -447,31 +446,3 @@ def _checkpoint(path, model, classifier, opt, sched, step, rank, world):
         _atomic_save({"model": model.state_dict(), "classifier": clf_state,
                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "torch_rng": torch.get_rng_state(), "step": step}, path)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation of a model on a dataset's test split
-# --------------------------------------------------------------------------------------------
-def evaluate_model(model: MixerModel, data: ShopData, split: str = "test", device="cpu",
-                   batch_size: int = 256, index_kind: str = "flat", progress: bool = False,
-                   preload: bool = True) -> dict:
-    size = model.cfg.image_size
-    rows = np.array(sorted({data.query_row[r["query_id"]] for r in data.qrels}))
-    if split == "test" and not len(rows):
-        raise ValueError(f"{data.root}/qrels.jsonl is empty: no test queries to evaluate")
-    docs = ImageTable(data.docs["image_path"], size, preload, progress=progress, desc="docs")
-    queries = ImageTable(_paths(data.queries, rows), size, preload, progress=progress,
-                         desc="queries")
-    doc_emb = embed_docs(model, docs, data.docs["text"], batch_size, device, progress)
-    query_emb = embed_queries(model, queries, batch_size, device, progress)
-    return evaluate_embeddings(data, doc_emb, query_emb, rows, index_kind)
-
-
-def load_run_model(run: str | Path, device="cpu") -> MixerModel:
-    path = Path(run) / "model.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no trained model in this run (did training finish?)")
-    ck = torch.load(path, map_location=device, weights_only=False)
-    model = MixerModel.from_export(ck["export"])
-    model.load_state_dict(ck["state_dict"])
-    return model.to(device).eval()

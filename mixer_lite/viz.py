@@ -108,3 +108,21 @@ def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs
     fig.suptitle("Text-to-image attention: where each text concept looks in the doc image "
                  "(brighter = more weight)", fontsize=10)
     return _finish(fig, path)
+
+
+def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test queries",
+                  path: str | os.PathLike | None = None):
+    """Recall@K (K = 1..len) of several runs on one axis, Recall@10 marked in the legend."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, curve in curves.items():
+        k = np.arange(1, len(curve) + 1)
+        r10 = curve[9] if len(curve) >= 10 else float("nan")
+        ax.plot(k, np.asarray(curve) * 100, label=f"{name} (R@10 {r10 * 100:.1f}%)", lw=2)
+    ax.set_xscale("log")
+    ax.set_xlabel("K (docs returned, log scale)")
+    ax.set_ylabel("Recall@K (% of queries with a relevant doc in the top K)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title)
+    return _finish(fig, path)
