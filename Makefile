@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mixer_lite.cli demo --data data/synth-small --reports reports
+	$(PY) -m mixer_lite.cli demo --data data/synth-small --reports reports --run runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -158,7 +158,8 @@ def _cmd_search(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(data_dir=args.data, reports=args.reports, preset=args.preset, seed=args.seed)
+    run_demo(data_dir=args.data, reports=args.reports, preset=args.preset, seed=args.seed,
+             run=args.run, train_overrides=args.overrides)
     return 0
 
 
@@ -227,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reports", default="reports")
     s.add_argument("--preset", default="small", choices=["tiny", "small", "large"])
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_demo)
+    s.add_argument("--run", default="runs/demo", help="run folder for the training step")
+    s.set_defaults(func=_cmd_demo, overrides=[])
     return p
 
 

@@ -56,11 +56,15 @@ class TrainConfig:
     loss: str = "cosface"             # one of LOSSES
     margin: float | None = None       # None: the loss's default (DEFAULT_MARGIN)
     scale: float = 30.0
+    margin_warmup_frac: float = 0.0   # margin ramps 0 -> margin over this share of the steps
+    centre_optimizer: str = "sgd"     # "sgd" (momentum 0.9) | "adamw", row-wise on the centres
+    centre_lr: float = 2.0            # peak lr of the centres (same warm-up/cosine schedule)
+    centre_weight_decay: float = 5e-4
     temperature: float = 0.05         # InfoNCE
     sample_rate: float = 1.0          # class-centre sampling (Partial FC); 1 = full softmax
     batch_size: int = 128             # global batch (split over ranks and accumulation steps)
     grad_accum: int = 1
-    epochs: float = 6.0
+    epochs: float = 4.0
     max_per_class: int = 16           # samples of one class per epoch
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -88,6 +92,9 @@ class TrainConfig:
             problems.append("batch_size must be >= 2 and a multiple of grad_accum")
         if not 0 < self.sample_rate <= 1:
             problems.append(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.centre_optimizer not in ("sgd", "adamw"):
+            problems.append(f"centre_optimizer must be 'sgd' or 'adamw', "
+                            f"got {self.centre_optimizer!r}")
         if self.epochs <= 0 or self.lr <= 0 or self.max_per_class < 1:
             problems.append("epochs, lr and max_per_class must be positive")
         if problems:
@@ -335,6 +342,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
             opt.zero_grad(set_to_none=True)
             if classifier is not None:
                 classifier.clear_used()
+                classifier.margin = _margin_at(step, total, cfg)
             loss_sum = 0.0
             for m in range(cfg.grad_accum):
                 idx = batch[m * micro: (m + 1) * micro]
@@ -347,8 +355,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
                 _clip_global_norm(model, classifier, cfg.clip_grad, world)
             lr = sched.get_last_lr()[0]
             opt.step()
-            if classifier is not None:  # its own row-wise AdamW, same schedule
-                classifier.step(lr, weight_decay=cfg.weight_decay)
+            if classifier is not None:  # its own row-wise optimiser, same schedule
+                classifier.step(cfg.centre_lr * lr / cfg.lr, cfg.centre_optimizer,
+                                weight_decay=cfg.centre_weight_decay)
             sched.step()
             if bar is not None:
                 bar.update(1)
@@ -414,6 +423,12 @@ def _step_loss(net, model, classifier, samples, idx, images_q, images_d, q_pos, 
         emb[kind_t == 1] = d_emb.float()
     labels = torch.from_numpy(samples.label[idx]).to(device)
     return classifier(emb, labels, step)
+
+
+def _margin_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """The margin of this step: a linear ramp from 0 over ``margin_warmup_frac`` of the run."""
+    warm = cfg.margin_warmup_frac * total
+    return cfg.margin_value * (min(1.0, step / warm) if warm > 0 else 1.0)
 
 
 def _clip_global_norm(model, classifier, max_norm: float, world: int) -> None:

@@ -206,7 +206,7 @@ def test_row_wise_adamw_equals_torch_adamw_at_full_rate():
     opt = torch.optim.AdamW([ref], lr=0.01, weight_decay=0.05)
     for step in range(4):
         clf(x, y, step).backward()
-        clf.step(lr=0.01, weight_decay=0.05)
+        clf.step(lr=0.01, optimizer="adamw", weight_decay=0.05)
         opt.zero_grad()
         ref.grad = None
         naive_margin_loss(x, ref, y, "cosface", 0.35, 30).backward()
@@ -220,7 +220,23 @@ def test_row_wise_adamw_leaves_unsampled_rows_alone():
     before = clf.weight.data.clone()
     clf(x, y, step=0).backward()
     used, _ = clf.used_rows()
-    clf.step(lr=0.1, weight_decay=0.1)
+    clf.step(lr=0.1, optimizer="adamw", weight_decay=0.1)
     changed = torch.nonzero((clf.weight.data != before).any(dim=1)).flatten()
     assert torch.equal(changed, used) and len(used) == 10
     assert clf.weight.grad is None  # no dense gradient was ever made
+
+
+def test_row_wise_sgd_equals_torch_sgd_at_full_rate():
+    x, w, y = data(n=16, c=12)
+    clf = MarginClassifier(12, 8, sample_rate=1.0)
+    clf.weight.data.copy_(w)
+    ref = torch.nn.Parameter(w.clone())
+    opt = torch.optim.SGD([ref], lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for step in range(4):
+        clf(x, y, step).backward()
+        clf.step(lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4)
+        opt.zero_grad()
+        ref.grad = None
+        naive_margin_loss(x, ref, y, "cosface", 0.35, 30).backward()
+        opt.step()
+    torch.testing.assert_close(clf.weight.data, ref.data, rtol=1e-4, atol=1e-6)

@@ -136,3 +136,11 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     cb = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)
     shards = torch.cat([s["weight"] for s in cb["classifier"]])
     torch.testing.assert_close(ca["classifier"]["weight"], shards, rtol=2e-4, atol=2e-5)
+
+
+def test_margin_warmup_ramps_linearly_then_holds():
+    from mixer_lite.train import _margin_at
+
+    c = config_from("tiny-cpu", ["--margin_warmup_frac=0.5"])
+    assert [round(_margin_at(s, 100, c), 4) for s in (0, 25, 50, 90)] == [0.0, 0.175, 0.35, 0.35]
+    assert _margin_at(0, 100, config_from("tiny-cpu", [])) == 0.35
