@@ -2,9 +2,9 @@
 
     python bench/retrieval.py [--sizes 1e5,1e6] [--dim 128] [--threads 2]
 
-Embeddings are synthetic but shaped like a trained model's: docs are unit vectors around one
-centre per product (4 docs a product, cosine ~0.8 to their centre), and each query is a noisy
-view of one product (a "user photo").  Recall@10 is the share of queries with a doc of their
+Embeddings are synthetic but shaped like a trained model's: products cluster by category
+(sibling products at cosine ~0.6), each product has 4 docs around it (cosine ~0.9) and each
+query is a noisier view of one product (cosine ~0.75, a "user photo").  Recall@10 is the share of queries with a doc of their
 product in the top 10 (the evaluator's definition); ``overlap@10`` is the share of the exact
 top 10 the index returns.  For each size the indexes run one after the other in this process;
 QPS is measured on the same queries (flat on a subset, as it is slow), memory is the serialised
@@ -22,17 +22,22 @@ from mixer_lite.retrieval import build_index, ranking_metrics, search
 
 
 def make_data(n_docs: int, dim: int, n_queries: int, seed: int = 0):
+    """Category centres -> product centres (siblings at cosine ~0.6) -> 4 docs a product (cosine
+    ~0.9 to it) and queries (cosine ~0.75 to their product): look-alike products compete."""
     rng = np.random.default_rng(seed)
+
+    def around(centres, idx, sigma):
+        x = centres[idx] + sigma * rng.standard_normal((len(idx), dim), dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
     per = 4
     n_prod = n_docs // per
-    centres = rng.standard_normal((n_prod, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    cats = around(np.zeros((1, dim), np.float32) + 0, np.zeros(max(1, n_prod // 250), int), 1.0)
+    products = around(cats, rng.integers(0, len(cats), n_prod), 0.072)
     product = np.repeat(np.arange(n_prod), per)
-    docs = centres[product] + 0.045 * rng.standard_normal((n_prod * per, dim), dtype=np.float32)
-    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    docs = around(products, product, 0.042)
     qp = rng.integers(0, n_prod, n_queries)
-    queries = centres[qp] + 0.06 * rng.standard_normal((n_queries, dim), dtype=np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    queries = around(products, qp, 0.078)
     relevant = [set(range(p * per, p * per + per)) for p in qp]
     return docs, queries, relevant
 
@@ -68,7 +73,7 @@ def main() -> None:
             mib = faiss.serialize_index(index).nbytes / 2 ** 20
             if kind == "flat":
                 _, qps = timed_search(index, queries[: args.flat_queries])
-                rows, _ = search(index, queries, 10)
+                _, rows = search(index, queries, 10)
                 exact_rows, exact_qps = rows, qps
             else:
                 rows, qps = timed_search(index, queries)

@@ -120,7 +120,7 @@ def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test
         ax.plot(k, np.asarray(curve) * 100, label=f"{name} (R@10 {r10 * 100:.1f}%)", lw=2)
     ax.set_xscale("log")
     ax.set_xlabel("K (docs returned, log scale)")
-    ax.set_ylabel("Recall@K (% of queries with a relevant doc in the top K)")
+    ax.set_ylabel("Recall@K (% of test queries)")
     ax.set_ylim(0, 100)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
