@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .classes import build_classes_from_clicks, write_classes
+from .classes import build_classes_from_clicks, raw_click_classes, write_classes
 from .dataset import ImageTable, image_paths, load_dataset
 from .retrieval import evaluate_raw_pixels, load_run_model, write_json
 from .synthshop import make_synthshop
 from .train import config_from, train
-from .viz import concept_attention, query_doc_grid, recall_curves
+from .viz import class_size_rank, concept_attention, query_doc_grid, recall_curves
 
 
 def attention_gallery(model, data, n_docs: int = 4, seed: int = 0, path=None):
@@ -53,6 +53,11 @@ def run_demo(data_dir: str = "data/synth-small", reports: str = "reports", prese
     print("[demo] 3/5 building weak-label classes from clicks")
     classes, stats = build_classes_from_clicks(*data.clicks_columns())
     write_classes(reports / "classes.jsonl", classes)
+    raw = raw_click_classes(*data.clicks_columns())
+    class_size_rank({"raw clicks (each clicked doc)": [len(c["query_ids"]) + 1 for c in raw],
+                     "co-click classes": [len(c["query_ids"]) + len(c["doc_ids"])
+                                          for c in classes]},
+                    path=reports / "class_sizes.png")
     print(f"[demo]     {stats['classes']} classes, {stats['samples']} samples")
 
     if not (run / "model.pt").exists():
@@ -78,6 +83,6 @@ def run_demo(data_dir: str = "data/synth-small", reports: str = "reports", prese
         m = metrics[name]
         print(f"[demo]     {name:<10} Recall@1 {m['recall@1']:.3f}  Recall@10 "
               f"{m['recall@10']:.3f}  mAP@10 {m['map@10']:.3f}")
-    print(f"[demo] wrote {reports}/: query_doc_grid.png, recall_curves.png, "
+    print(f"[demo] wrote {reports}/: query_doc_grid.png, class_sizes.png, recall_curves.png, "
           f"attention_gallery.png, metrics.json, classes.jsonl")
     return metrics

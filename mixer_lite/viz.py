@@ -126,3 +126,19 @@ def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title)
     return _finish(fig, path)
+
+
+def class_size_rank(sizes: dict[str, list[int]], path: str | os.PathLike | None = None):
+    """Class sizes sorted by rank on log-log axes, one line per labelling (the long tail)."""
+    from .classes import gini
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, s in sizes.items():
+        s = np.sort(np.asarray(s))[::-1]
+        ax.loglog(np.arange(1, len(s) + 1), s, lw=2, label=f"{name} (Gini {gini(s):.2f})")
+    ax.set_xlabel("class rank (largest first, log scale)")
+    ax.set_ylabel("samples in the class (log scale)")
+    ax.set_title("Class-size distribution: the long tail of weak labels")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, path)

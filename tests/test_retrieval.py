@@ -115,3 +115,24 @@ def test_bad_inputs_are_rejected(tmp_path):
         ranking_metrics(np.zeros((2, 3), int), [{1}])
     with pytest.raises(FileNotFoundError, match="mixer-lite index"):
         load_index(tmp_path / "none.faiss")
+
+
+def test_dataset_and_embeddings_that_disagree_fail_clearly(tiny_data):
+    from mixer_lite.retrieval import evaluate_embeddings, judged_query_rows, relevance
+
+    rows = judged_query_rows(tiny_data)
+    docs, q = _unit(len(tiny_data.docs) - 5, 16, 0), _unit(len(rows), 16, 1)
+    with pytest.raises(ValueError, match="built from another dataset"):
+        evaluate_embeddings(tiny_data, docs, q, rows)
+    train_row = tiny_data.query_rows("train")[:1]
+    with pytest.raises(ValueError, match="has no line in .*qrels.jsonl"):
+        relevance(tiny_data, train_row)
+
+
+def test_class_size_rank_plot_has_labels(tmp_path):
+    from mixer_lite.viz import class_size_rank
+
+    fig = class_size_rank({"raw": [5, 3, 1, 1], "classes": [9, 2]}, path=tmp_path / "r.png")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+    assert (tmp_path / "r.png").stat().st_size > 0
