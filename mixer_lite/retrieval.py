@@ -33,31 +33,29 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 # --------------------------------------------------------------------------------------------
 # Embedding
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
+def _in_batches(model, n: int, batch_size: int, desc: str, progress: bool, embed) -> np.ndarray:
+    """Run ``embed(rows)`` over ``range(n)`` in batches, without gradients, in eval mode."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
+            out.append(embed(np.arange(lo, min(lo + batch_size, n))).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
 def embed_queries(model, images, batch_size: int = 256, device="cpu",
                   progress: bool = False) -> np.ndarray:
     """Unit-norm embeddings of query photos; ``images`` is an :class:`ImageTable` or tensor."""
-    model.eval()
-    out = []
-    for lo in tqdm(range(0, len(images), batch_size), desc="embedding queries",
-                   disable=not progress):
-        idx = np.arange(lo, min(lo + batch_size, len(images)))
-        out.append(model.embed_queries(images[idx].to(device)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+    return _in_batches(model, len(images), batch_size, "embedding queries", progress,
+                       lambda idx: model.embed_queries(images[idx].to(device)))
 
 
-@torch.no_grad()
 def embed_docs(model, images, texts: list[str], batch_size: int = 256, device="cpu",
                progress: bool = False) -> np.ndarray:
     """Unit-norm embeddings of docs (image + text), computed offline in batches."""
-    model.eval()
-    out = []
-    for lo in tqdm(range(0, len(images), batch_size), desc="embedding docs",
-                   disable=not progress):
-        idx = np.arange(lo, min(lo + batch_size, len(images)))
-        tokens = model.tokenize([texts[i] for i in idx])
-        out.append(model.embed_docs(images[idx].to(device), tokens).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+    return _in_batches(model, len(images), batch_size, "embedding docs", progress,
+                       lambda idx: model.embed_docs(images[idx].to(device),
+                                                    model.tokenize([texts[i] for i in idx])))
 
 
 def raw_pixel_embeddings(images, side: int = 16, batch_size: int = 1024) -> np.ndarray:

@@ -26,6 +26,15 @@ def _finish(fig, path: str | os.PathLike | None):
     return fig
 
 
+def _finish_image_grid(fig, axes, title: str, fontsize: int, path):
+    """Image panels carry no axis ticks (pixels are not a unit worth reading); one title."""
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=fontsize)
+    return _finish(fig, path)
+
+
 def query_doc_grid(data, n_queries: int = 6, n_docs: int = 3, seed: int = 0,
                    path: str | os.PathLike | None = None):
     """Test query photos (left column) beside the shop docs that ``qrels`` marks relevant.
@@ -54,12 +63,8 @@ def query_doc_grid(data, n_queries: int = 6, n_docs: int = 3, seed: int = 0,
                 ax.set_title("\n".join(textwrap.wrap(doc["text"], 28)[:3]), fontsize=7)
             else:
                 ax.axis("off")
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle("Query photos (left) and the shop docs of the same product (right): "
-                 "image plus title", fontsize=11)
-    return _finish(fig, path)
+    return _finish_image_grid(fig, axes, "Query photos (left) and the shop docs of the same "
+                              "product (right): image plus title", 11, path)
 
 
 def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs: int = 4,
@@ -102,12 +107,8 @@ def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs
                 ax.set_title(f"concept {k}: {label}", fontsize=7)
             else:
                 ax.set_title(f"token '{toks[k]}'" if k < len(toks) else "(padding)", fontsize=7)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle("Text-to-image attention: where each text concept looks in the doc image "
-                 "(brighter = more weight)", fontsize=10)
-    return _finish(fig, path)
+    return _finish_image_grid(fig, axes, "Text-to-image attention: where each text concept "
+                              "looks in the doc image (brighter = more weight)", 10, path)
 
 
 def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test queries",
