@@ -37,6 +37,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from .files import atomic_path
+
 
 @dataclass(frozen=True)
 class ClassConfig:
@@ -346,13 +348,9 @@ def analyse(classes: list[dict], truth: dict[str, str]) -> dict:
 
 def write_classes(path: str | Path, classes: list[dict]) -> None:
     """One JSON line per class, written atomically (a temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for c in classes:
             f.write(json.dumps(c) + "\n")
-    tmp.replace(path)
 
 
 def read_classes(path: str | Path) -> list[dict]:

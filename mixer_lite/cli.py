@@ -70,7 +70,8 @@ def _cmd_evaluate(args) -> int:
     from pathlib import Path
 
     from .dataset import load_dataset
-    from .retrieval import (evaluate_model, evaluate_raw_pixels, load_run_model, write_json)
+    from .files import write_json
+    from .retrieval import evaluate_model, evaluate_raw_pixels, load_run_model
     from .viz import recall_curves
 
     if args.split != "test":
@@ -103,7 +104,8 @@ def _cmd_index(args) -> int:
     from pathlib import Path
 
     from .dataset import ImageTable, image_paths, load_dataset
-    from .retrieval import build_index, embed_docs, load_run_model, save_index, write_json
+    from .files import write_json
+    from .retrieval import build_index, embed_docs, load_run_model, save_index
 
     data = load_dataset(args.data, check_images=False)
     model = load_run_model(args.run)
@@ -122,11 +124,9 @@ def _cmd_index(args) -> int:
 def _cmd_search(args) -> int:
     from pathlib import Path
 
-    import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    from .dataset import load_dataset
+    from .dataset import ImageTable, load_dataset
     from .retrieval import load_index, load_run_model, search
 
     meta_path = Path(args.run) / "index" / "meta.json"
@@ -140,10 +140,8 @@ def _cmd_search(args) -> int:
                          f"differ from {args.data}/docs.jsonl; rebuild it with mixer-lite index")
     model = load_run_model(args.run)
     try:
-        with Image.open(args.image) as im:
-            im = im.convert("RGB").resize((model.cfg.image_size,) * 2, Image.BILINEAR)
-            x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        x = ImageTable([args.image], model.cfg.image_size, preload=False, threads=1)[[0]]
+    except OSError as e:  # PIL's UnidentifiedImageError is an OSError too
         raise ValueError(f"--image {args.image}: cannot open as an image ({e})") from None
     with torch.no_grad():
         q = model.embed_queries(x).numpy()

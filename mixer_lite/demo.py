@@ -15,7 +15,8 @@ import torch
 
 from .classes import build_classes_from_clicks, raw_click_classes, write_classes
 from .dataset import ImageTable, image_paths, load_dataset
-from .retrieval import evaluate_raw_pixels, load_run_model, write_json
+from .files import write_json
+from .retrieval import evaluate_raw_pixels, load_run_model
 from .synthshop import make_synthshop
 from .train import config_from, train
 from .viz import class_size_rank, concept_attention, query_doc_grid, recall_curves

@@ -18,13 +18,14 @@ Ranked lists are taken as given: breaking score ties is the search's job (the fl
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .files import atomic_path
 
 KS = (1, 5, 10, 20, 50)
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
@@ -125,11 +126,8 @@ def exact_search(doc_emb, query_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
 def save_index(index, path: str | Path) -> None:
     import faiss
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def load_index(path: str | Path):
@@ -189,14 +187,14 @@ def per_category(ranked: np.ndarray, relevant: list[set[int]], doc_category: lis
 
 
 def evaluate_embeddings(data, doc_emb: np.ndarray, query_emb: np.ndarray,
-                        query_rows: np.ndarray, index_kind: str = "flat", index=None,
+                        query_rows: np.ndarray, index_kind: str = "flat",
                         **index_params) -> dict:
     """Search ``query_emb`` (rows ``query_rows`` of ``data.queries``) and score against qrels."""
     if len(doc_emb) != len(data.docs):
         raise ValueError(f"{len(doc_emb)} doc embeddings for {len(data.docs)} docs in "
                          f"{data.root}/docs.jsonl: the index was built from another dataset")
     relevant = relevance(data, query_rows)
-    index = index or build_index(doc_emb, index_kind, **index_params)
+    index = build_index(doc_emb, index_kind, **index_params)
     _, ranked = search(index, query_emb, max(KS))
     metrics = ranking_metrics(ranked, relevant)
     metrics["docs"] = int(len(doc_emb))
@@ -215,16 +213,14 @@ def judged_query_rows(data) -> np.ndarray:
 
 
 def evaluate_model(model, data, device="cpu", batch_size: int = 256, index_kind: str = "flat",
-                   progress: bool = False, preload: bool = True, doc_emb=None) -> dict:
+                   progress: bool = False, preload: bool = True) -> dict:
     """Embed every doc and every judged query with ``model``, search, and score."""
     from .dataset import ImageTable, image_paths
 
     size = model.cfg.image_size
     rows = judged_query_rows(data)
-    if doc_emb is None:
-        docs = ImageTable(image_paths(data, "docs"), size, preload, progress=progress,
-                          desc="docs")
-        doc_emb = embed_docs(model, docs, data.doc_texts, batch_size, device, progress)
+    docs = ImageTable(image_paths(data, "docs"), size, preload, progress=progress, desc="docs")
+    doc_emb = embed_docs(model, docs, data.doc_texts, batch_size, device, progress)
     queries = ImageTable(image_paths(data, "queries", rows), size, preload, progress=progress,
                          desc="queries")
     query_emb = embed_queries(model, queries, batch_size, device, progress)
@@ -265,10 +261,3 @@ def recall_curve(ranked: np.ndarray, relevant: list[set[int]], max_k: int = 50) 
     m = ranking_metrics(ranked[:, :max_k], relevant, ks=ks)
     return np.array([m[f"recall@{k}"] for k in ks])
 
-
-def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)

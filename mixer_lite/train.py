@@ -42,7 +42,8 @@ from .classes import ClassConfig, build_classes_from_clicks, raw_click_classes
 from .dataset import ImageTable, ShopData, image_paths, load_dataset
 from .losses import MarginClassifier, info_nce, triplet_loss
 from .model import MixerModel, ModelConfig, WordTokenizer
-from .retrieval import evaluate_model, write_json
+from .files import atomic_path, write_json
+from .retrieval import evaluate_model
 
 LOSSES = ("cosface", "arcface", "infonce", "triplet")
 DEFAULT_MARGIN = {"cosface": 0.35, "arcface": 0.5, "triplet": 0.2, "infonce": 0.0}
@@ -141,6 +142,10 @@ class Samples:
     label: np.ndarray     # class index, or pair index for the pairwise losses
     num_classes: int
     pair_doc: np.ndarray | None = None  # pairwise losses: the doc row of each query's pair
+
+    def doc_rows(self) -> np.ndarray:
+        """The doc rows training uses, sorted, each once."""
+        return np.unique(self.row[self.kind == 1] if self.pair_doc is None else self.pair_doc)
 
 
 def make_samples(data: ShopData, cfg: TrainConfig) -> tuple[Samples, dict]:
@@ -246,19 +251,15 @@ def _lr_lambda(total: int, warmup_frac: float):
 
 
 def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def build_model(data: ShopData, samples: Samples, cfg: TrainConfig) -> MixerModel:
     torch.manual_seed(cfg.seed)
     tok = None
     if cfg.model.text_encoder == "scratch" and cfg.model.fusion != "image_only":
-        doc_rows = np.unique(samples.row[samples.kind == 1]) if samples.pair_doc is None \
-            else np.unique(samples.pair_doc)
-        tok = WordTokenizer.fit([data.doc_texts[int(r)] for r in doc_rows],
+        tok = WordTokenizer.fit([data.doc_texts[int(r)] for r in samples.doc_rows()],
                                 max_size=cfg.model.vocab_size)
     return MixerModel(cfg.model, tok)
 
@@ -285,8 +286,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
         cfg.sample_rate, model_parallel=world > 1, seed=cfg.seed).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = EpochSampler(samples.label if not pairwise else np.arange(len(samples.row)),
-                           cfg.max_per_class, cfg.batch_size, cfg.seed)
+    sampler = EpochSampler(samples.label, cfg.max_per_class, cfg.batch_size, cfg.seed)
     total = max(1, int(round(cfg.epochs * sampler.steps_per_epoch)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_frac))
     net = model
@@ -315,7 +315,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
                                          "labels": label_stats, "steps": total,
                                          "steps_per_epoch": sampler.steps_per_epoch})
     q_rows = np.unique(samples.row[samples.kind == 0])
-    d_rows = np.unique(samples.row[samples.kind == 1] if not pairwise else samples.pair_doc)
+    d_rows = samples.doc_rows()
     images_q = ImageTable(image_paths(data, "queries", q_rows), cfg.model.image_size,
                           cfg.preload_images, cfg.loader_threads, progress=rank == 0,
                           desc="query photos")
