@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test reproduce clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	MIXER_LITE_FAST=1 $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
+
+# The README's reproduction table: every row x 3 seeds on SynthShop small (runs cached in
+# runs/experiments/, so an interrupted table resumes).  PRESET=tiny for a quick version.
+PRESET ?= small
+reproduce: $(STAMP)
+	$(PY) -m mixer_lite.reproduce --preset $(PRESET) --seeds 0,1,2 --out reports/reproduce-$(PRESET).json
 
 clean:
 	rm -rf reports runs data/synth-*

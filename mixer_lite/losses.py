@@ -10,8 +10,8 @@ samples.  Here:
   Partial FC (An et al., 2021): each step keeps every class present in the batch and a
   ``sample_rate`` share of the others, so a step's cost and memory scale with the sample, not
   with the number of classes.  Device-agnostic: the sampling runs on the centres' device with
-  an explicit generator.  The centres carry their own row-wise AdamW (:meth:`step`), which
-  touches only the rows a step used: a dense optimiser over all centres would cost as much as
+  an explicit generator.  The centres carry their own row-wise optimiser (:meth:`step`: SGD
+  with momentum by default, lazy AdamW as an option), which touches only the rows a step used: a dense optimiser over all centres would cost as much as
   the full softmax it replaces.
 * **Model parallel**: the same class, constructed under ``torch.distributed``, holds only its
   rank's shard of the centres; embeddings and labels are all-gathered and the softmax
@@ -22,7 +22,7 @@ samples.  Here:
   :func:`triplet_loss` (hardest in-batch negative).
 
 Our choices where the paper is silent: the margin type and values (CosFace m=0.35 / ArcFace
-m=0.5, s=30), centres initialised N(0, 0.01), and per-rank sampling of negatives (each rank
+m=0.5, s=30), unit-norm centres (see :func:`_init_rows`), and per-rank sampling of negatives (each rank
 samples ``sample_rate`` of its own shard, as Partial FC does).
 """
 from __future__ import annotations

@@ -67,7 +67,7 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: float = 4.0
     max_per_class: int = 16           # samples of one class per epoch
-    lr: float = 2e-3
+    lr: float = 5e-4                  # 2e-3 collapsed the from-scratch ViT (README, "Training")
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
     clip_grad: float = 5.0
@@ -317,10 +317,11 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     q_rows = np.unique(samples.row[samples.kind == 0])
     d_rows = samples.doc_rows()
     images_q = ImageTable(image_paths(data, "queries", q_rows), cfg.model.image_size,
-                          cfg.preload_images, cfg.loader_threads, progress=rank == 0,
-                          desc="query photos")
+                          cfg.preload_images, cfg.loader_threads,
+                          progress=rank == 0 and progress is not False, desc="query photos")
     images_d = ImageTable(image_paths(data, "docs", d_rows), cfg.model.image_size, cfg.preload_images,
-                          cfg.loader_threads, progress=rank == 0, desc="doc images")
+                          cfg.loader_threads, progress=rank == 0 and progress is not False,
+                          desc="doc images")
     q_pos = {int(r): i for i, r in enumerate(q_rows)}
     d_pos = {int(r): i for i, r in enumerate(d_rows)}
     texts = data.doc_texts

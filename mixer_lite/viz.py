@@ -143,3 +143,83 @@ def class_size_rank(sizes: dict[str, list[int]], path: str | os.PathLike | None 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _finish(fig, path)
+
+
+def domain_projections(panels: dict[str, np.ndarray], n_queries: int,
+                       path: str | os.PathLike | None = None):
+    """2-D projections (e.g. PCA) of query and doc features, one panel per depth or model.
+
+    ``panels[name]`` is ``[n, 2]`` with the query photos first (``n_queries`` of them).
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for ax, (name, xy) in zip(axes[0], panels.items()):
+        ax.scatter(xy[:n_queries, 0], xy[:n_queries, 1], s=6, alpha=0.5, c="tab:red",
+                   label="query photos")
+        ax.scatter(xy[n_queries:, 0], xy[n_queries:, 1], s=6, alpha=0.5, c="tab:blue",
+                   label="shop docs")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("principal component 1")
+        ax.set_ylabel("principal component 2")
+        ax.legend(fontsize=7, markerscale=2)
+    fig.suptitle("Query photos vs shop docs in feature space (PCA, one dot per image)",
+                 fontsize=11)
+    return _finish(fig, path)
+
+
+def training_curves(runs: dict[str, list[dict]], key: str = "loss",
+                    ylabel: str = "training loss (per batch, nats)",
+                    path: str | os.PathLike | None = None):
+    """``key`` of each run's ``metrics.jsonl`` against training step, one line per run.
+
+    Losses of different kinds have different scales (and chance levels): compare their shapes,
+    or draw each kind on its own axis.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, rows in runs.items():
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=2, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"Training curves ({key})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def search_grid(query_images, doc_images, hits: np.ndarray, relevant: list[set[int]],
+                titles: list[str] | None = None, path: str | os.PathLike | None = None):
+    """Each row: a query photo, then its top-k docs; relevant hits framed green, others grey.
+
+    ``doc_images[i]`` is the image of doc row ``i``; ``hits[r]`` the ranked doc rows of query r.
+    """
+    n, k = hits.shape
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.9 * (k + 1), 2.1 * n), squeeze=False)
+    for r in range(n):
+        axes[r, 0].imshow(np.asarray(query_images[r]).transpose(1, 2, 0))
+        axes[r, 0].set_title(titles[r] if titles else "query photo", fontsize=8,
+                             color="tab:red")
+        for c in range(k):
+            ax = axes[r, c + 1]
+            doc = int(hits[r, c])
+            ax.imshow(np.asarray(doc_images[doc]).transpose(1, 2, 0))
+            good = doc in relevant[r]
+            for side in ax.spines.values():
+                side.set_edgecolor("tab:green" if good else "0.6")
+                side.set_linewidth(4 if good else 1)
+            ax.set_title(f"#{c + 1}" + (" relevant" if good else ""), fontsize=8,
+                         color="tab:green" if good else "0.3")
+    return _finish_image_grid(fig, axes, "Search path: query photo -> ANN index -> top docs "
+                              "(green frame = same product)", 10, path)
+
+
+def bars(values: dict[str, float], xlabel: str, title: str, errors: dict[str, float] | None = None,
+         path: str | os.PathLike | None = None):
+    """A horizontal bar per entry (e.g. Recall@10 per model), with optional error bars."""
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(names) + 1.4))
+    ax.barh(names, [values[n] for n in names], color="tab:blue",
+            xerr=[errors[n] for n in names] if errors else None, capsize=3)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    return _finish(fig, path)

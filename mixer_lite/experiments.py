@@ -1,0 +1,267 @@
+"""Experiments shared by the notebooks and ``make reproduce``: cached runs, domain-gap measures.
+
+The notebooks explain and plot; what they compute lives here, with tests.  Runs are cached by
+name under one folder, so notebook 05 reuses the model notebook 01 trained, and a second
+execution of a notebook retrains nothing (training is deterministic, so a cached run equals a
+fresh one).
+
+Reproduction rows (:data:`ROWS`) are the paper's claims, each a training override of the
+``tiny-cpu`` preset on the same data and clicks:
+
+* separate vs shared transforms (domain gap);
+* concept fusion vs image-only, text-only and concat fusion;
+* classification (CosFace, ArcFace, sampled centres) vs InfoNCE and triplet on the same clicks;
+* weak-label classes vs raw clicks as labels.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dataset import ImageTable, image_paths
+from .synthshop import make_synthshop
+from .train import config_from, train
+
+ROWS: dict[str, list[str]] = {
+    "Mixer (concept fusion, CosFace)": [],
+    "shared transform (no domain split)": ["--model.shared_transform=true"],
+    "image-only docs": ["--model.fusion=image_only"],
+    "text-only docs": ["--model.fusion=text_only"],
+    "concat fusion": ["--model.fusion=concat"],
+    "ArcFace": ["--loss=arcface"],
+    "CosFace, centres sampled 0.1": ["--sample_rate=0.1"],
+    "InfoNCE on click pairs": ["--loss=infonce"],
+    "triplet on click pairs": ["--loss=triplet"],
+    "raw clicks as labels": ["--labels=raw_clicks"],
+}
+METRICS = ("recall@1", "recall@10", "map@10")
+
+
+def fast_mode() -> bool:
+    """True when ``MIXER_LITE_FAST=1`` (CI executes the notebooks this way)."""
+    return os.environ.get("MIXER_LITE_FAST", "0") == "1"
+
+
+def repo_root() -> Path:
+    """The checkout's root, from the notebooks folder or the root itself."""
+    here = Path.cwd()
+    return here.parent if here.name == "notebooks" else here
+
+
+def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None) -> Path:
+    """``data/synth-<preset>`` (generated once; every later call reads the same folder)."""
+    out = Path(root or repo_root() / "data") / f"synth-{preset}"
+    if not (out / "docs.jsonl").exists():
+        make_synthshop(out, preset=preset, seed=seed, workers=min(2, os.cpu_count() or 1))
+    return out
+
+
+def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
+               runs: str | Path | None = None) -> dict:
+    """Train ``tiny-cpu`` with ``overrides`` into ``runs/experiments/<name>`` unless it is there already.
+
+    Returns the run's evaluation (``eval.json``) plus ``run`` (its folder), ``seconds`` (the
+    training time when it was trained) and ``steps``.  A run whose ``config.json`` holds other
+    overrides is an error, never silently reused.
+    """
+    run = Path(runs or repo_root() / "runs" / "experiments") / name
+    cfg = config_from("tiny-cpu", list(overrides))
+    stamp = run / "overrides.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != list(overrides):
+        raise FileExistsError(f"{run} was trained with {stamp.read_text()}, not {list(overrides)}"
+                              f"; delete it or choose another name")
+    if not (run / "eval.json").exists():
+        resume = (run / "checkpoints" / "last.pt").exists()
+        run.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(list(overrides)))
+        t0 = time.time()
+        train(data_dir, run, cfg, resume=resume, progress=False, preset="tiny-cpu")
+        (run / "seconds.json").write_text(json.dumps(round(time.time() - t0, 1)))
+    out = json.loads((run / "eval.json").read_text())
+    out["run"] = str(run)
+    out["seconds"] = json.loads((run / "seconds.json").read_text())
+    out["steps"] = json.loads((run / "config.json").read_text())["steps"]
+    return out
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The training log ``RUN/metrics.jsonl`` as a list of dicts."""
+    return [json.loads(line) for line in open(Path(run) / "metrics.jsonl")]
+
+
+# --------------------------------------------------------------------------------------------
+# Domain gap (notebook 01)
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def domain_features(model, data, n: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
+    """Features of ``n`` test query photos and ``n`` docs at three depths of ``model``.
+
+    ``encoder``: the shared image encoder's pooled vector (the same network for both domains);
+    ``transform``: after the query / doc transform; ``embedding``: the final unit vectors.
+    Each entry is ``[2n, d]``, queries first.
+    """
+    rng = np.random.default_rng(seed)
+    q_rows = np.sort(rng.choice(len(data.queries), min(n, len(data.queries)), replace=False))
+    d_rows = np.sort(rng.choice(len(data.docs), min(n, len(data.docs)), replace=False))
+    size = model.cfg.image_size
+    qi = ImageTable(image_paths(data, "queries", q_rows), size)[np.arange(len(q_rows))]
+    di = ImageTable(image_paths(data, "docs", d_rows), size)[np.arange(len(d_rows))]
+    model.eval()
+    _, q_pool = model._encode_images(qi)
+    _, d_pool = model._encode_images(di)
+    q_emb = model.embed_queries(qi)
+    d_emb = model.embed_docs(di, model.tokenize([data.doc_texts[int(r)] for r in d_rows]))
+    return {"encoder": torch.cat([q_pool, d_pool]).numpy(),
+            "transform": torch.cat([model.query_transform(q_pool),
+                                    model.doc_transform(d_pool)]).numpy(),
+            "embedding": torch.cat([q_emb, d_emb]).numpy(),
+            "n_queries": len(q_rows)}
+
+
+def domain_probe_accuracy(features: np.ndarray, n_queries: int, seed: int = 0,
+                          steps: int = 300) -> float:
+    """Held-out accuracy of a logistic-regression domain classifier (query photo vs doc).
+
+    0.5 means the two domains are indistinguishable to a linear probe, 1.0 fully separable.
+    Features are standardised; half of each domain trains the probe, the other half tests it.
+    """
+    x = torch.as_tensor(features, dtype=torch.float32)
+    y = torch.zeros(len(x))
+    y[:n_queries] = 1
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    tr, te = perm[: len(x) // 2], perm[len(x) // 2:]
+    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+    x = (x - mu) / sd
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x[tr] @ w + b, y[tr]) \
+            + 1e-3 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((x[te] @ w + b > 0).float() == y[te]).float().mean())
+
+
+def mmd_rbf(a: np.ndarray, b: np.ndarray) -> float:
+    """Squared maximum mean discrepancy with an RBF kernel (median-distance bandwidth).
+
+    The biased estimator: 0 when the two samples coincide, larger the further apart the two
+    distributions are.  Features are L2-normalised first, so depths of different scale compare.
+    """
+    a = torch.nn.functional.normalize(torch.as_tensor(a, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.as_tensor(b, dtype=torch.float64), dim=1)
+    z = torch.cat([a, b])
+    d2 = torch.cdist(z, z) ** 2
+    bandwidth = d2[d2 > 0].quantile(0.5)  # as numpy.median: the mean of the two middles
+    k = torch.exp(-d2 / bandwidth)
+    n = len(a)
+    return float(k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean())
+
+
+def pca_2d(features: np.ndarray) -> np.ndarray:
+    """The first two principal components (for a domain-coloured scatter plot)."""
+    x = features - features.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:2].T
+
+
+
+# --------------------------------------------------------------------------------------------
+# Concept fusion (notebook 02)
+# --------------------------------------------------------------------------------------------
+def variant_pairs(data, data_dir: str | Path, max_pairs: int = 2000, seed: int = 0) -> dict:
+    """Doc-row pairs from SynthShop's truth: ``same_product`` (two sellers of one product) and
+    ``variant`` (same design, other brand or material: the look is the same, the title is not).
+
+    A variant pair is the case where text decides: its images differ only by a small brand
+    mark, its titles name another brand or material.
+    """
+    root = Path(data_dir) / "_truth"
+    product = {}
+    for line in open(root / "docs.jsonl"):
+        r = json.loads(line)
+        product[r["doc_id"]] = r["product_id"]
+    design = {}
+    for line in open(root / "products.jsonl"):
+        r = json.loads(line)
+        design[r["product_id"]] = (r["category"], r["design"])
+    by_design: dict = {}
+    for doc_id, row in data.doc_row.items():
+        by_design.setdefault(design[product[doc_id]], []).append((product[doc_id], row))
+    same, variant = [], []
+    for members in by_design.values():
+        for i, (p, a) in enumerate(members):
+            for q, b in members[i + 1:]:
+                (same if p == q else variant).append((a, b))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, pairs in (("same_product", same), ("variant", variant)):
+        pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        if len(pairs) > max_pairs:
+            pairs = pairs[np.sort(rng.choice(len(pairs), max_pairs, replace=False))]
+        out[name] = pairs
+    return out
+
+
+def pair_cosines(emb: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Cosine of each pair of rows of the unit-norm ``emb``."""
+    return np.einsum("ij,ij->i", emb[pairs[:, 0]], emb[pairs[:, 1]])
+
+
+# --------------------------------------------------------------------------------------------
+# Cost of the classifier as classes grow (notebook 04)
+# --------------------------------------------------------------------------------------------
+def classifier_step_seconds(num_classes: int, sample_rate: float, dim: int = 128,
+                            batch: int = 256, steps: int = 3, seed: int = 0) -> float:
+    """Median wall time of one classifier step (forward, backward, centre update) on random
+    unit embeddings: the part of a training step that grows with the number of classes.
+    ``bench/partial_fc.py`` measures the same with memory, in separate processes."""
+    from .losses import MarginClassifier
+
+    torch.manual_seed(seed)
+    clf = MarginClassifier(num_classes, dim, sample_rate=sample_rate, seed=seed)
+    x = torch.nn.functional.normalize(torch.randn(batch, dim), dim=1)
+    y = torch.randint(0, num_classes, (batch,))
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        clf(x, y, step=i).backward()
+        clf.step(lr=0.1)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+@torch.no_grad()
+def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
+    """Every doc's image weight (the fusion gate's mean; 1 = image only), in doc-row order."""
+    images = ImageTable(image_paths(data, "docs"), model.cfg.image_size)
+    model.eval()
+    out = []
+    for lo in range(0, len(data.docs), batch_size):
+        rows = np.arange(lo, min(lo + batch_size, len(data.docs)))
+        tokens = model.tokenize([data.doc_texts[int(r)] for r in rows])
+        _, info = model.embed_docs(images[rows], tokens, return_attention=True)
+        out.append(info["image_weight"].float().numpy())
+    return np.concatenate(out)
+
+
+def run_name(preset: str, row: str, seed: int) -> str:
+    """The cache folder name of a reproduction row: ``<preset>-<slug>-s<seed>``."""
+    slugs = {"Mixer (concept fusion, CosFace)": "mixer",
+             "shared transform (no domain split)": "shared",
+             "image-only docs": "image_only", "InfoNCE on click pairs": "infonce",
+             "triplet on click pairs": "triplet"}
+    slug = slugs.get(row) or "".join(ch if ch.isalnum() else "_" for ch in row.lower()).strip("_")
+    return f"{preset}-{slug}-s{seed}"

@@ -1,0 +1,116 @@
+"""The notebooks' measurements against independent references (naive loops, numpy, truth)."""
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from mixer_lite import experiments as ex
+from mixer_lite.reproduce import markdown
+from mixer_lite.viz import bars, domain_projections, search_grid, training_curves
+
+
+def test_domain_probe_separable_vs_identical():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (200, 8))
+    separable = np.concatenate([a[:100] + 4, a[100:]])
+    assert ex.domain_probe_accuracy(separable, 100) > 0.97
+    same = rng.normal(0, 1, (400, 8))
+    assert abs(ex.domain_probe_accuracy(same, 200) - 0.5) < 0.1
+
+
+def test_mmd_matches_naive_double_loop():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, (7, 3)), rng.normal(0.5, 1, (5, 3))
+    z = np.concatenate([a, b])
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    d2 = np.array([[np.sum((x - y) ** 2) for y in z] for x in z])
+    bw = np.median(d2[d2 > 0])
+    k = np.exp(-d2 / bw)
+    naive = k[:7, :7].mean() + k[7:, 7:].mean() - 2 * k[:7, 7:].mean()
+    assert ex.mmd_rbf(a, b) == pytest.approx(naive, rel=1e-9)
+    assert ex.mmd_rbf(a, a) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pca_matches_covariance_eigenvalues():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 1, (300, 5)) * np.array([5, 3, 1, 0.5, 0.1])
+    xy = ex.pca_2d(x)
+    top = np.sort(np.linalg.eigvalsh(np.cov(x.T)))[::-1][:2]
+    np.testing.assert_allclose(xy.var(axis=0, ddof=1), top, rtol=1e-8)
+
+
+def test_pair_cosines_naive():
+    rng = np.random.default_rng(3)
+    e = rng.normal(0, 1, (6, 4))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    pairs = np.array([[0, 1], [2, 5], [3, 3]])
+    naive = [sum(e[i, k] * e[j, k] for k in range(4)) for i, j in pairs]
+    np.testing.assert_allclose(ex.pair_cosines(e, pairs), naive)
+
+
+def test_variant_pairs_agree_with_truth(tiny_dir, tiny_data):
+    tiny_dir = tiny_dir[0]
+    pairs = ex.variant_pairs(tiny_data, tiny_dir)
+    product = {json.loads(line)["doc_id"]: json.loads(line)["product_id"]
+               for line in open(tiny_dir / "_truth" / "docs.jsonl")}
+    design = {}
+    for line in open(tiny_dir / "_truth" / "products.jsonl"):
+        r = json.loads(line)
+        design[r["product_id"]] = (r["category"], r["design"])
+    ids = tiny_data.doc_ids
+    assert len(pairs["same_product"]) and len(pairs["variant"])
+    for a, b in pairs["same_product"]:
+        assert product[ids[a]] == product[ids[b]]
+    for a, b in pairs["variant"]:
+        pa, pb = product[ids[a]], product[ids[b]]
+        assert pa != pb and design[pa] == design[pb]
+
+
+def test_ensure_run_refuses_a_run_made_with_other_overrides(tmp_path, tiny_dir):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "overrides.json").write_text(json.dumps(["--seed=1"]))
+    with pytest.raises(FileExistsError, match="--seed=1"):
+        ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
+
+
+def test_rows_are_valid_configs_with_distinct_run_names():
+    from mixer_lite.train import config_from
+
+    names = {ex.run_name("small", row, 0) for row in ex.ROWS}
+    assert len(names) == len(ex.ROWS)
+    for overrides in ex.ROWS.values():
+        config_from("tiny-cpu", list(overrides))  # raises on a bad key or value
+
+
+def test_markdown_table_mean_and_std():
+    result = {"rows": {"a": {"recall@1": [0.1, 0.3], "recall@10": [0.5, 0.5],
+                             "map@10": [0.2, 0.2]},
+                       "b": {"recall@1": [0.25], "recall@10": [0.5], "map@10": [0.125]}}}
+    lines = markdown(result).splitlines()
+    assert lines[0] == "| row | Recall@1 | Recall@10 | mAP@10 |"
+    assert lines[2] == "| a | 20.0 ± 10.0 | 50.0 ± 0.0 | 20.0 ± 0.0 |"
+    assert lines[3] == "| b | 25.0 | 50.0 | 12.5 |"
+
+
+def test_classifier_step_seconds_full_and_sampled():
+    assert ex.classifier_step_seconds(500, 1.0, steps=1) > 0
+    assert ex.classifier_step_seconds(500, 0.1, steps=1) > 0
+
+
+def test_new_figures_have_titles_and_labels():
+    rng = np.random.default_rng(0)
+    figs = [domain_projections({"a": rng.normal(size=(20, 2))}, 10),
+            training_curves({"run": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]}),
+            bars({"x": 1.0, "y": 2.0}, xlabel="Recall@10 (%)", title="t"),
+            search_grid(rng.integers(0, 255, (2, 3, 8, 8), dtype=np.uint8),
+                        torch.zeros(5, 3, 8, 8, dtype=torch.uint8), np.array([[0, 1], [2, 3]]),
+                        [{1}, set()])]
+    for fig in figs:
+        assert fig._suptitle is not None or fig.axes[0].get_title()
+        if fig.axes[0].get_xticks().size:  # image grids carry no ticks by design
+            assert fig.axes[0].get_xlabel() and fig.axes[0].get_ylabel() or \
+                fig.axes[0].get_xlabel()
+        matplotlib.pyplot.close(fig)

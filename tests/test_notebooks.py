@@ -1,0 +1,36 @@
+"""Every notebook's jupytext source (.py) and its committed .ipynb hold the same cells.
+
+The notebooks themselves are executed by ``make test`` with nbval (fast mode); this test only
+checks that nobody edited one side of a pair and forgot the other.
+"""
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+SOURCES = sorted(NOTEBOOKS.glob("*.py"))
+
+
+def test_there_are_notebooks():
+    assert len(SOURCES) == 5
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_pair_in_sync(source):
+    ipynb = source.with_suffix(".ipynb")
+    assert ipynb.exists(), f"{ipynb.name} is missing: run `jupytext --sync {source.name}`"
+    text = jupytext.read(source)
+    committed = nbformat.read(ipynb, as_version=4)
+    a = [(c.cell_type, c.source) for c in text.cells]
+    b = [(c.cell_type, c.source) for c in committed.cells]
+    assert a == b, f"{source.name} and {ipynb.name} differ: run `jupytext --sync {source.name}`"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_committed_notebook_is_executed(source):
+    committed = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+    code = [c for c in committed.cells if c.cell_type == "code"]
+    assert code and all(c.get("execution_count") for c in code), \
+        f"{source.stem}.ipynb has unexecuted cells: execute it in fast mode before committing"
