@@ -375,6 +375,8 @@ class EmbeddingNorm(nn.BatchNorm1d):
     component (the "BNNeck" of person re-identification).  Queries and docs are embedded in
     separate calls, so each domain keeps its own statistics, in training and at evaluation.
     A batch of one sample (possible with tiny mixed batches) uses the running statistics.
+    Under DDP each rank normalises with its local batch's statistics, as any BatchNorm does
+    without SyncBatchNorm; ``embed_norm="none"`` turns it off.
     """
 
     def forward(self, x):

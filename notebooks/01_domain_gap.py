@@ -1,0 +1,110 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · The domain gap between query photos and shop images
+#
+# **The paper's claim.** A user's photo and a seller's studio shot of the same product look
+# different (clutter, lighting, angle, occlusion). Mixer keeps **one shared image encoder** and
+# puts **separate transformation networks** for queries and docs after it, so each domain gets
+# its own mapping into the shared retrieval space.
+#
+# We measure the gap at three depths of a trained model (the shared encoder's output, after
+# the query/doc transform, and the final embedding) with two numbers:
+#
+# * **domain probe accuracy**: held-out accuracy of a logistic-regression classifier that
+#   tells query photos from docs (0.5 = indistinguishable, 1.0 = fully separable);
+# * **MMD**: the maximum mean discrepancy between the two feature clouds (RBF kernel, 0 =
+#   same distribution).
+#
+# and compare the default model (separate transforms) with the ablation that shares one
+# transform for both domains (`--model.shared_transform=true`).
+
+# %% tags=["parameters"]
+import os
+
+fast = os.environ.get("MIXER_LITE_FAST", "0") == "1"  # CI sets MIXER_LITE_FAST=1
+preset = "tiny" if fast else "small"  # SynthShop size
+seed = 0
+n_images = 300  # query photos and docs sampled for the measurements
+
+# %%
+if fast:
+    os.environ["TQDM_DISABLE"] = "1"  # quiet progress bars in CI
+import torch
+from mixer_lite.dataset import load_dataset
+from mixer_lite.experiments import (domain_features, domain_probe_accuracy, ensure_data,
+                                    ensure_run, mmd_rbf, pca_2d)
+from mixer_lite.retrieval import load_run_model
+from mixer_lite.viz import domain_projections, query_doc_grid
+
+torch.set_num_threads(2)  # fixed, so printed metrics are the same on every run
+data_dir = ensure_data(preset, seed)
+data = load_dataset(data_dir, check_images=False)
+fig = query_doc_grid(data, n_queries=3, n_docs=2)
+
+# %% [markdown]
+# *Figure: test query photos (left) and shop docs of the same product. The photo adds a
+# cluttered background, a colour cast, rotation, blur and sometimes occlusion.*
+#
+# ## Train the model and its shared-transform ablation
+# Both are the `tiny-cpu` preset on the same classes and the same seed; only the transform
+# differs. Runs are cached under `runs/experiments/` (notebook 05 reuses them).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+runs = {"separate transforms (Mixer)": ensure_run(data_dir, f"{preset}-mixer-s{seed}",
+                                                   [f"--seed={seed}"]),
+        "shared transform (ablation)": ensure_run(data_dir, f"{preset}-shared-s{seed}",
+                                                  [f"--seed={seed}",
+                                                   "--model.shared_transform=true"])}
+for name, r in runs.items():
+    print(f"{name:<30} Recall@10 {r['recall@10']:.3f}  mAP@10 {r['map@10']:.3f}")
+
+# %% [markdown]
+# ## The gap at each depth
+
+# %%
+# NBVAL_CHECK_OUTPUT
+features = {}
+for name, r in runs.items():
+    features[name] = domain_features(load_run_model(r["run"]), data, n=n_images, seed=seed)
+    f = features[name]
+    n = f["n_queries"]
+    for depth in ("encoder", "transform", "embedding"):
+        print(f"{name:<30} {depth:<10} domain probe {domain_probe_accuracy(f[depth], n):.3f}  "
+              f"MMD {mmd_rbf(f[depth][:n], f[depth][n:]):.3f}")
+
+# %%
+f = features["separate transforms (Mixer)"]
+fig = domain_projections({f"Mixer: {d}": pca_2d(f[d]) for d in ("encoder", "embedding")} |
+                         {"shared transform: embedding":
+                          pca_2d(features["shared transform (ablation)"]["embedding"])},
+                         f["n_queries"])
+
+# %% [markdown]
+# *Figure: the first two principal components of each image's features, query photos red,
+# shop docs blue. Left: the shared encoder's output; middle and right: the final embeddings of
+# the model with separate transforms and of the shared-transform ablation.*
+#
+# ## What the numbers say
+# * The shared encoder's features separate the two domains almost perfectly (probe accuracy
+#   0.98 in fast mode): the gap is real and large, as the paper says.
+# * With separate transforms the final embeddings are much closer across domains (fast mode:
+#   probe 0.80, MMD 0.08) than with one shared transform (probe 1.00, MMD 0.51), and Recall@10
+#   is higher (0.062 vs 0.021). This agrees with the paper's claim, on one seed and 144 test
+#   queries of `tiny`; the three-seed comparison is the first row of `make reproduce`.
+# * The transform itself first *widens* the gap (probe 1.00 after it): each domain gets its
+#   own mapping, and the gap closes only in the final space the loss shapes.
