@@ -24,27 +24,23 @@ import numpy as np
 import torch
 
 from .dataset import ImageTable, image_paths
-from .synthshop import make_synthshop
+from .synthshop import load_truth, make_synthshop
 from .train import config_from, train
 
-ROWS: dict[str, list[str]] = {
-    "Mixer (concept fusion, CosFace)": [],
-    "shared transform (no domain split)": ["--model.shared_transform=true"],
-    "image-only docs": ["--model.fusion=image_only"],
-    "text-only docs": ["--model.fusion=text_only"],
-    "concat fusion": ["--model.fusion=concat"],
-    "ArcFace": ["--loss=arcface"],
-    "CosFace, centres sampled 0.1": ["--sample_rate=0.1"],
-    "InfoNCE on click pairs": ["--loss=infonce"],
-    "triplet on click pairs": ["--loss=triplet"],
-    "raw clicks as labels": ["--labels=raw_clicks"],
+# row -> (slug of its cached run folder, overrides of the tiny-cpu preset)
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "Mixer (concept fusion, CosFace)": ("mixer", []),
+    "shared transform (no domain split)": ("shared", ["--model.shared_transform=true"]),
+    "image-only docs": ("image_only", ["--model.fusion=image_only"]),
+    "text-only docs": ("text_only", ["--model.fusion=text_only"]),
+    "concat fusion": ("concat", ["--model.fusion=concat"]),
+    "ArcFace": ("arcface", ["--loss=arcface"]),
+    "CosFace, centres sampled 0.1": ("sampled", ["--sample_rate=0.1"]),
+    "InfoNCE on click pairs": ("infonce", ["--loss=infonce"]),
+    "triplet on click pairs": ("triplet", ["--loss=triplet"]),
+    "raw clicks as labels": ("raw_clicks", ["--labels=raw_clicks"]),
 }
 METRICS = ("recall@1", "recall@10", "map@10")
-
-
-def fast_mode() -> bool:
-    """True when ``MIXER_LITE_FAST=1`` (CI executes the notebooks this way)."""
-    return os.environ.get("MIXER_LITE_FAST", "0") == "1"
 
 
 def repo_root() -> Path:
@@ -188,13 +184,9 @@ def variant_pairs(data, data_dir: str | Path, max_pairs: int = 2000, seed: int =
     A variant pair is the case where text decides: its images differ only by a small brand
     mark, its titles name another brand or material.
     """
-    root = Path(data_dir) / "_truth"
-    product = {}
-    for line in open(root / "docs.jsonl"):
-        r = json.loads(line)
-        product[r["doc_id"]] = r["product_id"]
+    product = load_truth(data_dir)
     design = {}
-    for line in open(root / "products.jsonl"):
+    for line in open(Path(data_dir) / "_truth" / "products.jsonl"):
         r = json.loads(line)
         design[r["product_id"]] = (r["category"], r["design"])
     by_design: dict = {}
@@ -257,11 +249,14 @@ def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
+
 def run_name(preset: str, row: str, seed: int) -> str:
     """The cache folder name of a reproduction row: ``<preset>-<slug>-s<seed>``."""
-    slugs = {"Mixer (concept fusion, CosFace)": "mixer",
-             "shared transform (no domain split)": "shared",
-             "image-only docs": "image_only", "InfoNCE on click pairs": "infonce",
-             "triplet on click pairs": "triplet"}
-    slug = slugs.get(row) or "".join(ch if ch.isalnum() else "_" for ch in row.lower()).strip("_")
-    return f"{preset}-{slug}-s{seed}"
+    return f"{preset}-{ROWS[row][0]}-s{seed}"
+
+
+def ensure_row(data_dir: str | Path, preset: str, row: str, seed: int,
+               runs: str | Path | None = None) -> dict:
+    """:func:`ensure_run` of one row of :data:`ROWS` with ``seed`` (notebooks and reproduce)."""
+    return ensure_run(data_dir, run_name(preset, row, seed), [f"--seed={seed}", *ROWS[row][1]],
+                      runs)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .dataset import load_dataset
-from .experiments import METRICS, ROWS, ensure_data, ensure_run, run_name
+from .experiments import METRICS, ROWS, ensure_data, ensure_row
 from .files import write_json
 from .retrieval import evaluate_raw_pixels
 
@@ -24,9 +24,8 @@ def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None) ->
     data_dir = ensure_data(preset, 0)
     t0 = time.time()
     table = {}
-    for row, overrides in ROWS.items():
-        runs = [ensure_run(data_dir, run_name(preset, row, s), [f"--seed={s}", *overrides])
-                for s in seeds]
+    for row in ROWS:
+        runs = [ensure_row(data_dir, preset, row, s) for s in seeds]
         table[row] = {m: [r[m] for r in runs] for m in METRICS}
     raw = evaluate_raw_pixels(load_dataset(data_dir, check_images=False))
     table["raw pixels (no learning)"] = {m: [raw[m]] for m in METRICS}

@@ -314,14 +314,14 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
                                          "train": dataclasses.asdict(cfg),
                                          "labels": label_stats, "steps": total,
                                          "steps_per_epoch": sampler.steps_per_epoch})
+    show_progress = rank == 0 and progress is not False
     q_rows = np.unique(samples.row[samples.kind == 0])
     d_rows = samples.doc_rows()
     images_q = ImageTable(image_paths(data, "queries", q_rows), cfg.model.image_size,
                           cfg.preload_images, cfg.loader_threads,
-                          progress=rank == 0 and progress is not False, desc="query photos")
+                          progress=show_progress, desc="query photos")
     images_d = ImageTable(image_paths(data, "docs", d_rows), cfg.model.image_size, cfg.preload_images,
-                          cfg.loader_threads, progress=rank == 0 and progress is not False,
-                          desc="doc images")
+                          cfg.loader_threads, progress=show_progress, desc="doc images")
     q_pos = {int(r): i for i, r in enumerate(q_rows)}
     d_pos = {int(r): i for i, r in enumerate(d_rows)}
     texts = data.doc_texts
@@ -330,8 +330,8 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     local_bs = cfg.batch_size // world
     micro = local_bs // cfg.grad_accum
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=total, initial=start, desc="train", disable=progress is False or rank != 0,
-               mininterval=2.0) if progress is not False else None
+    bar = tqdm(total=total, initial=start, desc="train", mininterval=2.0) \
+        if show_progress else None
     t0, step = time.time(), start
     last_ckpt = start
     model.train()

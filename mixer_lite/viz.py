@@ -211,13 +211,12 @@ def search_grid(query_images, doc_images, hits: np.ndarray, relevant: list[set[i
                               "(green frame = same product)", 10, path)
 
 
-def bars(values: dict[str, float], xlabel: str, title: str, errors: dict[str, float] | None = None,
+def bars(values: dict[str, float], xlabel: str, title: str,
          path: str | os.PathLike | None = None):
-    """A horizontal bar per entry (e.g. Recall@10 per model), with optional error bars."""
+    """A horizontal bar per entry (e.g. Recall@10 per model)."""
     names = list(values)
     fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(names) + 1.4))
-    ax.barh(names, [values[n] for n in names], color="tab:blue",
-            xerr=[errors[n] for n in names] if errors else None, capsize=3)
+    ax.barh(names, [values[n] for n in names], color="tab:blue")
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     ax.set_title(title)

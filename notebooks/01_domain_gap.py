@@ -46,7 +46,7 @@ if fast:
 import torch
 from mixer_lite.dataset import load_dataset
 from mixer_lite.experiments import (domain_features, domain_probe_accuracy, ensure_data,
-                                    ensure_run, mmd_rbf, pca_2d)
+                                    ensure_row, mmd_rbf, pca_2d)
 from mixer_lite.retrieval import load_run_model
 from mixer_lite.viz import domain_projections, query_doc_grid
 
@@ -65,11 +65,9 @@ fig = query_doc_grid(data, n_queries=3, n_docs=2)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-runs = {"separate transforms (Mixer)": ensure_run(data_dir, f"{preset}-mixer-s{seed}",
-                                                   [f"--seed={seed}"]),
-        "shared transform (ablation)": ensure_run(data_dir, f"{preset}-shared-s{seed}",
-                                                  [f"--seed={seed}",
-                                                   "--model.shared_transform=true"])}
+runs = {"separate transforms (Mixer)": ensure_row(data_dir, preset, "Mixer (concept fusion, CosFace)", seed),
+        "shared transform (ablation)": ensure_row(data_dir, preset,
+                                                  "shared transform (no domain split)", seed)}
 for name, r in runs.items():
     print(f"{name:<30} Recall@10 {r['recall@10']:.3f}  mAP@10 {r['map@10']:.3f}")
 

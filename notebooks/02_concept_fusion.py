@@ -42,16 +42,15 @@ import torch
 import matplotlib.pyplot as plt
 from mixer_lite.dataset import ImageTable, image_paths, load_dataset
 from mixer_lite.demo import attention_gallery
-from mixer_lite.experiments import (doc_image_weights, ensure_data, ensure_run, pair_cosines,
+from mixer_lite.experiments import (doc_image_weights, ensure_data, ensure_row, pair_cosines,
                                     variant_pairs)
 from mixer_lite.retrieval import embed_docs, load_run_model
 
 torch.set_num_threads(2)
 data_dir = ensure_data(preset, seed)
 data = load_dataset(data_dir, check_images=False)
-mixer = ensure_run(data_dir, f"{preset}-mixer-s{seed}", [f"--seed={seed}"])
-image_only = ensure_run(data_dir, f"{preset}-image_only-s{seed}",
-                        [f"--seed={seed}", "--model.fusion=image_only"])
+mixer = ensure_row(data_dir, preset, "Mixer (concept fusion, CosFace)", seed)
+image_only = ensure_row(data_dir, preset, "image-only docs", seed)
 model = load_run_model(mixer["run"])
 
 # %% [markdown]

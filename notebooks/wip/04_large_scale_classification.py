@@ -34,7 +34,7 @@ class_counts = [1_000, 10_000, 100_000] if fast else [1_000, 10_000, 100_000, 1_
 if fast:
     os.environ["TQDM_DISABLE"] = "1"
 import torch
-from mixer_lite.experiments import classifier_step_seconds, ensure_data, ensure_run, read_metrics
+from mixer_lite.experiments import classifier_step_seconds, ensure_data, ensure_row, read_metrics
 from mixer_lite.viz import recall_curves, training_curves
 
 torch.set_num_threads(2)
@@ -48,11 +48,9 @@ data_dir = ensure_data(preset, seed)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-runs = {"CosFace (classes)": ensure_run(data_dir, f"{preset}-mixer-s{seed}", [f"--seed={seed}"]),
-        "InfoNCE (click pairs)": ensure_run(data_dir, f"{preset}-infonce-s{seed}",
-                                            [f"--seed={seed}", "--loss=infonce"]),
-        "triplet (click pairs)": ensure_run(data_dir, f"{preset}-triplet-s{seed}",
-                                            [f"--seed={seed}", "--loss=triplet"])}
+runs = {"CosFace (classes)": ensure_row(data_dir, preset, "Mixer (concept fusion, CosFace)", seed),
+        "InfoNCE (click pairs)": ensure_row(data_dir, preset, "InfoNCE on click pairs", seed),
+        "triplet (click pairs)": ensure_row(data_dir, preset, "triplet on click pairs", seed)}
 for name, r in runs.items():
     print(f"{name:<24} steps {r['steps']:>4}  Recall@1 {r['recall@1']:.3f}  "
           f"Recall@10 {r['recall@10']:.3f}  mAP@10 {r['map@10']:.3f}")

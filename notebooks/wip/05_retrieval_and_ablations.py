@@ -39,7 +39,7 @@ if fast:
 import numpy as np
 import torch
 from mixer_lite.dataset import ImageTable, image_paths, load_dataset
-from mixer_lite.experiments import ROWS, ensure_data, ensure_run, run_name
+from mixer_lite.experiments import ensure_data, ensure_row
 from mixer_lite.retrieval import (build_index, embed_docs, embed_queries, evaluate_raw_pixels,
                                   judged_query_rows, load_run_model, relevance, search)
 from mixer_lite.viz import bars, recall_curves, search_grid
@@ -50,8 +50,7 @@ data = load_dataset(data_dir, check_images=False)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-results = {row: ensure_run(data_dir, run_name(preset, row, seed), [f"--seed={seed}", *ROWS[row]])
-           for row in rows}
+results = {row: ensure_row(data_dir, preset, row, seed) for row in rows}
 results["raw pixels (no learning)"] = evaluate_raw_pixels(data)
 print(f"{'model':<36}{'R@1':>7}{'R@10':>7}{'mAP@10':>8}")
 for name, r in results.items():
