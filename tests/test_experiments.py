@@ -1,4 +1,5 @@
 """The notebooks' measurements against independent references (naive loops, numpy, truth)."""
+import dataclasses
 import json
 
 import matplotlib
@@ -68,11 +69,19 @@ def test_variant_pairs_agree_with_truth(tiny_dir, tiny_data):
         assert pa != pb and design[pa] == design[pb]
 
 
-def test_ensure_run_refuses_a_run_made_with_other_overrides(tmp_path, tiny_dir):
+def test_ensure_run_refuses_a_run_made_with_another_config(tmp_path, tiny_dir):
+    from mixer_lite.train import config_from
+
     run = tmp_path / "r"
     run.mkdir()
-    (run / "overrides.json").write_text(json.dumps(["--seed=1"]))
-    with pytest.raises(FileExistsError, match="--seed=1"):
+    stamp = dataclasses.asdict(config_from("tiny-cpu", ["--seed=1"]))
+    (run / "train_config.json").write_text(json.dumps(stamp))
+    with pytest.raises(FileExistsError, match="differs in seed\\)"):
+        ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
+    stamp["lr"] = 1.0  # the same overrides over other defaults (an older version) are refused too
+    stamp["seed"] = 2
+    (run / "train_config.json").write_text(json.dumps(stamp))
+    with pytest.raises(FileExistsError, match="differs in lr\\)"):
         ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
 
 

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,8 +32,9 @@ fast = os.environ.get("MIXER_LITE_FAST", "0") == "1"  # CI sets MIXER_LITE_FAST=
 preset = "tiny" if fast else "small"
 seed = 0
 rows = ["Mixer (concept fusion, CosFace)", "shared transform (no domain split)",
-        "image-only docs", "text-only docs", "concat fusion", "InfoNCE on click pairs",
-        "raw clicks as labels"]
+        "image-only docs", "text-only docs", "concat fusion", "InfoNCE on click pairs"]
+if not fast:  # left out of CI's fast mode for time (notebook 03 examines class construction)
+    rows += ["ArcFace", "triplet on click pairs", "raw clicks as labels"]
 
 # %%
 if fast:
@@ -87,7 +90,15 @@ fig = search_grid(q_images.numpy(), doc_images, hits, relevance(data, q_rows))
 # frame marks a doc of the query's product.*
 #
 # ## What the numbers say
-# Read the table above (and the README's three-seed table) row by row against the Mixer row:
-# a part of the method is supported where removing it lowers recall by more than the spread
-# across seeds. On a from-scratch model trained for minutes, several differences are within
-# that spread; we report them as measured, not as the paper's numbers.
+# Read the table row by row against the Mixer row: a part of the method is supported where
+# removing it lowers recall by more than the spread across seeds (the README's three-seed
+# table). In the committed run (fast mode, SynthShop tiny, seed 0; 144 test queries, so one
+# query is 0.007):
+# * **Separate transforms**: Mixer 0.062 vs shared 0.021 Recall@10, the clearest gap here
+#   (notebook 01 shows the shared transform leaves the two domains linearly separable).
+# * **Concept fusion** 0.062 vs image-only 0.028, text-only 0.021 and concat 0.035: fusion
+#   ranks first, as the paper claims, but these are differences of two to six queries.
+# * **Classification vs InfoNCE**: 0.062 vs 0.069, a tie (notebook 04).
+# * Every model is within a few points of raw pixels (0.021): the from-scratch encoder barely
+#   learns in a CPU minute, and on SynthShop small none beats raw pixels yet (README). These
+#   are our measurements, not the paper's numbers.

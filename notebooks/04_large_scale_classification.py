@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -29,6 +31,10 @@ fast = os.environ.get("MIXER_LITE_FAST", "0") == "1"  # CI sets MIXER_LITE_FAST=
 preset = "tiny" if fast else "small"
 seed = 0
 class_counts = [1_000, 10_000, 100_000] if fast else [1_000, 10_000, 100_000, 1_000_000]
+# Fast mode (CI) drops the rows that only this notebook trains and that cost the most.
+rows = ["Mixer (concept fusion, CosFace)", "InfoNCE on click pairs"]
+if not fast:
+    rows += ["CosFace, centres sampled 0.1", "triplet on click pairs"]
 
 # %%
 if fast:
@@ -48,11 +54,9 @@ data_dir = ensure_data(preset, seed)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-runs = {"CosFace (classes)": ensure_row(data_dir, preset, "Mixer (concept fusion, CosFace)", seed),
-        "InfoNCE (click pairs)": ensure_row(data_dir, preset, "InfoNCE on click pairs", seed),
-        "triplet (click pairs)": ensure_row(data_dir, preset, "triplet on click pairs", seed)}
+runs = {row: ensure_row(data_dir, preset, row, seed) for row in rows}
 for name, r in runs.items():
-    print(f"{name:<24} steps {r['steps']:>4}  Recall@1 {r['recall@1']:.3f}  "
+    print(f"{name:<32} steps {r['steps']:>4}  Recall@1 {r['recall@1']:.3f}  "
           f"Recall@10 {r['recall@10']:.3f}  mAP@10 {r['map@10']:.3f}")
 
 # %%
@@ -87,8 +91,13 @@ for c in class_counts:
 # ## What the numbers say
 # * Sampling 10% of the centres cuts the classifier's step roughly in proportion once the
 #   centres dominate the cost (at 1e6 classes the README's bench measures 0.10x time and
-#   memory); at a thousand classes the fixed costs dominate and sampling buys nothing.
-# * Which loss retrieves better here is the printed Recall@10. The paper reports
-#   classification beating pairwise learning at industrial scale with pretrained encoders;
-#   a from-scratch model trained for minutes on a CPU is far from that regime, and where the
-#   printed numbers disagree with the paper, we say so rather than tune until they agree.
+#   memory); at a thousand classes the fixed costs dominate and sampling buys much less.
+# * Which loss retrieves better: in the committed run (fast mode, SynthShop tiny, seed 0)
+#   InfoNCE reached Recall@10 0.069 and CosFace 0.062, one test query apart (144 queries),
+#   with InfoNCE taking twice the steps and embedding two images per pair. That is a tie, and
+#   it **does not reproduce the paper's claim** that classification beats pairwise learning.
+#   Both are barely above the raw-pixel baseline (0.021) and near chance for this index
+#   (about 0.03): a from-scratch encoder trained for a minute on a CPU is far from the
+#   paper's regime (pretrained encoders, 1e8 classes), and we report it as measured.
+# * On SynthShop small (the default mode) neither loss beats raw pixels within the 10-minute
+#   budget; the README's "Training" section has the numbers and what we tried.
