@@ -115,6 +115,7 @@ def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test
                   path: str | os.PathLike | None = None):
     """Recall@K (K = 1..len) of several runs on one axis, Recall@10 marked in the legend."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    top = max((max(c) for c in curves.values() if len(c)), default=1.0) * 100
     for name, curve in curves.items():
         k = np.arange(1, len(curve) + 1)
         r10 = curve[9] if len(curve) >= 10 else float("nan")
@@ -122,7 +123,9 @@ def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test
     ax.set_xscale("log")
     ax.set_xlabel("K (docs returned, log scale)")
     ax.set_ylabel("Recall@K (% of test queries)")
-    ax.set_ylim(0, 100)
+    # Zoom to the data (low recalls would otherwise hug the floor of a 0-100% axis), leaving
+    # room above the curves for the legend.
+    ax.set_ylim(0, min(100, max(5, 1.6 * top)))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title)

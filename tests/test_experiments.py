@@ -122,3 +122,13 @@ def test_new_figures_have_titles_and_labels():
         if fig.axes[0].get_xticks().size:  # image grids carry no ticks by design
             assert fig.axes[0].get_xlabel()
         matplotlib.pyplot.close(fig)
+
+
+def test_recall_curves_zoom_to_the_data_but_never_past_100():
+    from mixer_lite.viz import recall_curves
+
+    low = recall_curves({"a": [0.01, 0.02, 0.04]})
+    assert low.axes[0].get_ylim() == (0, 6.4)  # 1.6 x the highest recall, in %
+    assert recall_curves({"a": [0.001]}).axes[0].get_ylim() == (0, 5)
+    assert recall_curves({"a": [0.5, 0.9]}).axes[0].get_ylim() == (0, 100)
+    matplotlib.pyplot.close("all")
