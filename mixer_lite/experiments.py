@@ -63,24 +63,22 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     """Train ``tiny-cpu`` with ``overrides`` into ``runs/experiments/<name>`` unless it is there already.
 
     Returns the run's evaluation (``eval.json``) plus ``run`` (its folder), ``seconds`` (the
-    training time when it was trained) and ``steps``.  The run is stamped with its whole
-    resolved config (``train_config.json``), so a run made with other overrides *or other
-    defaults* (an older mixer-lite) is an error naming the differing keys, never silently reused.
+    training time when it was trained) and ``steps``.  The whole resolved config a run was
+    trained with is in its ``config.json`` (written by :func:`train`), so a run made with other
+    overrides *or other defaults* (an older mixer-lite) is an error naming the differing keys,
+    never silently reused.
     """
     run = Path(runs or repo_root() / "runs" / "experiments") / name
     cfg = config_from("tiny-cpu", list(overrides))
-    stamp = run / "train_config.json"
-    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    if stamp.exists():
-        have = json.loads(stamp.read_text())
+    if (run / "config.json").exists():
+        have = json.loads((run / "config.json").read_text())["train"]
+        want = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON reads them
         if have != want:
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
             raise FileExistsError(f"{run} was trained with another config (differs in "
                                   f"{', '.join(diff)}); delete it or choose another name")
     if not (run / "eval.json").exists():
         resume = (run / "checkpoints" / "last.pt").exists()
-        run.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(want, indent=1))
         t0 = time.time()
         train(data_dir, run, cfg, resume=resume, progress=False, preset="tiny-cpu")
         (run / "seconds.json").write_text(json.dumps(round(time.time() - t0, 1)))

@@ -75,12 +75,12 @@ def test_ensure_run_refuses_a_run_made_with_another_config(tmp_path, tiny_dir):
     run = tmp_path / "r"
     run.mkdir()
     stamp = dataclasses.asdict(config_from("tiny-cpu", ["--seed=1"]))
-    (run / "train_config.json").write_text(json.dumps(stamp))
+    (run / "config.json").write_text(json.dumps({"train": stamp}))
     with pytest.raises(FileExistsError, match="differs in seed\\)"):
         ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
     stamp["lr"] = 1.0  # the same overrides over other defaults (an older version) are refused too
     stamp["seed"] = 2
-    (run / "train_config.json").write_text(json.dumps(stamp))
+    (run / "config.json").write_text(json.dumps({"train": stamp}))
     with pytest.raises(FileExistsError, match="differs in lr\\)"):
         ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
 
