@@ -219,19 +219,19 @@ def augment(x: torch.Tensor, step: int, seed: int, pad: int = 4) -> torch.Tensor
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-def _distributed() -> tuple[int, int, int]:
+def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device); under torchrun, joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device != "auto":
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        # By the device, not by what the machine has: --device=cpu on a GPU machine needs gloo.
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
-    return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return rank, world, device
 
 
 def _sum_gradients_hook(state, bucket):
@@ -273,10 +273,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose a new --out")
     if resume and not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
-    rank, world, local_rank = _distributed()
+    rank, world, device = _distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg, local_rank)
     data = load_dataset(data_dir, check_images=False)
     samples, label_stats = make_samples(data, cfg)
     model = build_model(data, samples, cfg).to(device)
@@ -300,13 +299,16 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
 
     start = 0
     if resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # Loaded to the CPU: set_rng_state takes CPU tensors only; load_state_dict moves the rest.
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         if classifier is not None:
             classifier.load_state_dict(ck["classifier"][rank] if world > 1 else ck["classifier"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["torch_rng"])
+        if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout draws on the GPU
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
         start = ck["step"]
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -370,7 +372,8 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
                                             "seconds": round(time.time() - t0, 2)}) + "\n")
                 metrics_f.flush()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-                _checkpoint(ckpt_path, model, classifier, opt, sched, step + 1, rank, world)
+                _checkpoint(ckpt_path, model, classifier, opt, sched, step + 1, rank, world,
+                            device)
                 last_ckpt = step + 1
         else:
             step = total
@@ -449,7 +452,7 @@ def _clip_global_norm(model, classifier, max_norm: float, world: int) -> None:
         classifier.scale_grad(factor)
 
 
-def _checkpoint(path, model, classifier, opt, sched, step, rank, world):
+def _checkpoint(path, model, classifier, opt, sched, step, rank, world, device):
     clf_state = None
     if classifier is not None:
         clf_state = classifier.state_dict()
@@ -461,4 +464,6 @@ def _checkpoint(path, model, classifier, opt, sched, step, rank, world):
     if rank == 0:
         _atomic_save({"model": model.state_dict(), "classifier": clf_state,
                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "torch_rng": torch.get_rng_state(), "step": step}, path)
+                      "torch_rng": torch.get_rng_state(), "step": step,
+                      "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                                   else None)}, path)

@@ -115,6 +115,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     """Hybrid parallel: DDP encoders + sharded classifier over 2 gloo ranks == 1 process."""
     args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--epochs=0.05",
             "--model.dropout=0", "--augment=false", "--eval_at_end=false",
+            "--device=cpu",  # gloo, also on a machine with one GPU
             # BatchNorm statistics are per rank under DDP (as everywhere without SyncBatchNorm),
             # so only a model without it can equal one process exactly.
             "--model.embed_norm=none"]
