@@ -50,7 +50,7 @@ class ModelConfig:
     """Architecture; every field can be overridden from the command line (``--model.x=...``)."""
 
     image_size: int = 64
-    image_encoder: str = "vit"          # "vit" | "torchvision:<name>" | "hf:<name or path>"
+    image_encoder: str = "vit"          # "vit" | "cnn" | "torchvision:<name>" | "hf:<name/path>"
     image_pretrained: bool = False      # torchvision: default weights; hf: from_pretrained
     patch_size: int = 8
     vit_dim: int = 128
@@ -141,45 +141,39 @@ class ViTEncoder(nn.Module):
         return x[:, 1:], x[:, 0]
 
 
-class _ResidualBlock(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False),
-                                  nn.GroupNorm(8, dim), nn.GELU(),
-                                  nn.Conv2d(dim, dim, 3, padding=1, bias=False),
-                                  nn.GroupNorm(8, dim))
-
-    def forward(self, x):
-        return F.gelu(x + self.body(x))
+def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.GELU()]
 
 
 class ConvEncoder(nn.Module):
-    """A small residual CNN from scratch: three stride-2 stages to a grid of patch tokens.
+    """A small VGG-style CNN with BatchNorm, trained from scratch (``image_encoder="cnn"``).
 
-    Why a CNN next to the ViT: trained from scratch for a few hundred CPU steps, a CNN's
-    locality prior learns colour, pattern and shape features far sooner than a ViT does (the
-    measurement is in the README).  GroupNorm, not BatchNorm: query photos and doc images go
-    through the encoder in separate calls, so batch statistics would differ between the two
-    domains in training and match neither at evaluation.  Its output grid is
-    ``image_size / 8`` per side (8 x 8 tokens at 64 px), the same as the ViT's with patch 8.
+    Why offer it next to the ViT: from scratch, on a few hundred CPU steps, it is the one that
+    learns what a user photo shows.  Probed on 7,500 SynthShop ``small`` query photos
+    (200 steps, batch 128, colour + category heads, tested on photos of unseen products), it
+    reached 49% colour / 19% category accuracy (chance 8%), where the ViT reached 19% / 10% and
+    the same CNN with GroupNorm 25% / 15% (README, "Training").  A stride-2 stem keeps it cheap
+    (about one ViT step's time at 64 px).  BatchNorm statistics must not differ by domain
+    between training and evaluation: :meth:`MixerModel.forward` sends query photos and doc
+    images through the encoder in one call, so training batches mix both domains as the
+    running statistics used at evaluation do.  Output: ``image_size / 8`` tokens per side
+    (8 x 8 at 64 px, like the ViT with patch 8), ``vit_dim`` channels.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d = cfg.vit_dim
-        widths = (d // 4, d // 2, d)
-        layers, c_in = [], 3
-        for c in widths:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
-                       nn.GroupNorm(8, c), nn.GELU(), _ResidualBlock(c)]
-            c_in = c
-        self.body = nn.Sequential(*layers)
-        self.norm = nn.LayerNorm(d)
-        self.out_dim = d
+        w = cfg.vit_dim // 4
+        self.body = nn.Sequential(
+            *_conv_bn(3, w, stride=2),
+            *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
+            *_conv_bn(2 * w, 4 * w), *_conv_bn(4 * w, 4 * w), nn.MaxPool2d(2),
+            *_conv_bn(4 * w, 4 * w), *_conv_bn(4 * w, 4 * w))
+        self.out_dim = 4 * w
         self.grid = cfg.image_size // 8
 
     def forward(self, x):
-        tokens = self.norm(self.body(x).flatten(2).transpose(1, 2))
+        tokens = self.body(x).flatten(2).transpose(1, 2)
         return tokens, tokens.mean(dim=1)
 
 
@@ -240,7 +234,7 @@ def build_image_encoder(cfg: ModelConfig) -> nn.Module:
         return TorchvisionEncoder(name, cfg.image_pretrained)
     if kind == "hf" and name:
         return HFVisionEncoder(name, cfg.image_pretrained)
-    raise ValueError(f"ModelConfig.image_encoder: expected 'vit', 'torchvision:<name>' or "
+    raise ValueError(f"ModelConfig.image_encoder: expected 'vit', 'cnn', 'torchvision:<name>' or "
                      f"'hf:<name or path>', got {cfg.image_encoder!r}")
 
 
@@ -499,7 +493,9 @@ class MixerModel(nn.Module):
     # ---- outputs ------------------------------------------------------------------------
     def embed_queries(self, images):
         """Query photos [B, 3, H, W] -> [B, embed_dim], unit norm.  Never touches text."""
-        _, pooled = self._encode_images(images)
+        return self._query_head(self._encode_images(images)[1])
+
+    def _query_head(self, pooled):
         return F.normalize(self.query_norm(self.query_transform(pooled)), dim=-1)
 
     def embed_docs(self, images, tokens: dict | None = None, return_attention: bool = False):
@@ -511,18 +507,23 @@ class MixerModel(nn.Module):
         ``token_mask`` [B, T] and ``grid`` (patches per side).  Entries an ablation lacks are
         absent.
         """
+        encoded = self._encode_images(images) if self.cfg.fusion != "text_only" else None
+        return self._doc_head(encoded, tokens, images.device, return_attention)
+
+    def _doc_head(self, encoded, tokens, device, return_attention=False):
+        """The doc path after the image encoder; ``encoded`` = (patches, pooled) or None."""
         info: dict = {}
         fusion = self.cfg.fusion
         if fusion != "text_only":
-            patches, pooled = self._encode_images(images)
+            patches, pooled = encoded
             image_vec = self.doc_transform(pooled)
         if fusion == "image_only":
             out = image_vec
         else:
             if tokens is None:
                 raise ValueError(f"fusion={fusion!r} needs a token batch: model.tokenize(texts)")
-            ids = tokens["input_ids"].to(images.device)
-            mask = tokens["attention_mask"].to(images.device)
+            ids = tokens["input_ids"].to(device)
+            mask = tokens["attention_mask"].to(device)
             text = self.text_proj(self.text_encoder(ids, mask))
             info["token_mask"] = mask
             if fusion in ("concept", "text_only"):
@@ -544,9 +545,21 @@ class MixerModel(nn.Module):
         return (emb, info) if return_attention else emb
 
     def forward(self, query_images, doc_images, tokens: dict | None = None):
-        """Both paths in one call (what DDP wraps): (query embeddings, doc embeddings)."""
-        q = self.embed_queries(query_images) if len(query_images) else None
-        d = self.embed_docs(doc_images, tokens) if len(doc_images) else None
+        """Both paths in one call (what DDP wraps): (query embeddings, doc embeddings).
+
+        Query photos and doc images go through the shared encoder as one batch, so an encoder
+        with BatchNorm normalises training batches by the statistics of both domains together,
+        as its running statistics (used at evaluation) do.
+        """
+        n_q, n_d = len(query_images), len(doc_images)
+        doc_pixels = n_d and self.cfg.fusion != "text_only"
+        images = torch.cat([query_images, doc_images]) if doc_pixels else query_images
+        patches, pooled = self._encode_images(images) if len(images) else (None, None)
+        q = self._query_head(pooled[:n_q]) if n_q else None
+        d = None
+        if n_d:
+            encoded = (patches[n_q:], pooled[n_q:]) if doc_pixels else None
+            d = self._doc_head(encoded, tokens, doc_images.device)
         return q, d
 
     # ---- persistence --------------------------------------------------------------------

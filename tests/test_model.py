@@ -169,3 +169,35 @@ def test_hugging_face_text_path_runs_offline_on_minilm(monkeypatch):
     m = t["attention_mask"][..., None].float()
     s = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
     assert (s[0] @ s[1]) > (s[0] @ s[2]) + 0.2
+
+
+@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+@pytest.mark.parametrize("fusion", ["concept", "image_only", "text_only"])
+def test_forward_equals_the_two_embedding_paths(encoder, fusion):
+    """forward() encodes both domains in one batch; at evaluation that must change nothing."""
+    model = make(fusion, image_encoder=encoder).eval()
+    q, d, tokens = images(3, seed=1), images(4, seed=2), model.tokenize(TEXTS)
+    fq, fd = model(q, d, tokens)
+    torch.testing.assert_close(fq, model.embed_queries(q))
+    torch.testing.assert_close(fd, model.embed_docs(d, tokens))
+    none_q, only_d = model(q[:0], d, tokens)
+    assert none_q is None
+    torch.testing.assert_close(only_d, fd)
+
+
+def test_cnn_batchnorm_in_training_normalises_both_domains_together():
+    """A training step's BatchNorm statistics are those of query photos and doc images pooled,
+    as the running statistics used at evaluation are (hand-computed on the stem)."""
+    model = make("image_only", image_encoder="cnn").train()
+    q, d = images(3, seed=1), images(5, seed=2) * 0.5  # two "domains" with different statistics
+    stem_conv, stem_bn = model.image_encoder.body[0], model.image_encoder.body[1]
+    pixels = (torch.cat([q, d]) - model.pixel_mean) / model.pixel_std  # what the encoder sees
+    expected = stem_conv(pixels).mean(dim=(0, 2, 3)) * stem_bn.momentum  # running mean from 0
+    model(q, d)
+    torch.testing.assert_close(stem_bn.running_mean, expected.detach())
+
+
+def test_cnn_gives_the_vit_token_grid():
+    model = make("concept", image_encoder="cnn").eval()
+    _, info = model.embed_docs(images(4), model.tokenize(TEXTS), return_attention=True)
+    assert info["text_to_image"].shape == (4, 4, 8 * 8)  # 64 px -> 8 x 8 tokens, like the ViT
