@@ -171,6 +171,24 @@ class MarginClassifier(nn.Module):
             return F.cross_entropy(logits, target)
         return _sharded_cross_entropy(logits, mask)
 
+    @torch.no_grad()
+    def imprint(self, embeddings: torch.Tensor, labels: torch.Tensor) -> int:
+        """Set each centre of this shard that ``labels`` (global) names to the unit-norm mean
+        of its ``embeddings`` ("weight imprinting", Qi et al. 2018); other centres keep their
+        values.  Every rank passes the same full set.  Returns how many centres were set.
+
+        Why (``TrainConfig.centre_init="docs"``): a random centre is a target no doc or query
+        is near, so early steps only move samples towards arbitrary points; a centre that
+        starts at its docs gives a query photo a target its clicked docs already share.
+        """
+        local = labels.to(self.weight.device) - self.start
+        mine = (local >= 0) & (local < self.shard)
+        sums = torch.zeros_like(self.weight).index_add_(
+            0, local[mine], embeddings.to(self.weight)[mine])
+        hit = torch.zeros(self.shard, dtype=torch.bool, device=self.weight.device)
+        hit[local[mine]] = True
+        self.weight[hit] = F.normalize(sums[hit], dim=-1)
+        return int(hit.sum())
 
     # ---- the row-wise optimiser ---------------------------------------------------------
     def used_rows(self) -> tuple[torch.Tensor, torch.Tensor]:

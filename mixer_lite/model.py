@@ -438,6 +438,8 @@ class MixerModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_encoder = build_image_encoder(cfg)
+        self.encode_domains_together = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                           for m in self.image_encoder.modules())
         d_img, d = self.image_encoder.out_dim, cfg.embed_dim
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
                              persistent=False)
@@ -547,19 +549,18 @@ class MixerModel(nn.Module):
     def forward(self, query_images, doc_images, tokens: dict | None = None):
         """Both paths in one call (what DDP wraps): (query embeddings, doc embeddings).
 
-        Query photos and doc images go through the shared encoder as one batch, so an encoder
-        with BatchNorm normalises training batches by the statistics of both domains together,
-        as its running statistics (used at evaluation) do.
+        An encoder with BatchNorm gets query photos and doc images as one batch, so training
+        normalises by the statistics of both domains together, as its running statistics (used
+        at evaluation) do.  Any other encoder is batch-independent and gets one call per domain,
+        which is equivalent and keeps its runs bit-identical to those made before this choice.
         """
         n_q, n_d = len(query_images), len(doc_images)
-        doc_pixels = n_d and self.cfg.fusion != "text_only"
-        images = torch.cat([query_images, doc_images]) if doc_pixels else query_images
-        patches, pooled = self._encode_images(images) if len(images) else (None, None)
-        q = self._query_head(pooled[:n_q]) if n_q else None
-        d = None
-        if n_d:
-            encoded = (patches[n_q:], pooled[n_q:]) if doc_pixels else None
-            d = self._doc_head(encoded, tokens, doc_images.device)
+        if self.encode_domains_together and n_q and n_d and self.cfg.fusion != "text_only":
+            patches, pooled = self._encode_images(torch.cat([query_images, doc_images]))
+            return (self._query_head(pooled[:n_q]),
+                    self._doc_head((patches[n_q:], pooled[n_q:]), tokens, doc_images.device))
+        q = self.embed_queries(query_images) if n_q else None
+        d = self.embed_docs(doc_images, tokens) if n_d else None
         return q, d
 
     # ---- persistence --------------------------------------------------------------------

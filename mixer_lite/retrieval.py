@@ -34,13 +34,27 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 # --------------------------------------------------------------------------------------------
 # Embedding
 # --------------------------------------------------------------------------------------------
-def _in_batches(model, n: int, batch_size: int, desc: str, progress: bool, embed) -> np.ndarray:
-    """Run ``embed(rows)`` over ``range(n)`` in batches, without gradients, in eval mode."""
+def _in_batches(model, n: int, batch_size: int, desc: str, progress: bool, embed,
+                batch_stats: bool = False) -> np.ndarray:
+    """Run ``embed(rows)`` over ``range(n)`` in batches, without gradients, in eval mode.
+
+    ``batch_stats``: BatchNorm layers normalise each batch by its own statistics, as in a
+    training step; the model's running statistics are restored afterwards.
+    """
     model.eval()
+    saved = None
+    if batch_stats:
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train()
     out = []
     with torch.no_grad():
         for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
             out.append(embed(np.arange(lo, min(lo + batch_size, n))).float().cpu())
+    if saved is not None:
+        model.load_state_dict(saved)
+        model.eval()
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 
@@ -52,11 +66,12 @@ def embed_queries(model, images, batch_size: int = 256, device="cpu",
 
 
 def embed_docs(model, images, texts: list[str], batch_size: int = 256, device="cpu",
-               progress: bool = False) -> np.ndarray:
+               progress: bool = False, batch_stats: bool = False) -> np.ndarray:
     """Unit-norm embeddings of docs (image + text), computed offline in batches."""
     return _in_batches(model, len(images), batch_size, "embedding docs", progress,
                        lambda idx: model.embed_docs(images[idx].to(device),
-                                                    model.tokenize([texts[i] for i in idx])))
+                                                    model.tokenize([texts[i] for i in idx])),
+                       batch_stats)
 
 
 def raw_pixel_embeddings(images, side: int = 16, batch_size: int = 1024) -> np.ndarray:

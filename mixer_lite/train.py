@@ -43,7 +43,7 @@ from .dataset import ImageTable, ShopData, image_paths, load_dataset
 from .losses import MarginClassifier, info_nce, triplet_loss
 from .model import MixerModel, ModelConfig, WordTokenizer
 from .files import atomic_path, write_json
-from .retrieval import evaluate_model
+from .retrieval import embed_docs, evaluate_model
 
 LOSSES = ("cosface", "arcface", "infonce", "triplet")
 DEFAULT_MARGIN = {"cosface": 0.35, "arcface": 0.5, "triplet": 0.2, "infonce": 0.0}
@@ -59,6 +59,8 @@ class TrainConfig:
     scale: float = 30.0
     margin_warmup_frac: float = 0.0   # margin ramps 0 -> margin over this share of the steps
     centre_optimizer: str = "sgd"     # "sgd" (momentum 0.9) | "adamw", row-wise on the centres
+    centre_init: str = "random"       # "docs": each centre starts at its docs' mean embedding
+                                      # (with the cnn encoder, small R@10 0.019 -> 0.036; README)
     centre_lr: float = 2.0            # peak lr of the centres (same warm-up/cosine schedule)
     centre_weight_decay: float = 5e-4
     temperature: float = 0.05         # InfoNCE
@@ -93,6 +95,8 @@ class TrainConfig:
             problems.append("batch_size must be >= 2 and a multiple of grad_accum")
         if not 0 < self.sample_rate <= 1:
             problems.append(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.centre_init not in ("random", "docs"):
+            problems.append(f"centre_init must be 'random' or 'docs', got {self.centre_init!r}")
         if self.centre_optimizer not in ("sgd", "adamw"):
             problems.append(f"centre_optimizer must be 'sgd' or 'adamw', "
                             f"got {self.centre_optimizer!r}")
@@ -327,6 +331,14 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     q_pos = {int(r): i for i, r in enumerate(q_rows)}
     d_pos = {int(r): i for i, r in enumerate(d_rows)}
     texts = data.doc_texts
+    if classifier is not None and cfg.centre_init == "docs" and not resume:
+        # Embedded as a training step would (BatchNorm on batch statistics): at initialisation
+        # the running statistics are still 0 / 1 and would leave the shared component in.
+        emb = embed_docs(model, images_d, [texts[int(r)] for r in d_rows], device=device,
+                         batch_stats=True)
+        doc = samples.kind == 1
+        classifier.imprint(torch.from_numpy(emb[[d_pos[int(r)] for r in samples.row[doc]]]),
+                           torch.from_numpy(samples.label[doc]))
 
     amp = cfg.amp and device.type == "cuda"
     local_bs = cfg.batch_size // world

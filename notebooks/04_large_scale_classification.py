@@ -104,5 +104,7 @@ for c in class_counts:
 #   minutes (0.46 after 4 epochs on a GPU), against CosFace's 0.019 (0.043 after 8 epochs) and
 #   raw pixels' 0.013; on tiny, 0.125 against 0.028. With about 6 samples per class and
 #   encoders from scratch, contrastive learning on the clicks beats classification over
-#   weak-label classes here: the opposite of the paper's claim. The README's "Training"
-#   section has every run and what we think the reason is.
+#   weak-label classes here: the opposite of the paper's claim. Starting each class centre at
+#   its docs' mean embedding (`--centre_init=docs`) doubles CosFace on small (0.036) but does
+#   not close the gap. The README's "Training" section has every run and what we think the
+#   reason is.

@@ -240,3 +240,22 @@ def test_row_wise_sgd_equals_torch_sgd_at_full_rate():
         naive_margin_loss(x, ref, y, "cosface", 0.35, 30).backward()
         opt.step()
     torch.testing.assert_close(clf.weight.data, ref.data, rtol=1e-4, atol=1e-6)
+
+
+def test_imprint_sets_named_centres_to_their_mean_direction(monkeypatch):
+    """Hand-computed: class 0 <- mean of two embeddings, class 1 untouched, class 2 <- one."""
+    e = torch.tensor([[3.0, 0.0], [1.0, 2.0], [0.0, -5.0]])
+    labels = torch.tensor([0, 0, 2])
+    clf = MarginClassifier(3, 2)
+    before = clf.weight.detach().clone()
+    assert clf.imprint(e, labels) == 2
+    torch.testing.assert_close(clf.weight[0], torch.tensor([4.0, 2.0]) / math.sqrt(20))
+    torch.testing.assert_close(clf.weight[1], before[1])
+    torch.testing.assert_close(clf.weight[2], torch.tensor([0.0, -1.0]))
+    # A shard imprints only its own rows: rank 1 of 2 holds class 2 alone.
+    import mixer_lite.losses as losses
+    monkeypatch.setattr(losses, "_world", lambda: (1, 2))
+    shard = MarginClassifier(3, 2, model_parallel=True)
+    assert shard.start == 2 and shard.shard == 1
+    assert shard.imprint(e, labels) == 1
+    torch.testing.assert_close(shard.weight[0], torch.tensor([0.0, -1.0]))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mixer_lite.retrieval import (build_index, exact_search, load_index, ranking_metrics,
                                   recall_curve, save_index, search)
@@ -136,3 +137,24 @@ def test_class_size_rank_plot_has_labels(tmp_path):
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_embed_docs_with_batch_statistics_matches_a_training_forward_and_keeps_state():
+    from mixer_lite.model import MixerModel, ModelConfig, WordTokenizer
+    from mixer_lite.retrieval import embed_docs
+
+    torch.manual_seed(0)
+    texts = ["red mug", "blue tote bag", "green hat", "red shoe", "grey lamp"]
+    model = MixerModel(ModelConfig(image_encoder="cnn", vit_dim=32, text_dim=32, text_depth=1,
+                                   text_heads=2, embed_dim=16, n_concepts=2, dropout=0.0),
+                       WordTokenizer.fit(texts))
+    x = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = embed_docs(model, x, texts, batch_size=5, batch_stats=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics untouched
+    model.train()
+    with torch.no_grad():
+        want = model.embed_docs(x, model.tokenize(texts)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(embed_docs(model, x, texts, batch_size=5), want, atol=1e-3)

@@ -59,6 +59,7 @@ def test_existing_run_is_not_overwritten(tiny_dir, tmp_path):
     ["--loss=triplet", "--model.fusion=concat"],
     ["--labels=raw_clicks", "--grad_accum=2", "--model.fusion=image_only"],
     ["--model.fusion=text_only", "--model.shared_transform=true"],
+    ["--centre_init=docs", "--model.image_encoder=cnn"],
 ])
 def test_every_loss_and_label_path_trains_and_evaluates(tiny_dir, tmp_path, extra):
     r = train(tiny_dir[0], tmp_path / "run", cfg("--epochs=0.05", *extra), progress=False)
@@ -74,6 +75,7 @@ def test_every_loss_and_label_path_trains_and_evaluates(tiny_dir, tmp_path, extr
     ("--modle.fusion=concat", "unknown config key 'modle.fusion'"),
     ("--loss=contrastive", "loss must be one of"),
     ("--model.fusion=late", "fusion must be one of"),
+    ("--centre_init=zeros", "centre_init must be"),
     ("--batch_size=30", None),
 ])
 def test_malformed_config_is_rejected(item, msg):
