@@ -141,6 +141,11 @@ class ViTEncoder(nn.Module):
         return x[:, 1:], x[:, 0]
 
 
+def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``module``: the only ones whose output depends on the batch."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
             nn.GELU()]
@@ -438,8 +443,7 @@ class MixerModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_encoder = build_image_encoder(cfg)
-        self.encode_domains_together = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                           for m in self.image_encoder.modules())
+        self.encode_domains_together = bool(batchnorm_layers(self.image_encoder))
         d_img, d = self.image_encoder.out_dim, cfg.embed_dim
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
                              persistent=False)

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .files import atomic_path
+from .model import batchnorm_layers
 
 KS = (1, 5, 10, 20, 50)
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
@@ -42,19 +43,18 @@ def _in_batches(model, n: int, batch_size: int, desc: str, progress: bool, embed
     training step; the model's running statistics are restored afterwards.
     """
     model.eval()
-    saved = None
-    if batch_stats:
-        saved = {k: v.clone() for k, v in model.state_dict().items()}
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.train()
+    # Only BatchNorm layers change state in a training-mode forward: keep and restore theirs.
+    saved = [(m, {k: v.clone() for k, v in m.state_dict().items()})
+             for m in (batchnorm_layers(model) if batch_stats else [])]
+    for m, _ in saved:
+        m.train()
     out = []
     with torch.no_grad():
         for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
             out.append(embed(np.arange(lo, min(lo + batch_size, n))).float().cpu())
-    if saved is not None:
-        model.load_state_dict(saved)
-        model.eval()
+    for m, state in saved:
+        m.load_state_dict(state)
+        m.eval()
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 

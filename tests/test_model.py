@@ -174,7 +174,8 @@ def test_hugging_face_text_path_runs_offline_on_minilm(monkeypatch):
 @pytest.mark.parametrize("encoder", ["vit", "cnn"])
 @pytest.mark.parametrize("fusion", ["concept", "image_only", "text_only"])
 def test_forward_equals_the_two_embedding_paths(encoder, fusion):
-    """forward() encodes both domains in one batch; at evaluation that must change nothing."""
+    """forward() encodes both domains in one batch for a BatchNorm encoder (the cnn) and per
+    domain otherwise; at evaluation neither may differ from the two embedding paths."""
     model = make(fusion, image_encoder=encoder).eval()
     q, d, tokens = images(3, seed=1), images(4, seed=2), model.tokenize(TEXTS)
     fq, fd = model(q, d, tokens)
