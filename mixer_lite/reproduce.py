@@ -5,7 +5,8 @@
 Each row of :data:`mixer_lite.experiments.ROWS` is trained with every seed (runs are cached
 under ``runs/experiments/``, so an interrupted table resumes and the notebooks reuse its
 seed-0 runs), evaluated on the test queries, and printed as a markdown table of mean ±
-standard deviation over seeds, with the raw-pixel baseline (no learning, no seed) last.
+standard deviation over seeds, with two floors last: the Mixer model at its initial weights
+(per seed, no training step) and the raw-pixel baseline (no learning, no seed).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 import numpy as np
 
 from .dataset import load_dataset
-from .experiments import METRICS, ROWS, ensure_data, ensure_row
+from .experiments import METRICS, ROWS, ensure_data, ensure_row, evaluate_untrained
 from .files import write_json
 from .retrieval import evaluate_raw_pixels
 
@@ -27,7 +28,10 @@ def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None) ->
     for row in ROWS:
         runs = [ensure_row(data_dir, preset, row, s) for s in seeds]
         table[row] = {m: [r[m] for r in runs] for m in METRICS}
-    raw = evaluate_raw_pixels(load_dataset(data_dir, check_images=False))
+    data = load_dataset(data_dir, check_images=False)
+    untrained = [evaluate_untrained(data, s) for s in seeds]
+    table["Mixer untrained (initial weights)"] = {m: [r[m] for r in untrained] for m in METRICS}
+    raw = evaluate_raw_pixels(data)
     table["raw pixels (no learning)"] = {m: [raw[m]] for m in METRICS}
     result = {"preset": preset, "seeds": list(seeds), "rows": table,
               "seconds": round(time.time() - t0, 1)}

@@ -24,8 +24,8 @@
 # weighting of image against text.
 #
 # In `mixer_lite/model.py`: `ConceptMemory` (slots read the title), `ConceptFusion` (each
-# concept attends over the image patches; a per-dimension gate weighs image against fused
-# text). Here we open a trained model and look at what it does.
+# concept attends over the image regions, the encoder's 8x8 output grid; a per-dimension gate
+# weighs image against fused text). Here we open a trained model and look at what it does.
 
 # %% tags=["parameters"]
 import os
@@ -62,8 +62,8 @@ model = load_run_model(mixer["run"])
 fig = attention_gallery(model, data, n_docs=3, seed=seed)
 
 # %% [markdown]
-# *Figure: text-to-image attention of each concept (brighter = more weight) over 8x8 image
-# patches; the concept's three most-read title tokens are in each panel's title.*
+# *Figure: text-to-image attention of each concept (brighter = more weight) over the 8x8 grid
+# of image regions; the concept's three most-read title tokens are in each panel's title.*
 #
 # ## How much each doc relies on its image
 # The gate's mean is the doc's "image weight" (1 = image only, 0 = fused text only).
@@ -101,11 +101,15 @@ for name, r in (("concept fusion", mixer), ("image only", image_only)):
 # %% [markdown]
 # ## What the numbers say
 # * Text decides variants: in fast mode (tiny, seed 0) the fused model keeps two sellers of a
-#   product at cosine 0.57 and pushes variants down to 0.30 (gap 0.26); the image-only model
-#   cannot tell them apart (0.95 vs 0.94, gap 0.01). Its test Recall@10 is also lower (0.028
-#   vs 0.062, one seed).
-# * The gate has barely moved from its initial 0.5 (fast mode: mean 0.48, 5-95% range
-#   0.47-0.48): after 52 training steps it is nearly one global constant, so this run does not
+#   product at cosine 0.56 and pushes variants down to 0.32 (gap 0.25); the image-only model
+#   cannot tell them apart (0.95 vs 0.94, gap 0.01).
+# * But the image-only model retrieves better: test Recall@10 0.097 against the fused model's
+#   0.042 (one seed; the README's table has three). A query is a photo, so retrieval needs the
+#   doc's *image* side to be learned; with the title in the doc embedding, a doc's class can be
+#   told from its text alone, which leaves the image side, the one a photo can match, less
+#   trained. This disagrees with the paper, whose fusion gains come from pretrained encoders.
+# * The gate has barely moved from its initial 0.5 (fast mode: mean 0.47, 5-95% range
+#   0.46-0.48): after 46 training steps it is nearly one global constant, so this run does not
 #   show the paper's per-doc weighting of image against text. Longer training (default mode)
 #   is where to look for it.
 # * The attention maps of a from-scratch model trained for minutes on a CPU are coarse; the

@@ -132,3 +132,12 @@ def test_recall_curves_zoom_to_the_data_but_never_past_100():
     assert recall_curves({"a": [0.001]}).axes[0].get_ylim() == (0, 5)
     assert recall_curves({"a": [0.5, 0.9]}).axes[0].get_ylim() == (0, 100)
     matplotlib.pyplot.close("all")
+
+
+def test_untrained_floor_is_deterministic_per_seed(tiny_data):
+    small = ["--model.vit_dim=32", "--model.embed_dim=32", "--model.text_dim=32",
+             "--model.text_depth=1", "--model.n_concepts=4"]
+    a = ex.evaluate_untrained(tiny_data, 0, small)
+    assert a == ex.evaluate_untrained(tiny_data, 0, small)  # same seed, same initial weights
+    assert a != ex.evaluate_untrained(tiny_data, 1, small)
+    assert a["queries"] == 144 and 0 <= a["recall@10"] <= a["recall@50"] <= 1

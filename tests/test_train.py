@@ -119,8 +119,9 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
             "--model.dropout=0", "--augment=false", "--eval_at_end=false",
             "--device=cpu",  # gloo, also on a machine with one GPU
             # BatchNorm statistics are per rank under DDP (as everywhere without SyncBatchNorm),
-            # so only a model without it can equal one process exactly.
-            "--model.embed_norm=none"]
+            # so only a model without it (the ViT, no embedding BatchNorm) can equal one
+            # process exactly.
+            "--model.image_encoder=vit", "--model.embed_norm=none"]
     one = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--out",
                           str(tmp_path / "one"), *args], capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
