@@ -22,10 +22,12 @@ test: $(STAMP)
 	MIXER_LITE_FAST=1 $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
 
 # The README's reproduction table: every row x 3 seeds on SynthShop small (runs cached in
-# runs/experiments/, so an interrupted table resumes).  PRESET=tiny for a quick version.
+# runs/experiments/, so an interrupted table resumes).  PRESET=tiny for a quick version;
+# SEEDS=0 for one seed.
 PRESET ?= small
+SEEDS ?= 0,1,2
 reproduce: $(STAMP)
-	$(PY) -m mixer_lite.reproduce --preset $(PRESET) --seeds 0,1,2 --out reports/reproduce-$(PRESET).json
+	$(PY) -m mixer_lite.reproduce --preset $(PRESET) --seeds $(SEEDS) --out reports/reproduce-$(PRESET).json
 
 clean:
 	rm -rf reports runs data/synth-*

@@ -12,11 +12,21 @@ Reproduction rows (:data:`ROWS`) are the paper's claims, each a training overrid
 * concept fusion vs image-only, text-only and concat fusion;
 * classification (CosFace, ArcFace, sampled centres) vs InfoNCE and triplet on the same clicks;
 * weak-label classes vs raw clicks as labels.
+
+Classification and the pairwise losses are compared at the **same number of images encoded**
+(our choice; the paper states no budget).  A classification step encodes ``batch_size``
+samples, a pairwise step ``batch_size`` photos *and* their clicked docs, so a pairwise row
+trains half the steps of the Mixer row on the same data (:func:`row_overrides`); the raw-clicks
+row, one sample per click, trains as many steps as the Mixer row.  Equal epochs would give the
+pairwise rows 4.6x and the raw-clicks row 2.0x the Mixer row's images on SynthShop ``small``,
+since an epoch of clicks is longer than an epoch of capped class samples.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import ImageTable, image_paths
+from .dataset import ImageTable, image_paths, load_dataset
 from .synthshop import load_truth, make_synthshop
-from .train import build_model, config_from, make_samples, train
+from .train import (PAIRWISE_LOSSES, EpochSampler, TrainConfig, build_model, config_from,
+                    make_samples, total_steps, train)
 
 # row -> (slug of its cached run folder, overrides of the tiny-cpu preset)
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -66,13 +77,15 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     training time when it was trained) and ``steps``.  The whole resolved config a run was
     trained with is in its ``config.json`` (written by :func:`train`), so a run made with other
     overrides *or other defaults* (an older mixer-lite) is an error naming the differing keys,
-    never silently reused.
+    never silently reused.  A key an older ``config.json`` lacks counts as its default: a new
+    option's default keeps the behaviour from before the option existed.
     """
     run = Path(runs or repo_root() / "runs" / "experiments") / name
     cfg = config_from("tiny-cpu", list(overrides))
     if (run / "config.json").exists():
-        have = json.loads((run / "config.json").read_text())["train"]
-        want = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON reads them
+        have = _with_defaults(json.loads((run / "config.json").read_text())["train"],
+                              _as_json(TrainConfig()))
+        want = _as_json(cfg)
         if have != want:
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
             raise FileExistsError(f"{run} was trained with another config (differs in "
@@ -86,6 +99,18 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     out["run"] = str(run)
     out["seconds"] = json.loads((run / "seconds.json").read_text())
     out["steps"] = json.loads((run / "config.json").read_text())["steps"]
+    return out
+
+
+def _as_json(cfg) -> dict:
+    """A config as its ``config.json`` holds it (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _with_defaults(have: dict, defaults: dict) -> dict:
+    out = dict(defaults)
+    for k, v in have.items():
+        out[k] = _with_defaults(v, defaults[k]) if isinstance(defaults.get(k), dict) else v
     return out
 
 
@@ -259,10 +284,51 @@ def run_name(preset: str, row: str, seed: int) -> str:
     return f"{preset}-{ROWS[row][0]}-s{seed}"
 
 
+def row_overrides(data_dir: str | Path, row: str, seed: int) -> list[str]:
+    """The ``tiny-cpu`` overrides of one row of :data:`ROWS` with ``seed``.
+
+    A row whose own epochs would encode another number of images than the Mixer row on the
+    same data (the pairwise rows, two images a pair; raw clicks, one sample a click) also gets
+    ``--steps`` that match the Mixer row's images (module docstring).
+    """
+    overrides = [f"--seed={seed}", *ROWS[row][1]]
+    cfg, mixer = config_from("tiny-cpu", overrides), config_from("tiny-cpu", [f"--seed={seed}"])
+    if _sampling(cfg) == _sampling(mixer):  # same samples and steps: nothing to load
+        return overrides
+    root = str(Path(data_dir).resolve())
+    steps, per_step = _steps_and_images_per_step(root, *_sampling(cfg))
+    budget = math.prod(_steps_and_images_per_step(root, *_sampling(mixer)))
+    if steps * per_step != budget:
+        overrides.append(f"--steps={max(1, budget // per_step)}")
+    return overrides
+
+
+def _sampling(cfg: TrainConfig) -> tuple:
+    """The fields of a config that decide its samples, steps and images per step."""
+    return (cfg.labels, cfg.loss in PAIRWISE_LOSSES, cfg.classes, cfg.max_per_class,
+            cfg.batch_size, cfg.epochs, cfg.steps)
+
+
+@functools.lru_cache(maxsize=None)
+def _steps_and_images_per_step(data_root: str, labels, pairwise, classes, max_per_class,
+                               batch_size, epochs, steps) -> tuple[int, int]:
+    cfg = TrainConfig(labels=labels, loss=PAIRWISE_LOSSES[0] if pairwise else "cosface",
+                      classes=classes, max_per_class=max_per_class, batch_size=batch_size,
+                      epochs=epochs, steps=steps)
+    samples, _ = make_samples(_load(data_root), cfg)
+    sampler = EpochSampler(samples.label, max_per_class, batch_size, cfg.seed)
+    return total_steps(cfg, sampler.steps_per_epoch), batch_size * (2 if pairwise else 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _load(data_root: str):
+    return load_dataset(data_root, check_images=False)
+
+
 def ensure_row(data_dir: str | Path, preset: str, row: str, seed: int,
                runs: str | Path | None = None) -> dict:
     """:func:`ensure_run` of one row of :data:`ROWS` with ``seed`` (notebooks and reproduce)."""
-    return ensure_run(data_dir, run_name(preset, row, seed), [f"--seed={seed}", *ROWS[row][1]],
+    return ensure_run(data_dir, run_name(preset, row, seed), row_overrides(data_dir, row, seed),
                       runs)
 
 

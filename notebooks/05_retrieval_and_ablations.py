@@ -100,7 +100,8 @@ fig = search_grid(q_images.numpy(), doc_images, hits, relevance(data, q_rows))
 # * **Concept fusion** 0.042 vs image-only 0.097, text-only 0.028 and concat 0.097: fusion
 #   ranks below both image-only and concat (notebook 02 shows why: the title lets a doc be
 #   classified without its image, the side a query photo must match).
-# * **Classification vs InfoNCE**: 0.042 vs 0.139, InfoNCE far ahead (notebook 04).
+# * **Classification vs InfoNCE** at the same images encoded: 0.042 vs 0.035 (notebook 04);
+#   on small, InfoNCE is far ahead (README's table).
 # * Mixer is only just above raw pixels (0.021) here, and over three seeds no better than its
 #   own untrained weights (README). With the earlier ViT preset this ranking was reversed,
 #   Mixer first: on `tiny` the ranking rests on a few queries. These are our measurements, not

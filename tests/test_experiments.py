@@ -83,6 +83,39 @@ def test_ensure_run_refuses_a_run_made_with_another_config(tmp_path, tiny_dir):
     (run / "config.json").write_text(json.dumps({"train": stamp}))
     with pytest.raises(FileExistsError, match="differs in lr\\)"):
         ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
+    # a key an older config.json lacks counts as its default: the cached run is reused
+    stamp["lr"] = config_from("tiny-cpu", []).lr
+    del stamp["steps"], stamp["model"]["fusion"]
+    (run / "config.json").write_text(json.dumps({"train": stamp, "steps": 46}))
+    (run / "eval.json").write_text(json.dumps({"recall@10": 0.25}))
+    (run / "seconds.json").write_text("12.5")
+    assert ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)["recall@10"] == 0.25
+
+
+def test_rows_encode_as_many_images_as_the_mixer_row(tiny_dir, tiny_data):
+    from mixer_lite.classes import build_classes_from_clicks
+    from mixer_lite.train import config_from
+
+    # Independent count: the Mixer row's samples are every class member, at most max_per_class
+    # of a class an epoch; an epoch is floor(samples / batch) steps and it trains 3.5 epochs.
+    c = config_from("tiny-cpu", [])
+    cq, cd, cn = tiny_data.clicks_columns()
+    classes, _ = build_classes_from_clicks(cq, cd, cn, c.classes)
+    members = [len(k["query_ids"]) + len(k["doc_ids"]) for k in classes]
+    mixer_images = round(c.epochs * (sum(min(m, c.max_per_class) for m in members)
+                                     // c.batch_size)) * c.batch_size
+    pairs_per_epoch = len(cq) // c.batch_size * 2 * c.batch_size  # two images a click pair
+    assert round(c.epochs * pairs_per_epoch) > 2 * mixer_images  # equal epochs: not equal images
+    for row in ex.ROWS:
+        overrides = ex.row_overrides(tiny_dir[0], row, seed=3)
+        rc = config_from("tiny-cpu", overrides)
+        assert overrides[:2 if ex.ROWS[row][1] else 1] == ["--seed=3", *ex.ROWS[row][1]]
+        if rc.loss in ("infonce", "triplet"):
+            assert rc.steps * 2 * rc.batch_size == mixer_images
+        elif rc.labels == "raw_clicks":
+            assert rc.steps * rc.batch_size == mixer_images
+        else:  # same samples as the Mixer row: its epochs already match, no --steps added
+            assert rc.steps == 0 and len(overrides) == 1 + len(ex.ROWS[row][1])
 
 
 def test_rows_are_valid_configs_with_distinct_run_names():

@@ -139,6 +139,8 @@ def test_bad_config_is_rejected():
         MixerModel(ModelConfig(image_encoder="resnet", fusion="image_only"))
     with pytest.raises(ValueError, match="tokenizer"):
         MixerModel(ModelConfig())
+    with pytest.raises(ValueError, match="text_dropout"):
+        ModelConfig(text_dropout=1.5)
 
 
 def test_torchvision_backbone_option():
@@ -202,3 +204,36 @@ def test_cnn_gives_the_vit_token_grid():
     model = make("concept", image_encoder="cnn").eval()
     _, info = model.embed_docs(images(4), model.tokenize(TEXTS), return_attention=True)
     assert info["text_to_image"].shape == (4, 4, 8 * 8)  # 64 px -> 8 x 8 tokens, like the ViT
+
+
+@pytest.mark.parametrize("fusion", ["concept", "concat"])
+def test_text_dropout_embeds_dropped_docs_from_the_image_alone(fusion):
+    """In training, text_dropout=1 gives every doc the image-only head (hand-composed from the
+    model's own modules); at evaluation text_dropout changes nothing."""
+    model = make(fusion, dropout=0.0, text_dropout=1.0)
+    d, tokens = images(4, seed=2), model.tokenize(TEXTS)
+    model.train()
+    _, pooled = model._encode_images(d)
+    image_only = F.normalize(model.doc_norm(model.out_proj(model.doc_transform(pooled))), dim=-1)
+    torch.testing.assert_close(model.embed_docs(d, tokens), image_only)
+    model.eval()
+    plain = make(fusion, dropout=0.0).eval()
+    plain.load_state_dict(model.state_dict())
+    with_text = plain.embed_docs(d, tokens)
+    torch.testing.assert_close(model.embed_docs(d, tokens), with_text)
+    assert not torch.allclose(with_text, F.normalize(
+        plain.doc_norm(plain.out_proj(plain.doc_transform(plain._encode_images(d)[1]))), dim=-1))
+
+
+def test_text_dropout_drops_about_its_share_of_docs():
+    """Each doc is either its image-only head or its fused embedding, about half of each."""
+    model = make("concept", dropout=0.0, text_dropout=0.5, embed_norm="none").train()
+    d, tokens = images(64, seed=3), model.tokenize(TEXTS * 16)
+    emb = model.embed_docs(d, tokens)
+    image_only = F.normalize(model.out_proj(model.doc_transform(model._encode_images(d)[1])),
+                             dim=-1)
+    model.cfg.text_dropout = 0.0
+    fused = model.embed_docs(d, tokens)
+    dropped = torch.isclose(emb, image_only, atol=1e-6).all(1)
+    kept = torch.isclose(emb, fused, atol=1e-6).all(1)
+    assert bool((dropped ^ kept).all()) and 16 < int(dropped.sum()) < 48

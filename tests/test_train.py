@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixer_lite.train import EpochSampler, augment, config_from, train
+from mixer_lite.train import EpochSampler, augment, config_from, total_steps, train
 
 SMALL = ["--model.vit_dim=32", "--model.vit_depth=1", "--model.vit_heads=2",
          "--model.text_dim=32", "--model.text_depth=1", "--model.text_heads=2",
@@ -55,7 +55,7 @@ def test_existing_run_is_not_overwritten(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("extra", [
     ["--loss=arcface", "--sample_rate=0.3"],
-    ["--loss=infonce"],
+    ["--loss=infonce", "--steps=3"],
     ["--loss=triplet", "--model.fusion=concat"],
     ["--labels=raw_clicks", "--grad_accum=2", "--model.fusion=image_only"],
     ["--model.fusion=text_only", "--model.shared_transform=true"],
@@ -64,6 +64,8 @@ def test_existing_run_is_not_overwritten(tiny_dir, tmp_path):
 def test_every_loss_and_label_path_trains_and_evaluates(tiny_dir, tmp_path, extra):
     r = train(tiny_dir[0], tmp_path / "run", cfg("--epochs=0.05", *extra), progress=False)
     assert r["finished"]
+    if "--steps=3" in extra:  # steps, when set, decide the run's length instead of epochs
+        assert r["steps"] == r["stopped_at"] == 3
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert ev["queries"] == 144 and 0 <= ev["recall@10"] <= ev["recall@50"] <= 1
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -76,6 +78,7 @@ def test_every_loss_and_label_path_trains_and_evaluates(tiny_dir, tmp_path, extr
     ("--loss=contrastive", "loss must be one of"),
     ("--model.fusion=late", "fusion must be one of"),
     ("--centre_init=zeros", "centre_init must be"),
+    ("--steps=-1", "steps must be >= 0"),
     ("--batch_size=30", None),
 ])
 def test_malformed_config_is_rejected(item, msg):
@@ -88,6 +91,12 @@ def test_malformed_config_is_rejected(item, msg):
     r = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--data", "x", "--out",
                         "y", item], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_total_steps_from_epochs_or_steps():
+    assert total_steps(cfg("--epochs=3.5"), 124) == 434  # round(3.5 x 124)
+    assert total_steps(cfg("--epochs=0.01"), 10) == 1     # never zero
+    assert total_steps(cfg("--epochs=3.5", "--steps=7"), 124) == 7
 
 
 def test_unknown_preset():
