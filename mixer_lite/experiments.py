@@ -83,11 +83,8 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     run = Path(runs or repo_root() / "runs" / "experiments") / name
     cfg = config_from("tiny-cpu", list(overrides))
     if (run / "config.json").exists():
-        have = _with_defaults(json.loads((run / "config.json").read_text())["train"],
-                              _as_json(TrainConfig()))
-        want = _as_json(cfg)
-        if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        diff = config_diff(json.loads((run / "config.json").read_text())["train"], cfg)
+        if diff:
             raise FileExistsError(f"{run} was trained with another config (differs in "
                                   f"{', '.join(diff)}); delete it or choose another name")
     if not (run / "eval.json").exists():
@@ -102,7 +99,17 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     return out
 
 
-def _as_json(cfg) -> dict:
+def config_diff(have: dict, cfg: TrainConfig) -> list[str]:
+    """The keys in which a stored config (``config.json``'s ``train``) differs from ``cfg``.
+
+    A key the stored config lacks counts as its default, so a new option whose default keeps
+    the old behaviour does not make older runs (or records) stale.
+    """
+    have, want = _with_defaults(have, as_json(TrainConfig())), as_json(cfg)
+    return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+
+
+def as_json(cfg) -> dict:
     """A config as its ``config.json`` holds it (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 

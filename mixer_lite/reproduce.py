@@ -1,46 +1,165 @@
 """``make reproduce``: the README's reproduction table, one row per claim of the paper.
 
-``python -m mixer_lite.reproduce [--preset small] [--seeds 0,1,2] [--out reports/reproduce.json]``
+``python -m mixer_lite.reproduce [--preset small] [--seeds 0,1,2] [--out FILE.json] [--retrain]``
 
-Each row of :data:`mixer_lite.experiments.ROWS` is trained with every seed (runs are cached
-under ``runs/experiments/``, so an interrupted table resumes and the notebooks reuse its
-seed-0 runs), evaluated on the test queries, and printed as a markdown table of mean ±
-standard deviation over seeds, with two floors last: the Mixer model at its initial weights
-(per seed, no training step) and the raw-pixel baseline (no learning, no seed).  The header
-gives the runs' summed training time (as measured when each was trained) apart from this
-call's time, since a table built over several calls from cached runs takes only the latter.
+Each row of :data:`mixer_lite.experiments.ROWS` is trained with every seed, evaluated on the
+test queries, and printed as a markdown table of mean ± standard deviation over seeds, with two
+floors last: the Mixer model at its initial weights (per seed, no training step) and the
+raw-pixel baseline (no learning, no seed).
+
+**Records.**  Every measurement behind the table is kept in the repository, one JSON file per
+run under ``results/reproduce/<preset>/``: the row, seed, overrides, the whole resolved config,
+a fingerprint of the dataset's JSONL files, the test metrics, the training time and steps, and
+the versions and CPU count it was measured with.  The table is built from them, so it can be
+assembled over several sessions (the ``small`` table is hours of CPU) and a reader can check
+every number against the run that made it.  A missing record is measured (the run is taken
+from ``runs/experiments/`` if it is there, else trained) and written; a record made under
+another config or other data is an error naming the difference, never silently used.
+``--retrain`` ignores the records, takes every run from ``runs/experiments/`` (training what is
+not there) and rewrites them, naming each record whose metrics changed.  The header gives the
+records' summed training time apart from this call's time.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
 import numpy as np
 
 from .dataset import load_dataset
-from .experiments import METRICS, ROWS, ensure_data, ensure_row, evaluate_untrained
+from .experiments import (METRICS, ROWS, as_json, config_diff, ensure_data, ensure_row,
+                          evaluate_untrained, repo_root, row_overrides, run_name)
 from .files import write_json
 from .retrieval import evaluate_raw_pixels
+from .train import config_from
+
+UNTRAINED = "Mixer untrained (initial weights)"
+RAW_PIXELS = "raw pixels (no learning)"
 
 
-def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None) -> dict:
+def records_dir(preset: str, root: str | Path | None = None) -> Path:
+    """Where the records of ``preset`` live: ``results/reproduce/<preset>/`` by default."""
+    return Path(root or repo_root() / "results" / "reproduce") / preset
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """A hash of the dataset's four JSONL files: records of other data are never mixed in."""
+    h = hashlib.sha256()
+    for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl"):
+        h.update(name.encode() + b"\0" + (Path(data_dir) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def environment() -> dict:
+    """What a measurement was made with (numbers can move with library versions and threads)."""
+    import faiss
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "faiss": faiss.__version__, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def recorded(path: Path, want: dict, measure, retrain: bool = False) -> dict:
+    """The record at ``path`` if it was made under ``want``; else ``measure()``, written there.
+
+    ``want`` holds what the measurement depends on (row, seed, config, data); ``measure``
+    returns the measured fields.  A record whose ``want`` differs raises, naming the keys.
+    """
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old is not None and not retrain:
+        diff = sorted(k for k in want if k != "config" and old.get(k) != want[k])
+        if "config" in want:
+            diff += [f"config.{k}" for k in config_diff(old.get("config", {}),
+                                                        want["config"])]
+        if diff:
+            raise FileExistsError(f"{path} was measured under other settings (differs in "
+                                  f"{', '.join(diff)}); delete it or pass --retrain")
+        return old
+    rec = {**{k: as_json(v) if k == "config" else v for k, v in want.items()}, **measure(),
+           "measured_with": environment()}
+    if old is not None and old.get("metrics") != rec["metrics"]:
+        print(f"{path}: metrics changed on retraining (recall@10 {old['metrics']['recall@10']}"
+              f" -> {rec['metrics']['recall@10']})")
+    write_json(path, rec)
+    return rec
+
+
+def _row_record(folder: Path, data_dir: Path, fingerprint: str, preset: str, row: str,
+                seed: int, retrain: bool) -> dict:
+    overrides = row_overrides(data_dir, row, seed)
+    want = {"row": row, "seed": seed, "overrides": overrides,
+            "config": config_from("tiny-cpu", overrides), "data": fingerprint}
+
+    def measure():
+        r = ensure_row(data_dir, preset, row, seed)
+        return {"metrics": {k: v for k, v in r.items() if k not in ("run", "seconds", "steps")},
+                "train_seconds": r["seconds"], "steps": r["steps"]}
+    return recorded(folder / f"{run_name(preset, row, seed)}.json", want, measure, retrain)
+
+
+def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None,
+              retrain: bool = False, records: str | Path | None = None) -> dict:
+    """The table of every row over ``seeds``: each record checked (or measured), then read."""
     data_dir = ensure_data(preset, 0)
+    fingerprint = data_fingerprint(data_dir)
+    folder = records_dir(preset, records)
     t0 = time.time()
-    table, train_seconds = {}, 0.0
     for row in ROWS:
-        runs = [ensure_row(data_dir, preset, row, s) for s in seeds]
-        table[row] = {m: [r[m] for r in runs] for m in METRICS}
-        train_seconds += sum(r["seconds"] for r in runs)
-    data = load_dataset(data_dir, check_images=False)
-    untrained = [evaluate_untrained(data, s) for s in seeds]
-    table["Mixer untrained (initial weights)"] = {m: [r[m] for r in untrained] for m in METRICS}
-    raw = evaluate_raw_pixels(data)
-    table["raw pixels (no learning)"] = {m: [raw[m]] for m in METRICS}
-    result = {"preset": preset, "seeds": list(seeds), "rows": table,
-              "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - t0, 1)}
+        for s in seeds:
+            _row_record(folder, data_dir, fingerprint, preset, row, s, retrain)
+
+    @functools.lru_cache(maxsize=1)
+    def dataset():  # loaded only if a floor must be measured
+        return load_dataset(data_dir, check_images=False)
+
+    for s in seeds:
+        recorded(folder / f"{_floor_name(preset, UNTRAINED, s)}.json",
+                 {"row": UNTRAINED, "seed": s, "data": fingerprint,
+                  "config": config_from("tiny-cpu", [f"--seed={s}"])},
+                 lambda s=s: {"metrics": evaluate_untrained(dataset(), s)}, retrain)
+    recorded(folder / f"{_floor_name(preset, RAW_PIXELS)}.json",
+             {"row": RAW_PIXELS, "data": fingerprint},
+             lambda: {"metrics": evaluate_raw_pixels(dataset())}, retrain)
+    result = collect(preset, seeds, records)
+    result["seconds"] = round(time.time() - t0, 1)
     if out:
         write_json(out, result)
     return result
+
+
+def _floor_name(preset: str, row: str, seed: int | None = None) -> str:
+    return f"{preset}-untrained-s{seed}" if row == UNTRAINED else f"{preset}-raw_pixels"
+
+
+def collect(preset: str, seeds, records: str | Path | None = None) -> dict:
+    """The table from the records alone (no data, no training): what :func:`reproduce` prints.
+
+    Rows in :data:`ROWS` order, then the untrained floor (one value a seed) and raw pixels
+    (one value); ``train_seconds`` sums the rows' recorded training times.
+    """
+    folder = records_dir(preset, records)
+    names = [(row, run_name(preset, row, s)) for row in ROWS for s in seeds]
+    names += [(UNTRAINED, _floor_name(preset, UNTRAINED, s)) for s in seeds]
+    names.append((RAW_PIXELS, _floor_name(preset, RAW_PIXELS)))
+    table, train_seconds = {}, 0.0
+    for row, name in names:
+        path = folder / f"{name}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no record of this measurement; `make reproduce` "
+                                    f"measures and writes it")
+        rec = json.loads(path.read_text())
+        for m in METRICS:
+            table.setdefault(row, {}).setdefault(m, []).append(rec["metrics"][m])
+        train_seconds += rec.get("train_seconds", 0.0)
+    return {"preset": preset, "seeds": list(seeds), "rows": table,
+            "train_seconds": round(train_seconds, 1)}
 
 
 def markdown(result: dict) -> str:
@@ -61,11 +180,13 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
+    ap.add_argument("--retrain", action="store_true",
+                    help="ignore the records in results/reproduce/ and measure every run again")
     a = ap.parse_args(argv)
-    result = reproduce(a.preset, [int(s) for s in a.seeds.split(",")], a.out)
+    result = reproduce(a.preset, [int(s) for s in a.seeds.split(",")], a.out, a.retrain)
     print(f"SynthShop {result['preset']}, seeds {result['seeds']}, metrics in % "
           f"(mean ± std over seeds); the runs took {result['train_seconds'] / 60:.0f} min to "
-          f"train (cached runs: when they were trained), this table {result['seconds']:.0f} s:")
+          f"train (as recorded when each was trained), this table {result['seconds']:.0f} s:")
     print(markdown(result))
 
 
