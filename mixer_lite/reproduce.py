@@ -66,13 +66,27 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def read_record(path: Path) -> dict:
+    """One record; a damaged one is an error naming the file, the line and what is missing."""
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); delete the record "
+                         f"(`make reproduce` measures it again) or restore it from git") from None
+    missing = [k for k in ("row", "metrics") if k not in rec]
+    missing += [f"metrics.{m}" for m in METRICS if m not in rec.get("metrics", {})]
+    if missing:
+        raise ValueError(f"{path}: record lacks {', '.join(missing)}")
+    return rec
+
+
 def recorded(path: Path, want: dict, measure, retrain: bool = False) -> dict:
     """The record at ``path`` if it was made under ``want``; else ``measure()``, written there.
 
     ``want`` holds what the measurement depends on (row, seed, config, data); ``measure``
     returns the measured fields.  A record whose ``want`` differs raises, naming the keys.
     """
-    old = json.loads(path.read_text()) if path.exists() else None
+    old = read_record(path) if path.exists() else None
     if old is not None and not retrain:
         diff = sorted(k for k in want if k != "config" and old.get(k) != want[k])
         if "config" in want:
@@ -154,7 +168,7 @@ def collect(preset: str, seeds, records: str | Path | None = None) -> dict:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no record of this measurement; `make reproduce` "
                                     f"measures and writes it")
-        rec = json.loads(path.read_text())
+        rec = read_record(path)
         for m in METRICS:
             table.setdefault(row, {}).setdefault(m, []).append(rec["metrics"][m])
         train_seconds += rec.get("train_seconds", 0.0)

@@ -84,7 +84,7 @@ def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs
     n_docs = min(n_docs, len(t2i))
     n_concepts = t2i.shape[1]
     fig, axes = plt.subplots(n_docs, n_concepts + 1, squeeze=False,
-                             figsize=(1.9 * (n_concepts + 1), 2.2 * n_docs))
+                             figsize=(1.9 * (n_concepts + 1), 2.6 * n_docs))
     for r in range(n_docs):
         img = images[r].detach().float().cpu()
         img = (img / 255.0 if img.max() > 1.5 else img).permute(1, 2, 0).numpy()
@@ -104,7 +104,9 @@ def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs
             if t2c is not None:
                 order = np.argsort(-t2c[r, k, : len(toks)])[:top_tokens]
                 label = ", ".join(toks[i] for i in order)
-                ax.set_title(f"concept {k}: {label}", fontsize=7)
+                # Wrapped: one line of three tokens overran the neighbouring panels' titles.
+                ax.set_title("\n".join([f"concept {k}:", *textwrap.wrap(label, 22)[:2]]),
+                             fontsize=7)
             else:
                 ax.set_title(f"token '{toks[k]}'" if k < len(toks) else "(padding)", fontsize=7)
     return _finish_image_grid(fig, axes, "Text-to-image attention: where each text concept "
