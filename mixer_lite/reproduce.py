@@ -57,13 +57,33 @@ def data_fingerprint(data_dir: str | Path) -> str:
 
 
 def environment() -> dict:
-    """What a measurement was made with (numbers can move with library versions and threads)."""
+    """What a measurement was made with.
+
+    A from-scratch run's numbers move with library versions, the thread count *and the CPU*:
+    oneDNN picks its convolution kernels by the instruction set (AVX2, AVX-512, AMX), and their
+    different summation orders change the last bits of every gradient, which a few hundred
+    steps grow into a query or two of recall.  So the CPU's name and the kernels torch
+    dispatched to are recorded too.
+    """
     import faiss
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "faiss": faiss.__version__, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, else what the platform says)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def read_record(path: Path) -> dict:

@@ -101,7 +101,7 @@ fig = domain_projections({f"Mixer: {d}": pca_2d(f[d]) for d in ("encoder", "embe
 # * The shared encoder's features separate the two domains almost perfectly (probe accuracy
 #   0.99 in fast mode): the gap is real and large, as the paper says.
 # * With separate transforms the final embeddings are much closer across domains (fast mode:
-#   probe 0.76, MMD 0.06) than with one shared transform (probe 1.00, MMD 0.35): the part of
+#   probe 0.77, MMD 0.06) than with one shared transform (probe 1.00, MMD 0.35): the part of
 #   the claim about the embedding space holds.
 # * Retrieval does not follow here: Recall@10 is 0.042 with separate transforms against 0.049
 #   with the shared one, one test query apart on one seed and 144 test queries of `tiny`. The

@@ -106,7 +106,7 @@ for name, r in (("concept fusion", mixer), ("image only", image_only)):
 # * Text decides variants: in fast mode (tiny, seed 0) the fused model keeps two sellers of a
 #   product at cosine 0.56 and pushes variants down to 0.32 (gap 0.25); the image-only model
 #   cannot tell them apart (0.95 vs 0.94, gap 0.01).
-# * But the image-only model retrieves better: test Recall@10 0.111 against the fused model's
+# * But the image-only model retrieves better: test Recall@10 0.097 against the fused model's
 #   0.042 (one seed; the README's table has three). A query is a photo, so retrieval needs the
 #   doc's *image* side to be learned; with the title in the doc embedding, a doc's class can be
 #   told from its text alone, which leaves the image side, the one a photo can match, less

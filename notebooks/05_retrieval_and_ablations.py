@@ -97,7 +97,7 @@ fig = search_grid(q_images.numpy(), doc_images, hits, relevance(data, q_rows))
 # * **Separate transforms**: Mixer 0.042 vs shared 0.049 Recall@10 (three seeds: 2.8% vs
 #   5.6%), although notebook 01 shows the separate transforms do bring the two domains'
 #   embeddings together.
-# * **Concept fusion** 0.042 vs image-only 0.111, text-only 0.028 and concat 0.097: fusion
+# * **Concept fusion** 0.042 vs image-only 0.097, text-only 0.028 and concat 0.097: fusion
 #   ranks below both image-only and concat (notebook 02 shows why: the title lets a doc be
 #   classified without its image, the side a query photo must match).
 # * **Classification vs InfoNCE** at the same images encoded: 0.042 vs 0.035 (notebook 04);
