@@ -1,0 +1,145 @@
+"""``make reproduce``: records measured once and reused, refused when stale; README = records."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixer_lite import reproduce as rp
+from mixer_lite.experiments import ROWS, config_diff, run_name
+from mixer_lite.train import config_from
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics(value: float) -> dict:
+    return {"recall@1": value / 4, "recall@10": value, "map@10": value / 8, "queries": 144}
+
+
+@pytest.fixture
+def fake_measurements(monkeypatch, tiny_dir):
+    """Training and evaluation replaced by known numbers, each call counted."""
+    calls = {"train": 0, "untrained": 0, "raw": 0}
+
+    def ensure_row(data_dir, preset, row, seed):
+        calls["train"] += 1
+        return {**_metrics(0.1 * (seed + 1) + 0.01 * list(ROWS).index(row)),
+                "run": "somewhere", "seconds": 60.0, "steps": 46}
+
+    def untrained(data, seed):
+        calls["untrained"] += 1
+        return _metrics(0.02 * (seed + 1))
+
+    def raw(data):
+        calls["raw"] += 1
+        return _metrics(0.05)
+
+    monkeypatch.setattr(rp, "ensure_data", lambda preset, seed: tiny_dir[0])
+    monkeypatch.setattr(rp, "ensure_row", ensure_row)
+    monkeypatch.setattr(rp, "evaluate_untrained", untrained)
+    monkeypatch.setattr(rp, "evaluate_raw_pixels", raw)
+    return calls
+
+
+def test_records_are_measured_once_then_read(tmp_path, fake_measurements):
+    first = rp.reproduce("tiny", seeds=(0, 1), records=tmp_path)
+    assert fake_measurements == {"train": 2 * len(ROWS), "untrained": 2, "raw": 1}
+    files = sorted(p.name for p in (tmp_path / "tiny").iterdir())
+    assert len(files) == 2 * len(ROWS) + 3
+    mixer = json.loads((tmp_path / "tiny" / "tiny-mixer-s1.json").read_text())
+    assert mixer["metrics"]["recall@10"] == pytest.approx(0.2)
+    assert mixer["train_seconds"] == 60.0 and mixer["steps"] == 46 and "run" not in mixer
+    assert config_diff(mixer["config"], config_from("tiny-cpu", ["--seed=1"])) == []
+    env = mixer["measured_with"]
+    assert env["torch"] == torch.__version__ and env["cpu"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    # hand-computed: the Mixer row is 0.1 (seed 0) and 0.2 (seed 1), its training 2 x 60 s
+    assert first["rows"]["Mixer (concept fusion, CosFace)"]["recall@10"] == \
+        pytest.approx([0.1, 0.2])
+    assert first["rows"][rp.RAW_PIXELS]["recall@10"] == [0.05]
+    assert first["train_seconds"] == 2 * len(ROWS) * 60.0
+    assert list(first["rows"])[-2:] == [rp.UNTRAINED, rp.RAW_PIXELS]
+
+    again = rp.reproduce("tiny", seeds=(0, 1), records=tmp_path)  # nothing measured again
+    assert fake_measurements == {"train": 2 * len(ROWS), "untrained": 2, "raw": 1}
+    assert again["rows"] == first["rows"] == rp.collect("tiny", (0, 1), tmp_path)["rows"]
+
+    rp.reproduce("tiny", seeds=(0, 1, 2), records=tmp_path)  # only seed 2 is new
+    assert fake_measurements == {"train": 3 * len(ROWS), "untrained": 3, "raw": 1}
+
+    rp.reproduce("tiny", seeds=(0,), records=tmp_path, retrain=True)
+    assert fake_measurements == {"train": 4 * len(ROWS), "untrained": 4, "raw": 2}
+
+
+def test_a_stale_record_is_refused_naming_the_difference(tmp_path, fake_measurements):
+    rp.reproduce("tiny", seeds=(0,), records=tmp_path)
+    path = tmp_path / "tiny" / "tiny-arcface-s0.json"
+    rec = json.loads(path.read_text())
+    rec["config"]["lr"] = 1.0  # measured under another default
+    path.write_text(json.dumps(rec))
+    with pytest.raises(FileExistsError, match=r"tiny-arcface-s0.json .*differs in config.lr\)"):
+        rp.reproduce("tiny", seeds=(0,), records=tmp_path)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="tiny-arcface-s0.json"):
+        rp.collect("tiny", (0,), tmp_path)  # reads, never measures
+    raw = tmp_path / "tiny" / "tiny-raw_pixels.json"
+    rec = json.loads(raw.read_text())
+    rec["data"] = "another dataset"
+    raw.write_text(json.dumps(rec))
+    with pytest.raises(FileExistsError, match=r"differs in data\)"):
+        rp.reproduce("tiny", seeds=(0,), records=tmp_path)
+
+
+def test_a_damaged_record_is_an_error_naming_the_file(tmp_path, fake_measurements):
+    rp.reproduce("tiny", seeds=(0,), records=tmp_path)
+    path = tmp_path / "tiny" / "tiny-mixer-s0.json"
+    path.write_text(path.read_text()[:200])  # cut short, as by a full disk
+    with pytest.raises(ValueError, match=r"tiny-mixer-s0.json:\d+: not valid JSON"):
+        rp.collect("tiny", (0,), tmp_path)
+    path.write_text(json.dumps({"row": "Mixer (concept fusion, CosFace)", "metrics": {}}))
+    with pytest.raises(ValueError, match=r"tiny-mixer-s0.json: record lacks metrics.recall@1"):
+        rp.reproduce("tiny", seeds=(0,), records=tmp_path)
+
+
+def test_data_fingerprint_follows_the_jsonl_files(tmp_path, tiny_dir):
+    for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl"):
+        (tmp_path / name).write_bytes((tiny_dir[0] / name).read_bytes())
+    same = rp.data_fingerprint(tmp_path)
+    assert same == rp.data_fingerprint(tiny_dir[0])
+    with open(tmp_path / "clicks.jsonl", "a") as f:
+        f.write('{"query_id": "q", "doc_id": "d", "clicks": 1}\n')
+    assert rp.data_fingerprint(tmp_path) != same
+
+
+COMMITTED = sorted((ROOT / "results" / "reproduce").glob("*/*.json"))
+
+
+def test_the_committed_records_exist_and_are_not_stale():
+    assert COMMITTED, "results/reproduce/ holds the records behind the README's table"
+    for path in COMMITTED:
+        rec = json.loads(path.read_text())
+        preset = path.parent.name
+        if rec["row"] in ROWS:
+            assert path.stem == run_name(preset, rec["row"], rec["seed"])
+            assert rec["overrides"][:1 + len(ROWS[rec["row"]][1])] == \
+                [f"--seed={rec['seed']}", *ROWS[rec["row"]][1]]
+            cfg = config_from("tiny-cpu", rec["overrides"])
+        elif rec["row"] == rp.UNTRAINED:
+            cfg = config_from("tiny-cpu", [f"--seed={rec['seed']}"])
+        else:
+            assert rec["row"] == rp.RAW_PIXELS
+            continue
+        assert config_diff(rec["config"], cfg) == [], \
+            f"{path} was made under other defaults: run `make reproduce RETRAIN=1`"
+
+
+def test_the_readme_tables_are_what_the_records_give():
+    """Every table the README quotes from ``make reproduce`` is rebuilt from the records."""
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.findall(r"<!-- make reproduce PRESET=(\w+) SEEDS=([\d,]+) -->\n(.*?)\n\n",
+                        readme, re.S)
+    assert quoted, "the README quotes no table of make reproduce"
+    for preset, seeds, table in quoted:
+        result = rp.collect(preset, [int(s) for s in seeds.split(",")])
+        assert table == rp.markdown(result), f"README's {preset} table is not the records'"
