@@ -101,7 +101,7 @@ for c in class_counts:
 #   half the steps (raw pixels 0.021); over three seeds (README's table) 2.8% against 3.7%,
 #   within the spread: 46 steps on 144 test queries cannot separate them.
 # * On SynthShop small (1,261 test queries; README's table, seeds 0 and 1 so far) InfoNCE
-#   reaches Recall@10 13.6% against CosFace's 3.0% at the same 55,552 images, and triplet
+#   reaches Recall@10 13.6% against CosFace's 2.8% at the same 55,552 images, and triplet
 #   1.4%. This **does not reproduce the paper's claim** that classification beats pairwise
 #   learning: with about 6 samples per class and encoders trained from scratch, InfoNCE on
 #   the clicks wins here. Image-only docs under CosFace reach 15.1% on small, so the classification loss is
