@@ -100,11 +100,11 @@ for c in class_counts:
 #   (fast mode, SynthShop tiny, seed 0) CosFace reached Recall@10 0.042 and InfoNCE 0.035 in
 #   half the steps (raw pixels 0.021); over three seeds (README's table) 2.8% against 3.7%,
 #   within the spread: 46 steps on 144 test queries cannot separate them.
-# * On SynthShop small (1,261 test queries; README's table, seeds 0 and 1 so far) InfoNCE
-#   reaches Recall@10 13.6% against CosFace's 2.8% at the same 55,552 images, and triplet
-#   1.4%. This **does not reproduce the paper's claim** that classification beats pairwise
+# * On SynthShop small (1,261 test queries; README's table, seeds 0, 1 and 2) InfoNCE
+#   reaches Recall@10 13.4% against CosFace's 2.9% at the same 55,552 images, and triplet
+#   1.3%. This **does not reproduce the paper's claim** that classification beats pairwise
 #   learning: with about 6 samples per class and encoders trained from scratch, InfoNCE on
-#   the clicks wins here. Image-only docs under CosFace reach 15.1% on small, so the classification loss is
+#   the clicks wins here. Image-only docs under CosFace reach 14.2% on small, so the classification loss is
 #   not the main obstacle: fusing the title in lets docs be classified without their image
 #   (notebook 02). The paper's regime (pretrained encoders, many samples per class, 1e8
 #   classes) is far from this one; the README's "Training" section has every run.
