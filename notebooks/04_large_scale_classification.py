@@ -104,7 +104,7 @@ for c in class_counts:
 #   reaches Recall@10 13.4% against CosFace's 2.9% at the same 55,552 images, and triplet
 #   1.3%. This **does not reproduce the paper's claim** that classification beats pairwise
 #   learning: with about 6 samples per class and encoders trained from scratch, InfoNCE on
-#   the clicks wins here. Image-only docs under CosFace reach 14.2% on small, so the classification loss is
-#   not the main obstacle: fusing the title in lets docs be classified without their image
-#   (notebook 02). The paper's regime (pretrained encoders, many samples per class, 1e8
+#   the clicks wins here. Image-only docs under CosFace reach 14.2% on small, so the
+#   classification loss is not the main obstacle: fusing the title in lets docs be classified
+#   without their image (notebook 02). The paper's regime (pretrained encoders, many samples per class, 1e8
 #   classes) is far from this one; the README's "Training" section has every run.
