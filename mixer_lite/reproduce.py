@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import load_dataset
+from .dataset import FILES, load_dataset
 from .experiments import (METRICS, ROWS, as_json, config_diff, ensure_data, ensure_row,
                           evaluate_untrained, repo_root, row_overrides, run_name)
 from .files import write_json
@@ -51,7 +51,7 @@ def records_dir(preset: str, root: str | Path | None = None) -> Path:
 def data_fingerprint(data_dir: str | Path) -> str:
     """A hash of the dataset's four JSONL files: records of other data are never mixed in."""
     h = hashlib.sha256()
-    for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl"):
+    for name in FILES:
         h.update(name.encode() + b"\0" + (Path(data_dir) / name).read_bytes())
     return h.hexdigest()[:16]
 

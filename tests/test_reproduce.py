@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mixer_lite import reproduce as rp
+from mixer_lite.dataset import FILES
 from mixer_lite.experiments import ROWS, config_diff, run_name
 from mixer_lite.train import config_from
 
@@ -103,7 +104,7 @@ def test_a_damaged_record_is_an_error_naming_the_file(tmp_path, fake_measurement
 
 
 def test_data_fingerprint_follows_the_jsonl_files(tmp_path, tiny_dir):
-    for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl"):
+    for name in FILES:
         (tmp_path / name).write_bytes((tiny_dir[0] / name).read_bytes())
     same = rp.data_fingerprint(tmp_path)
     assert same == rp.data_fingerprint(tiny_dir[0])
