@@ -41,9 +41,15 @@ def _cmd_build_classes(args) -> int:
     from .dataset import load_dataset
 
     cfg = apply_overrides(ClassConfig(), args.overrides)
-    data = load_dataset(args.data, check_images=False)
+    data = load_dataset(args.data, check_images=False)  # reads no image
     q, d, n = data.clicks_columns()
+    if not len(q):
+        raise ValueError(f"{args.data}/clicks.jsonl has no clicks: no class to build "
+                         f"({args.out} not written)")
     classes, stats = build_classes_from_clicks(q, d, n, cfg)
+    if not classes:
+        raise ValueError(f"no class survived class construction with {cfg} "
+                         f"({args.out} not written); loosen the thresholds")
     write_classes(args.out, classes)
     print(json.dumps(stats))
     if args.analyze:
@@ -71,22 +77,20 @@ def _cmd_evaluate(args) -> int:
 
     from .dataset import load_dataset
     from .files import write_json
-    from .retrieval import evaluate_model, evaluate_raw_pixels, load_run_model
+    from .retrieval import evaluate_model, evaluate_raw_pixels, eval_name, load_run_model
     from .viz import recall_curves
 
-    if args.split != "test":
-        raise ValueError("only the test split has ground truth (qrels.jsonl)")
     if not args.run and not args.baseline:
         raise ValueError("give --run RUN (one or more) or --baseline raw-pixel")
-    data = load_dataset(args.data, check_images=False)
+    models = {run: load_run_model(run) for run in args.run}  # a damaged one fails before work
+    data = load_dataset(args.data)
     results = {}
-    for run in args.run:
-        model = load_run_model(run)
+    for run, model in models.items():
         metrics = evaluate_model(model, data, index_kind=args.index, progress=not args.quiet)
-        name = f"eval-{args.index}.json" if args.index != "flat" else "eval.json"
-        write_json(Path(run) / name, metrics)
+        name = eval_name(run, data, args.index)
+        write_json(Path(run) / f"{name}.json", metrics)
         recall_curves({Path(run).name: metrics["recall_curve"]},
-                      path=Path(run) / "recall_curve.png")
+                      path=Path(run) / f"{name.replace('eval', 'recall_curve', 1)}.png")
         results[str(run)] = metrics
     if args.baseline:
         results["raw-pixel baseline"] = evaluate_raw_pixels(data, index_kind=args.index)
@@ -107,8 +111,8 @@ def _cmd_index(args) -> int:
     from .files import write_json
     from .retrieval import build_index, embed_docs, load_run_model, save_index
 
-    data = load_dataset(args.data, check_images=False)
     model = load_run_model(args.run)
+    data = load_dataset(args.data)
     images = ImageTable(image_paths(data, "docs"), model.cfg.image_size, preload=False,
                         threads=4)
     emb = embed_docs(model, images, data.doc_texts, progress=not args.quiet)
@@ -124,33 +128,65 @@ def _cmd_index(args) -> int:
 def _cmd_search(args) -> int:
     from pathlib import Path
 
-    import torch
-
     from .dataset import ImageTable, load_dataset
-    from .retrieval import load_index, load_run_model, search
+    from .retrieval import embed_queries, load_index, load_run_model, search
 
     meta_path = Path(args.run) / "index" / "meta.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path}: no index; run `mixer-lite index --run "
                                 f"{args.run} --data DIR` first")
+    photos = _photo_paths(args.image)
     meta = json.loads(meta_path.read_text())
-    data = load_dataset(args.data, check_images=False)
+    data = load_dataset(args.data, check_images=False)  # only the doc ids and texts are read
     if meta["doc_ids"] != data.doc_ids:
         raise ValueError(f"the index in {args.run} was built from {meta['data']}, whose docs "
                          f"differ from {args.data}/docs.jsonl; rebuild it with mixer-lite index")
     model = load_run_model(args.run)
-    try:
-        x = ImageTable([args.image], model.cfg.image_size, preload=False, threads=1)[[0]]
-    except OSError as e:  # PIL's UnidentifiedImageError is an OSError too
-        raise ValueError(f"--image {args.image}: cannot open as an image ({e})") from None
-    with torch.no_grad():
-        q = model.embed_queries(x).numpy()
+    images = ImageTable(photos, model.cfg.image_size, preload=False, threads=2)
+    for i in range(len(photos)):
+        images[[i]]  # each photo decodes, or the error names it, before any search
+    q = embed_queries(model, images, batch_size=64)
     scores, rows = search(load_index(Path(args.run) / "index" / "docs.faiss"), q, args.k)
     texts = data.doc_texts
-    for rank, (s, r) in enumerate(zip(scores[0], rows[0]), 1):
-        if r >= 0:
-            print(f"{rank}\t{data.doc_ids[r]}\t{s:.4f}\t{texts[r]}")
+    for photo, sc, rw in zip(photos, scores, rows):
+        print(f"# {photo}")
+        for rank, (s, r) in enumerate(zip(sc, rw), 1):
+            if r >= 0:
+                print(f"{rank}\t{data.doc_ids[r]}\t{s:.4f}\t{texts[r]}")
     return 0
+
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _photo_paths(given: list[str]) -> list[str]:
+    """The photos named by ``--image`` (files, or folders searched for image files)."""
+    from pathlib import Path
+
+    out = []
+    for item in given:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES)
+            if not found:
+                raise ValueError(f"--image {item}: a folder without image files "
+                                 f"({', '.join(PHOTO_SUFFIXES)})")
+            out += found
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise FileNotFoundError(f"--image {item}: no such file or folder")
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _cmd_demo(args) -> int:
@@ -200,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="Recall@K, mAP@10, MRR of runs on the test split")
     s.add_argument("--run", action="append", default=[], help="run folder (repeat to compare)")
     s.add_argument("--data", required=True)
-    s.add_argument("--split", default="test")
     s.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw", "ivfpq"])
     s.add_argument("--baseline", choices=["raw-pixel"], help="add the no-learning baseline")
     s.add_argument("--compare-out", help="PNG with every run's recall curve")
@@ -214,11 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_index)
 
-    s = sub.add_parser("search", help="top-k docs for one query photo, from a saved index")
+    s = sub.add_parser("search", help="top-k docs for query photos, from a saved index "
+                                      "(`mixer-lite index` builds it)")
     s.add_argument("--run", required=True)
     s.add_argument("--data", required=True)
-    s.add_argument("--image", required=True)
-    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--image", required=True, nargs="+", action="extend",
+                   help="photo files or folders of photos (one model load for all)")
+    s.add_argument("--k", type=_positive_int, default=10)
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("demo", help="the main job on the built-in data (what `make demo` runs)")
@@ -234,9 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     overrides = [x for x in extra if x.startswith("--") and "=" in x]
-    if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
-        build_parser().parse_args(argv)  # let argparse report what it does not know
-        print(f"mixer-lite {args.command}: does not take --key=value overrides", file=sys.stderr)
+    unknown = [x for x in extra if x not in overrides]
+    if unknown:
+        print(f"mixer-lite {args.command}: error: unrecognised argument(s): {' '.join(unknown)}"
+              + (" (overrides take the form --key=value)" if hasattr(args, "overrides") else ""),
+              file=sys.stderr)
+        return 2
+    if overrides and not hasattr(args, "overrides"):
+        print(f"mixer-lite {args.command}: error: does not take --key=value overrides "
+              f"({' '.join(overrides)})", file=sys.stderr)
         return 2
     args.overrides = overrides
     try:
@@ -244,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"mixer-lite {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mixer-lite {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

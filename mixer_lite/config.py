@@ -6,6 +6,7 @@ error that names the key, the value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 
@@ -65,3 +66,42 @@ def _set(obj, path: list[str], value: str, key: str):
     else:
         new = _parse(value, hints[path[0]], key)
     return dataclasses.replace(obj, **{path[0]: new})
+
+
+def as_json(cfg) -> dict:
+    """A config as its ``config.json`` holds it (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_changes(have: dict, cfg) -> dict[str, tuple]:
+    """``{dotted key: (stored value, value in cfg)}`` where a stored config (a
+    ``config.json``'s ``train``) differs from the dataclass ``cfg``.
+
+    A key the stored config lacks counts as its default (``type(cfg)()``), so a new option
+    whose default keeps the old behaviour does not make older runs (or records) stale.
+    """
+    have, want = _flat(_with_defaults(have, as_json(type(cfg)()))), _flat(as_json(cfg))
+    return {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k)}
+
+
+def config_diff(have: dict, cfg) -> list[str]:
+    """The keys of :func:`config_changes`, sorted."""
+    return list(config_changes(have, cfg))
+
+
+def _with_defaults(have: dict, defaults: dict) -> dict:
+    out = dict(defaults)
+    for k, v in have.items():
+        out[k] = _with_defaults(v, defaults[k]) if isinstance(defaults.get(k), dict) else v
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

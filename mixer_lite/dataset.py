@@ -11,6 +11,7 @@ input never surfaces as a pyarrow, PIL or torch traceback.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 FILES = ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl")
+MAX_COUNT = 2**63 - 1  # counts are summed as int64
+# What opening an image can raise besides OSError: PIL's DecompressionBombError (a header that
+# claims more pixels than Image.MAX_IMAGE_PIXELS allows), and SyntaxError / ValueError from
+# some damaged files.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -144,7 +151,7 @@ def _check_image(root: Path, real_root: Path, name: str, lineno: int, obj: dict,
         try:
             with Image.open(real) as im:
                 im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except IMAGE_ERRORS as e:
             problems.append(Problem(name, lineno, "image",
                                     f"{value!r} does not open as an image ({e})"))
             return False
@@ -161,8 +168,10 @@ def validate_dataset(root: str | os.PathLike, check_images: bool = True) -> list
     folder, but does not open the files (much faster on millions of images).
     """
     root = Path(root)
+    if not root.exists():
+        return [Problem(str(root), None, None, "no such folder")]
     if not root.is_dir():
-        return [Problem(str(root), None, None, "not a directory")]
+        return [Problem(str(root), None, None, "not a folder (a dataset is a folder)")]
     real_root = root.resolve()
     problems: list[Problem] = []
 
@@ -214,6 +223,9 @@ def validate_dataset(root: str | os.PathLike, check_images: bool = True) -> list
         elif isinstance(count, bool) or not isinstance(count, int) or count < 1:
             problems.append(Problem("clicks.jsonl", lineno, "count",
                                     f"must be a positive integer, got {json.dumps(count)}"))
+        elif count > MAX_COUNT:
+            problems.append(Problem("clicks.jsonl", lineno, "count",
+                                    f"{count} is too large (at most 2**63 - 1)"))
 
     qrels = _read_records(root, "qrels.jsonl", problems)
     qrels = [(n, o) for n, o in qrels if _check_id("qrels.jsonl", n, o, "query_id", problems)]
@@ -359,6 +371,18 @@ def load_dataset(root: str | os.PathLike, check_images: bool = True) -> ShopData
                     summary=summary)
 
 
+class ImageError(ValueError):
+    """An image that cannot be decoded; the message names its file."""
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """A hash of the dataset's four JSONL files: which data a record or an evaluation scored."""
+    h = hashlib.sha256()
+    for name in FILES:
+        h.update(name.encode() + b"\0" + (Path(data_dir) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 class ImageTable:
     """Images of a dataset as uint8 tensors [N, 3, size, size], by row index.
 
@@ -373,7 +397,7 @@ class ImageTable:
         self.cache = None
         if preload:
             import torch
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             self.cache = torch.empty(len(self.paths), 3, size, size, dtype=torch.uint8)
             step = 512
@@ -386,11 +410,16 @@ class ImageTable:
         return len(self.paths)
 
     def _decode_one(self, i: int) -> np.ndarray:
-        with Image.open(self.paths[i]) as im:
-            im = im.convert("RGB")
-            if im.size != (self.size, self.size):
-                im = im.resize((self.size, self.size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+        try:
+            with Image.open(self.paths[i]) as im:
+                im.draft("RGB", (self.size, self.size))  # JPEG: decode at reduced size
+                im = im.convert("RGB")
+                if im.size != (self.size, self.size):
+                    im = im.resize((self.size, self.size), Image.BILINEAR)
+                return np.asarray(im, dtype=np.uint8)
+        except IMAGE_ERRORS as e:
+            raise ImageError(f"{self.paths[i]}: cannot read the image ({e}); "
+                             f"`mixer-lite validate` checks every image of a folder") from None
 
     def _decode(self, idx):
         import torch

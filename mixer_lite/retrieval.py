@@ -18,13 +18,15 @@ Ranked lists are taken as given: breaking score ties is the search's job (the fl
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
+from .dataset import data_fingerprint
 from .files import atomic_path
 from .model import batchnorm_layers
 
@@ -214,6 +216,8 @@ def evaluate_embeddings(data, doc_emb: np.ndarray, query_emb: np.ndarray,
     metrics = ranking_metrics(ranked, relevant)
     metrics["docs"] = int(len(doc_emb))
     metrics["index"] = index_kind
+    metrics["data"] = {"path": str(Path(data.root).resolve()),
+                       "fingerprint": data_fingerprint(data.root)}
     metrics["per_category"] = per_category(ranked, relevant, data.column("docs", "category"))
     metrics["recall_curve"] = [round(float(v), 6) for v in recall_curve(ranked, relevant)]
     return metrics
@@ -259,15 +263,38 @@ def load_run_model(run: str | Path, device="cpu"):
     path = Path(run) / "model.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained model in this run (did training finish?)")
-    ck = torch.load(path, map_location=device, weights_only=False)
-    model = MixerModel.from_export(ck["export"])
     try:
-        model.load_state_dict(ck["state_dict"])
+        ck = torch.load(path, map_location=device, weights_only=False)
+        export, state = ck["export"], ck["state_dict"]
+    except Exception as e:  # a cut file fails in zip, pickle or storage code, each its own way
+        raise ValueError(f"{path}: damaged model file, it cannot be read ({type(e).__name__}: "
+                         f"{e}); `mixer-lite train --resume` rewrites it from the run's last "
+                         f"checkpoint") from None
+    model = MixerModel.from_export(export)
+    try:
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the model its config describes (saved by "
                          f"another mixer-lite version?): {str(e).splitlines()[-1].strip()}") \
             from None
     return model.to(device).eval()
+
+
+def eval_name(run: str | Path, data, index_kind: str = "flat") -> str:
+    """The file stem an evaluation of ``run`` on ``data`` is written under.
+
+    ``eval`` for the run's own dataset (what training writes at its end), ``eval-<folder>-<hash>``
+    for any other data, so scoring a run elsewhere never overwrites its own result; an index
+    other than ``flat`` adds its kind.
+    """
+    name = "eval"
+    try:
+        trained_on = json.loads((Path(run) / "config.json").read_text()).get("data")
+    except (OSError, json.JSONDecodeError):
+        trained_on = None
+    if trained_on is None or Path(trained_on) != Path(data.root).resolve():
+        name += f"-{Path(data.root).resolve().name}-{data_fingerprint(data.root)[:8]}"
+    return name if index_kind == "flat" else f"{name}-{index_kind}"
 
 
 def recall_curve(ranked: np.ndarray, relevant: list[set[int]], max_k: int = 50) -> np.ndarray:

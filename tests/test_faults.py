@@ -1,0 +1,389 @@
+"""Fault injection: the CLI over corrupted copies of SynthShop ``tiny``, as a user would meet them.
+
+Every case runs a real ``mixer-lite`` command in a subprocess and asserts what a user is owed:
+a non-zero exit, no Python traceback, a message that names the file (and the line, where the
+fault has one), and every output that existed before the command byte-for-byte unchanged.
+The cases cover each rule of ``docs/DATASET_FORMAT.md``, damaged images, damaged checkpoints
+and model files, and bad arguments.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_MODEL = ["--model.vit_dim=32", "--model.text_dim=32", "--model.text_depth=1",
+              "--model.text_heads=2", "--model.embed_dim=32", "--model.n_concepts=4",
+              "--batch_size=32", "--threads=1"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mixer_lite.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    """JSONL files copied, images hard-linked (fast, and still inside the new folder)."""
+    shutil.copytree(src, dst, copy_function=os.link, ignore=shutil.ignore_patterns("*.jsonl"))
+    for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """A finished tiny run with an index: the outputs a failing command must leave alone."""
+    run = tmp_path_factory.mktemp("faults") / "run"
+    r = cli("train", "--data", tiny_dir[0], "--out", run, "--steps=4", "--checkpoint_every=2",
+            *TINY_MODEL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("index", "--run", run, "--data", tiny_dir[0], "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
+def edit_line(path: Path, lineno: int, edit) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    obj = json.loads(lines[lineno - 1])
+    lines[lineno - 1] = (edit(obj) if callable(edit) else edit) + "\n"
+    path.write_text("".join(lines))
+
+
+def set_field(key, value):
+    def edit(obj):
+        obj[key] = value
+        return json.dumps(obj)
+    return edit
+
+
+def first_line_with(path: Path, **match) -> int:
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        obj = json.loads(line)
+        if all(obj.get(k) == v for k, v in match.items()):
+            return i
+    raise AssertionError(f"no line of {path} has {match}")
+
+
+def image_of(root: Path, table: str, lineno: int) -> Path:
+    return root / json.loads((root / table).read_text().splitlines()[lineno - 1])["image"]
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    path.unlink()  # a hard link: never write through it into the shared original
+    path.write_bytes(data)
+
+
+def bomb_png() -> bytes:
+    """A tiny PNG whose header claims 20000 x 20000 pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+# Each case: (id, corrupt(folder) -> text the message must contain).  Line numbers are those
+# of the corrupted line; the data is tiny's, whose first lines are known valid.
+def _malformed(root):
+    edit_line(root / "docs.jsonl", 5, '{"doc_id": "d0000004", "image": ')
+    return "docs.jsonl:5"
+
+
+def _empty_line(root):
+    edit_line(root / "queries.jsonl", 3, "")
+    return "queries.jsonl:3"
+
+
+def _not_object(root):
+    edit_line(root / "clicks.jsonl", 2, '["q0000001", "d0000002", 1]')
+    return "clicks.jsonl:2"
+
+
+def _non_utf8(root):
+    lines = (root / "docs.jsonl").read_bytes().splitlines(keepends=True)
+    lines[6] = lines[6].replace(b"lamp", b"l\xff\xfeamp", 1) if b"lamp" in lines[6] else \
+        lines[6][:-2] + b"\xff\xfe" + lines[6][-2:]
+    (root / "docs.jsonl").write_bytes(b"".join(lines))
+    return "docs.jsonl:7"
+
+
+def _duplicate_doc(root):
+    edit_line(root / "docs.jsonl", 4, set_field("doc_id", "d0000000"))
+    return "docs.jsonl:4"
+
+
+def _empty_query_id(root):
+    edit_line(root / "queries.jsonl", 2, set_field("query_id", ""))
+    return "queries.jsonl:2"
+
+
+def _unknown_doc_in_clicks(root):
+    edit_line(root / "clicks.jsonl", 3, set_field("doc_id", "d9999999"))
+    return "clicks.jsonl:3"
+
+
+def _unknown_query_in_qrels(root):
+    edit_line(root / "qrels.jsonl", 2, set_field("query_id", "q9999999"))
+    return "qrels.jsonl:2"
+
+
+def _text_not_string(root):
+    edit_line(root / "docs.jsonl", 2, set_field("text", 42))
+    return "docs.jsonl:2"
+
+
+def _empty_category(root):
+    edit_line(root / "docs.jsonl", 3, set_field("category", ""))
+    return "docs.jsonl:3"
+
+
+def _bad_split(root):
+    edit_line(root / "queries.jsonl", 4, set_field("split", "validation"))
+    return "queries.jsonl:4"
+
+
+def _zero_count(root):
+    edit_line(root / "clicks.jsonl", 5, set_field("count", 0))
+    return "clicks.jsonl:5"
+
+
+def _huge_count(root):
+    edit_line(root / "clicks.jsonl", 100, set_field("count", 2**70))
+    return "clicks.jsonl:100"
+
+
+def _string_count(root):
+    edit_line(root / "clicks.jsonl", 6, set_field("count", "3"))
+    return "clicks.jsonl:6"
+
+
+def _empty_doc_ids(root):
+    edit_line(root / "qrels.jsonl", 3, set_field("doc_ids", []))
+    return "qrels.jsonl:3"
+
+
+def _repeated_doc_ids(root):
+    edit_line(root / "qrels.jsonl", 4, set_field("doc_ids", ["d0000000", "d0000000"]))
+    return "qrels.jsonl:4"
+
+
+def _qrels_names_train_query(root):
+    edit_line(root / "qrels.jsonl", 1, set_field("query_id", "q0000000"))
+    return "qrels.jsonl:1"
+
+
+def _test_query_in_clicks(root):
+    test_q = json.loads((root / "qrels.jsonl").read_text().splitlines()[0])["query_id"]
+    edit_line(root / "clicks.jsonl", 7, set_field("query_id", test_q))
+    return "clicks.jsonl:7"
+
+
+def _missing_image(root):
+    image_of(root, "docs.jsonl", 8).unlink()
+    return "docs.jsonl:8"
+
+
+def _absolute_image(root):
+    edit_line(root / "queries.jsonl", 9, set_field("image", "/etc/hostname"))
+    return "queries.jsonl:9"
+
+
+def _dotdot_image(root):
+    edit_line(root / "docs.jsonl", 10, set_field("image", "../outside.png"))
+    return "docs.jsonl:10"
+
+
+def _symlink_outside(root):
+    target = image_of(root, "docs.jsonl", 11)
+    outside = root.parent / f"{root.name}-outside.png"
+    shutil.copy(target, outside)
+    target.unlink()
+    target.symlink_to(outside)
+    return "docs.jsonl:11"
+
+
+def _zero_byte_doc_image(root):
+    replace_file(image_of(root, "docs.jsonl", 12), b"")
+    return "docs.jsonl:12"
+
+
+def _truncated_query_image(root):
+    path = image_of(root, "queries.jsonl", 13)
+    replace_file(path, path.read_bytes()[:60])
+    return "queries.jsonl:13"
+
+
+def _bomb_image(root):
+    replace_file(image_of(root, "docs.jsonl", 14), bomb_png())
+    return "docs.jsonl:14"
+
+
+def _missing_qrels(root):
+    (root / "qrels.jsonl").unlink()
+    return "qrels.jsonl"
+
+
+DATA_FAULTS = [_malformed, _empty_line, _not_object, _non_utf8, _duplicate_doc,
+               _empty_query_id, _unknown_doc_in_clicks, _unknown_query_in_qrels,
+               _text_not_string, _empty_category, _bad_split, _zero_count, _huge_count,
+               _string_count, _empty_doc_ids, _repeated_doc_ids, _qrels_names_train_query,
+               _test_query_in_clicks, _missing_image, _absolute_image, _dotdot_image,
+               _symlink_outside, _zero_byte_doc_image, _truncated_query_image, _bomb_image,
+               _missing_qrels]
+
+
+def assert_refused(r, *named):
+    assert r.returncode != 0, r.stdout[-1000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    for text in named:
+        assert text in r.stderr, (text, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("fault", DATA_FAULTS, ids=lambda f: f.__name__.strip("_"))
+def test_evaluate_refuses_a_broken_folder_and_leaves_the_run_alone(fault, tiny_dir, trained,
+                                                                   tmp_path):
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    where = fault(data)
+    before = snapshot(trained)
+    r = cli("evaluate", "--run", trained, "--data", data, "--quiet")
+    assert_refused(r, where)
+    assert snapshot(trained) == before
+
+
+@pytest.mark.parametrize("fault", [_zero_byte_doc_image, _truncated_query_image, _bomb_image,
+                                   _huge_count], ids=lambda f: f.__name__.strip("_"))
+def test_train_checks_its_input_before_any_work(fault, tiny_dir, tmp_path):
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    where = fault(data)
+    r = cli("train", "--data", data, "--out", tmp_path / "run", "--steps=2", *TINY_MODEL)
+    assert_refused(r, where)
+    assert not (tmp_path / "run").exists()  # nothing half-made left behind
+
+
+def test_build_classes_blames_the_line_of_a_huge_count_and_keeps_its_output(tiny_dir,
+                                                                           tmp_path):
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    where = _huge_count(data)
+    out = tmp_path / "classes.jsonl"
+    out.write_text("precious\n")
+    assert_refused(cli("build-classes", "--data", data, "--out", out), where)
+    assert out.read_text() == "precious\n"
+
+
+def test_build_classes_on_empty_clicks_writes_nothing_and_fails(tiny_dir, tmp_path):
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    (data / "clicks.jsonl").write_text("")
+    assert_refused(cli("build-classes", "--data", data, "--out", tmp_path / "c.jsonl"),
+                   "clicks.jsonl", "no clicks")
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_a_missing_folder_is_called_missing(tmp_path):
+    r = cli("validate", tmp_path / "nowhere")
+    assert_refused(r, "nowhere", "no such folder")
+
+
+def test_validate_reports_a_decompression_bomb_as_a_bad_image(tiny_dir, tmp_path):
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    where = _bomb_image(data)
+    r = cli("validate", data)
+    assert_refused(r, where, "does not open as an image")
+
+
+# ---- damaged checkpoints and model files ----------------------------------------------------
+def copy_run(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_a_truncated_model_file_is_named(tiny_dir, trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    model = run / "model.pt"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    before = snapshot(run)
+    for r in (cli("evaluate", "--run", run, "--data", tiny_dir[0], "--quiet"),
+              cli("index", "--run", run, "--data", tiny_dir[0], "--quiet"),
+              cli("search", "--run", run, "--data", tiny_dir[0], "--image",
+                  image_of(tiny_dir[0], "queries.jsonl", 1))):
+        assert_refused(r, str(model), "damaged model file")
+    assert snapshot(run) == before
+
+
+def test_a_truncated_checkpoint_is_named_before_any_data_is_read(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    ckpt = run / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    before = snapshot(run)
+    # The data folder does not even exist: the checkpoint is checked first.
+    r = cli("train", "--data", tmp_path / "no-data", "--out", run, "--resume", "--steps=4",
+            "--checkpoint_every=2", *TINY_MODEL)
+    assert_refused(r, str(ckpt), "damaged checkpoint")
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("changed", [["--steps=5"], ["--lr=0.1"], ["--model.embed_dim=16"]])
+def test_resume_with_other_settings_is_refused_naming_them(tiny_dir, trained, tmp_path,
+                                                           changed):
+    run = copy_run(trained, tmp_path / "run")
+    before = snapshot(run)
+    args = [a for a in ["--steps=4", "--checkpoint_every=2", *TINY_MODEL]
+            if a.split("=")[0] not in {c.split("=")[0] for c in changed}]
+    r = cli("train", "--data", tiny_dir[0], "--out", run, "--resume", *args, *changed)
+    key = changed[0][2:].split("=")[0]
+    assert_refused(r, str(run), key, "config.json")
+    assert snapshot(run) == before
+
+
+# ---- arguments ------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", ["0", "-1", "many"])
+def test_search_refuses_a_bad_k(tiny_dir, trained, k):
+    r = cli("search", "--run", trained, "--data", tiny_dir[0], "--k", k, "--image",
+            image_of(tiny_dir[0], "queries.jsonl", 1))
+    assert_refused(r, "--k")
+
+
+@pytest.mark.parametrize("arg,named", [("--checkpoint_every=0", "checkpoint_every"),
+                                        ("--log_every=0", "log_every"),
+                                        ("--device=gpu", "--device=gpu"),
+                                        ("--val_share=1.5", "val_share")])
+def test_train_refuses_bad_settings_before_any_work(tiny_dir, tmp_path, arg, named):
+    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", arg, *TINY_MODEL)
+    assert_refused(r, named)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_on_cuda_without_a_gpu_is_refused(tiny_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: --device=cuda is valid here")
+    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", "--device=cuda",
+            *TINY_MODEL)
+    assert_refused(r, "--device=cuda", "no CUDA GPU")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bare_flag_is_named_alone(tiny_dir, tmp_path):
+    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", "--lr", "--steps=3")
+    assert_refused(r, "--lr")
+    assert "--steps=3" not in r.stderr
+
+
+def test_an_oversized_batch_is_refused_with_an_estimate(tiny_dir, tmp_path):
+    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run",
+            "--batch_size=50000000", "--steps=1", *TINY_MODEL[:-2])
+    assert_refused(r, "batch_size=50000000", "GiB")
