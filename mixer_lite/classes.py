@@ -20,9 +20,6 @@ effect is measurable against SynthShop's truth with :func:`analyse`):
    the association threshold inside them (then by a plain cap); classes with fewer than
    ``min_class_size`` samples are dropped; each class keeps at most ``max_queries_per_class``
    queries, chosen by a hash of the id so the choice does not depend on input order.
-6. **Model-based cleaning** (:func:`clean_by_embedding`, once a model exists): samples whose
-   cosine to their class centre is below a threshold are dropped (the paper's "mining noisy
-   data" step).
 
 Everything here is plain graph and array logic over ids and counts; no model object.
 """
@@ -167,7 +164,7 @@ def _split_oversized(labels, r, c, assoc, cap):
     return labels
 
 
-def _stable_rank(ids) -> np.ndarray:
+def stable_rank(ids) -> np.ndarray:
     """A pseudo-random but input-order-free ordering key for ids."""
     return np.array([int(hashlib.blake2b(str(x).encode(), digest_size=8).hexdigest(), 16)
                      for x in ids], dtype=np.uint64)
@@ -200,7 +197,7 @@ def build_classes_from_clicks(query_ids, doc_ids, counts, cfg: ClassConfig = Cla
     q_size = np.bincount(query_label[assigned], minlength=n_classes)
     d_size = np.bincount(doc_label[doc_label >= 0], minlength=n_classes)
     big_enough = (q_size + d_size) >= cfg.min_class_size
-    rank = _stable_rank(g.query_ids)
+    rank = stable_rank(g.query_ids)
     capped = np.zeros(len(g.query_ids), dtype=bool)
     classes = []
     order = np.argsort(doc_label, kind="stable")
@@ -266,36 +263,6 @@ def class_stats(classes: list[dict]) -> dict:
                      "gini": round(gini(sizes), 4)}}
 
 
-def clean_by_embedding(classes: list[dict], ids: list[str], embeddings: np.ndarray,
-                       threshold: float) -> tuple[list[dict], dict]:
-    """Drop samples whose cosine to their class centre is below ``threshold``.
-
-    ``ids`` names the rows of ``embeddings`` (query and doc ids together).  The centre is the
-    normalised mean of the class's members; classes left with no sample are removed.
-    """
-    row = {x: i for i, x in enumerate(ids)}
-    missing = [x for c in classes for x in c["query_ids"] + c["doc_ids"] if x not in row]
-    if missing:
-        raise ValueError(f"clean_by_embedding: no embedding for {len(missing)} sample(s), "
-                         f"e.g. {missing[:3]}")
-    e = np.asarray(embeddings, dtype=np.float64)
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    out, removed = [], 0
-    for c in classes:
-        members = c["query_ids"] + c["doc_ids"]
-        v = e[[row[x] for x in members]]
-        centre = v.mean(axis=0)
-        centre /= max(np.linalg.norm(centre), 1e-12)
-        keep = set(np.asarray(members, dtype=object)[v @ centre >= threshold].tolist())
-        removed += len(members) - len(keep)
-        kept = {"query_ids": [x for x in c["query_ids"] if x in keep],
-                "doc_ids": [x for x in c["doc_ids"] if x in keep]}
-        if kept["query_ids"] or kept["doc_ids"]:
-            out.append({"class_id": len(out), **kept})
-    return out, {"removed_samples": removed, "classes_before": len(classes),
-                 "classes_after": len(out)}
-
-
 def raw_click_classes(query_ids, doc_ids, counts) -> list[dict]:
     """The baseline: every clicked doc is a class of itself plus the queries that clicked it."""
     g = click_graph(query_ids, doc_ids, counts)
@@ -351,23 +318,6 @@ def write_classes(path: str | Path, classes: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         for c in classes:
             f.write(json.dumps(c) + "\n")
-
-
-def read_classes(path: str | Path) -> list[dict]:
-    out = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                c = json.loads(line)
-                ok = isinstance(c, dict) and isinstance(c.get("query_ids"), list) \
-                    and isinstance(c.get("doc_ids"), list)
-            except json.JSONDecodeError:
-                ok = False
-            if not ok:
-                raise ValueError(f"{path}:{lineno}: expected a class object with "
-                                 f"query_ids and doc_ids lists")
-            out.append(c)
-    return out
 
 
 def analyse_steps(query_ids, doc_ids, counts, truth: dict[str, str],

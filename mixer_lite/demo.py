@@ -10,32 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from .classes import build_classes_from_clicks, raw_click_classes, write_classes
-from .dataset import ImageTable, image_paths, load_dataset
+from .dataset import load_dataset
 from .files import write_json
 from .retrieval import evaluate_raw_pixels, load_run_model
 from .synthshop import make_synthshop
 from .train import config_from, train
-from .viz import class_size_rank, concept_attention, query_doc_grid, recall_curves
-
-
-def attention_gallery(model, data, n_docs: int = 4, seed: int = 0, path=None):
-    """Concept attention maps of a few docs whose products were never seen in training."""
-    rel = data.qrels
-    rng = np.random.default_rng(seed)
-    rows = [data.doc_row[rel[int(i)]["doc_ids"][0]]
-            for i in rng.choice(len(rel), size=min(n_docs, len(rel)), replace=False)]
-    images = ImageTable(image_paths(data, "docs", rows), model.cfg.image_size)[np.arange(len(rows))]
-    texts = [data.doc_texts[r] for r in rows]
-    tokens = model.tokenize(texts)
-    with torch.no_grad():
-        _, info = model.embed_docs(images, tokens, return_attention=True)
-    strings = [model.tokenizer.convert_ids_to_tokens(ids[m]) for ids, m in
-               zip(tokens["input_ids"], tokens["attention_mask"])]
-    return concept_attention(images, info, strings, n_docs=len(rows), titles=texts, path=path)
+from .viz import attention_gallery, class_size_rank, query_doc_grid, recall_curves
 
 
 def run_demo(data_dir: str = "data/synth-small", reports: str = "reports", preset: str = "small",
@@ -58,6 +39,7 @@ def run_demo(data_dir: str = "data/synth-small", reports: str = "reports", prese
     class_size_rank({"raw clicks (each clicked doc)": [len(c["query_ids"]) + 1 for c in raw],
                      "co-click classes": [len(c["query_ids"]) + len(c["doc_ids"])
                                           for c in classes]},
+                    query_cap=stats["config"]["max_queries_per_class"],
                     path=reports / "class_sizes.png")
     print(f"[demo]     {stats['classes']} classes, {stats['samples']} samples")
 

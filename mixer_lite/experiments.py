@@ -23,7 +23,6 @@ since an epoch of clicks is longer than an epoch of capped class samples.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -34,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import config_diff
 from .dataset import ImageTable, image_paths, load_dataset
+from .files import read_log
 from .synthshop import load_truth, make_synthshop
 from .train import (PAIRWISE_LOSSES, EpochSampler, TrainConfig, build_model, config_from,
                     make_samples, total_steps, train)
@@ -53,6 +54,27 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "raw clicks as labels": ("raw_clicks", ["--labels=raw_clicks"]),
 }
 METRICS = ("recall@1", "recall@10", "map@10")
+
+# The classification recipe, one change at a time on validation queries (docs/EXPERIMENTS.md):
+# each step is (label, slug, the settings it varies).  Every step spells out *all* the varied
+# settings, so its cached run means the same thing whatever the preset's defaults are now.
+RECIPE_VARIED = {"centre_weight_decay": "5e-4", "model.concept_text": "residual",
+                 "samples_per_class": "1", "clip_centres": "true", "margin_warmup_frac": "0",
+                 "scale": "30"}
+RECIPE_STEPS: list[tuple[str, str, dict]] = [
+    ("previous recipe", "prev", {}),
+    ("no weight decay on the centres", "nowd", {"centre_weight_decay": "0"}),
+    ("fused concepts keep no text content", "notext", {"model.concept_text": "none"}),
+    ("class-balanced batches (K=4 per class)", "pk4",
+     {"model.concept_text": "none", "samples_per_class": "4"}),
+]
+VALIDATION = ["--val_share=0.1", "--eval_at_end=false"]
+
+
+def recipe_overrides(varied: dict, extra: list[str] = ()) -> list[str]:
+    """The ``tiny-cpu`` overrides of one recipe step: validation on, test untouched."""
+    settings = {**RECIPE_VARIED, **varied}
+    return [*VALIDATION, *(f"--{k}={v}" for k, v in settings.items()), *extra]
 
 
 def repo_root() -> Path:
@@ -87,43 +109,37 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
         if diff:
             raise FileExistsError(f"{run} was trained with another config (differs in "
                                   f"{', '.join(diff)}); delete it or choose another name")
-    if not (run / "eval.json").exists():
+    if not (run / ("eval.json" if cfg.eval_at_end else "model.pt")).exists():
         resume = (run / "checkpoints" / "last.pt").exists()
         t0 = time.time()
         train(data_dir, run, cfg, resume=resume, progress=False, preset="tiny-cpu")
         (run / "seconds.json").write_text(json.dumps(round(time.time() - t0, 1)))
-    out = json.loads((run / "eval.json").read_text())
+    out = json.loads((run / "eval.json").read_text()) if cfg.eval_at_end else {}
+    if (run / "val.json").exists():
+        out["validation"] = json.loads((run / "val.json").read_text())
     out["run"] = str(run)
     out["seconds"] = json.loads((run / "seconds.json").read_text())
     out["steps"] = json.loads((run / "config.json").read_text())["steps"]
     return out
 
 
-def config_diff(have: dict, cfg: TrainConfig) -> list[str]:
-    """The keys in which a stored config (``config.json``'s ``train``) differs from ``cfg``.
+def claim(text: str, holds: bool, **values: float) -> str:
+    """A notebook's claim, checked: raises AssertionError naming it when it does not hold.
 
-    A key the stored config lacks counts as its default, so a new option whose default keeps
-    the old behaviour does not make older runs (or records) stale.
+    ``values`` are printed rounded to two decimals, so the printed line stays the same across
+    CPUs whose last digits differ; the tolerance lives in the condition the caller states.
     """
-    have, want = _with_defaults(have, as_json(TrainConfig())), as_json(cfg)
-    return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-
-
-def as_json(cfg) -> dict:
-    """A config as its ``config.json`` holds it (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _with_defaults(have: dict, defaults: dict) -> dict:
-    out = dict(defaults)
-    for k, v in have.items():
-        out[k] = _with_defaults(v, defaults[k]) if isinstance(defaults.get(k), dict) else v
-    return out
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
+    line = f"{text} ({shown})" if shown else text
+    if not holds:
+        raise AssertionError(f"claim does not hold: {line}")
+    print(f"holds: {line}")
+    return line
 
 
 def read_metrics(run: str | Path) -> list[dict]:
     """The training log ``RUN/metrics.jsonl`` as a list of dicts."""
-    return [json.loads(line) for line in open(Path(run) / "metrics.jsonl")]
+    return read_log(Path(run) / "metrics.jsonl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +300,46 @@ def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
         out.append(info["image_weight"].float().numpy())
     return np.concatenate(out)
 
+
+
+@torch.no_grad()
+def attention_on_objects(model, data, data_dir: str | Path, n_docs: int = 256,
+                         seed: int = 0) -> dict:
+    """Whether the concepts' text-to-image attention means something, on SynthShop docs
+    (whose generator knows each object's mask, :func:`synthshop.doc_object_masks`).
+
+    ``object_lift``: the attention mass a concept puts inside the object, divided by the
+    object's share of the image (soft, per image region), averaged over concepts and docs:
+    1.0 is attention blind to the object, above 1 looks at it.  ``concept_correlation``: the
+    mean Pearson correlation between two concepts' maps of one doc: 1.0 is every concept
+    looking at the same place, below 0.5 concepts that look at different things.
+    """
+    from .synthshop import doc_object_masks
+
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(data.docs), min(n_docs, len(data.docs)), replace=False))
+    size = model.cfg.image_size
+    images = ImageTable(image_paths(data, "docs", rows), size)[np.arange(len(rows))]
+    model.eval()
+    _, info = model.embed_docs(images, model.tokenize([data.doc_texts[int(r)] for r in rows]),
+                               return_attention=True)
+    if "text_to_image" not in info:
+        raise ValueError(f"fusion={model.cfg.fusion!r} has no text-to-image attention")
+    att = info["text_to_image"].float()                      # [B, K, P]
+    g = info["grid"]
+    masks = torch.from_numpy(doc_object_masks(data_dir, [data.doc_ids[int(r)] for r in rows],
+                                              size))
+    cover = masks.reshape(len(rows), g, size // g, g, size // g).mean((2, 4)).flatten(1)
+    share = cover.mean(dim=1)                                # the object's share of the image
+    lift = (att * cover[:, None, :]).sum(-1) / share[:, None]
+    centred = att - att.mean(-1, keepdim=True)
+    unit = centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    corr = unit @ unit.transpose(1, 2)                       # [B, K, K]
+    k = corr.shape[1]
+    off = ~torch.eye(k, dtype=torch.bool)
+    return {"object_lift": float(lift.mean()),
+            "concept_correlation": float(corr[:, off].mean()) if k > 1 else float("nan"),
+            "object_share": float(share.mean()), "docs": int(len(rows))}
 
 
 def run_name(preset: str, row: str, seed: int) -> str:

@@ -190,6 +190,26 @@ class MarginClassifier(nn.Module):
         self.weight[hit] = F.normalize(sums[hit], dim=-1)
         return int(hit.sum())
 
+    @torch.no_grad()
+    def diagnostics(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                    max_others: int = 4096) -> dict:
+        """The centres' health on a batch (training logs it): ``centre_norm``, their mean norm
+        (shrinking centres take ever larger angular steps); ``cos_own``, the mean cosine of a
+        sample to its own centre; ``cos_other``, to other centres (up to ``max_others`` of this
+        shard, a fixed choice that draws nothing from the training RNG)."""
+        x = F.normalize(embeddings.float(), dim=-1)
+        w = self.weight.detach().float()
+        local = labels.to(w.device) - self.start
+        mine = (local >= 0) & (local < self.shard)
+        own = (x[mine] * F.normalize(w[local[mine]], dim=-1)).sum(-1)
+        g = torch.Generator(device=w.device).manual_seed(0)
+        pick = torch.randperm(self.shard, generator=g, device=w.device)[:max_others]
+        other = x @ F.normalize(w[pick], dim=-1).t()
+        not_own = local[:, None] != pick[None, :]
+        return {"centre_norm": float(w.norm(dim=1).mean()),
+                "cos_own": float(own.mean()) if len(own) else float("nan"),
+                "cos_other": float(other[not_own].mean()) if not_own.any() else float("nan")}
+
     # ---- the row-wise optimiser ---------------------------------------------------------
     def used_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, summed gradients) of every centre used since the last :meth:`step`."""
@@ -292,6 +312,16 @@ def _sharded_cross_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Te
     sum_exp = all_reduce(shifted.exp().sum(dim=1))
     target = all_reduce((shifted * mask).sum(dim=1))
     return (torch.log(sum_exp) - target).mean()
+
+
+def mean_pairwise_cosine(embeddings: torch.Tensor) -> float:
+    """Mean cosine between distinct rows: near 1 when the embeddings collapse onto one point."""
+    x = F.normalize(embeddings.detach().float(), dim=-1)
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    total = x.sum(dim=0)
+    return float(((total @ total) - n) / (n * (n - 1)))  # sum of all cosines minus the diagonal
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ What the paper states, and where each piece is:
 Where the paper is silent, we chose (and say so):
 
 * One attention head in the memory and the fusion, so each concept has one map to inspect.
-* Each concept keeps its text content (residual) after attending the image: attributes that only
-  the title carries (brand, material) must survive fusion.
+* What of the text a fused concept keeps (``concept_text``): its whole content, none of it
+  (the text only chooses where to look in the image; the ``tiny-cpu`` preset), or a learned
+  share starting at zero.  Under classification the title alone can place a doc where no photo
+  follows, so "none" retrieves best on validation (``docs/EXPERIMENTS.md``).
 * The gate is per dimension, ``doc = g * image + (1 - g) * fused``; its mean is the doc's
   "image weight" that the notebooks plot.
 * Optional modality dropout (``text_dropout``): in training, that share of docs skips the text
@@ -43,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FUSIONS = ("concept", "image_only", "text_only", "concat", "direct")
+CONCEPT_TEXT = ("residual", "none", "gated")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -52,8 +55,8 @@ class ModelConfig:
     """Architecture; every field can be overridden from the command line (``--model.x=...``)."""
 
     image_size: int = 64
-    image_encoder: str = "vit"          # "vit" | "cnn" | "torchvision:<name>" | "hf:<name/path>"
-    image_pretrained: bool = False      # torchvision: default weights; hf: from_pretrained
+    image_encoder: str = "vit"          # "vit" | "cnn" | "torchvision:<name>"
+    image_pretrained: bool = False      # torchvision: its default (ImageNet) weights
     patch_size: int = 8
     vit_dim: int = 128
     vit_depth: int = 4
@@ -68,6 +71,7 @@ class ModelConfig:
     n_concepts: int = 8
     embed_dim: int = 128
     fusion: str = "concept"             # one of FUSIONS
+    concept_text: str = "residual"      # what of the text a fused concept keeps: CONCEPT_TEXT
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
@@ -79,6 +83,9 @@ class ModelConfig:
         if self.image_encoder == "vit" and self.image_size % self.patch_size:
             raise ValueError(f"ModelConfig: image_size {self.image_size} is not a multiple of "
                              f"patch_size {self.patch_size}")
+        if self.concept_text not in CONCEPT_TEXT:
+            raise ValueError(f"ModelConfig.concept_text must be one of {CONCEPT_TEXT}, "
+                             f"got {self.concept_text!r}")
         if self.embed_norm not in ("batch", "none"):
             raise ValueError(f"ModelConfig.embed_norm must be 'batch' or 'none', "
                              f"got {self.embed_norm!r}")
@@ -211,30 +218,6 @@ class TorchvisionEncoder(nn.Module):
         return tokens, tokens.mean(dim=1)
 
 
-class HFVisionEncoder(nn.Module):
-    """Any Hugging Face vision model (ViT, DINOv2, CLIP vision, ...) by name or local path."""
-
-    def __init__(self, name: str, pretrained: bool):
-        super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        if pretrained:
-            self.net = AutoModel.from_pretrained(name)
-        else:
-            self.net = AutoModel.from_config(AutoConfig.from_pretrained(name))
-        conf = self.net.config
-        conf = getattr(conf, "vision_config", conf)
-        self.out_dim = conf.hidden_size
-
-    def forward(self, x):
-        out = self.net(pixel_values=x)
-        h = out.last_hidden_state
-        if h.dim() == 4:  # convolutional models: [B, C, H, W]
-            h = h.flatten(2).transpose(1, 2)
-            return h, h.mean(dim=1)
-        return h[:, 1:], h[:, 0]
-
-
 def build_image_encoder(cfg: ModelConfig) -> nn.Module:
     if cfg.image_encoder == "vit":
         return ViTEncoder(cfg)
@@ -243,10 +226,8 @@ def build_image_encoder(cfg: ModelConfig) -> nn.Module:
     kind, _, name = cfg.image_encoder.partition(":")
     if kind == "torchvision" and name:
         return TorchvisionEncoder(name, cfg.image_pretrained)
-    if kind == "hf" and name:
-        return HFVisionEncoder(name, cfg.image_pretrained)
-    raise ValueError(f"ModelConfig.image_encoder: expected 'vit', 'cnn', 'torchvision:<name>' or "
-                     f"'hf:<name or path>', got {cfg.image_encoder!r}")
+    raise ValueError(f"ModelConfig.image_encoder: expected 'vit', 'cnn' or 'torchvision:<name>', "
+                     f"got {cfg.image_encoder!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,21 +398,38 @@ class ConceptFusion(nn.Module):
     """Text-to-image attention plus a learned image/text gate (concept-aware modality fusion).
 
     ``queries`` (concepts, or raw text tokens in the ``direct`` ablation) attend over the doc
-    image's patch tokens; each keeps its own content (residual) and the results are averaged
-    (masked) into one fused vector.  A per-dimension sigmoid gate of [image; fused] decides how
-    much each doc relies on its image.
+    image's patch tokens, and the results are averaged (masked) into one fused vector.  A
+    per-dimension sigmoid gate of [image; fused] decides how much each doc relies on its image.
+
+    ``text`` says what of the text itself a fused concept keeps (our choice; measured in
+    ``docs/EXPERIMENTS.md``):
+
+    * ``"residual"``: all of it (``concept + seen``): attributes only a title names enter the
+      doc vector directly, and under classification the title alone places the doc, where no
+      photo can follow;
+    * ``"none"``: nothing (``seen``): the text only chooses *where* in the image to look, so
+      the doc vector is built from image content a photo can match;
+    * ``"gated"``: ``seen + a * concept`` with a learned scalar ``a`` that starts at 0: image
+      content first, and text content only as far as training asks for it.
     """
 
-    def __init__(self, dim: int, dropout: float):
+    def __init__(self, dim: int, dropout: float, text: str = "residual"):
         super().__init__()
+        self.text = text
         self.attend = SingleHeadAttention(dim, dropout)
         self.norm = nn.LayerNorm(dim)
         self.ff = _feed_forward(dim, dropout)
         self.gate = nn.Linear(2 * dim, dim)
+        if text == "gated":
+            self.text_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, queries, patches, image_vec, query_mask=None):
         seen, weights = self.attend(queries, patches)
-        fused = self.norm(queries + seen)
+        if self.text == "residual":
+            seen = queries + seen
+        elif self.text == "gated":
+            seen = seen + self.text_scale * queries
+        fused = self.norm(seen)
         fused = fused + self.ff(fused)
         if query_mask is None:
             text_vec = fused.mean(dim=1)
@@ -478,7 +476,7 @@ class MixerModel(nn.Module):
         if cfg.fusion in ("concept", "text_only"):
             self.concept_memory = ConceptMemory(d, cfg.n_concepts, cfg.dropout)
         if cfg.fusion in ("concept", "direct"):
-            self.fusion = ConceptFusion(d, cfg.dropout)
+            self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text)
         if cfg.fusion == "concat":
             self.concat_proj = nn.Linear(2 * d, d)
         self.out_proj = nn.Linear(d, d)

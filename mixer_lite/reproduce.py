@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -32,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import FILES, load_dataset
-from .experiments import (METRICS, ROWS, as_json, config_diff, ensure_data, ensure_row,
+from .config import as_json, config_diff
+from .dataset import data_fingerprint, load_dataset
+from .experiments import (METRICS, ROWS, ensure_data, ensure_row,
                           evaluate_untrained, repo_root, row_overrides, run_name)
 from .files import write_json
 from .retrieval import evaluate_raw_pixels
@@ -46,14 +46,6 @@ RAW_PIXELS = "raw pixels (no learning)"
 def records_dir(preset: str, root: str | Path | None = None) -> Path:
     """Where the records of ``preset`` live: ``results/reproduce/<preset>/`` by default."""
     return Path(root or repo_root() / "results" / "reproduce") / preset
-
-
-def data_fingerprint(data_dir: str | Path) -> str:
-    """A hash of the dataset's four JSONL files: records of other data are never mixed in."""
-    h = hashlib.sha256()
-    for name in FILES:
-        h.update(name.encode() + b"\0" + (Path(data_dir) / name).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def environment() -> dict:
@@ -138,14 +130,28 @@ def _row_record(folder: Path, data_dir: Path, fingerprint: str, preset: str, row
     return recorded(folder / f"{run_name(preset, row, seed)}.json", want, measure, retrain)
 
 
+def select_rows(slugs: str | None) -> list[str]:
+    """Rows of :data:`ROWS` by their slugs (``"mixer,image_only"``), all of them for None."""
+    if not slugs:
+        return list(ROWS)
+    by_slug = {slug: row for row, (slug, _) in ROWS.items()}
+    unknown = [s for s in slugs.split(",") if s not in by_slug]
+    if unknown:
+        raise ValueError(f"unknown row(s) {unknown}; rows: {', '.join(by_slug)}")
+    return [by_slug[s] for s in slugs.split(",")]
+
+
 def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None,
-              retrain: bool = False, records: str | Path | None = None) -> dict:
-    """The table of every row over ``seeds``: each record checked (or measured), then read."""
+              retrain: bool = False, records: str | Path | None = None,
+              rows: list[str] | None = None) -> dict:
+    """The table of ``rows`` (all by default) over ``seeds``: each record checked (or
+    measured), then read."""
+    rows = list(ROWS) if rows is None else rows
     data_dir = ensure_data(preset, 0)
     fingerprint = data_fingerprint(data_dir)
     folder = records_dir(preset, records)
     t0 = time.time()
-    for row in ROWS:
+    for row in rows:
         for s in seeds:
             _row_record(folder, data_dir, fingerprint, preset, row, s, retrain)
 
@@ -161,7 +167,7 @@ def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None,
     recorded(folder / f"{_floor_name(preset, RAW_PIXELS)}.json",
              {"row": RAW_PIXELS, "data": fingerprint},
              lambda: {"metrics": evaluate_raw_pixels(dataset())}, retrain)
-    result = collect(preset, seeds, records)
+    result = collect(preset, seeds, records, rows)
     result["seconds"] = round(time.time() - t0, 1)
     if out:
         write_json(out, result)
@@ -172,14 +178,17 @@ def _floor_name(preset: str, row: str, seed: int | None = None) -> str:
     return f"{preset}-untrained-s{seed}" if row == UNTRAINED else f"{preset}-raw_pixels"
 
 
-def collect(preset: str, seeds, records: str | Path | None = None) -> dict:
+def collect(preset: str, seeds, records: str | Path | None = None,
+            rows: list[str] | None = None) -> dict:
     """The table from the records alone (no data, no training): what :func:`reproduce` prints.
 
-    Rows in :data:`ROWS` order, then the untrained floor (one value a seed) and raw pixels
-    (one value); ``train_seconds`` sums the rows' recorded training times.
+    ``rows`` (all of :data:`ROWS` by default) in :data:`ROWS` order, then the untrained floor
+    (one value a seed) and raw pixels (one value); ``train_seconds`` sums the rows' recorded
+    training times.
     """
     folder = records_dir(preset, records)
-    names = [(row, run_name(preset, row, s)) for row in ROWS for s in seeds]
+    rows = list(ROWS) if rows is None else rows
+    names = [(row, run_name(preset, row, s)) for row in ROWS if row in rows for s in seeds]
     names += [(UNTRAINED, _floor_name(preset, UNTRAINED, s)) for s in seeds]
     names.append((RAW_PIXELS, _floor_name(preset, RAW_PIXELS)))
     table, train_seconds = {}, 0.0
@@ -214,10 +223,14 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
+    ap.add_argument("--rows", default=None,
+                    help=f"comma-separated row slugs (default: all): "
+                         f"{','.join(slug for slug, _ in ROWS.values())}")
     ap.add_argument("--retrain", action="store_true",
                     help="ignore the records in results/reproduce/ and measure every run again")
     a = ap.parse_args(argv)
-    result = reproduce(a.preset, [int(s) for s in a.seeds.split(",")], a.out, a.retrain)
+    result = reproduce(a.preset, [int(s) for s in a.seeds.split(",")], a.out, a.retrain,
+                       rows=select_rows(a.rows))
     print(f"SynthShop {result['preset']}, seeds {result['seeds']}, metrics in % "
           f"(mean ± std over seeds); the runs took {result['train_seconds'] / 60:.0f} min to "
           f"train (as recorded when each was trained), this table {result['seconds']:.0f} s:")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary: the product taxonomy and the words sellers use for it.
@@ -414,8 +414,11 @@ def render_product(cat: Catalogue, p: int) -> Image.Image:
     return obj
 
 
-def studio_shot(obj: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
-    """A seller's clean shot: light plain background, object centred, small framing changes."""
+def studio_shot(obj: Image.Image, rng: np.random.Generator, size: int) -> tuple[Image.Image, list]:
+    """A seller's clean shot: light plain background, object centred, small framing changes.
+
+    Also returns where the object went, ``[x, y, side]`` on the 128 px canvas, so its mask can
+    be rebuilt for analysis (:func:`doc_object_mask`)."""
     bg = int(rng.integers(235, 256))
     canvas = Image.new("RGB", (_CANVAS, _CANVAS), (bg, bg, bg - int(rng.integers(0, 6))))
     scale = rng.uniform(0.82, 0.98)
@@ -423,10 +426,11 @@ def studio_shot(obj: Image.Image, rng: np.random.Generator, size: int) -> Image.
     o = obj.resize((s, s), Image.BILINEAR)
     off = (_CANVAS - s) // 2
     dx, dy = rng.integers(-4, 5, size=2)
-    canvas.paste(o, (off + int(dx), off + int(dy)), o)
+    box = [off + int(dx), off + int(dy), s]
+    canvas.paste(o, tuple(box[:2]), o)
     arr = np.asarray(canvas, dtype=np.float32) * rng.uniform(0.96, 1.04)
     canvas = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    return canvas.resize((size, size), Image.BOX)
+    return canvas.resize((size, size), Image.BOX), box
 
 
 def _cluttered_background(rng: np.random.Generator) -> Image.Image:
@@ -569,11 +573,12 @@ def _render_chunk(chunk: int) -> dict:
         docs = [int(cat.doc_offset[p]) + j for j in range(int(cat.n_docs[p]))]
         for j, d in enumerate(docs):
             rel = f"images/docs/{doc_id(d)}.png"
-            _write(out / rel, encode_image(studio_shot(obj, rng, cfg.image_size), "PNG", rng, 0))
+            shot, box = studio_shot(obj, rng, cfg.image_size)
+            _write(out / rel, encode_image(shot, "PNG", rng, 0))
             lines["docs"].append({"doc_id": doc_id(d), "image": rel,
                                   "text": make_title(cat, p, cfg, rng), "category": category})
             lines["truth_docs"].append({"doc_id": doc_id(d), "product_id": product_id(p),
-                                        "seller_rank": j + 1})
+                                        "seller_rank": j + 1, "object_box": box})
         split = "test" if cat.is_test[p] else "train"
         seller_w = np.arange(1, len(docs) + 1, dtype=np.float64) ** -cfg.seller_zipf_exponent
         seller_w /= seller_w.sum()
@@ -719,6 +724,35 @@ def zipf_exponent_mle(ranks: np.ndarray, support: np.ndarray) -> float:
         else:
             hi = mid
     return (lo + hi) / 2
+
+
+def doc_object_masks(root: str | os.PathLike, doc_ids: list[str], size: int) -> np.ndarray:
+    """Each doc's object mask [N, size, size] (share of each pixel the object covers, 0-1),
+    rebuilt from ``_truth/`` (the generator's config and each doc's ``object_box``) by drawing
+    the product again: analysis only, as every ``_truth`` reader."""
+    root = Path(root)
+    conf = json.loads((root / "_truth" / "config.json").read_text())
+    seed = conf.pop("seed")
+    conf.pop("preset")
+    cfg = SynthConfig(**{**conf, "docs_per_product": tuple(conf["docs_per_product"])})
+    truth = {}
+    for line in open(root / "_truth" / "docs.jsonl"):
+        r = json.loads(line)
+        truth[r["doc_id"]] = r
+    missing = [d for d in doc_ids if "object_box" not in truth.get(d, {})]
+    if missing:
+        raise ValueError(f"{root}/_truth/docs.jsonl has no object_box for {missing[:3]}: "
+                         f"a folder from an older generator; make it again")
+    cat = build_catalogue(cfg, seed)
+    out = np.zeros((len(doc_ids), size, size), dtype=np.float32)
+    for i, d in enumerate(doc_ids):
+        p = int(truth[d]["product_id"].lstrip("p"))
+        x, y, s = truth[d]["object_box"]
+        alpha = render_product(cat, p).getchannel("A").resize((s, s), Image.BILINEAR)
+        canvas = Image.new("L", (_CANVAS, _CANVAS), 0)
+        canvas.paste(alpha, (x, y))
+        out[i] = np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+    return out
 
 
 def load_truth(root: str | os.PathLike) -> dict[str, str]:

@@ -6,11 +6,17 @@
   by :mod:`mixer_lite.classes` is one sample of that class; with ``labels=raw_clicks`` (the
   ablation) every clicked doc is a class and each click makes its query a sample of it.  The
   pairwise baselines (``infonce``, ``triplet``) train on the (query, doc) click pairs.
+* **Validation.**  ``val_share`` of the weak-label classes are held out of training (their
+  photos and docs); their photos search every doc at the end (and every ``val_every`` steps),
+  so recipe choices never read the test queries (:class:`Validation`).
 * **Sampler.**  Each epoch takes at most ``max_per_class`` samples of every class (skew control
-  on top of the class caps), shuffled; the order is a function of (seed, epoch) alone, so a
-  resumed run sees the same batches.
+  on top of the class caps), shuffled one by one or in runs of ``samples_per_class``; the order
+  is a function of (seed, epoch) alone, so a resumed run sees the same batches.
 * **Optimiser.**  AdamW, linear warm-up then cosine decay, gradient clipping, gradient
   accumulation; bf16 autocast on CUDA.
+* **Health.**  ``metrics.jsonl`` logs the loss, the centres' mean norm, the mean cosine of a
+  sample to its own and to other centres, and the mean cosine within a batch (collapse), so a
+  failing recipe shows why.
 * **Parallelism.**  Under ``torchrun`` the encoders are data-parallel (DDP) and the classifier
   model-parallel (each rank holds a shard of the centres; see :mod:`mixer_lite.losses`).  The
   classifier loss is already the global-batch mean, so encoder gradients are summed, not
@@ -20,13 +26,12 @@
   ``--resume`` continues from it and ends with the same weights as an uninterrupted run.
 
 Our choices where the paper is silent: the presets below, CosFace s=30 m=0.35, a light
-augmentation (flip, shift) for both domains that ``tiny-cpu`` turns off, and the "learning
-strategy" experiments kept only where measurements showed a gain: class centres imprinted from
-their docs (``centre_init="docs"``) was kept; re-imprinting them every epoch, an auxiliary
-category head and heavier augmentation were not (README, "Training").
+augmentation (flip, shift) for both domains that ``tiny-cpu`` turns off, and the recipe, each
+part kept only where validation showed a gain (``docs/EXPERIMENTS.md``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,14 +43,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar (not tqdm.auto): notebooks need no widget extension
 
-from .classes import ClassConfig, build_classes_from_clicks, raw_click_classes
+from .classes import (ClassConfig, build_classes_from_clicks, class_stats, raw_click_classes,
+                      stable_rank)
 from .dataset import ImageTable, ShopData, image_paths, load_dataset
-from .losses import MarginClassifier, info_nce, triplet_loss
+from .losses import MarginClassifier, info_nce, mean_pairwise_cosine, triplet_loss
+from .config import config_changes
 from .model import MixerModel, ModelConfig, WordTokenizer
-from .files import atomic_path, write_json
-from .retrieval import embed_docs, evaluate_model
+from .files import (atomic_path, read_log, remove_stale_temporaries, truncate_log,
+                    write_json)
+from .retrieval import (embed_docs, embed_queries, evaluate_model, exact_search,
+                        ranking_metrics)
 
 PAIRWISE_LOSSES = ("infonce", "triplet")  # trained on (query, doc) click pairs, not classes
 LOSSES = ("cosface", "arcface", *PAIRWISE_LOSSES)
@@ -65,7 +74,7 @@ class TrainConfig:
     centre_init: str = "random"       # "docs": each centre starts at its docs' mean embedding
                                       # (with the cnn encoder, small R@10 0.019 -> 0.036; README)
     centre_lr: float = 2.0            # peak lr of the centres (same warm-up/cosine schedule)
-    centre_weight_decay: float = 5e-4
+    centre_weight_decay: float = 5e-4  # 0 was measured worse on validation (EXPERIMENTS.md)
     temperature: float = 0.05         # InfoNCE
     sample_rate: float = 1.0          # class-centre sampling (Partial FC); 1 = full softmax
     batch_size: int = 128             # global batch (split over ranks and accumulation steps)
@@ -73,10 +82,14 @@ class TrainConfig:
     epochs: float = 4.0
     steps: int = 0                    # > 0: train exactly this many steps, whatever the epochs
     max_per_class: int = 16           # samples of one class per epoch
+    samples_per_class: int = 1        # > 1: batches of P classes x K samples (class-balanced)
+    val_share: float = 0.0            # share of the weak-label classes held out for validation
+    val_every: int = 0                # validation Recall@10 every this many steps (0: at the end)
     lr: float = 5e-4                  # 2e-3 collapsed the from-scratch ViT (README, "Training")
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
     clip_grad: float = 5.0
+    clip_centres: bool = True         # False: clip the encoder's gradients only (Partial FC)
     augment: bool = True
     amp: bool = True                  # bf16 autocast on CUDA (no effect on CPU)
     device: str = "auto"              # "auto" | "cpu" | "cuda" | "cuda:1" ...
@@ -106,6 +119,14 @@ class TrainConfig:
                             f"got {self.centre_optimizer!r}")
         if self.epochs <= 0 or self.lr <= 0 or self.max_per_class < 1:
             problems.append("epochs, lr and max_per_class must be positive")
+        if self.samples_per_class < 1:
+            problems.append(f"samples_per_class must be >= 1, got {self.samples_per_class}")
+        if not 0 <= self.val_share < 1:
+            problems.append(f"val_share must be in [0, 1), got {self.val_share}")
+        if self.val_every < 0:
+            problems.append(f"val_every must be >= 0, got {self.val_every}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            problems.append("checkpoint_every and log_every must be >= 1")
         if self.steps < 0:
             problems.append(f"steps must be >= 0 (0: epochs decide), got {self.steps}")
         if problems:
@@ -118,11 +139,11 @@ class TrainConfig:
 
 PRESETS = {
     # Minutes on 2 CPU cores at 64x64: a small BatchNorm CNN and text transformer from scratch,
-    # centres imprinted from the docs, no augmentation, 3.5 epochs.  Each choice was measured
-    # on SynthShop small against the ViT preset it replaced (Recall@10 0.008 -> 0.029; README,
-    # "Training"); 3.5 epochs keep `make demo` under 10 minutes on 2 cores.
-    "tiny-cpu": TrainConfig(model=ModelConfig(image_encoder="cnn"), centre_init="docs",
-                            epochs=3.5, augment=False),
+    # centres imprinted from the docs, fused concepts without text content, no augmentation,
+    # 3.5 epochs, 10% of the classes held out for validation.  Each choice was measured on
+    # SynthShop small's validation photos (docs/EXPERIMENTS.md).
+    "tiny-cpu": TrainConfig(model=ModelConfig(image_encoder="cnn", concept_text="none"),
+                            centre_init="docs", epochs=3.5, augment=False, val_share=0.1),
     # Many GPUs on real data: pretrained backbones by name, bf16, big batches, sampled centres.
     "base-gpu": TrainConfig(
         model=ModelConfig(image_size=224, image_encoder="torchvision:resnet50",
@@ -148,6 +169,16 @@ def config_from(name: str, overrides: list[str]) -> TrainConfig:
 # Samples and the sampler
 # --------------------------------------------------------------------------------------------
 @dataclass
+class Validation:
+    """Held-out training classes: their query photos search every doc, and a hit is a doc of
+    the query's own weak-label class.  Built from clicks like the training classes, so it is
+    as noisy as they are, and it never reads the test queries."""
+
+    query_rows: np.ndarray
+    relevant: list[set[int]]
+
+
+@dataclass
 class Samples:
     """Training samples: kind 0 = query photo, 1 = doc; ``row`` into data.queries / data.docs."""
 
@@ -156,26 +187,59 @@ class Samples:
     label: np.ndarray     # class index, or pair index for the pairwise losses
     num_classes: int
     pair_doc: np.ndarray | None = None  # pairwise losses: the doc row of each query's pair
+    validation: Validation | None = None
 
     def doc_rows(self) -> np.ndarray:
         """The doc rows training uses, sorted, each once."""
         return np.unique(self.row[self.kind == 1] if self.pair_doc is None else self.pair_doc)
 
 
+def held_out(classes: list[dict], share: float) -> np.ndarray:
+    """Which classes validation keeps (a boolean per class).
+
+    Chosen by a hash of each class's first doc id, not by the training seed: every seed, loss
+    and label choice trained on the same clicks is validated on the same queries, and a class
+    keeps its side whatever other classes exist.
+    """
+    rank = stable_rank([c["doc_ids"][0] for c in classes]) if classes else np.zeros(0, np.uint64)
+    return (rank % 10_000) < round(share * 10_000)
+
+
 def make_samples(data: ShopData, cfg: TrainConfig) -> tuple[Samples, dict]:
+    """The training samples of ``cfg``'s labels and loss, minus the validation classes."""
     cq, cd, cn = data.clicks_columns()
     if len(cq) == 0:
         raise ValueError(f"{data.root}/clicks.jsonl has no clicks: nothing to train on")
+    classes = validation = None
+    if cfg.val_share > 0 or (cfg.labels == "classes" and cfg.loss not in PAIRWISE_LOSSES):
+        classes, stats = build_classes_from_clicks(cq, cd, cn, cfg.classes)
+    if cfg.val_share > 0:
+        held = held_out(classes, cfg.val_share)
+        val_classes = [c for c, h in zip(classes, held) if h]
+        classes = [c for c, h in zip(classes, held) if not h]
+        held_q = {q for c in val_classes for q in c["query_ids"]}
+        held_d = {d for c in val_classes for d in c["doc_ids"]}
+        keep = [q not in held_q and d not in held_d for q, d in zip(cq, cd)]
+        cq, cd, cn = ([x for x, k in zip(col, keep) if k] for col in (cq, cd, cn))
+        rows = [(data.query_row[q], {data.doc_row[d] for d in c["doc_ids"]})
+                for c in val_classes for q in c["query_ids"]]
+        validation = Validation(np.array([r for r, _ in rows], dtype=np.int64),
+                                [rel for _, rel in rows])
+        if not rows:
+            raise ValueError(f"val_share={cfg.val_share} holds out no query of "
+                             f"{data.root}: raise it, or set it to 0")
+    split = {} if validation is None else {"val_classes": len(val_classes),
+                                           "val_queries": len(validation.query_rows)}
     if cfg.loss in PAIRWISE_LOSSES:
         q = np.array([data.query_row[x] for x in cq])
         d = np.array([data.doc_row[x] for x in cd])
-        return Samples(np.zeros(len(q), np.int8), q, np.arange(len(q)), len(q), d), \
-            {"pairs": int(len(q))}
+        return Samples(np.zeros(len(q), np.int8), q, np.arange(len(q)), len(q), d,
+                       validation), {"pairs": int(len(q)), **split}
     if cfg.labels == "classes":
-        classes, stats = build_classes_from_clicks(cq, cd, cn, cfg.classes)
+        stats = {**stats, **class_stats(classes), **split}
     else:
         classes = raw_click_classes(cq, cd, cn)
-        stats = {"classes": len(classes)}
+        stats = {"classes": len(classes), **split}
     kind, row, label = [], [], []
     for k, cl in enumerate(classes):
         for x in cl["query_ids"]:
@@ -184,14 +248,24 @@ def make_samples(data: ShopData, cfg: TrainConfig) -> tuple[Samples, dict]:
             kind.append(1), row.append(data.doc_row[x]), label.append(k)
     if not classes:
         raise ValueError("no class survived class construction; loosen the ClassConfig")
-    return Samples(np.array(kind, np.int8), np.array(row), np.array(label), len(classes)), stats
+    return Samples(np.array(kind, np.int8), np.array(row), np.array(label), len(classes),
+                   validation=validation), stats
 
 
 class EpochSampler:
-    """Per epoch: at most ``cap`` samples of each label, shuffled; a function of (seed, epoch)."""
+    """Per epoch: at most ``cap`` samples of each label, in an order that is a function of
+    (seed, epoch) alone, so a resumed run sees the same batches.
 
-    def __init__(self, labels: np.ndarray, cap: int, batch_size: int, seed: int):
+    ``per_class`` = 1: the samples shuffled one by one.  ``per_class`` = K > 1: each label's
+    samples are cut into runs of K that stay together (P x K class-balanced batches, as
+    pytorch-metric-learning's ``MPerClassSampler``), so a query photo and its class's docs
+    share a batch; the epoch holds the same samples either way.
+    """
+
+    def __init__(self, labels: np.ndarray, cap: int, batch_size: int, seed: int,
+                 per_class: int = 1):
         self.labels, self.cap, self.batch_size, self.seed = labels, cap, batch_size, seed
+        self.per_class = per_class
         order = np.argsort(labels, kind="stable")
         self.groups = np.split(order, np.flatnonzero(np.diff(labels[order])) + 1)
         self.epoch_len = int(sum(min(len(g), cap) for g in self.groups))
@@ -204,7 +278,13 @@ class EpochSampler:
         rng = np.random.default_rng([self.seed, epoch])
         picked = [g if len(g) <= self.cap else rng.choice(g, self.cap, replace=False)
                   for g in self.groups]
-        order = rng.permutation(np.concatenate(picked))
+        if self.per_class == 1:
+            order = rng.permutation(np.concatenate(picked))
+        else:
+            k = self.per_class
+            runs = [run for g in picked for run in np.array_split(
+                rng.permutation(g), max(1, round(len(g) / k)))]
+            order = np.concatenate([runs[i] for i in rng.permutation(len(runs))])
         self._cache = (epoch, order)
         return order
 
@@ -243,7 +323,14 @@ def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device != "auto":
-        device = torch.device(cfg.device)
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device={cfg.device}: not a device name (auto, cpu, cuda, "
+                             f"cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device={cfg.device}: torch sees no CUDA GPU on this machine; "
+                             f"use --device=cpu (or auto)")
     else:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if world > 1 and not torch.distributed.is_initialized():
@@ -251,6 +338,88 @@ def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
     return rank, world, device
+
+
+# Settings that change how a run is executed, not what it computes: a resumed run may differ.
+RUNTIME_KEYS = ("device", "threads", "loader_threads", "preload_images", "stop_after",
+                "eval_at_end")
+
+
+def _resume_checkpoint(out: Path, cfg: TrainConfig) -> dict:
+    """The checkpoint of the run in ``out``, after checking that ``cfg`` is the run's config.
+
+    A resumed run with other settings would end as neither run, under a ``config.json`` that
+    no longer describes it, so any difference outside :data:`RUNTIME_KEYS` is refused.
+    """
+    cfg_path = out / "config.json"
+    try:
+        saved = json.loads(cfg_path.read_text())["train"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: cannot read the run's config ({e}); without it the run "
+                         f"cannot be resumed") from None
+    changes = {k: v for k, v in config_changes(saved, cfg).items()
+               if k not in RUNTIME_KEYS}
+    if changes:
+        said = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
+        raise ValueError(f"{out}: --resume with other settings than {cfg_path} ({said}); resume "
+                         f"with the run's settings, or train into a new --out")
+    return load_checkpoint(out / "checkpoints" / "last.pt")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded to the CPU (``set_rng_state`` takes CPU tensors only;
+    ``load_state_dict`` moves the rest); a damaged file is an error naming it."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a cut file fails in zip, pickle or storage code, each its own way
+        raise ValueError(f"{path}: damaged checkpoint, it cannot be read ({type(e).__name__}: "
+                         f"{e}); delete it to train the run from the start") from None
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "torch_rng")
+               if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{path}: not a mixer-lite checkpoint (lacks {', '.join(missing)})")
+    return ck
+
+
+def check_batch_memory(model, cfg: TrainConfig, world: int, device: torch.device,
+                       available: int | None = None) -> int:
+    """Refuse a batch whose training step cannot fit in memory; returns the estimate (bytes).
+
+    The estimate: the output of every module for one image (a no-grad forward with hooks),
+    times 3 (kept for backward, its gradient, temporaries), times the images a rank encodes
+    per micro-batch.  Rough, but it turns a batch that would be killed for memory minutes
+    later into an error now.
+    """
+    per_image = [0]
+
+    def hook(_module, _inputs, output):
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                per_image[0] += t.numel() * t.element_size()
+
+    leaves = [m for m in model.image_encoder.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            size = cfg.model.image_size
+            model._encode_images(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    images = cfg.batch_size // world // cfg.grad_accum * (2 if cfg.loss in PAIRWISE_LOSSES else 1)
+    need = 3 * per_image[0] * images
+    if available is None:
+        available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+                     else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if need > 0.9 * available:
+        raise ValueError(f"batch_size={cfg.batch_size}: a training step needs about "
+                         f"{need / 2**30:.1f} GiB for activations (estimated), and "
+                         f"{available / 2**30:.1f} GiB are free on {device}; lower --batch_size "
+                         f"or raise --grad_accum")
+    return need
 
 
 def _sum_gradients_hook(state, bucket):
@@ -292,19 +461,22 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose a new --out")
     if resume and not ckpt_path.exists():
         raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
+    ck = _resume_checkpoint(out, cfg) if resume else None  # before any data is read
     rank, world, device = _distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data = load_dataset(data_dir, check_images=False)
+    data = load_dataset(data_dir)  # every image opened now, not in the end-of-run evaluation
     samples, label_stats = make_samples(data, cfg)
     model = build_model(data, samples, cfg).to(device)
+    check_batch_memory(model, cfg, world, device)
     pairwise = samples.pair_doc is not None
     classifier = None if pairwise else MarginClassifier(
         samples.num_classes, cfg.model.embed_dim, cfg.loss, cfg.margin_value, cfg.scale,
         cfg.sample_rate, model_parallel=world > 1, seed=cfg.seed).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = EpochSampler(samples.label, cfg.max_per_class, cfg.batch_size, cfg.seed)
+    sampler = EpochSampler(samples.label, cfg.max_per_class, cfg.batch_size, cfg.seed,
+                           cfg.samples_per_class)
     total = total_steps(cfg, sampler.steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_frac))
     net = model
@@ -317,9 +489,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
             net.register_comm_hook(None, _sum_gradients_hook)
 
     start = 0
+    for folder in (out, out / "checkpoints"):  # what a killed writer left
+        remove_stale_temporaries(folder)
     if resume:
-        # Loaded to the CPU: set_rng_state takes CPU tensors only; load_state_dict moves the rest.
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         if classifier is not None:
             classifier.load_state_dict(ck["classifier"][rank] if world > 1 else ck["classifier"])
@@ -329,6 +501,8 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
         if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout draws on the GPU
             torch.cuda.set_rng_state(ck["cuda_rng"], device)
         start = ck["step"]
+        if rank == 0:  # steps logged after the checkpoint will be logged again
+            truncate_log(out / "metrics.jsonl", start)
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"preset": preset, "data": str(Path(data_dir).resolve()),
@@ -336,21 +510,26 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
                                          "labels": label_stats, "steps": total,
                                          "steps_per_epoch": sampler.steps_per_epoch})
     show_progress = rank == 0 and progress is not False
+    val = samples.validation
     q_rows = np.unique(samples.row[samples.kind == 0])
-    d_rows = samples.doc_rows()
+    # Validation searches every doc, so the doc table then holds them all.
+    d_rows = np.arange(len(data.docs)) if val is not None else samples.doc_rows()
     images_q = ImageTable(image_paths(data, "queries", q_rows), cfg.model.image_size,
                           cfg.preload_images, cfg.loader_threads,
                           progress=show_progress, desc="query photos")
     images_d = ImageTable(image_paths(data, "docs", d_rows), cfg.model.image_size, cfg.preload_images,
                           cfg.loader_threads, progress=show_progress, desc="doc images")
+    images_val = None if val is None else ImageTable(
+        image_paths(data, "queries", val.query_rows), cfg.model.image_size, cfg.preload_images,
+        cfg.loader_threads, progress=show_progress, desc="validation photos")
     q_pos = {int(r): i for i, r in enumerate(q_rows)}
     d_pos = {int(r): i for i, r in enumerate(d_rows)}
     texts = data.doc_texts
+    table_texts = [texts[int(r)] for r in d_rows]
     if classifier is not None and cfg.centre_init == "docs" and not resume:
         # Embedded as a training step would (BatchNorm on batch statistics): at initialisation
         # the running statistics are still 0 / 1 and would leave the shared component in.
-        emb = embed_docs(model, images_d, [texts[int(r)] for r in d_rows], device=device,
-                         batch_stats=True)
+        emb = embed_docs(model, images_d, table_texts, device=device, batch_stats=True)
         doc = samples.kind == 1
         classifier.imprint(torch.from_numpy(emb[[d_pos[int(r)] for r in samples.row[doc]]]),
                            torch.from_numpy(samples.label[doc]))
@@ -363,6 +542,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
         if show_progress else None
     t0, step = time.time(), start
     last_ckpt = start
+    if metrics_f and val is not None and cfg.val_every and start == 0:  # the initial weights
+        metrics_f.write(json.dumps({"step": 0, **validate(model, val, images_val, images_d,
+                                                             table_texts, device)}) + "\n")
     model.train()
     try:
         for step in range(start, total):
@@ -376,13 +558,20 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
             loss_sum = 0.0
             for m in range(cfg.grad_accum):
                 idx = batch[m * micro: (m + 1) * micro]
-                loss = _step_loss(net, model, classifier, samples, idx, images_q, images_d,
-                                  q_pos, d_pos, texts, cfg, step * cfg.grad_accum + m, device,
-                                  amp)
-                (loss / cfg.grad_accum).backward()
+                # DDP reduces gradients once, on the last micro-batch of the step.
+                sync = net.no_sync() if world > 1 and m < cfg.grad_accum - 1 \
+                    else contextlib.nullcontext()
+                with sync:
+                    loss, emb = _step_loss(net, model, classifier, samples, idx, images_q,
+                                           images_d, q_pos, d_pos, texts, cfg,
+                                           step * cfg.grad_accum + m, device, amp)
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach()) / cfg.grad_accum
+            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+            health = _health(classifier, *emb) if metrics_f and log_now else {}
             if cfg.clip_grad:
-                _clip_global_norm(model, classifier, cfg.clip_grad, world)
+                _clip_global_norm(model, classifier if cfg.clip_centres else None,
+                                  cfg.clip_grad, world)
             lr = sched.get_last_lr()[0]
             opt.step()
             if classifier is not None:  # its own row-wise optimiser, same schedule
@@ -392,11 +581,18 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.3f}")
-            if metrics_f and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
-                metrics_f.write(json.dumps({"step": step + 1, "epoch": (step + 1) /
-                                            sampler.steps_per_epoch, "loss": loss_sum,
-                                            "lr": sched.get_last_lr()[0],
-                                            "seconds": round(time.time() - t0, 2)}) + "\n")
+            record = {}
+            if metrics_f and log_now:
+                record = {"step": step + 1, "epoch": (step + 1) / sampler.steps_per_epoch,
+                          "loss": loss_sum, "lr": sched.get_last_lr()[0], **health}
+            if val is not None and rank == 0 and (
+                    step + 1 == total or cfg.val_every and (step + 1) % cfg.val_every == 0):
+                record.update(step=step + 1, **validate(model, val, images_val, images_d,
+                                                        table_texts, device))
+                model.train()
+            if metrics_f and record:
+                record["seconds"] = round(time.time() - t0, 2)
+                metrics_f.write(json.dumps(record) + "\n")
                 metrics_f.flush()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
                 _checkpoint(ckpt_path, model, classifier, opt, sched, step + 1, rank, world,
@@ -412,6 +608,10 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     finished = step >= total and last_ckpt == total
     result = {"run": str(out), "steps": total, "stopped_at": step, "finished": finished,
               "labels": label_stats}
+    if finished and val is not None and rank == 0:
+        result["validation"] = {k: v for k, v in read_log(out / "metrics.jsonl")[-1].items()
+                                if k.startswith("val_")}
+        write_json(out / "val.json", result["validation"])
     if finished and rank == 0:
         _atomic_save({"export": model.export_config(), "state_dict": model.state_dict()},
                      out / "model.pt")
@@ -445,7 +645,8 @@ def _step_loss(net, model, classifier, samples, idx, images_q, images_d, q_pos, 
     if samples.pair_doc is not None:
         fn = info_nce if cfg.loss == "infonce" else triplet_loss
         arg = cfg.temperature if cfg.loss == "infonce" else cfg.margin_value
-        return fn(q_emb.float(), d_emb.float(), arg)
+        q_emb, d_emb = q_emb.float(), d_emb.float()
+        return fn(q_emb, d_emb, arg), (q_emb.detach(), d_emb.detach())
     emb = torch.empty(len(idx), cfg.model.embed_dim, device=device)
     kind_t = torch.from_numpy(kind).to(device)
     if q_emb is not None:
@@ -453,7 +654,36 @@ def _step_loss(net, model, classifier, samples, idx, images_q, images_d, q_pos, 
     if d_emb is not None:
         emb[kind_t == 1] = d_emb.float()
     labels = torch.from_numpy(samples.label[idx]).to(device)
-    return classifier(emb, labels, step)
+    return classifier(emb, labels, step), (emb.detach(), labels)
+
+
+def _health(classifier, a: torch.Tensor, b: torch.Tensor) -> dict:
+    """What shows a failing recipe early, from the step's last micro-batch.
+
+    Classification (``a`` = embeddings, ``b`` = labels): the centres' mean norm, the mean cosine
+    of a sample to its own centre and to other centres.  Pairwise (``a`` = queries, ``b`` =
+    their docs): the mean cosine of matched and of unmatched pairs.  Both: the mean cosine
+    between the batch's embeddings (near 1 = collapse onto one point).
+    """
+    if classifier is None:
+        q, d = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        sim = q @ d.t()
+        off = ~torch.eye(len(q), dtype=torch.bool, device=q.device)
+        out = {"cos_own": float(sim.diagonal().mean()),
+               "cos_other": float(sim[off].mean()) if off.any() else float("nan")}
+        emb = torch.cat([q, d])
+    else:
+        out, emb = classifier.diagnostics(a, b), a
+    return {**out, "cos_batch": mean_pairwise_cosine(emb)}
+
+
+def validate(model, val: Validation, query_images, doc_images, doc_texts, device) -> dict:
+    """Recall@1/10 of the held-out classes' photos against every doc (exact search)."""
+    doc_emb = embed_docs(model, doc_images, doc_texts, device=device)
+    query_emb = embed_queries(model, query_images, device=device)
+    _, ranked = exact_search(doc_emb, query_emb, 10)
+    m = ranking_metrics(ranked, val.relevant, ks=(1, 10))
+    return {"val_recall@1": m["recall@1"], "val_recall@10": m["recall@10"]}
 
 
 def _margin_at(step: int, total: int, cfg: TrainConfig) -> float:

@@ -1,7 +1,7 @@
 """Figures for students and reviewers (matplotlib only, no logic beyond plotting).
 
-Every function takes plain arrays or a loaded dataset, draws one figure with a title and labelled
-axes, and saves it when given a path.  The Agg backend is used when no display is set, so the
+Every function takes plain arrays, a loaded dataset or (the attention gallery) a trained model,
+draws one figure with a title and labelled axes, and saves it when given a path.  The Agg backend is used when no display is set, so the
 functions run the same in CI, in a notebook, and on a headless GPU box.
 """
 from __future__ import annotations
@@ -20,19 +20,30 @@ import numpy as np  # noqa: E402
 
 def _finish(fig, path: str | os.PathLike | None):
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike | None):
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     return fig
 
 
-def _finish_image_grid(fig, axes, title: str, fontsize: int, path):
-    """Image panels carry no axis ticks (pixels are not a unit worth reading); one title."""
+def _finish_image_grid(fig, axes, title: str, fontsize: int, path, colorbar=None):
+    """Image panels carry no axis ticks (pixels are not a unit worth reading); one title,
+    with room kept for it above the first row's titles.
+
+    ``colorbar``: (mappable, label) for one bar shared by every panel, right of the grid."""
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=fontsize)
-    return _finish(fig, path)
+    fig.tight_layout(rect=(0, 0, 0.93 if colorbar else 1, 0.96))
+    if colorbar is not None:
+        bar = fig.colorbar(colorbar[0], cax=fig.add_axes((0.945, 0.15, 0.012, 0.7)))
+        bar.set_label(colorbar[1], fontsize=8)
+    return _save(fig, path)
 
 
 def query_doc_grid(data, n_queries: int = 6, n_docs: int = 3, seed: int = 0,
@@ -83,24 +94,25 @@ def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs
     grid = info["grid"]
     n_docs = min(n_docs, len(t2i))
     n_concepts = t2i.shape[1]
+    top = float(t2i[:n_docs].max())  # one colour scale for every map, so maps compare
     fig, axes = plt.subplots(n_docs, n_concepts + 1, squeeze=False,
                              figsize=(1.9 * (n_concepts + 1), 2.6 * n_docs))
     for r in range(n_docs):
         img = images[r].detach().float().cpu()
         img = (img / 255.0 if img.max() > 1.5 else img).permute(1, 2, 0).numpy()
         axes[r, 0].imshow(img)
-        head = titles[r] if titles else "doc"
+        lines = textwrap.wrap(titles[r] if titles else "doc", 26)[:3]
         w = info.get("image_weight")
-        if w is not None:
-            head += f"\nimage weight {float(w[r]):.2f}"
-        axes[r, 0].set_title("\n".join(textwrap.wrap(head, 26)[:4]), fontsize=7)
+        if w is not None:  # its own line, never wrapped into the title
+            lines.append(f"[image weight {float(w[r]):.2f}]")
+        axes[r, 0].set_title("\n".join(lines), fontsize=7)
         toks = token_strings[r]
         for k in range(n_concepts):
             ax = axes[r, k + 1]
             ax.imshow(img)
             heat = t2i[r, k].reshape(grid, grid)
-            ax.imshow(heat, cmap="magma", alpha=0.6, extent=(0, img.shape[1], img.shape[0], 0),
-                      interpolation="bilinear")
+            shown = ax.imshow(heat, cmap="magma", alpha=0.6, vmin=0.0, vmax=top,
+                              extent=(0, img.shape[1], img.shape[0], 0), interpolation="bilinear")
             if t2c is not None:
                 order = np.argsort(-t2c[r, k, : len(toks)])[:top_tokens]
                 label = ", ".join(toks[i] for i in order)
@@ -110,7 +122,31 @@ def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs
             else:
                 ax.set_title(f"token '{toks[k]}'" if k < len(toks) else "(padding)", fontsize=7)
     return _finish_image_grid(fig, axes, "Text-to-image attention: where each text concept "
-                              "looks in the doc image (brighter = more weight)", 10, path)
+                              "looks in the doc image (brighter = more weight)", 10, path,
+                              colorbar=(shown, f"attention weight of an image region "
+                                                f"({grid}x{grid} regions; uniform = "
+                                                f"{1 / grid ** 2:.3f})"))
+
+
+def attention_gallery(model, data, n_docs: int = 4, seed: int = 0, path=None):
+    """Concept attention maps of a few docs whose products were never seen in training."""
+    rel = data.qrels
+    rng = np.random.default_rng(seed)
+    rows = [data.doc_row[rel[int(i)]["doc_ids"][0]]
+            for i in rng.choice(len(rel), size=min(n_docs, len(rel)), replace=False)]
+    import torch
+
+    from .dataset import ImageTable, image_paths
+
+    images = ImageTable(image_paths(data, "docs", rows), model.cfg.image_size)[np.arange(len(rows))]
+    texts = [data.doc_texts[r] for r in rows]
+    tokens = model.tokenize(texts)
+    model.eval()
+    with torch.no_grad():
+        _, info = model.embed_docs(images, tokens, return_attention=True)
+    strings = [model.tokenizer.convert_ids_to_tokens(ids[m]) for ids, m in
+               zip(tokens["input_ids"], tokens["attention_mask"])]
+    return concept_attention(images, info, strings, n_docs=len(rows), titles=texts, path=path)
 
 
 def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test queries",
@@ -121,7 +157,7 @@ def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test
     for name, curve in curves.items():
         k = np.arange(1, len(curve) + 1)
         r10 = curve[9] if len(curve) >= 10 else float("nan")
-        ax.plot(k, np.asarray(curve) * 100, label=f"{name} (R@10 {r10 * 100:.1f}%)", lw=2)
+        ax.plot(k, np.asarray(curve) * 100, label=f"{name}: R@10 {r10 * 100:.1f}%", lw=2)
     ax.set_xscale("log")
     ax.set_xlabel("K (docs returned, log scale)")
     ax.set_ylabel("Recall@K (% of test queries)")
@@ -134,14 +170,21 @@ def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test
     return _finish(fig, path)
 
 
-def class_size_rank(sizes: dict[str, list[int]], path: str | os.PathLike | None = None):
-    """Class sizes sorted by rank on log-log axes, one line per labelling (the long tail)."""
+def class_size_rank(sizes: dict[str, list[int]], query_cap: int | None = None,
+                    path: str | os.PathLike | None = None):
+    """Class sizes sorted by rank on log-log axes, one line per labelling (the long tail).
+
+    ``query_cap``: the classes' cap on queries (``ClassConfig.max_queries_per_class``), drawn
+    as a line, since it makes the head of the curve flat."""
     from .classes import gini
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, s in sizes.items():
         s = np.sort(np.asarray(s))[::-1]
         ax.loglog(np.arange(1, len(s) + 1), s, lw=2, label=f"{name} (Gini {gini(s):.2f})")
+    if query_cap is not None:
+        ax.axhline(query_cap, color="grey", ls=":", lw=1.5,
+                   label=f"cap of {query_cap} queries per class (skew control)")
     ax.set_xlabel("class rank (largest first, log scale)")
     ax.set_ylabel("samples in the class (log scale)")
     ax.set_title("Class-size distribution: the long tail of weak labels")
@@ -190,11 +233,47 @@ def training_curves(runs: dict[str, list[dict]], key: str = "loss",
     return _finish(fig, path)
 
 
+HEALTH_PANELS = (
+    ("val_recall@10", "validation Recall@10 (fraction of held-out photos)"),
+    ("centre_norm", "mean norm of the class centres"),
+    ("cos_own", "mean cosine, sample to own centre (solid) / to others (dashed)"),
+    ("cos_batch", "mean cosine between a batch's embeddings (1 = collapse)"),
+)
+
+
+def training_health(runs: dict[str, list[dict]], path: str | os.PathLike | None = None):
+    """Four panels that show *why* a recipe fails or works, one line per run: validation
+    Recall@10, centre norms, cosines to own and other centres, and embedding collapse.
+    Runs without a logged quantity (pairwise losses have no centres) skip that panel."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, label) in zip(axes.flat, HEALTH_PANELS):
+        for (name, rows), colour in zip(runs.items(), colours * 4):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), lw=2, color=colour, label=name,
+                        marker="o" if key.startswith("val_") else None)
+            if key == "cos_own":
+                pts = [(r["step"], r["cos_other"]) for r in rows if "cos_other" in r]
+                if pts:
+                    ax.plot(*zip(*pts), lw=1.5, ls="--", color=colour)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Training health: validation recall, class centres, embedding spread")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
 def search_grid(query_images, doc_images, hits: np.ndarray, relevant: list[set[int]],
-                titles: list[str] | None = None, path: str | os.PathLike | None = None):
+                titles: list[str] | None = None, index: str = "flat",
+                path: str | os.PathLike | None = None):
     """Each row: a query photo, then its top-k docs; relevant hits framed green, others grey.
 
-    ``doc_images[i]`` is the image of doc row ``i``; ``hits[r]`` the ranked doc rows of query r.
+    ``doc_images[i]`` is the image of doc row ``i``; ``hits[r]`` the ranked doc rows of query r;
+    ``index`` names the FAISS index kind that answered (the title says it, and how many
+    queries found their product).
     """
     n, k = hits.shape
     fig, axes = plt.subplots(n, k + 1, figsize=(1.9 * (k + 1), 2.1 * n), squeeze=False)
@@ -212,8 +291,11 @@ def search_grid(query_images, doc_images, hits: np.ndarray, relevant: list[set[i
                 side.set_linewidth(4 if good else 1)
             ax.set_title(f"#{c + 1}" + (" relevant" if good else ""), fontsize=8,
                          color="tab:green" if good else "0.3")
-    return _finish_image_grid(fig, axes, "Search path: query photo -> ANN index -> top docs "
-                              "(green frame = same product)", 10, path)
+    found = sum(bool(set(map(int, hits[r])) & relevant[r]) for r in range(n))
+    kind = "exact (flat) index" if index == "flat" else f"{index} ANN index"
+    return _finish_image_grid(fig, axes, f"Search path: query photo -> {kind} -> top {k} docs "
+                              f"(green frame = same product; {found} of {n} queries found "
+                              f"theirs)", 10, path)
 
 
 def bars(values: dict[str, float], xlabel: str, title: str,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixer_lite.classes import (ClassConfig, analyse, build_classes_from_clicks, click_graph,
-                                clean_by_embedding, filter_edges, gini, raw_click_classes)
+                                filter_edges, gini, raw_click_classes)
 
 LOOSE = ClassConfig(min_support=1, min_association=0.0, min_share=0.0, min_class_size=1)
 
@@ -167,17 +167,6 @@ def test_gini_hand_computed():
     assert gini([1, 1, 1, 1]) == pytest.approx(0.0)
     assert gini([0, 0, 0, 4]) == pytest.approx(0.75)  # (n-1)/n for one holder
     assert gini([1, 3]) == pytest.approx(0.25)
-
-
-def test_clean_by_embedding_drops_the_far_sample():
-    classes = [{"query_ids": ["q1", "q2", "q3"], "doc_ids": ["d1"]}]
-    ids = ["q1", "q2", "q3", "d1"]
-    e = np.array([[1, 0.1], [1, -0.1], [-1, 0.2], [1, 0]], dtype=float)
-    out, stats = clean_by_embedding(classes, ids, e, threshold=0.5)
-    assert out == [{"class_id": 0, "query_ids": ["q1", "q2"], "doc_ids": ["d1"]}]
-    assert stats["removed_samples"] == 1
-    with pytest.raises(ValueError, match="no embedding"):
-        clean_by_embedding(classes, ids[:3], e[:3], 0.5)
 
 
 def test_defaults_beat_raw_clicks_on_synthshop(tiny_dir):

@@ -137,11 +137,6 @@ def test_markdown_table_mean_and_std():
     assert lines[3] == "| b | 25.0 | 50.0 | 12.5 |"
 
 
-def test_classifier_step_seconds_full_and_sampled():
-    assert ex.classifier_step_seconds(500, 1.0, steps=1) > 0
-    assert ex.classifier_step_seconds(500, 0.1, steps=1) > 0
-
-
 def test_new_figures_have_titles_and_labels():
     rng = np.random.default_rng(0)
     figs = [domain_projections({"a": rng.normal(size=(20, 2))}, 10),
@@ -174,3 +169,50 @@ def test_untrained_floor_is_deterministic_per_seed(tiny_data):
     assert a == ex.evaluate_untrained(tiny_data, 0, small)  # same seed, same initial weights
     assert a != ex.evaluate_untrained(tiny_data, 1, small)
     assert a["queries"] == 144 and 0 <= a["recall@10"] <= a["recall@50"] <= 1
+
+
+class _StubModel:
+    """A model whose attention is given: concepts put all their mass on chosen patches."""
+
+    def __init__(self, attention):
+        self.attention = attention
+        self.cfg = type("Cfg", (), {"image_size": 64, "fusion": "concept"})()
+
+    def eval(self):
+        return self
+
+    def tokenize(self, texts):
+        return {}
+
+    def embed_docs(self, images, tokens, return_attention=False):
+        assert len(images) == len(self.attention)  # given for exactly the docs measured
+        return torch.zeros(len(images), 4), {"text_to_image": self.attention, "grid": 8}
+
+
+def test_attention_on_objects_against_hand_computed_cases(tiny_dir, tiny_data):
+    from mixer_lite.experiments import attention_on_objects
+    from mixer_lite.synthshop import doc_object_masks
+
+    n = len(tiny_data.docs)
+    uniform = torch.full((20, 3, 64), 1 / 64)
+    r = attention_on_objects(_StubModel(uniform), tiny_data, tiny_dir[0], n_docs=20)
+    assert r["object_lift"] == pytest.approx(1.0, abs=1e-5)  # blind: mass = object share
+    # All concepts on the one patch with the most object: lift = coverage / share, and the
+    # maps are identical (correlation 1).
+    rows = np.sort(np.random.default_rng(0).choice(n, 20, replace=False))
+    masks = doc_object_masks(tiny_dir[0], [tiny_data.doc_ids[int(i)] for i in rows], 64)
+    cover = masks.reshape(20, 8, 8, 8, 8).mean((2, 4)).reshape(20, 64)
+    peaked = torch.zeros(20, 3, 64)  # the docs in the order attention_on_objects draws them
+    for i in range(20):
+        peaked[i, :, cover[i].argmax()] = 1.0
+    r = attention_on_objects(_StubModel(peaked), tiny_data, tiny_dir[0], n_docs=20)
+    expected = np.mean(cover.max(axis=1) / cover.mean(axis=1))
+    assert r["object_lift"] == pytest.approx(expected, rel=1e-5)
+    assert r["concept_correlation"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_claim_prints_rounded_values_and_raises_when_false(capsys):
+    assert ex.claim("a beats b", True, a=0.12345, b=0.1) == "a beats b (a 0.12, b 0.10)"
+    assert capsys.readouterr().out == "holds: a beats b (a 0.12, b 0.10)\n"
+    with pytest.raises(AssertionError, match=r"claim does not hold: b beats a \(a 0.12\)"):
+        ex.claim("b beats a", False, a=0.12345)

@@ -1,8 +1,6 @@
 """The Mixer model: shapes, normalisation, attention masks, the text-free query path, gradients."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,17 +173,25 @@ def test_hugging_face_text_path_runs_offline_on_minilm(monkeypatch):
 
 @pytest.mark.parametrize("encoder", ["vit", "cnn"])
 @pytest.mark.parametrize("fusion", ["concept", "image_only", "text_only"])
-def test_forward_equals_the_two_embedding_paths(encoder, fusion):
+def test_forward_queries_equal_the_modules_composed_by_hand(encoder, fusion):
     """forward() encodes both domains in one batch for a BatchNorm encoder (the cnn) and per
-    domain otherwise; at evaluation neither may differ from the two embedding paths."""
+    domain otherwise; at evaluation its query embeddings are the documented composition
+    (normalise pixels, shared encoder, query transform, query norm, L2), written out here."""
     model = make(fusion, image_encoder=encoder).eval()
     q, d, tokens = images(3, seed=1), images(4, seed=2), model.tokenize(TEXTS)
     fq, fd = model(q, d, tokens)
-    torch.testing.assert_close(fq, model.embed_queries(q))
-    torch.testing.assert_close(fd, model.embed_docs(d, tokens))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        pooled = model.image_encoder((q - mean) / std)[1]
+        ref = F.normalize(model.query_norm(model.query_transform(pooled)), dim=-1)
+    torch.testing.assert_close(fq, ref)
+    # The docs' batch-mates must not matter at evaluation: alone, or with other photos.
     none_q, only_d = model(q[:0], d, tokens)
+    _, with_other_q = model(images(5, seed=3), d, tokens)
     assert none_q is None
     torch.testing.assert_close(only_d, fd)
+    torch.testing.assert_close(with_other_q, fd)
 
 
 def test_cnn_batchnorm_in_training_normalises_both_domains_together():
@@ -237,3 +243,18 @@ def test_text_dropout_drops_about_its_share_of_docs():
     dropped = torch.isclose(emb, image_only, atol=1e-6).all(1)
     kept = torch.isclose(emb, fused, atol=1e-6).all(1)
     assert bool((dropped ^ kept).all()) and 16 < int(dropped.sum()) < 48
+
+
+@pytest.mark.parametrize("concept_text,depends", [("none", False), ("gated", False),
+                                                  ("residual", True)])
+def test_what_the_text_can_change_in_a_fused_doc(concept_text, depends):
+    """With one image region, attention has a single place to look, so under "none" (and
+    "gated" at its zero start) the title cannot change the doc embedding at all; under
+    "residual" its content enters directly."""
+    model = make("concept", image_encoder="cnn", image_size=8,
+                 concept_text=concept_text).eval()
+    img = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = model.embed_docs(img, model.tokenize(["norvik red leather tote bag", "blue mug"]))
+    b = model.embed_docs(img, model.tokenize(["alba green striped tee", "red bag gift"]))
+    assert model.image_encoder(img)[0].shape[1] == 1  # one region
+    assert (not torch.allclose(a, b, atol=1e-6)) == depends

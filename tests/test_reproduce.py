@@ -8,7 +8,8 @@ import torch
 
 from mixer_lite import reproduce as rp
 from mixer_lite.dataset import FILES
-from mixer_lite.experiments import ROWS, config_diff, run_name
+from mixer_lite.config import config_diff
+from mixer_lite.experiments import ROWS, run_name
 from mixer_lite.train import config_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,16 @@ def test_a_damaged_record_is_an_error_naming_the_file(tmp_path, fake_measurement
         rp.reproduce("tiny", seeds=(0,), records=tmp_path)
 
 
+def test_a_subset_of_rows_is_measured_and_tabled_alone(tmp_path, fake_measurements):
+    rows = rp.select_rows("mixer,infonce")
+    assert rows == ["Mixer (concept fusion, CosFace)", "InfoNCE on click pairs"]
+    result = rp.reproduce("tiny", seeds=(0,), records=tmp_path, rows=rows)
+    assert fake_measurements == {"train": 2, "untrained": 1, "raw": 1}
+    assert list(result["rows"]) == [*rows, rp.UNTRAINED, rp.RAW_PIXELS]
+    with pytest.raises(ValueError, match="unknown row"):
+        rp.select_rows("mixer,nonsense")
+
+
 def test_data_fingerprint_follows_the_jsonl_files(tmp_path, tiny_dir):
     for name in FILES:
         (tmp_path / name).write_bytes((tiny_dir[0] / name).read_bytes())
@@ -138,9 +149,10 @@ def test_the_committed_records_exist_and_are_not_stale():
 def test_the_readme_tables_are_what_the_records_give():
     """Every table the README quotes from ``make reproduce`` is rebuilt from the records."""
     readme = (ROOT / "README.md").read_text()
-    quoted = re.findall(r"<!-- make reproduce PRESET=(\w+) SEEDS=([\d,]+) -->\n(.*?)\n\n",
-                        readme, re.S)
+    quoted = re.findall(r"<!-- make reproduce PRESET=(\w+) SEEDS=([\d,]+)(?: ROWS=([\w,]+))? -->"
+                        r"\n(.*?)\n\n", readme, re.S)
     assert quoted, "the README quotes no table of make reproduce"
-    for preset, seeds, table in quoted:
-        result = rp.collect(preset, [int(s) for s in seeds.split(",")])
+    for preset, seeds, rows, table in quoted:
+        result = rp.collect(preset, [int(s) for s in seeds.split(",")],
+                            rows=rp.select_rows(rows or None))
         assert table == rp.markdown(result), f"README's {preset} table is not the records'"

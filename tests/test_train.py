@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from mixer_lite.train import EpochSampler, augment, config_from, total_steps, train
+from mixer_lite.dataset import data_fingerprint
+from mixer_lite.train import (EpochSampler, augment, config_from, make_samples, total_steps,
+                             train)
 
 SMALL = ["--model.vit_dim=32", "--model.vit_depth=1", "--model.vit_heads=2",
          "--model.text_dim=32", "--model.text_depth=1", "--model.text_heads=2",
@@ -29,21 +31,25 @@ def weights(run):
 
 def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     data = tiny_dir[0]
-    c = cfg("--epochs=0.12", "--checkpoint_every=2", "--eval_at_end=false")
+    c = cfg("--epochs=0.12", "--checkpoint_every=2", "--log_every=1", "--eval_at_end=false")
     full = train(data, tmp_path / "full", c, progress=False)
     assert full["finished"] and full["steps"] >= 5
     killed = train(data, tmp_path / "cut", dataclasses.replace(c, stop_after=3), progress=False)
     assert not killed["finished"] and not (tmp_path / "cut" / "model.pt").exists()
     ck = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)
     assert ck["step"] == 2  # the last checkpoint before the "kill"
+    stale = tmp_path / "cut" / "checkpoints" / ".last.pt.x1y2.tmp"  # as a kill -9 mid-save
+    stale.write_bytes(b"")
     resumed = train(data, tmp_path / "cut", c, resume=True, progress=False)
+    assert not stale.exists()
     assert resumed["finished"]
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # Step 3 was logged before the kill and again after the resume: the log keeps it once.
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").open()]
-    assert steps == sorted(steps)
+    assert steps == list(range(1, full["steps"] + 1))
 
 
 def test_existing_run_is_not_overwritten(tiny_dir, tmp_path):
@@ -61,15 +67,47 @@ def test_existing_run_is_not_overwritten(tiny_dir, tmp_path):
     ["--model.fusion=text_only", "--model.shared_transform=true"],
     ["--centre_init=docs", "--model.image_encoder=cnn"],
 ])
-def test_every_loss_and_label_path_trains_and_evaluates(tiny_dir, tmp_path, extra):
-    r = train(tiny_dir[0], tmp_path / "run", cfg("--epochs=0.05", *extra), progress=False)
+def test_every_loss_and_label_path_runs_end_to_end(tiny_dir, tmp_path, extra):
+    """Plumbing: each path writes a whole run folder (that each *learns* is test_learning's)."""
+    r = train(tiny_dir[0], tmp_path / "run", cfg("--epochs=0.05", "--log_every=1", *extra),
+              progress=False)
     assert r["finished"]
     if "--steps=3" in extra:  # steps, when set, decide the run's length instead of epochs
         assert r["steps"] == r["stopped_at"] == 3
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert ev["queries"] == 144 and 0 <= ev["recall@10"] <= ev["recall@50"] <= 1
-    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert losses and all(np.isfinite(losses))
+    assert ev["queries"] == 144 and ev["data"]["fingerprint"] == data_fingerprint(tiny_dir[0])
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [x["step"] for x in log] == list(range(1, r["steps"] + 1))
+    health = {"cos_own", "cos_other", "cos_batch"} | (
+        set() if any(x in extra for x in ("--loss=infonce", "--loss=triplet")) else
+        {"centre_norm"})
+    assert all(health <= set(x) and np.isfinite(x["loss"]) for x in log)
+
+
+@pytest.mark.parametrize("extra", [[], ["--loss=infonce"], ["--labels=raw_clicks"]])
+def test_validation_classes_are_held_out_of_training(tiny_data, extra):
+    """Checked against the classes built independently here: no validation query or doc is a
+    training sample, each validation query's relevant docs are its class's docs, and the
+    split is the same for every loss, label choice and seed."""
+    from mixer_lite.classes import build_classes_from_clicks
+
+    c = cfg("--val_share=0.25", *extra)
+    samples, stats = make_samples(tiny_data, c)
+    classes, _ = build_classes_from_clicks(*tiny_data.clicks_columns(), c.classes)
+    val = samples.validation
+    q_ids = [tiny_data.query_ids[r] for r in val.query_rows]
+    held = [cl for cl in classes if set(cl["query_ids"]) & set(q_ids)]
+    assert 0.15 < len(held) / len(classes) < 0.35 and stats["val_queries"] == len(q_ids)
+    held_q = {q for cl in held for q in cl["query_ids"]}
+    held_d = {tiny_data.doc_row[d] for cl in held for d in cl["doc_ids"]}
+    assert set(q_ids) == held_q
+    train_q = {tiny_data.query_ids[r] for r in samples.row[samples.kind == 0]}
+    assert not train_q & held_q and not set(samples.doc_rows()) & held_d
+    docs_of = {q: {tiny_data.doc_row[d] for d in cl["doc_ids"]} for cl in held
+               for q in cl["query_ids"]}
+    assert all(rel == docs_of[q] for q, rel in zip(q_ids, val.relevant))
+    other_seed, _ = make_samples(tiny_data, cfg("--val_share=0.25", "--seed=3"))
+    assert np.array_equal(np.sort(other_seed.validation.query_rows), np.sort(val.query_rows))
 
 
 @pytest.mark.parametrize("item,msg", [
@@ -102,6 +140,19 @@ def test_total_steps_from_epochs_or_steps():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="presets: tiny-cpu, base-gpu"):
         config_from("huge", [])
+
+
+def test_class_balanced_sampler_keeps_runs_of_k_of_a_class_together():
+    labels = np.repeat(np.arange(30), 8)
+    plain = EpochSampler(labels, cap=8, batch_size=16, seed=0)
+    pk = EpochSampler(labels, cap=8, batch_size=16, seed=0, per_class=4)
+    assert pk.steps_per_epoch == plain.steps_per_epoch
+    order = pk.epoch_order(0)
+    assert sorted(order) == sorted(plain.epoch_order(0))  # the same samples, regrouped
+    runs = labels[order].reshape(-1, 4)
+    assert (runs == runs[:, :1]).all()  # every aligned run of 4 is one class
+    # uniform shuffling almost never puts 4 of a class side by side
+    assert not (labels[plain.epoch_order(0)].reshape(-1, 4) == runs[:, :1]).all()
 
 
 def test_sampler_caps_classes_and_depends_only_on_seed_and_epoch():
@@ -152,6 +203,36 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     cb = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)
     shards = torch.cat([s["weight"] for s in cb["classifier"]])
     torch.testing.assert_close(ca["classifier"]["weight"], shards, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+def test_torchrun_two_ranks_with_grad_accum_equal_one_process(tiny_dir, tmp_path, encoder):
+    """2 ranks x 2 micro-batches == 1 process x 4 micro-batches: the same four micro-batches,
+    so even BatchNorm sees the same statistics; each gradient must be reduced exactly once."""
+    args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=3",
+            "--model.dropout=0", "--augment=false", "--eval_at_end=false", "--device=cpu",
+            f"--model.image_encoder={encoder}", "--centre_init=random"]
+    one = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--out",
+                          str(tmp_path / "one"), *args, "--grad_accum=4"],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29534", "-m", "mixer_lite.cli", "train", "--out",
+                          str(tmp_path / "two"), *args, "--grad_accum=2"],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "two" / "model.pt", weights_only=False)["state_dict"]
+    # Parameters only: running statistics are rank 0's under DDP (its micro-batches alone).
+    names = [n for n in a if not n.endswith(("running_mean", "running_var",
+                                               "num_batches_tracked"))]
+    for k in names:
+        if k.endswith("self_attn.in_proj_bias"):  # see the test above
+            d = a[k].shape[0] // 3
+            a[k], b[k] = torch.cat([a[k][:d], a[k][2 * d:]]), torch.cat([b[k][:d], b[k][2 * d:]])
+        torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=2e-5,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_margin_warmup_ramps_linearly_then_holds():
