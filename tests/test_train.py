@@ -225,14 +225,16 @@ def test_torchrun_two_ranks_with_grad_accum_equal_one_process(tiny_dir, tmp_path
     a = torch.load(tmp_path / "one" / "model.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "two" / "model.pt", weights_only=False)["state_dict"]
     # Parameters only: running statistics are rank 0's under DDP (its micro-batches alone).
+    # The sums run in another order, and Adam turns float noise in a near-zero gradient into a
+    # step of a fraction of lr (measured: up to 1.9e-4 on 3 of 2,080 coordinates).  A
+    # micro-batch reduced twice changes the gradients themselves: Adam's first steps are
+    # +-lr = 5e-4 per coordinate, so whole tensors would differ by about 1e-3.
     names = [n for n in a if not n.endswith(("running_mean", "running_var",
                                                "num_batches_tracked"))]
     for k in names:
-        if k.endswith("self_attn.in_proj_bias"):  # see the test above
-            d = a[k].shape[0] // 3
-            a[k], b[k] = torch.cat([a[k][:d], a[k][2 * d:]]), torch.cat([b[k][:d], b[k][2 * d:]])
-        torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=2e-5,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        diff = (a[k].float() - b[k].float()).abs()
+        assert diff.max() < 2.5e-4 and (diff > 2e-5).float().mean() < 0.02, \
+            (k, float(diff.max()), float((diff > 2e-5).float().mean()))
 
 
 def test_margin_warmup_ramps_linearly_then_holds():
