@@ -11,7 +11,7 @@ raw-pixel baseline (no learning, no seed).
 run under ``results/reproduce/<preset>/``: the row, seed, overrides, the whole resolved config,
 a fingerprint of the dataset's JSONL files, the test metrics, the training time and steps, and
 the versions and CPU count it was measured with.  The table is built from them, so it can be
-assembled over several sessions (the ``small`` table is hours of CPU) and a reader can check
+assembled piece by piece (the ``small`` table is hours of CPU) and a reader can check
 every number against the run that made it.  A missing record is measured (the run is taken
 from ``runs/experiments/`` if it is there, else trained) and written; a record made under
 another config or other data is an error naming the difference, never silently used.
