@@ -119,8 +119,11 @@ for name, r in (("concept fusion", mixer), ("image only", image_only)):
 
 # %%
 fused_r10, image_r10 = mixer["recall@10"], image_only["recall@10"]
-claim("concepts look at the object more than at the background", attention["object_lift"] > 1.0,
-      object_lift=attention["object_lift"])
+# What this notebook claims is a limitation: the attention does not single out the object
+# (the goal is a lift of 1.5 and concepts that correlate below 0.5; docs/EXPERIMENTS.md).
+claim("the concepts' attention does not yet single out the object",
+      attention["object_lift"] < 1.5 or attention["concept_correlation"] > 0.5,
+      object_lift=attention["object_lift"], correlation=attention["concept_correlation"])
 Markdown(f"""
 * **Attention**: the concepts put {attention['object_lift']:.2f}x the object's share of the
   image on the object (1.0 would be blind to it), and two concepts of a doc correlate at
