@@ -143,9 +143,7 @@ def _cmd_search(args) -> int:
                          f"differ from {args.data}/docs.jsonl; rebuild it with mixer-lite index")
     model = load_run_model(args.run)
     images = ImageTable(photos, model.cfg.image_size, preload=False, threads=2)
-    for i in range(len(photos)):
-        images[[i]]  # each photo decodes, or the error names it, before any search
-    q = embed_queries(model, images, batch_size=64)
+    q = embed_queries(model, images, batch_size=64)  # a bad photo is named before any result
     scores, rows = search(load_index(Path(args.run) / "index" / "docs.faiss"), q, args.k)
     texts = data.doc_texts
     for photo, sc, rw in zip(photos, scores, rows):
