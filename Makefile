@@ -17,8 +17,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mixer_lite.cli demo --data data/synth-small --reports reports --run runs/demo
 
+# The suite on TEST_WORKERS processes (pytest-xdist); the notebooks one after another, since
+# they share the cached runs in runs/experiments/.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 	MIXER_LITE_FAST=1 $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
 
 # The README's reproduction table on SynthShop small, built from the records in

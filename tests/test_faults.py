@@ -12,21 +12,11 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-TINY_MODEL = ["--model.vit_dim=32", "--model.text_dim=32", "--model.text_depth=1",
-              "--model.text_heads=2", "--model.embed_dim=32", "--model.n_concepts=4",
-              "--batch_size=32", "--threads=1"]
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "mixer_lite.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
+from _cli import TINY_MODEL, cli
 
 
 def snapshot(folder: Path) -> dict[str, str]:

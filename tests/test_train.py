@@ -187,7 +187,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29533", "-m", "mixer_lite.cli", "train", "--out",
+                          "--standalone", "-m", "mixer_lite.cli", "train", "--out",
                           str(tmp_path / "two"), *args], capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -203,6 +203,45 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     cb = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)
     shards = torch.cat([s["weight"] for s in cb["classifier"]])
     torch.testing.assert_close(ca["classifier"]["weight"], shards, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+def test_torchrun_grad_accum_reduces_each_gradient_once(tiny_dir, tmp_path, encoder):
+    """2 ranks x 2 micro-batches against 1 process x 4: the same four micro-batches (so even
+    BatchNorm sees the same statistics), so one step must give the same gradients.
+
+    Compared through the optimiser state after one step: AdamW's first moment is 0.1 x the
+    gradient, linear in it, whereas the weights after an Adam step are not (a near-zero
+    gradient's float noise becomes a step of lr).  A micro-batch reduced twice doubles its
+    share; clipping is off so that nothing rescales it away.
+    """
+    args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=1",
+            "--model.dropout=0", "--augment=false", "--eval_at_end=false", "--device=cpu",
+            f"--model.image_encoder={encoder}", "--centre_init=random", "--clip_grad=0",
+            "--val_share=0"]
+    one = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--out",
+                          str(tmp_path / "one"), *args, "--grad_accum=4"],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone", "-m", "mixer_lite.cli", "train", "--out",
+                          str(tmp_path / "two"), *args, "--grad_accum=2"],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ca = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=False)
+    cb = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 10
+    # Some coordinates have an identically zero gradient up to float noise (the key third of
+    # an attention bias): the absolute tolerance is relative to the largest gradient of all.
+    scale = max(float(s["exp_avg"].abs().max()) for s in sa.values())
+    for i in sa:
+        torch.testing.assert_close(sb[i]["exp_avg"], sa[i]["exp_avg"], rtol=1e-3,
+                                   atol=1e-5 * scale, msg=lambda m, i=i: f"parameter {i}: {m}")
+    # The centres take one SGD step (linear in their gradient), each rank updating its shard.
+    shards = torch.cat([s["weight"] for s in cb["classifier"]])
+    torch.testing.assert_close(shards, ca["classifier"]["weight"], rtol=1e-4, atol=1e-6)
 
 
 def test_margin_warmup_ramps_linearly_then_holds():
