@@ -329,8 +329,8 @@ def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
             raise ValueError(f"--device={cfg.device}: not a device name (auto, cpu, cuda, "
                              f"cuda:N)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device={cfg.device}: torch sees no CUDA GPU on this machine; "
-                             f"use --device=cpu (or auto)")
+            raise ValueError(f"--device={cfg.device}: torch sees no CUDA GPU "
+                             f"(torch.cuda.is_available() is False); use --device=cpu (or auto)")
     else:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if world > 1 and not torch.distributed.is_initialized():
