@@ -67,6 +67,10 @@ RECIPE_STEPS: list[tuple[str, str, dict]] = [
     ("fused concepts keep no text content", "notext", {"model.concept_text": "none"}),
     ("class-balanced batches (K=4 per class)", "pk4",
      {"model.concept_text": "none", "samples_per_class": "4"}),
+    ("clip the encoder's gradients only", "noclipc",
+     {"model.concept_text": "none", "clip_centres": "false"}),
+    ("margin warmed up over the first 10% of steps", "mwarm",
+     {"model.concept_text": "none", "margin_warmup_frac": "0.1"}),
 ]
 VALIDATION = ["--val_share=0.1", "--eval_at_end=false"]
 
