@@ -18,6 +18,7 @@ from _cli import TINY_MODEL, cli
 from mixer_lite.dataset import ImageTable, image_paths, load_dataset
 from mixer_lite.retrieval import embed_docs, embed_queries, evaluate_raw_pixels, load_run_model
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY = {"recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "map@10", "mrr",
            "queries", "docs", "index"}
 
@@ -79,7 +80,7 @@ def test_evaluate_prints_one_json_summary_that_brute_force_confirms(run, tiny_di
     written = json.loads((run / "eval.json").read_text())
     assert {k: written[k] for k in SUMMARY} == summary
     assert len(written["recall_curve"]) == 50
-    assert (run / "recall_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "recall_curve.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_evaluate_compares_runs_and_the_baseline_in_one_call(run, tiny_dir, tmp_path):
@@ -92,7 +93,7 @@ def test_evaluate_compares_runs_and_the_baseline_in_one_call(run, tiny_dir, tmp_
     assert summary[str(run)] == summary[str(twin)]
     raw = evaluate_raw_pixels(load_dataset(tiny_dir[0]))
     assert summary["raw-pixel baseline"] == {k: raw[k] for k in SUMMARY}
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_search_before_index_says_to_build_it(run, tiny_dir, tmp_path):
@@ -126,6 +127,7 @@ def test_index_then_search_many_photos_in_one_call(run, tiny_dir, tmp_path, refe
     texts = {d["doc_id"]: d["text"] for d in jsonl(tiny_dir[0] / "docs.jsonl")}
     q = embed_queries(reference["model"],
                       ImageTable(expected, reference["model"].cfg.image_size))
+    row_of = {doc_id: i for i, doc_id in enumerate(reference["doc_ids"])}
     for block, emb in zip(blocks, q):
         fields = [line.split("\t") for line in block[1:]]
         assert [int(f[0]) for f in fields] == list(range(1, k + 1))
@@ -133,7 +135,7 @@ def test_index_then_search_many_photos_in_one_call(run, tiny_dir, tmp_path, refe
         printed_scores = np.array([float(f[2]) for f in fields])
         assert np.all(np.diff(printed_scores) <= 1e-4)
         scores = reference["docs"] @ emb
-        mine = np.array([scores[reference["doc_ids"].index(f[1])] for f in fields])
+        mine = np.array([scores[row_of[f[1]]] for f in fields])
         np.testing.assert_allclose(printed_scores, mine, atol=2e-4)
         np.testing.assert_allclose(printed_scores, np.sort(scores)[::-1][:k], atol=2e-4)
 
@@ -149,7 +151,7 @@ def test_demo_runs_the_pipeline_then_skips_what_is_done(tiny_dir, tmp_path):
         "attention_gallery.png", "class_sizes.png", "classes.jsonl", "metrics.json",
         "query_doc_grid.png", "recall_curves.png"]
     for png in reports.glob("*.png"):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
     # the data it generated is SynthShop tiny with seed 0, line for line
     for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl"):
         assert (data / name).read_text() == (tiny_dir[0] / name).read_text()

@@ -159,8 +159,7 @@ def test_a_committed_record_is_what_the_code_measures_again(tmp_path, monkeypatc
     committed = ROOT / "results" / "reproduce" / "tiny"
     monkeypatch.setattr(rp, "ensure_data", lambda preset, seed: tiny_dir[0])
     monkeypatch.setattr(rp, "ensure_row", functools.partial(ensure_row, runs=tmp_path / "runs"))
-    mixer = next(row for row, (slug, _) in ROWS.items() if slug == "mixer")
-    rp.reproduce("tiny", seeds=(0,), records=tmp_path, rows=[mixer])
+    rp.reproduce("tiny", seeds=(0,), records=tmp_path, rows=rp.select_rows("mixer"))
     for name in ("tiny-mixer-s0", "tiny-untrained-s0", "tiny-raw_pixels"):
         old = rp.read_record(committed / f"{name}.json")
         new = rp.read_record(tmp_path / "tiny" / f"{name}.json")
