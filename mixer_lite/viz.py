@@ -266,6 +266,28 @@ def training_health(runs: dict[str, list[dict]], path: str | os.PathLike | None 
     return _finish(fig, path)
 
 
+def pretraining_curves(card: dict, path: str | os.PathLike | None = None):
+    """The pretraining run of a weights file, from its card: the InfoNCE loss, and the
+    held-out photo-to-studio Recall@1 of the frozen features (the probe ``pretrain`` logs)."""
+    curves = card["curves"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(*zip(*curves["infonce"]), lw=1.5)
+    a.set_xlabel("pretraining step")
+    a.set_ylabel("InfoNCE loss (nats)")
+    a.set_title("training loss")
+    b.plot(*zip(*curves["probe_recall@1"]), marker="o", lw=2)
+    b.axhline(1 / card["held_out_objects"], ls="--", color="grey", label="chance")
+    b.set_xlabel("pretraining step")
+    b.set_ylabel("Recall@1 (share of held-out objects)")
+    b.set_title(f"probe: photo view -> studio view, {card['held_out_objects']} held-out objects",
+                fontsize=9)
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"Pretraining the cnn on {card['corpus']['objects']:,} drawings")
+    return _finish(fig, path)
+
+
 def search_grid(query_images, doc_images, hits: np.ndarray, relevant: list[set[int]],
                 titles: list[str] | None = None, index: str = "flat",
                 path: str | os.PathLike | None = None):

@@ -164,7 +164,7 @@ def test_recall_curves_zoom_to_the_data_but_never_past_100():
 
 def test_untrained_floor_is_deterministic_per_seed(tiny_data):
     small = ["--model.vit_dim=32", "--model.embed_dim=32", "--model.text_dim=32",
-             "--model.text_depth=1", "--model.n_concepts=4"]
+             "--model.text_depth=1", "--model.n_concepts=4", "--model.image_weights=none"]
     a = ex.evaluate_untrained(tiny_data, 0, small)
     assert a == ex.evaluate_untrained(tiny_data, 0, small)  # same seed, same initial weights
     assert a != ex.evaluate_untrained(tiny_data, 1, small)
@@ -216,3 +216,54 @@ def test_claim_prints_rounded_values_and_raises_when_false(capsys):
     assert capsys.readouterr().out == "holds: a beats b (a 0.12, b 0.10)\n"
     with pytest.raises(AssertionError, match=r"claim does not hold: b beats a \(a 0.12\)"):
         ex.claim("b beats a", False, a=0.12345)
+
+
+def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypatch):
+    """The probe's photo-to-doc Recall@10 on the test photos, against a numpy ranking of the
+    same features scored with qrels.jsonl read straight from the file; the validation split
+    scores photos of training products the fit photos never show."""
+    from mixer_lite.dataset import image_paths, load_dataset
+    from mixer_lite.synthshop import load_truth
+
+    data_dir = tiny_dir[0]
+    data = load_dataset(data_dir)
+    encoder = ex.image_encoder_from("none", seed=3, vit_dim=32)
+    seen = {}
+    real_features = ex.pooled_features
+
+    def remember(enc, images, batch_size=256):
+        out = real_features(enc, images, batch_size)
+        seen[len(seen)] = (images.paths, out)
+        return out
+
+    monkeypatch.setattr(ex, "pooled_features", remember)
+    got = ex.backbone_probe(encoder, data_dir, n_train=200, seed=0)
+    (fit_paths, _), (test_paths, q), (doc_paths, d) = seen[0], seen[1], seen[2]
+    assert doc_paths == image_paths(data, "docs")
+    qrels = {}
+    with open(data_dir / "qrels.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            qrels[r["query_id"]] = set(r["doc_ids"])
+    by_path = {p: qid for qid, p in zip(data.query_ids, image_paths(data, "queries"))}
+    assert {by_path[p] for p in test_paths} == set(qrels)  # every test photo, and only them
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    d = d / np.linalg.norm(d, axis=1, keepdims=True)
+    hits = [len(qrels[by_path[p]] & {data.doc_ids[j] for j in np.argsort(-(d @ qi),
+                                                                       kind="stable")[:10]}) > 0
+            for p, qi in zip(test_paths, q)]
+    assert got["photo_to_doc_recall@10"] == pytest.approx(np.mean(hits))
+    assert got["eval_photos"] == len(qrels) and got["fit_photos"] == 200
+    for key in ("category", "colour"):
+        assert 0 <= got[key] <= 1
+    assert 0.5 <= got["domain_probe"] <= 1
+
+    seen.clear()
+    ex.backbone_probe(encoder, data_dir, n_train=200, seed=0, split="validation")
+    truth = load_truth(data_dir)
+    fit_products = {truth[by_path[p]] for p in seen[0][0]}
+    val_products = {truth[by_path[p]] for p in seen[1][0]}
+    test_products = {truth[q] for q in qrels}
+    assert val_products and not val_products & fit_products and not val_products & test_products
+    with pytest.raises(ValueError, match="split"):
+        ex.backbone_probe(encoder, data_dir, split="test-ish")

@@ -19,7 +19,7 @@ from mixer_lite.train import config_from, make_samples, train
 
 SMALL_MODEL = ["--model.vit_dim=32", "--model.text_dim=32", "--model.text_depth=1",
                "--model.text_heads=2", "--model.embed_dim=32", "--model.n_concepts=4",
-               "--model.dropout=0"]
+               "--model.dropout=0", "--model.image_weights=none"]
 
 
 def one_batch(tiny_data, n_classes: int = 12):

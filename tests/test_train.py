@@ -18,7 +18,7 @@ from mixer_lite.train import (EpochSampler, augment, config_from, make_samples, 
 SMALL = ["--model.vit_dim=32", "--model.vit_depth=1", "--model.vit_heads=2",
          "--model.text_dim=32", "--model.text_depth=1", "--model.text_heads=2",
          "--model.embed_dim=32", "--model.n_concepts=4", "--batch_size=32", "--threads=1",
-         "--loader_threads=2"]
+         "--loader_threads=2", "--model.image_weights=none"]
 
 
 def cfg(*extra):

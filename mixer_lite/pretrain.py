@@ -1,0 +1,490 @@
+"""Pretraining the image encoder on real drawings, so that fine-tuning starts from features.
+
+Mixer (arXiv 2305.03972) fine-tunes backbones pretrained on large image sets; so does every
+strong result in image retrieval.  An offline install cannot download ImageNet weights, so
+mixer-lite makes its own from a corpus of real images that installs by name (Debian's
+``openclipart-png``: drawings by many artists in a two-level folder taxonomy) and ships them
+(``mixer_lite/weights/``, loaded with ``--model.image_weights``).
+
+The method is our choice (the paper says nothing about pretraining); see
+``mixer_lite/weights/MODEL_CARD.md`` for what it was measured against:
+
+* **Objects, not pages.**  Each corpus image is cut out along its alpha channel and padded to a
+  square, like a product cut-out.  Images over ``max_megapixels`` are skipped, not decoded
+  (some ``openclipart-png`` files exceed 100 megapixels), as are tiny and empty ones; the counts
+  go into the corpus's ``corpus.json``.
+* **Shop views.**  Every object is rendered ``views`` times as a seller's studio shot (plain light
+  background) and ``views`` times as a user's photo (clutter, scale, rotation, perspective,
+  occlusion, colour cast, blur, noise): the photo-like degradations of SynthShop's query side,
+  applied to real drawings.  The views are rendered once, in chunks seeded by
+  ``(seed, chunk)``, so they are the same whatever the number of worker processes.
+* **Instance discrimination across the domain gap.**  A batch holds one photo view and one
+  studio view of each of ``batch_size`` objects; InfoNCE (both directions) asks each photo to
+  find its own object's studio view among the batch's, through a projection head that is
+  dropped after pretraining (SimCLR).  With ``taxonomy_weight > 0`` a linear head on the pooled
+  features also classifies the corpus folder (supervised on the taxonomy).
+* **A probe while it trains.**  ``held_out_share`` of the objects never train; every
+  ``probe_every`` steps the log gets their photo-to-studio Recall@1 with the frozen pooled
+  features (the features fine-tuning starts from), step 0 (random weights) included.
+
+Checkpoints are atomic and a resumed run is exact: the batches and views of a step are drawn
+from ``(seed, step)``, so a run killed and resumed makes the same weights as one that never
+stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from .files import atomic_path, read_log, remove_stale_temporaries, truncate_log, write_json
+from .model import WEIGHTS_FORMAT, ConvEncoder, ModelConfig, normalise_pixels
+from .synthshop import studio_shot, user_photo
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+OBJECT_SIZE = 128  # the canvas SynthShop renders its products on
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining settings; every field can be overridden (``--key=value``)."""
+
+    image_size: int = 64             # the size the views are rendered at (tiny-cpu trains at 64)
+    width: int = 128                 # the cnn's channels (ModelConfig.vit_dim of the model that
+                                     # loads the weights must be the same)
+    views: int = 4                   # studio and photo renders per object
+    gap: float = 1.0                 # strength of the photo degradations (SynthShop's ``gap``)
+    held_out_share: float = 0.05     # objects kept out of training, for the probe
+    max_megapixels: float = 64.0     # larger images are skipped, not decoded
+    batch_size: int = 128            # objects per step (two views each)
+    steps: int = 3000
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.03
+    temperature: float = 0.1
+    projection_dim: int = 128
+    taxonomy_weight: float = 0.0     # > 0: also classify the corpus folder (supervised)
+    probe_every: int = 250
+    checkpoint_every: int = 100
+    log_every: int = 10
+    workers: int = 2                 # processes rendering the views
+    threads: int = 0                 # torch CPU threads (0 = torch's default)
+    device: str = "auto"
+    seed: int = 0
+    stop_after: int | None = None    # stop (as if killed) after this many steps
+
+    def __post_init__(self):
+        problems = []
+        if self.views < 1 or self.batch_size < 2 or self.steps < 1:
+            problems.append("views >= 1, batch_size >= 2 and steps >= 1 are needed")
+        if self.image_size % 8 or self.width % 4:
+            problems.append("image_size must be a multiple of 8 and width of 4")
+        if not 0 < self.held_out_share < 1:
+            problems.append(f"held_out_share must be in (0, 1), got {self.held_out_share}")
+        if self.temperature <= 0 or self.lr <= 0 or self.max_megapixels <= 0:
+            problems.append("temperature, lr and max_megapixels must be positive")
+        if self.probe_every < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            problems.append("probe_every, checkpoint_every and log_every must be >= 1")
+        if problems:
+            raise ValueError("PretrainConfig: " + "; ".join(problems))
+
+
+PRESETS = {
+    # About an hour and a half on 2 CPU cores (the shipped weights; MODEL_CARD.md).
+    "cpu": PretrainConfig(),
+    # The same recipe for a GPU: longer, bigger batches (more negatives per photo).
+    "gpu": PretrainConfig(views=8, batch_size=512, steps=20000, lr=3e-3, workers=8,
+                          checkpoint_every=1000, probe_every=1000, log_every=50),
+}
+
+# Settings that change how a run is executed, not what it computes.
+RUNTIME_KEYS = ("workers", "threads", "device", "stop_after", "probe_every", "log_every",
+                "checkpoint_every")
+
+
+# --------------------------------------------------------------------------------------------
+# The corpus: objects cut out of real drawings, rendered as shop views
+# --------------------------------------------------------------------------------------------
+def scan_corpus(roots: list[str | os.PathLike]) -> list[tuple[str, str]]:
+    """``(path, label)`` of every image under ``roots``, sorted; the label is the image's first
+    two folders below its root (``animals/fish``), the taxonomy of ``openclipart-png``."""
+    found = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such corpus folder (on Debian or Ubuntu, "
+                                    f"`apt-get install openclipart-png` makes "
+                                    f"/usr/share/openclipart/png)")
+        for p in sorted(root.rglob("*")):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                folders = p.relative_to(root).parts[:-1][:2]
+                found.append((str(p), f"{root.name}:" + ("/".join(folders) or ".")))
+    if not found:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(map(str, roots))}")
+    return found
+
+
+def load_object(path: str, max_megapixels: float, size: int = OBJECT_SIZE):
+    """The drawing at ``path`` as an RGBA object on a transparent ``size`` square, or
+    ``(None, reason)`` when it is skipped.  The pixel count is read from the header, so an
+    image over ``max_megapixels`` is never decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_megapixels * 1e6:
+                    return None, f"over {max_megapixels:g} megapixels"
+                if min(w, h) < 8:
+                    return None, "under 8 pixels"
+                im.draft("RGB", (size, size))  # JPEG: decode at reduced size
+                im = im.convert("RGBA")
+        except Image.DecompressionBombError:
+            return None, f"over {max_megapixels:g} megapixels"
+        except (OSError, ValueError, SyntaxError) as e:
+            return None, f"unreadable ({type(e).__name__})"
+    box = im.getchannel("A").getbbox()
+    if box is None:
+        return None, "fully transparent"
+    im = im.crop(box)
+    scale = size / max(im.size)  # the longer side fills the square, small drawings grow too
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                   Image.LANCZOS, reducing_gap=3.0)
+    canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+    return canvas, None
+
+
+def _render_chunk(task) -> dict:
+    paths, chunk, cfg = task
+    rng = np.random.default_rng([cfg.seed, chunk])
+    s = cfg.image_size
+    studio = np.zeros((len(paths), cfg.views, 3, s, s), dtype=np.uint8)
+    photo = np.zeros_like(studio)
+    kept, skipped = [], {}
+    for i, path in enumerate(paths):
+        obj, reason = load_object(path, cfg.max_megapixels)
+        if obj is None:
+            skipped[path] = reason
+            continue
+        for v in range(cfg.views):
+            studio[len(kept), v] = np.asarray(studio_shot(obj, rng, s)[0]).transpose(2, 0, 1)
+            photo[len(kept), v] = np.asarray(user_photo(obj, rng, s, cfg.gap)).transpose(2, 0, 1)
+        kept.append(i)
+    n = len(kept)
+    return {"chunk": chunk, "kept": kept, "skipped": skipped, "studio": studio[:n],
+            "photo": photo[:n]}
+
+
+@dataclass
+class Corpus:
+    paths: list[str]
+    labels: np.ndarray           # [N] taxonomy label index
+    label_names: list[str]
+    held_out: np.ndarray         # [N] bool
+    studio: np.ndarray           # [N, views, 3, S, S] uint8
+    photo: np.ndarray            # [N, views, 3, S, S] uint8
+    card: dict
+
+
+def _corpus_key(found: list[tuple[str, str]], cfg: PretrainConfig) -> dict:
+    h = hashlib.sha256()
+    for path, label in found:
+        h.update(f"{path}\0{label}\0{os.path.getsize(path)}\n".encode())
+    return {"files": h.hexdigest()[:16], "image_size": cfg.image_size, "views": cfg.views,
+            "gap": cfg.gap, "max_megapixels": cfg.max_megapixels, "seed": cfg.seed,
+            "held_out_share": cfg.held_out_share}
+
+
+def _is_held_out(path: str, share: float) -> bool:
+    # By the file's name, not its position: adding images to a corpus moves no image across.
+    digest = hashlib.sha256(Path(path).name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < share
+
+
+def prepare_corpus(roots: list[str | os.PathLike], cache: str | os.PathLike, cfg: PretrainConfig,
+                   progress: bool = True) -> Corpus:
+    """Scan ``roots``, render every object's views and keep them in ``cache`` (reused while the
+    files and the view settings are the same)."""
+    from tqdm import tqdm
+
+    cache = Path(cache)
+    found = scan_corpus(roots)
+    key = _corpus_key(found, cfg)
+    card_path = cache / "corpus.json"
+    if card_path.exists() and json.loads(card_path.read_text()).get("key") == key:
+        card = json.loads(card_path.read_text())
+        studio = np.load(cache / "studio.npy", mmap_mode="r")
+        photo = np.load(cache / "photo.npy", mmap_mode="r")
+    else:
+        remove_stale_temporaries(cache)
+        tasks = [([p for p, _ in found[lo: lo + _CHUNK]], lo // _CHUNK, cfg)
+                 for lo in range(0, len(found), _CHUNK)]
+        parts = []
+        bar = tqdm(total=len(found), desc="rendering views", disable=not progress)
+        if cfg.workers > 1:
+            with get_context("spawn").Pool(cfg.workers) as pool:
+                for part in pool.imap_unordered(_render_chunk, tasks):
+                    parts.append(part)
+                    bar.update(len(part["kept"]) + len(part["skipped"]))
+        else:
+            for task in tasks:
+                parts.append(_render_chunk(task))
+                bar.update(len(parts[-1]["kept"]) + len(parts[-1]["skipped"]))
+        bar.close()
+        parts.sort(key=lambda part: part["chunk"])
+        kept = [found[part["chunk"] * _CHUNK + i] for part in parts for i in part["kept"]]
+        skipped = {p: r for part in parts for p, r in part["skipped"].items()}
+        studio = np.concatenate([part["studio"] for part in parts])
+        photo = np.concatenate([part["photo"] for part in parts])
+        if not kept:
+            raise ValueError(f"no usable image under {', '.join(map(str, roots))} "
+                             f"(skipped: {sorted(set(skipped.values()))})")
+        for name, arr in (("studio.npy", studio), ("photo.npy", photo)):
+            with atomic_path(cache / name) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+        reasons = {}
+        for r in skipped.values():
+            reasons[r] = reasons.get(r, 0) + 1
+        card = {"key": key, "roots": [str(Path(r).resolve()) for r in roots],
+                "images_found": len(found), "objects": len(kept), "skipped": reasons,
+                "skipped_files": sorted(skipped), "paths": [p for p, _ in kept],
+                "labels": [lab for _, lab in kept]}
+        write_json(card_path, card)  # last: the arrays are whole when the card names them
+    names = sorted(set(card["labels"]))
+    index = {n: i for i, n in enumerate(names)}
+    held = np.array([_is_held_out(p, cfg.held_out_share) for p in card["paths"]])
+    return Corpus(card["paths"], np.array([index[n] for n in card["labels"]]), names, held,
+                  studio, photo, card)
+
+
+# --------------------------------------------------------------------------------------------
+# The network and its loss
+# --------------------------------------------------------------------------------------------
+def encoder_config(cfg: PretrainConfig) -> ModelConfig:
+    """The ``ModelConfig`` whose ``cnn`` encoder this pretraining makes."""
+    return ModelConfig(image_size=cfg.image_size, image_encoder="cnn", vit_dim=cfg.width)
+
+
+class PretrainNet(nn.Module):
+    """The ``cnn`` image encoder, a projection head for InfoNCE and an optional taxonomy head;
+    only the encoder is kept (:func:`export_weights`)."""
+
+    def __init__(self, cfg: PretrainConfig, n_labels: int):
+        super().__init__()
+        self.encoder = ConvEncoder(encoder_config(cfg))
+        d = self.encoder.out_dim
+        self.projection = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.GELU(),
+                                        nn.Linear(d, cfg.projection_dim))
+        self.taxonomy = nn.Linear(d, n_labels) if cfg.taxonomy_weight > 0 else None
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the pooled encoder features fine-tuning starts from."""
+        return self.encoder(normalise_pixels(images))[1]
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of ``a`` and of ``b`` are a positive pair, the rest negatives."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def _batch(corpus: Corpus, train_rows: np.ndarray, step: int, cfg: PretrainConfig):
+    """The objects, views and flips of ``step``: a function of (seed, step) only."""
+    per_epoch = max(1, len(train_rows) // cfg.batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(len(train_rows))
+    rows = np.sort(train_rows[order[i * cfg.batch_size: (i + 1) * cfg.batch_size]])
+    rng = np.random.default_rng([cfg.seed, 2, step])
+    vs, vp = rng.integers(0, cfg.views, size=(2, len(rows)))
+    studio = torch.from_numpy(np.stack([corpus.studio[r, v] for r, v in zip(rows, vs)]))
+    photo = torch.from_numpy(np.stack([corpus.photo[r, v] for r, v in zip(rows, vp)]))
+    flips = torch.from_numpy(rng.random((2, len(rows))) < 0.5)
+    studio = torch.where(flips[0, :, None, None, None], studio.flip(3), studio)
+    photo = torch.where(flips[1, :, None, None, None], photo.flip(3), photo)
+    return rows, photo, studio
+
+
+@torch.no_grad()
+def probe_recall_at_1(net: PretrainNet, corpus: Corpus, device, batch: int = 256) -> float:
+    """Photo-to-studio Recall@1 of the held-out objects (view 0 of each) with frozen pooled
+    features, cosine similarity: how well the encoder alone crosses the domain gap."""
+    rows = np.flatnonzero(corpus.held_out)
+    was = net.training
+    net.eval()
+    feats = []
+    for arr in (corpus.photo, corpus.studio):
+        out = [net.features(torch.from_numpy(np.asarray(arr[rows[lo: lo + batch], 0])).to(device))
+               for lo in range(0, len(rows), batch)]
+        feats.append(F.normalize(torch.cat(out).float(), dim=-1))
+    net.train(was)
+    hits = (feats[0] @ feats[1].T).argmax(dim=1).cpu().numpy() == np.arange(len(rows))
+    return float(hits.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    warm = max(1, int(cfg.warmup_frac * cfg.steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, cfg.steps - warm))))
+
+
+def _device(cfg: PretrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={cfg.device}: torch.cuda.is_available() is False")
+    return torch.device(cfg.device)
+
+
+def _check_resumable(out: Path, cfg: PretrainConfig) -> None:
+    from .config import config_changes
+
+    saved = json.loads((out / "config.json").read_text())["pretrain"]
+    changes = {k: v for k, v in config_changes(saved, cfg).items() if k not in RUNTIME_KEYS}
+    if changes:
+        said = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
+        raise ValueError(f"{out}: --resume with other settings than its config.json ({said}); "
+                         f"resume with the run's settings, or pretrain into a new --run")
+
+
+def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weights_out,
+             cfg: PretrainConfig, resume: bool = False, progress: bool = True,
+             cache: str | os.PathLike | None = None) -> dict:
+    """Pretrain the ``cnn`` encoder on the images under ``corpus_roots``.
+
+    Everything the run makes goes under ``run`` (the log, checkpoints, and the rendered views
+    in ``run/corpus`` unless ``cache`` names a folder runs share); the encoder's weights go to
+    ``weights_out`` at the end.  Returns the
+    weights' card (also stored inside the file).
+    """
+    from tqdm import tqdm
+
+    from .reproduce import environment
+
+    run = Path(run)
+    ckpt_path = run / "checkpoints" / "last.pt"
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{run} already holds a pretraining run; pass --resume or choose "
+                              f"a new --run")
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
+        _check_resumable(run, cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg)
+    t0 = time.time()
+    corpus = prepare_corpus(corpus_roots, cache or run / "corpus", cfg, progress)
+    train_rows = np.flatnonzero(~corpus.held_out)
+    if len(train_rows) < cfg.batch_size or corpus.held_out.sum() < 2:
+        raise ValueError(f"corpus of {len(corpus.paths)} usable images: too few for a batch of "
+                         f"{cfg.batch_size} and a held-out probe (held_out_share "
+                         f"{cfg.held_out_share})")
+    torch.manual_seed(cfg.seed)
+    net = PretrainNet(cfg, len(corpus.label_names)).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, cfg))
+    for folder in (run, run / "checkpoints"):
+        remove_stale_temporaries(folder)
+    log_path = run / "metrics.jsonl"
+    start, seconds_before = 0, 0.0
+    if resume:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start, seconds_before = ck["step"], ck["seconds"]
+        truncate_log(log_path, start)
+    else:
+        write_json(run / "config.json", {"pretrain": dataclasses.asdict(cfg),
+                                         "corpus": [str(Path(r).resolve()) for r in corpus_roots]})
+        with atomic_path(log_path) as tmp:
+            tmp.write_text(json.dumps({"step": 0, "probe_recall@1":
+                                       probe_recall_at_1(net, corpus, device)}) + "\n")
+    t_start = time.time()
+    log = open(log_path, "a")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretraining",
+               disable=not progress)
+    for step in bar:
+        rows, photo, studio = _batch(corpus, train_rows, step, cfg)
+        pooled = net.features(torch.cat([photo, studio]).to(device))  # one batch: BN sees both
+        z = net.projection(pooled)
+        loss = info_nce(z[: len(rows)], z[len(rows):], cfg.temperature)
+        record = {"step": step + 1, "infonce": loss.item()}
+        if net.taxonomy is not None:
+            labels = torch.from_numpy(corpus.labels[rows]).to(device).repeat(2)
+            taxonomy = F.cross_entropy(net.taxonomy(pooled), labels)
+            loss = loss + cfg.taxonomy_weight * taxonomy
+            record["taxonomy"] = taxonomy.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        done = step + 1
+        if done % cfg.probe_every == 0 or done == cfg.steps:
+            record["probe_recall@1"] = probe_recall_at_1(net, corpus, device)
+        if done % cfg.log_every == 0 or "probe_recall@1" in record:
+            record["lr"] = sched.get_last_lr()[0]
+            record["seconds"] = round(seconds_before + time.time() - t_start, 1)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['infonce']:.3f}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "step": done,
+                            "seconds": seconds_before + time.time() - t_start}, tmp)
+        if cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps:
+            log.close()
+            return {"stopped_at": done}
+    log.close()
+    seconds = seconds_before + time.time() - t_start
+    log_rows = read_log(log_path)
+    probes = [[r["step"], r["probe_recall@1"]] for r in log_rows if "probe_recall@1" in r]
+    losses = [[r["step"], round(r["infonce"], 4)] for r in log_rows if "infonce" in r]
+    losses = losses[:: max(1, len(losses) // 100)]  # a figure's worth rides in the card
+    card = {"format": WEIGHTS_FORMAT, "corpus": {k: corpus.card[k] for k in
+                                                ("roots", "images_found", "objects", "skipped")},
+            "held_out_objects": int(corpus.held_out.sum()),
+            "method": "InfoNCE between a photo view and a studio view of each object"
+                      + (f" + {cfg.taxonomy_weight:g} x taxonomy cross-entropy"
+                         if cfg.taxonomy_weight > 0 else ""),
+            "pretrain": dataclasses.asdict(cfg), "steps": cfg.steps,
+            "train_seconds": round(seconds, 1), "render_seconds": round(t_start - t0, 1),
+            "device": str(device), "machine": json.loads(json.dumps(environment())),
+            "probe_recall@1": {"initial": probes[0][1], "final": probes[-1][1]},
+            "curves": {"probe_recall@1": probes, "infonce": losses}}
+    sha = export_weights(net.encoder, encoder_config(cfg), card, weights_out)
+    return {**card, "sha256": sha}
+
+
+def export_weights(encoder: ConvEncoder, model_cfg: ModelConfig, card: dict, path) -> str:
+    """Write the encoder's weights (with their card) to ``path`` atomically; returns the
+    file's sha256."""
+    obj = {"format": WEIGHTS_FORMAT, "image_encoder": model_cfg.image_encoder,
+           "vit_dim": model_cfg.vit_dim, "image_size": model_cfg.image_size,
+           "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
+           "card": card}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
