@@ -200,7 +200,9 @@ def test_cnn_batchnorm_in_training_normalises_both_domains_together():
     model = make("image_only", image_encoder="cnn").train()
     q, d = images(3, seed=1), images(5, seed=2) * 0.5  # two "domains" with different statistics
     stem_conv, stem_bn = model.image_encoder.body[0], model.image_encoder.body[1]
-    pixels = (torch.cat([q, d]) - model.pixel_mean) / model.pixel_std  # what the encoder sees
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet's, as torchvision
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pixels = (torch.cat([q, d]) - mean) / std  # what the encoder sees
     expected = stem_conv(pixels).mean(dim=(0, 2, 3)) * stem_bn.momentum  # running mean from 0
     model(q, d)
     torch.testing.assert_close(stem_bn.running_mean, expected.detach())
