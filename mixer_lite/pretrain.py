@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 import warnings
@@ -53,6 +52,7 @@ from PIL import Image
 from .files import atomic_path, read_log, remove_stale_temporaries, truncate_log, write_json
 from .model import WEIGHTS_FORMAT, ConvEncoder, ModelConfig, normalise_pixels
 from .synthshop import studio_shot, user_photo
+from .train import _atomic_save, _lr_lambda
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 OBJECT_SIZE = 128  # the canvas SynthShop renders its products on
@@ -341,13 +341,6 @@ def probe_recall_at_1(net: PretrainNet, corpus: Corpus, device, batch: int = 256
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    warm = max(1, int(cfg.warmup_frac * cfg.steps))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, cfg.steps - warm))))
-
-
 def _device(cfg: PretrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -403,7 +396,7 @@ def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weig
     torch.manual_seed(cfg.seed)
     net = PretrainNet(cfg, len(corpus.label_names)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.steps, cfg.warmup_frac))
     for folder in (run, run / "checkpoints"):
         remove_stale_temporaries(folder)
     log_path = run / "metrics.jsonl"
@@ -450,10 +443,9 @@ def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weig
             log.flush()
             bar.set_postfix(loss=f"{record['infonce']:.3f}")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "step": done,
-                            "seconds": seconds_before + time.time() - t_start}, tmp)
+            _atomic_save({"net": net.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "step": done,
+                          "seconds": seconds_before + time.time() - t_start}, ckpt_path)
         if cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps:
             log.close()
             return {"stopped_at": done}
@@ -485,6 +477,5 @@ def export_weights(encoder: ConvEncoder, model_cfg: ModelConfig, card: dict, pat
            "vit_dim": model_cfg.vit_dim, "image_size": model_cfg.image_size,
            "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
            "card": card}
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    _atomic_save(obj, Path(path))
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
