@@ -47,6 +47,8 @@ from .train import (PAIRWISE_LOSSES, EpochSampler, TrainConfig, build_model, con
 ROWS: dict[str, tuple[str, list[str]]] = {
     "Mixer (concept fusion, CosFace)": ("mixer", []),
     "Mixer, image encoder from scratch": ("scratch", ["--model.image_weights=none"]),
+    "Mixer, softmax attention over regions": ("softmax_attention",
+                                              ["--model.concept_attention=softmax"]),
     "shared transform (no domain split)": ("shared", ["--model.shared_transform=true"]),
     "image-only docs": ("image_only", ["--model.fusion=image_only"]),
     "text-only docs": ("text_only", ["--model.fusion=text_only"]),
@@ -64,7 +66,9 @@ METRICS = ("recall@1", "recall@10", "map@10")
 # settings, so its cached run means the same thing whatever the preset's defaults are now.
 RECIPE_VARIED = {"centre_weight_decay": "5e-4", "model.concept_text": "residual",
                  "samples_per_class": "1", "clip_centres": "true", "margin_warmup_frac": "0",
-                 "scale": "30", "model.image_weights": "none", "epochs": "3.5"}
+                 "scale": "30", "model.image_weights": "none", "epochs": "3.5",
+                 "model.concept_attention": "softmax"}
+_PRETRAINED = {"model.concept_text": "none", "model.image_weights": "openclipart-cnn"}
 RECIPE_STEPS: list[tuple[str, str, dict]] = [
     ("previous recipe", "prev", {}),
     ("no weight decay on the centres", "nowd", {"centre_weight_decay": "0"}),
@@ -75,8 +79,14 @@ RECIPE_STEPS: list[tuple[str, str, dict]] = [
      {"model.concept_text": "none", "clip_centres": "false"}),
     ("margin warmed up over the first 10% of steps", "mwarm",
      {"model.concept_text": "none", "margin_warmup_frac": "0.1"}),
-    ("the image encoder starts from the shipped pretrained weights", "pretrained",
-     {"model.concept_text": "none", "model.image_weights": "openclipart-cnn"}),
+    ("the image encoder starts from the shipped pretrained weights", "pretrained", _PRETRAINED),
+    ("concepts attend by scaled cosine", "cosine",
+     {**_PRETRAINED, "model.concept_attention": "cosine"}),
+    ("concepts compete for image regions (slot attention)", "slots",
+     {**_PRETRAINED, "model.concept_attention": "slots"}),
+    ("CosFace scale 20 instead of 30", "scale20", {**_PRETRAINED, "scale": "20"}),
+    ("scale 20 and concepts attend by scaled cosine", "cos20",
+     {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine"}),
 ]
 VALIDATION = ["--val_share=0.1", "--eval_at_end=false"]
 

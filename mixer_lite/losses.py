@@ -22,8 +22,9 @@ samples.  Here:
   :func:`triplet_loss` (hardest in-batch negative).
 
 Our choices where the paper is silent: the margin type and values (CosFace m=0.35 / ArcFace
-m=0.5, s=30), unit-norm centres (see :func:`_init_rows`), and per-rank sampling of negatives (each rank
-samples ``sample_rate`` of its own shard, as Partial FC does).
+m=0.5, s=30 by default; ``tiny-cpu`` uses s=20, ``docs/EXPERIMENTS.md``), unit-norm centres
+(see :func:`_init_rows`), and per-rank sampling of negatives (each rank samples
+``sample_rate`` of its own shard, as Partial FC does).
 """
 from __future__ import annotations
 

@@ -20,6 +20,11 @@ Where the paper is silent, we chose (and say so):
   (the text only chooses where to look in the image; the ``tiny-cpu`` preset), or a learned
   share starting at zero.  Under classification the title alone can place a doc where no photo
   follows, so "none" retrieves best on validation (``docs/EXPERIMENTS.md``).
+* How a concept attends over the image regions (``concept_attention``): the textbook softmax
+  of q.k/sqrt(d) trained into flat maps (every region weighed alike: the fused vector is one
+  more average of the image); the ``tiny-cpu`` preset uses scaled cosine attention with a
+  learned temperature, whose maps fall on the object and differ between concepts, at a small
+  cost in validation recall (``docs/EXPERIMENTS.md``, notebook 02).
 * The gate is per dimension, ``doc = g * image + (1 - g) * fused``; its mean is the doc's
   "image weight" that the notebooks plot.
 * Optional modality dropout (``text_dropout``): in training, that share of docs skips the text
@@ -51,6 +56,7 @@ import torch.nn.functional as F
 
 FUSIONS = ("concept", "image_only", "text_only", "concat", "direct")
 CONCEPT_TEXT = ("residual", "none", "gated")
+CONCEPT_ATTENTION = ("softmax", "cosine", "slots")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -78,6 +84,8 @@ class ModelConfig:
     embed_dim: int = 128
     fusion: str = "concept"             # one of FUSIONS
     concept_text: str = "residual"      # what of the text a fused concept keeps: CONCEPT_TEXT
+    concept_attention: str = "softmax"  # how concepts attend over image regions: CONCEPT_ATTENTION
+    concept_temperature: float = 10.0   # cosine / slots: the attention temperature's start value
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
@@ -97,9 +105,15 @@ class ModelConfig:
         if self.concept_text not in CONCEPT_TEXT:
             raise ValueError(f"ModelConfig.concept_text must be one of {CONCEPT_TEXT}, "
                              f"got {self.concept_text!r}")
+        if self.concept_attention not in CONCEPT_ATTENTION:
+            raise ValueError(f"ModelConfig.concept_attention must be one of {CONCEPT_ATTENTION}, "
+                             f"got {self.concept_attention!r}")
         if self.embed_norm not in ("batch", "none"):
             raise ValueError(f"ModelConfig.embed_norm must be 'batch' or 'none', "
                              f"got {self.embed_norm!r}")
+        if self.concept_temperature <= 0:
+            raise ValueError(f"ModelConfig.concept_temperature must be positive, "
+                             f"got {self.concept_temperature}")
         if self.n_concepts < 1 or self.embed_dim < 1:
             raise ValueError("ModelConfig: n_concepts and embed_dim must be positive")
         if not 0 <= self.text_dropout <= 1:
@@ -130,6 +144,45 @@ class SingleHeadAttention(nn.Module):
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
         weights = scores.softmax(dim=-1)
+        return self.out(self.dropout(weights) @ self.v(keys)), weights
+
+
+class ConceptImageAttention(SingleHeadAttention):
+    """Text-to-image attention of the fusion, in one of three forms (``CONCEPT_ATTENTION``).
+
+    * ``"softmax"``: :class:`SingleHeadAttention`, each concept's softmax over the regions.
+    * ``"cosine"``: the scores are cosines of query and key times a learned temperature
+      that starts at ``init_temperature`` (scaled cosine attention, as Swin v2 uses), so
+      maps are as sharp as the temperature allows from the first step, whatever the
+      features' norms.
+    * ``"slots"``: the same cosine scores, but the softmax runs over the *concepts*: regions are
+      shared out among concepts, which compete for them (Slot Attention, Locatello et al.
+      2020); each concept's weights are then renormalised over the regions.  Two concepts can
+      only look at one region as far as they split it.
+
+    ``query_mask`` [B, Q] (True = real) keeps padded queries out of the competition.
+    Returns (out [B, Q, d], weights [B, Q, P]); a concept's weights over regions sum to 1.
+    """
+
+    def __init__(self, dim: int, dropout: float = 0.0, kind: str = "softmax",
+                 init_temperature: float = 10.0):
+        super().__init__(dim, dropout)
+        self.kind = kind
+        if kind != "softmax":
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+
+    def forward(self, query, keys, query_mask=None):
+        if self.kind == "softmax":
+            return super().forward(query, keys)
+        scores = self.log_temperature.exp() * (
+            F.normalize(self.q(query), dim=-1) @ F.normalize(self.k(keys), dim=-1).transpose(1, 2))
+        if self.kind == "cosine":
+            weights = scores.softmax(dim=-1)
+        else:
+            if query_mask is not None:
+                scores = scores.masked_fill(~query_mask[..., None], float("-inf"))
+            share = scores.softmax(dim=1)                    # each region among the concepts
+            weights = share / share.sum(dim=-1, keepdim=True).clamp_min(1e-8)
         return self.out(self.dropout(weights) @ self.v(keys)), weights
 
 
@@ -482,8 +535,9 @@ class ConceptFusion(nn.Module):
     """Text-to-image attention plus a learned image/text gate (concept-aware modality fusion).
 
     ``queries`` (concepts, or raw text tokens in the ``direct`` ablation) attend over the doc
-    image's patch tokens, and the results are averaged (masked) into one fused vector.  A
-    per-dimension sigmoid gate of [image; fused] decides how much each doc relies on its image.
+    image's patch tokens (:class:`ConceptImageAttention`, of the kind ``attention`` names),
+    and the results are averaged (masked) into one fused vector.  A per-dimension sigmoid gate
+    of [image; fused] decides how much each doc relies on its image.
 
     ``text`` says what of the text itself a fused concept keeps (our choice; measured in
     ``docs/EXPERIMENTS.md``):
@@ -497,10 +551,11 @@ class ConceptFusion(nn.Module):
       content first, and text content only as far as training asks for it.
     """
 
-    def __init__(self, dim: int, dropout: float, text: str = "residual"):
+    def __init__(self, dim: int, dropout: float, text: str = "residual",
+                 attention: str = "softmax", temperature: float = 10.0):
         super().__init__()
         self.text = text
-        self.attend = SingleHeadAttention(dim, dropout)
+        self.attend = ConceptImageAttention(dim, dropout, attention, temperature)
         self.norm = nn.LayerNorm(dim)
         self.ff = _feed_forward(dim, dropout)
         self.gate = nn.Linear(2 * dim, dim)
@@ -508,7 +563,7 @@ class ConceptFusion(nn.Module):
             self.text_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, queries, patches, image_vec, query_mask=None):
-        seen, weights = self.attend(queries, patches)
+        seen, weights = self.attend(queries, patches, query_mask)
         if self.text == "residual":
             seen = queries + seen
         elif self.text == "gated":
@@ -556,7 +611,8 @@ class MixerModel(nn.Module):
         if cfg.fusion in ("concept", "text_only"):
             self.concept_memory = ConceptMemory(d, cfg.n_concepts, cfg.dropout)
         if cfg.fusion in ("concept", "direct"):
-            self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text)
+            self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text, cfg.concept_attention,
+                                        cfg.concept_temperature)
         if cfg.fusion == "concat":
             self.concat_proj = nn.Linear(2 * d, d)
         self.out_proj = nn.Linear(d, d)

@@ -26,6 +26,14 @@
 # In `mixer_lite/model.py`: `ConceptMemory` (slots read the title), `ConceptFusion` (each
 # concept attends over the image regions, the encoder's 8x8 output grid; a per-dimension gate
 # weighs image against fused text). Here we open a trained model and look at what it does.
+#
+# **Our choice where the paper is silent: how a concept attends.** The textbook form,
+# softmax(q·k/√d) over the regions, trained into maps that are flat: every concept spread its
+# weight evenly over the image, the fused vector became one more average of the image, and
+# nothing a reviewer could read came out of it. The preset uses *scaled cosine* attention
+# (`--model.concept_attention=cosine`): the score is the cosine of concept and region times a
+# learned temperature that starts at 10, so maps are sharp from the first step whatever the
+# features' norms. Below, the same model with the textbook form is measured beside it.
 
 # %% tags=["parameters"]
 import os
@@ -52,6 +60,7 @@ data_dir = ensure_data(preset, seed)
 data = load_dataset(data_dir, check_images=False)
 mixer = ensure_row(data_dir, preset, "Mixer (concept fusion, CosFace)", seed)
 image_only = ensure_row(data_dir, preset, "image-only docs", seed)
+softmax_row = ensure_row(data_dir, preset, "Mixer, softmax attention over regions", seed)
 model = load_run_model(mixer["run"])
 
 # %% [markdown]
@@ -72,14 +81,21 @@ fig = attention_gallery(model, data, n_docs=3, seed=seed)
 # what the maps show, over 256 docs: the **object lift**, the attention mass inside the object
 # divided by the object's share of the image (1.0 = attention blind to the object, above 1 =
 # looks at it), and the **concept correlation**, the mean correlation between two concepts'
-# maps of one doc (1.0 = every concept looks at the same place).
+# maps of one doc (1.0 = every concept looks at the same place). Our goals: a lift of at least
+# 1.5 and a correlation below 0.5. Measured for the preset (scaled cosine) and for the same
+# model with the textbook softmax attention.
 
 # %%
-attention = attention_on_objects(model, data, data_dir, n_docs=256, seed=seed)
-print(f"object lift {attention['object_lift']:.2f} (object covers "
-      f"{attention['object_share']:.0%} of an image), concept correlation "
-      f"{attention['concept_correlation']:.2f}")
-#
+attention = {name: attention_on_objects(load_run_model(r["run"]), data, data_dir, n_docs=256,
+                                        seed=seed)
+             for name, r in (("scaled cosine (preset)", mixer), ("softmax", softmax_row))}
+print(f"the object covers {attention['softmax']['object_share']:.0%} of a doc image")
+print(f"{'attention':<24}{'object lift':>12}{'concept correlation':>21}{'test Recall@10':>16}")
+for (name, a), r in zip(attention.items(), (mixer, softmax_row)):
+    print(f"{name:<24}{a['object_lift']:>12.2f}{a['concept_correlation']:>21.2f}"
+          f"{r['recall@10']:>16.3f}")
+
+# %% [markdown]
 # ## How much each doc relies on its image
 # The gate's mean is the doc's "image weight" (1 = image only, 0 = fused text only).
 
@@ -119,15 +135,25 @@ for name, r in (("concept fusion", mixer), ("image only", image_only)):
 
 # %%
 fused_r10, image_r10 = mixer["recall@10"], image_only["recall@10"]
-# What this notebook claims is a limitation: the attention does not single out the object
-# (the goal is a lift of 1.5 and concepts that correlate below 0.5; docs/EXPERIMENTS.md).
-claim("the concepts' attention does not yet single out the object",
-      attention["object_lift"] < 1.5 or attention["concept_correlation"] > 0.5,
-      object_lift=attention["object_lift"], correlation=attention["concept_correlation"])
+cos, soft = attention["scaled cosine (preset)"], attention["softmax"]
+claim("scaled cosine attention puts more of its weight on the object than softmax attention",
+      cos["object_lift"] > soft["object_lift"] + 0.2,
+      cosine=cos["object_lift"], softmax=soft["object_lift"])
+claim("and its concepts look at more different places than softmax attention's",
+      cos["concept_correlation"] < soft["concept_correlation"] - 0.2,
+      cosine=cos["concept_correlation"], softmax=soft["concept_correlation"])
+goal = "meets" if cos["object_lift"] >= 1.5 else "falls short of"
+corr_goal = "below" if cos["concept_correlation"] < 0.5 else "not yet below"
 Markdown(f"""
-* **Attention**: the concepts put {attention['object_lift']:.2f}x the object's share of the
-  image on the object (1.0 would be blind to it), and two concepts of a doc correlate at
-  {attention['concept_correlation']:.2f} (1.0 = all look at the same place).
+* **Attention**: with scaled cosine the concepts put {cos['object_lift']:.2f}x the object's
+  share of the image on the object (1.0 would be blind to it; softmax attention
+  {soft['object_lift']:.2f}x), which {goal} the goal of 1.5, and two concepts of a doc
+  correlate at {cos['concept_correlation']:.2f} (softmax {soft['concept_correlation']:.2f};
+  1.0 = all look at the same place), {corr_goal} the goal of 0.5. On `small`, three seeds of
+  the preset: lift 1.39-1.64 (mean 1.52), correlation 0.18-0.23
+  (`docs/EXPERIMENTS.md`). Retrieval: test Recall@10 {fused_r10:.3f} against
+  {softmax_row['recall@10']:.3f} with softmax attention here (seed {seed}); on `small`'s
+  validation photos sharp maps cost 1.6 and 3.7 points of Recall@10 on two seeds.
 * **Text and variants**: the fused model separates a product's variants from its own other
   sellers by a cosine gap of {variant_gap['concept fusion']:.2f}, the image-only model by
   {variant_gap['image only']:.2f}. In this recipe the concepts carry no text content into the

@@ -63,7 +63,7 @@ def test_every_loss_overfits_one_batch(tiny_data, loss):
         clf = MarginClassifier(n, cfg.model.embed_dim, loss, cfg.margin_value, cfg.scale)
     labels = torch.arange(n)
     losses = []
-    for step in range(120):
+    for step in range(200):
         opt.zero_grad()
         q, d = model(q_img, d_img, tokens)
         if clf is None:

@@ -1,12 +1,14 @@
 """The Mixer model: shapes, normalisation, attention masks, the text-free query path, gradients."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mixer_lite.model import (FUSIONS, MixerModel, ModelConfig, SingleHeadAttention,
-                              WordTokenizer)
+from mixer_lite.model import (CONCEPT_ATTENTION, FUSIONS, ConceptImageAttention, MixerModel,
+                              ModelConfig, SingleHeadAttention, WordTokenizer)
 
 TEXTS = ["norvik red leather tote bag hot sale free shipping", "blue mug", "",
          "alba green striped cotton v-neck tee gift"]
@@ -43,6 +45,35 @@ def test_single_head_attention_matches_torch_sdpa():
     assert torch.all(w[1, :, 2:] == 0)
 
 
+@pytest.mark.parametrize("kind", ["cosine", "slots"])
+def test_concept_image_attention_matches_a_loop_over_scalars(kind):
+    torch.manual_seed(0)
+    att = ConceptImageAttention(8, kind=kind, init_temperature=3.0)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    qmask = torch.tensor([[True] * 3, [True, True, False]])
+    out, w = att(q, k, qmask)
+    qq, kk, vv = att.q(q), att.k(k), att.v(k)
+    ref_w = torch.zeros(2, 3, 5)
+    for b in range(2):
+        # A padded query is left out of the fused mean later; only the slots' competition
+        # has to keep it out here.
+        real = [i for i in range(3) if qmask[b, i] or kind == "cosine"]
+        score = {(i, j): 3.0 * float(qq[b, i] @ kk[b, j]) / float(qq[b, i].norm() * kk[b, j].norm())
+                 for i in real for j in range(5)}
+        for i in real:
+            if kind == "cosine":
+                e = [math.exp(score[i, j]) for j in range(5)]
+                ref_w[b, i] = torch.tensor(e) / sum(e)
+            else:  # each region shared out among the real concepts, then renormalised
+                share = [math.exp(score[i, j]) / sum(math.exp(score[c, j]) for c in real)
+                         for j in range(5)]
+                ref_w[b, i] = torch.tensor(share) / sum(share)
+    torch.testing.assert_close(w, ref_w)
+    torch.testing.assert_close(out, att.out(ref_w @ vv))
+    if kind == "slots":  # before renormalising, a region's shares over real concepts sum to 1
+        assert torch.all(w[1, 2] == 0)
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_variant_builds_runs_and_normalises(fusion):
     model = make(fusion).eval()
@@ -75,8 +106,10 @@ def test_attention_rows_sum_to_one_and_padding_gets_zero(fusion):
         torch.testing.assert_close(t2i.sum(-1), torch.ones(t2i.shape[:2]))
 
 
-def test_doc_embedding_does_not_depend_on_batch_padding():
-    model = make().eval()
+@pytest.mark.parametrize("fusion,attention", [("concept", "softmax"), ("direct", "softmax"),
+                                              ("direct", "slots"), ("concept", "slots")])
+def test_doc_embedding_does_not_depend_on_batch_padding(fusion, attention):
+    model = make(fusion, concept_attention=attention).eval()
     x = images()
     alone = model.embed_docs(x[1:2], model.tokenize(TEXTS[1:2]))
     batched = model.embed_docs(x, model.tokenize(TEXTS))[1:2]
@@ -96,10 +129,12 @@ def test_query_path_ignores_every_text_weight():
     assert not torch.allclose(model.embed_docs(x, model.tokenize(TEXTS)), doc_before)
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+# The attention kind matters only where concepts (or tokens) attend over the image.
+@pytest.mark.parametrize("fusion,attention", [(f, "softmax") for f in FUSIONS] + [
+    (f, a) for f in ("concept", "direct") for a in CONCEPT_ATTENTION if a != "softmax"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_gradients_reach_every_learnable_parameter(fusion, shared):
-    model = make(fusion, shared_transform=shared).train()
+def test_gradients_reach_every_learnable_parameter(fusion, attention, shared):
+    model = make(fusion, shared_transform=shared, concept_attention=attention).train()
     x = images()
     loss = (model.embed_queries(x) * model.embed_docs(x, model.tokenize(TEXTS))).sum()
     loss.backward()
@@ -139,6 +174,10 @@ def test_bad_config_is_rejected():
         MixerModel(ModelConfig())
     with pytest.raises(ValueError, match="text_dropout"):
         ModelConfig(text_dropout=1.5)
+    with pytest.raises(ValueError, match="concept_attention"):
+        ModelConfig(concept_attention="sparse")
+    with pytest.raises(ValueError, match="concept_temperature"):
+        ModelConfig(concept_attention="cosine", concept_temperature=0)
 
 
 def test_torchvision_backbone_option():
