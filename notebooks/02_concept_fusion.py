@@ -86,14 +86,14 @@ fig = attention_gallery(model, data, n_docs=3, seed=seed)
 # model with the textbook softmax attention.
 
 # %%
-attention = {name: attention_on_objects(load_run_model(r["run"]), data, data_dir, n_docs=256,
-                                        seed=seed)
-             for name, r in (("scaled cosine (preset)", mixer), ("softmax", softmax_row))}
-print(f"the object covers {attention['softmax']['object_share']:.0%} of a doc image")
+attention = {}
 print(f"{'attention':<24}{'object lift':>12}{'concept correlation':>21}{'test Recall@10':>16}")
-for (name, a), r in zip(attention.items(), (mixer, softmax_row)):
+for name, r, m in (("scaled cosine (preset)", mixer, model),
+                   ("softmax", softmax_row, load_run_model(softmax_row["run"]))):
+    a = attention[name] = attention_on_objects(m, data, data_dir, n_docs=256, seed=seed)
     print(f"{name:<24}{a['object_lift']:>12.2f}{a['concept_correlation']:>21.2f}"
           f"{r['recall@10']:>16.3f}")
+print(f"the object covers {a['object_share']:.0%} of a doc image")
 
 # %% [markdown]
 # ## How much each doc relies on its image
