@@ -67,7 +67,15 @@ def _cmd_train(args) -> int:
     from .train import config_from, train
 
     cfg = config_from(args.config, args.overrides)
-    result = train(args.data, args.out, cfg, resume=args.resume, preset=args.config)
+    try:
+        result = train(args.data, args.out, cfg, resume=args.resume, preset=args.config)
+    finally:
+        import torch.distributed as dist
+
+        # Under torchrun, train() joined the process group: torch asks each process to
+        # destroy it before exit, while the interpreter is still whole.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     print(json.dumps(result))
     return 0
 

@@ -497,8 +497,11 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
             net.register_comm_hook(None, _sum_gradients_hook)
 
     start = 0
-    for folder in (out, out / "checkpoints"):  # what a killed writer left
-        remove_stale_temporaries(folder)
+    # What a killed writer left.  Rank 0 is the only writer: another rank cleaning up could
+    # delete the temporary file of a config or checkpoint that rank 0 is writing right now.
+    if rank == 0:
+        for folder in (out, out / "checkpoints"):
+            remove_stale_temporaries(folder)
     if resume:
         model.load_state_dict(ck["model"])
         if classifier is not None:
