@@ -87,6 +87,10 @@ RECIPE_STEPS: list[tuple[str, str, dict]] = [
     ("CosFace scale 20 instead of 30", "scale20", {**_PRETRAINED, "scale": "20"}),
     ("scale 20 and concepts attend by scaled cosine", "cos20",
      {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine"}),
+    ("cos20 with margin 0.2", "cos20m02",
+     {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine", "margin": "0.2"}),
+    ("cos20 with margin 0.5", "cos20m05",
+     {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine", "margin": "0.5"}),
 ]
 VALIDATION = ["--val_share=0.1", "--eval_at_end=false"]
 
