@@ -69,6 +69,7 @@ RECIPE_VARIED = {"centre_weight_decay": "5e-4", "model.concept_text": "residual"
                  "scale": "30", "model.image_weights": "none", "epochs": "3.5",
                  "model.concept_attention": "softmax"}
 _PRETRAINED = {"model.concept_text": "none", "model.image_weights": "openclipart-cnn"}
+_COS20 = {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine"}
 RECIPE_STEPS: list[tuple[str, str, dict]] = [
     ("previous recipe", "prev", {}),
     ("no weight decay on the centres", "nowd", {"centre_weight_decay": "0"}),
@@ -85,12 +86,9 @@ RECIPE_STEPS: list[tuple[str, str, dict]] = [
     ("concepts compete for image regions (slot attention)", "slots",
      {**_PRETRAINED, "model.concept_attention": "slots"}),
     ("CosFace scale 20 instead of 30", "scale20", {**_PRETRAINED, "scale": "20"}),
-    ("scale 20 and concepts attend by scaled cosine", "cos20",
-     {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine"}),
-    ("cos20 with margin 0.2", "cos20m02",
-     {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine", "margin": "0.2"}),
-    ("cos20 with margin 0.5", "cos20m05",
-     {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine", "margin": "0.5"}),
+    ("scale 20 and concepts attend by scaled cosine", "cos20", _COS20),
+    ("cos20 with margin 0.2", "cos20m02", {**_COS20, "margin": "0.2"}),
+    ("cos20 with margin 0.5", "cos20m05", {**_COS20, "margin": "0.5"}),
 ]
 VALIDATION = ["--val_share=0.1", "--eval_at_end=false"]
 
