@@ -70,7 +70,7 @@ def test_concept_image_attention_matches_a_loop_over_scalars(kind):
                 ref_w[b, i] = torch.tensor(share) / sum(share)
     torch.testing.assert_close(w, ref_w)
     torch.testing.assert_close(out, att.out(ref_w @ vv))
-    if kind == "slots":  # before renormalising, a region's shares over real concepts sum to 1
+    if kind == "slots":  # a padded concept takes no share of any region
         assert torch.all(w[1, 2] == 0)
 
 
