@@ -67,9 +67,10 @@ METRICS = ("recall@1", "recall@10", "map@10")
 RECIPE_VARIED = {"centre_weight_decay": "5e-4", "model.concept_text": "residual",
                  "samples_per_class": "1", "clip_centres": "true", "margin_warmup_frac": "0",
                  "scale": "30", "model.image_weights": "none", "epochs": "3.5",
-                 "model.concept_attention": "softmax"}
+                 "model.concept_attention": "softmax", "augment": "false", "lr": "5e-4"}
 _PRETRAINED = {"model.concept_text": "none", "model.image_weights": "openclipart-cnn"}
 _COS20 = {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine"}
+_AUG = {**_COS20, "augment": "true"}
 RECIPE_STEPS: list[tuple[str, str, dict]] = [
     ("previous recipe", "prev", {}),
     ("no weight decay on the centres", "nowd", {"centre_weight_decay": "0"}),
@@ -89,6 +90,18 @@ RECIPE_STEPS: list[tuple[str, str, dict]] = [
     ("scale 20 and concepts attend by scaled cosine", "cos20", _COS20),
     ("cos20 with margin 0.2", "cos20m02", {**_COS20, "margin": "0.2"}),
     ("cos20 with margin 0.5", "cos20m05", {**_COS20, "margin": "0.5"}),
+    ("cos20, fused concepts keep a learned share of the text (from 0)", "gated",
+     {**_COS20, "model.concept_text": "gated"}),
+    ("cos20 with flip-and-shift augmentation of both domains", "aug", _AUG),
+    ("aug, twice the steps (7 epochs)", "long", {**_AUG, "epochs": "7"}),
+    ("InfoNCE on click pairs without augmentation (its better setting), twice the row's steps",
+     "infonce-long", {**_COS20, "loss": "infonce", "steps": "434"}),
+    # Not steps of the recipe: the encoder from scratch (the reproduction row), measured
+    # against that row's seed-0 run.
+    ("from scratch, lr 2e-3 instead of 5e-4", "scratch-lr2e3",
+     {**_COS20, "model.image_weights": "none", "lr": "2e-3"}),
+    ("from scratch, flip-and-shift augmentation", "scratch-aug",
+     {**_COS20, "model.image_weights": "none", "augment": "true"}),
 ]
 VALIDATION = ["--val_share=0.1", "--eval_at_end=false"]
 

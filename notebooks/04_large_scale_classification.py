@@ -80,6 +80,13 @@ fig = training_curves({name: read_metrics(r["run"]) for name, r in runs.items()}
 # Zhai & Wu (2018) found for classification-based metric learning; at s=30 the CosFace row
 # scored 5.9 points lower validation Recall@10 on `small` (`docs/EXPERIMENTS.md`), more
 # than half of what InfoNCE led by then.
+#
+# **Augmentation.** The preset flips and shifts (by up to 4 pixels) every photo and studio
+# shot it trains on. On `small`'s validation photos, over three seeds, that raised CosFace's
+# Recall@10 from 45.1 to 48.1 and lowered InfoNCE's from 48.1 to 45.4: with it the two
+# losses trade places (`docs/EXPERIMENTS.md`). A plausible reason, not isolated: a class
+# centre averages the views of a class, while a pairwise loss must pull each augmented doc
+# onto its photo.
 
 # %%
 fig = recall_curves({name: r["recall_curve"] for name, r in runs.items()},

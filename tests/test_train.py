@@ -172,6 +172,14 @@ def test_augment_is_seeded_and_shape_preserving():
     a, b = augment(x, 3, 0), augment(x, 3, 0)
     assert torch.equal(a, b) and a.shape == x.shape and a.dtype == torch.uint8
     assert not torch.equal(augment(x, 4, 0), a)
+    # Each output is one of the 2 x 9 x 9 flips and 4-pixel shifts of its own input, built
+    # here by numpy's reflect padding.
+    for img, out in zip(x.numpy(), a.numpy()):
+        views = [np.pad(v, ((0, 0), (4, 4), (4, 4)), mode="reflect")[:, dy:dy + 16, dx:dx + 16]
+                 for v in (img, img[:, :, ::-1]) for dy in range(9) for dx in range(9)]
+        assert any(np.array_equal(out, v) for v in views)
+    empty = x[:0]  # a batch with no docs (raw-click labels) or no photos
+    assert augment(empty, 3, 0).shape == empty.shape
 
 
 def assert_same_first_step(one: Path, two: Path) -> None:
