@@ -312,7 +312,7 @@ def augment(x: torch.Tensor, step: int, seed: int, pad: int = 4) -> torch.Tensor
     """Random horizontal flip and shift (reflect-padded crop), seeded by (seed, step)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     n, _, h, w = x.shape
-    if n == 0:  # a batch with no photos (raw-click labels) or no docs
+    if n == 0:  # a micro-batch with no docs (raw-click labels) or no photos
         return x
     flip = torch.rand(n, generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
