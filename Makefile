@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# CONFIG=scratch-cpu: the same job with the image encoder trained from random weights, into
+# its own run and reports folders.
+CONFIG ?= tiny-cpu
+DEMO_SUFFIX := $(if $(filter-out tiny-cpu,$(CONFIG)),-$(CONFIG))
 demo: $(STAMP)
-	$(PY) -m mixer_lite.cli demo --data data/synth-small --reports reports --run runs/demo
+	$(PY) -m mixer_lite.cli demo --config $(CONFIG) --data data/synth-small \
+		--reports reports$(DEMO_SUFFIX) --run runs/demo$(DEMO_SUFFIX)
 
 # The suite on TEST_WORKERS processes (pytest-xdist); the notebooks one after another, since
 # they share the cached runs in runs/experiments/.
@@ -37,4 +42,4 @@ reproduce: $(STAMP)
 		$(if $(RETRAIN),--retrain)
 
 clean:
-	rm -rf reports runs data/synth-*
+	rm -rf reports reports-* runs data/synth-*

@@ -218,7 +218,7 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(data_dir=args.data, reports=args.reports, preset=args.preset, seed=args.seed,
-             run=args.run, train_overrides=args.overrides)
+             run=args.run, train_overrides=args.overrides, config=args.config)
     return 0
 
 
@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--model.fusion=concat, --classes.min_share=0.3 ...")
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--config", default="tiny-cpu", help="preset: tiny-cpu | base-gpu")
+    s.add_argument("--config", default="tiny-cpu",
+                   help="preset: tiny-cpu | scratch-cpu | base-gpu")
     s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints")
     s.set_defaults(func=_cmd_train, overrides=[])
 
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="small", choices=["tiny", "small", "large"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--run", default="runs/demo", help="run folder for the training step")
+    s.add_argument("--config", default="tiny-cpu", help="training preset (see `train`)")
     s.set_defaults(func=_cmd_demo, overrides=[])
     return p
 

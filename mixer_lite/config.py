@@ -9,6 +9,7 @@ import dataclasses
 import json
 import types
 import typing
+from pathlib import Path
 
 
 def _parse(value: str, typ, key: str):
@@ -83,6 +84,27 @@ def config_changes(have: dict, cfg) -> dict[str, tuple]:
     have, want = _flat(_with_defaults(have, as_json(type(cfg)()))), _flat(as_json(cfg))
     return {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
             if have.get(k) != want.get(k)}
+
+
+def check_resumable(run, section: str, cfg, runtime_keys, new_run_flag: str) -> None:
+    """Refuse to resume the run in folder ``run`` with a config other than its ``config.json``.
+
+    A resumed run with other settings would end as neither run, under a ``config.json`` that no
+    longer describes it, so any difference outside ``runtime_keys`` (threads, devices, logging)
+    is an error naming each differing key; ``section`` is the file's key for the config
+    (``train``, ``pretrain``) and ``new_run_flag`` the command-line option that starts afresh.
+    """
+    cfg_path = Path(run) / "config.json"
+    try:
+        saved = json.loads(cfg_path.read_text())[section]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: cannot read the run's config ({e}); without it the run "
+                         f"cannot be resumed") from None
+    changes = {k: v for k, v in config_changes(saved, cfg).items() if k not in runtime_keys}
+    if changes:
+        said = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
+        raise ValueError(f"{run}: --resume with other settings than {cfg_path} ({said}); resume "
+                         f"with the run's settings, or start a new {new_run_flag}")
 
 
 def config_diff(have: dict, cfg) -> list[str]:

@@ -1,9 +1,10 @@
 """The main job behind ``make demo``: the whole pipeline on the built-in SynthShop data.
 
-make data -> validate -> build classes -> train (tiny-cpu) -> evaluate against the raw-pixel
-baseline -> figures and metrics in ``reports/``.  Each step is skipped when its output exists,
-so a second ``make demo`` is quick and an interrupted one resumes (training from its last
-checkpoint).
+make data -> validate -> build classes -> train (``tiny-cpu``, or the preset named) -> evaluate
+against the raw-pixel baseline -> figures and metrics in ``reports/``.  Each step is skipped
+when its output exists, so a second ``make demo`` is quick and an interrupted one resumes
+(training from its last checkpoint); a run folder holding a run of other settings is an error,
+never silently reused.
 """
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ from .dataset import load_dataset
 from .files import write_json
 from .retrieval import evaluate_raw_pixels, load_run_model
 from .synthshop import make_synthshop
-from .train import config_from, train
+from .train import config_from, refuse_other_run, train
 from .viz import attention_gallery, class_size_rank, query_doc_grid, recall_curves
 
 
 def run_demo(data_dir: str = "data/synth-small", reports: str = "reports", preset: str = "small",
              seed: int = 0, workers: int = 2, run: str = "runs/demo",
-             train_overrides: list[str] | None = None) -> dict:
+             train_overrides: list[str] | None = None, config: str = "tiny-cpu") -> dict:
     data_dir, reports, run = Path(data_dir), Path(reports), Path(run)
+    cfg = config_from(config, [f"--seed={seed}", *(train_overrides or [])])
+    refuse_other_run(run, cfg, "delete it or pass another --run")
     if not (data_dir / "docs.jsonl").exists():
         print(f"[demo] 1/5 generating SynthShop '{preset}' (seed {seed}) into {data_dir}")
         make_synthshop(data_dir, preset=preset, seed=seed, workers=workers)
@@ -45,14 +48,13 @@ def run_demo(data_dir: str = "data/synth-small", reports: str = "reports", prese
 
     if not (run / "model.pt").exists():
         resume = (run / "checkpoints" / "last.pt").exists()
-        print(f"[demo] 4/5 training tiny-cpu into {run}" + (" (resuming)" if resume else ""))
-        cfg = config_from("tiny-cpu", [f"--seed={seed}", *(train_overrides or [])])
-        train(data_dir, run, cfg, resume=resume, preset="tiny-cpu")
+        print(f"[demo] 4/5 training {config} into {run}" + (" (resuming)" if resume else ""))
+        train(data_dir, run, cfg, resume=resume, preset=config)
     print("[demo] 5/5 evaluating on the test queries (products never clicked in training)")
     model = load_run_model(run)
     ours = json.loads((run / "eval.json").read_text())
     raw = evaluate_raw_pixels(data, size=model.cfg.image_size)
-    recall_curves({"Mixer (tiny-cpu)": ours["recall_curve"],
+    recall_curves({f"Mixer ({config})": ours["recall_curve"],
                    "raw pixels (no learning)": raw["recall_curve"]},
                   title="Recall@K on SynthShop test queries (unseen products)",
                   path=reports / "recall_curves.png")

@@ -21,7 +21,10 @@ samples, a pairwise step ``batch_size`` photos *and* their clicked docs, so a pa
 trains half the steps of the Mixer row on the same data (:func:`row_overrides`); the raw-clicks
 row, one sample per click, trains as many steps as the Mixer row.  Equal epochs would give the
 pairwise rows 4.6x and the raw-clicks row 2.0x the Mixer row's images on SynthShop ``small``,
-since an epoch of clicks is longer than an epoch of capped class samples.
+since an epoch of clicks is longer than an epoch of capped class samples.  The one row that
+names its own budget is the encoder from scratch (:data:`FROM_SCRATCH`): 21 epochs at 32 px,
+which its random encoder needs more than pixels (``docs/EXPERIMENTS.md``, item 15), at about
+1.2x the Mixer row's training time.
 """
 from __future__ import annotations
 
@@ -35,18 +38,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import config_diff
 from .dataset import ImageTable, image_paths, load_dataset
 from .files import read_log
 from .model import ModelConfig, build_image_encoder, load_image_weights, normalise_pixels
 from .synthshop import load_truth, make_synthshop
-from .train import (PAIRWISE_LOSSES, EpochSampler, TrainConfig, build_model, config_from,
-                    make_samples, total_steps, train)
+from .train import (FROM_SCRATCH, PAIRWISE_LOSSES, EpochSampler, TrainConfig, build_model,
+                    config_from, make_samples, refuse_other_run, total_steps, train)
 
 # row -> (slug of its cached run folder, overrides of the tiny-cpu preset)
 ROWS: dict[str, tuple[str, list[str]]] = {
     "Mixer (concept fusion, CosFace)": ("mixer", []),
-    "Mixer, image encoder from scratch": ("scratch", ["--model.image_weights=none"]),
+    "Mixer, image encoder from scratch": ("scratch", list(FROM_SCRATCH)),
     "Mixer, softmax attention over regions": ("softmax_attention",
                                               ["--model.concept_attention=softmax"]),
     "shared transform (no domain split)": ("shared", ["--model.shared_transform=true"]),
@@ -71,6 +73,7 @@ RECIPE_VARIED = {"centre_weight_decay": "5e-4", "model.concept_text": "residual"
 _PRETRAINED = {"model.concept_text": "none", "model.image_weights": "openclipart-cnn"}
 _COS20 = {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine"}
 _AUG = {**_COS20, "augment": "true"}
+_SCRATCH = {**_AUG, "model.image_weights": "none"}
 RECIPE_STEPS: list[tuple[str, str, dict]] = [
     ("previous recipe", "prev", {}),
     ("no weight decay on the centres", "nowd", {"centre_weight_decay": "0"}),
@@ -94,14 +97,29 @@ RECIPE_STEPS: list[tuple[str, str, dict]] = [
      {**_COS20, "model.concept_text": "gated"}),
     ("cos20 with flip-and-shift augmentation of both domains", "aug", _AUG),
     ("aug, twice the steps (7 epochs)", "long", {**_AUG, "epochs": "7"}),
-    ("InfoNCE on click pairs without augmentation (its better setting), twice the row's steps",
+    ("InfoNCE on click pairs without augmentation (its better setting), 434 steps",
      "infonce-long", {**_COS20, "loss": "infonce", "steps": "434"}),
+    ("InfoNCE on click pairs without augmentation, twice the row's images (388 steps)",
+     "infonce-2x", {**_COS20, "loss": "infonce", "steps": "388"}),
     # Not steps of the recipe: the encoder from scratch (the reproduction row), measured
     # against that row's seed-0 run.
     ("from scratch, lr 2e-3 instead of 5e-4", "scratch-lr2e3",
      {**_COS20, "model.image_weights": "none", "lr": "2e-3"}),
     ("from scratch, flip-and-shift augmentation", "scratch-aug",
      {**_COS20, "model.image_weights": "none", "augment": "true"}),
+    ("from scratch, augmented, lr 2e-3", "scratch-aug-lr2e3", {**_SCRATCH, "lr": "2e-3"}),
+    # Pixels against steps, at about the same training time (a 32-px step costs about a sixth
+    # of a 64-px one, a 48-px step about half).
+    ("from scratch, augmented, 48 px, 7 epochs", "scratch-48px-e7",
+     {**_SCRATCH, "model.image_size": "48", "epochs": "7"}),
+    ("from scratch, augmented, 32 px, 14 epochs", "scratch-32px-e14",
+     {**_SCRATCH, "model.image_size": "32", "epochs": "14"}),
+    ("from scratch, augmented, 32 px, 21 epochs (the scratch-cpu preset)", "scratch-32px-e21",
+     {**_SCRATCH, "model.image_size": "32", "epochs": "21"}),
+    ("pretrained, 32 px, 14 epochs", "pretrained-32px-e14",
+     {**_AUG, "model.image_size": "32", "epochs": "14"}),
+    ("pretrained, 32 px, 21 epochs", "pretrained-32px-e21",
+     {**_AUG, "model.image_size": "32", "epochs": "21"}),
 ]
 VALIDATION = ["--val_share=0.1", "--eval_at_end=false"]
 
@@ -139,11 +157,7 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     """
     run = Path(runs or repo_root() / "runs" / "experiments") / name
     cfg = config_from("tiny-cpu", list(overrides))
-    if (run / "config.json").exists():
-        diff = config_diff(json.loads((run / "config.json").read_text())["train"], cfg)
-        if diff:
-            raise FileExistsError(f"{run} was trained with another config (differs in "
-                                  f"{', '.join(diff)}); delete it or choose another name")
+    refuse_other_run(run, cfg, "delete it or choose another name")
     if not (run / ("eval.json" if cfg.eval_at_end else "model.pt")).exists():
         resume = (run / "checkpoints" / "last.pt").exists()
         t0 = time.time()
@@ -475,11 +489,13 @@ def row_overrides(data_dir: str | Path, row: str, seed: int) -> list[str]:
 
     A row whose own epochs would encode another number of images than the Mixer row on the
     same data (the pairwise rows, two images a pair; raw clicks, one sample a click) also gets
-    ``--steps`` that match the Mixer row's images (module docstring).
+    ``--steps`` that match the Mixer row's images (module docstring); a row that names its own
+    ``--epochs`` or ``--steps`` keeps them.
     """
     overrides = [f"--seed={seed}", *ROWS[row][1]]
     cfg, mixer = config_from("tiny-cpu", overrides), config_from("tiny-cpu", [f"--seed={seed}"])
-    if _sampling(cfg) == _sampling(mixer):  # same samples and steps: nothing to load
+    own_budget = any(o.startswith(("--epochs=", "--steps=")) for o in ROWS[row][1])
+    if own_budget or _sampling(cfg) == _sampling(mixer):  # nothing to match, nothing to load
         return overrides
     root = str(Path(data_dir).resolve())
     steps, per_step = _steps_and_images_per_step(root, *_sampling(cfg))
@@ -491,16 +507,16 @@ def row_overrides(data_dir: str | Path, row: str, seed: int) -> list[str]:
 
 def _sampling(cfg: TrainConfig) -> tuple:
     """The fields of a config that decide its samples, steps and images per step."""
-    return (cfg.labels, cfg.loss in PAIRWISE_LOSSES, cfg.classes, cfg.max_per_class,
-            cfg.batch_size, cfg.epochs, cfg.steps)
+    return (cfg.labels, cfg.loss in PAIRWISE_LOSSES, cfg.classes, cfg.val_share,
+            cfg.max_per_class, cfg.batch_size, cfg.epochs, cfg.steps)
 
 
 @functools.lru_cache(maxsize=None)
-def _steps_and_images_per_step(data_root: str, labels, pairwise, classes, max_per_class,
-                               batch_size, epochs, steps) -> tuple[int, int]:
+def _steps_and_images_per_step(data_root: str, labels, pairwise, classes, val_share,
+                               max_per_class, batch_size, epochs, steps) -> tuple[int, int]:
     cfg = TrainConfig(labels=labels, loss=PAIRWISE_LOSSES[0] if pairwise else "cosface",
-                      classes=classes, max_per_class=max_per_class, batch_size=batch_size,
-                      epochs=epochs, steps=steps)
+                      classes=classes, val_share=val_share, max_per_class=max_per_class,
+                      batch_size=batch_size, epochs=epochs, steps=steps)
     samples, _ = make_samples(_load(data_root), cfg)
     sampler = EpochSampler(samples.label, max_per_class, batch_size, cfg.seed)
     return total_steps(cfg, sampler.steps_per_epoch), batch_size * (2 if pairwise else 1)

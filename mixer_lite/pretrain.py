@@ -52,6 +52,7 @@ from PIL import Image
 from .files import atomic_path, read_log, remove_stale_temporaries, truncate_log, write_json
 from .model import WEIGHTS_FORMAT, ConvEncoder, ModelConfig, normalise_pixels
 from .synthshop import studio_shot, user_photo
+from .config import check_resumable
 from .train import _atomic_save, _lr_lambda
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -349,17 +350,6 @@ def _device(cfg: PretrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _check_resumable(out: Path, cfg: PretrainConfig) -> None:
-    from .config import config_changes
-
-    saved = json.loads((out / "config.json").read_text())["pretrain"]
-    changes = {k: v for k, v in config_changes(saved, cfg).items() if k not in RUNTIME_KEYS}
-    if changes:
-        said = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
-        raise ValueError(f"{out}: --resume with other settings than its config.json ({said}); "
-                         f"resume with the run's settings, or pretrain into a new --run")
-
-
 def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weights_out,
              cfg: PretrainConfig, resume: bool = False, progress: bool = True,
              cache: str | os.PathLike | None = None) -> dict:
@@ -382,7 +372,7 @@ def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weig
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
-        _check_resumable(run, cfg)
+        check_resumable(run, "pretrain", cfg, RUNTIME_KEYS, "--run")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg)

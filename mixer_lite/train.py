@@ -50,7 +50,7 @@ from .classes import (ClassConfig, build_classes_from_clicks, class_stats, raw_c
                       stable_rank)
 from .dataset import ImageTable, ShopData, image_paths, load_dataset
 from .losses import MarginClassifier, info_nce, mean_pairwise_cosine, triplet_loss
-from .config import config_changes
+from .config import apply_overrides, check_resumable, config_diff
 from .model import MixerModel, ModelConfig, WordTokenizer, load_image_weights
 from .files import (atomic_path, read_log, remove_stale_temporaries, truncate_log,
                     write_json)
@@ -162,9 +162,16 @@ PRESETS = {
 }
 
 
-def config_from(name: str, overrides: list[str]) -> TrainConfig:
-    from .config import apply_overrides
+# The image encoder from random weights needs steps more than pixels: at 32 px a step costs
+# about a sixth of a 64-px one, so 21 epochs take about 1.2x as long as tiny-cpu's 3.5, and on
+# SynthShop small's validation photos they lift Recall@10 from 17.8 (64 px, 3.5 epochs) to 37.9.
+# The pretrained encoder is the other way round (its features are for 64 px: 45.5 at 32 px and
+# 21 epochs, against 47.5).  docs/EXPERIMENTS.md, item 15.
+FROM_SCRATCH = ("--model.image_weights=none", "--model.image_size=32", "--epochs=21")
+PRESETS["scratch-cpu"] = apply_overrides(PRESETS["tiny-cpu"], list(FROM_SCRATCH))
 
+
+def config_from(name: str, overrides: list[str]) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown config {name!r}; presets: {', '.join(PRESETS)}")
     return apply_overrides(PRESETS[name], overrides)
@@ -353,24 +360,20 @@ RUNTIME_KEYS = ("device", "threads", "loader_threads", "preload_images", "stop_a
 
 
 def _resume_checkpoint(out: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint of the run in ``out``, after checking that ``cfg`` is the run's config.
-
-    A resumed run with other settings would end as neither run, under a ``config.json`` that
-    no longer describes it, so any difference outside :data:`RUNTIME_KEYS` is refused.
-    """
-    cfg_path = out / "config.json"
-    try:
-        saved = json.loads(cfg_path.read_text())["train"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{cfg_path}: cannot read the run's config ({e}); without it the run "
-                         f"cannot be resumed") from None
-    changes = {k: v for k, v in config_changes(saved, cfg).items()
-               if k not in RUNTIME_KEYS}
-    if changes:
-        said = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
-        raise ValueError(f"{out}: --resume with other settings than {cfg_path} ({said}); resume "
-                         f"with the run's settings, or train into a new --out")
+    """The checkpoint of the run in ``out``, after checking that ``cfg`` is the run's config
+    (any difference outside :data:`RUNTIME_KEYS` is refused: :func:`config.check_resumable`)."""
+    check_resumable(out, "train", cfg, RUNTIME_KEYS, "--out")
     return load_checkpoint(out / "checkpoints" / "last.pt")
+
+
+def refuse_other_run(run: Path, cfg: TrainConfig, advice: str) -> None:
+    """A clear error when the folder ``run`` holds a run (finished or not) trained with other
+    settings than ``cfg``: a cached run is reused only when it is the run asked for."""
+    if (run / "config.json").exists():
+        diff = config_diff(json.loads((run / "config.json").read_text())["train"], cfg)
+        if diff:
+            raise FileExistsError(f"{run} was trained with another config (differs in "
+                                  f"{', '.join(diff)}); {advice}")
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -173,3 +173,9 @@ def test_demo_runs_the_pipeline_then_skips_what_is_done(tiny_dir, tmp_path):
     assert "1/5 generating" not in second and "4/5 training" not in second
     assert (run / "model.pt").stat().st_mtime_ns == trained_at
     assert json.loads((reports / "metrics.json").read_text()) == metrics
+
+    # The same run folder with other settings is refused, never reused as if it were them.
+    r = cli(*args, "--lr=1e-3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{run} was trained with another config (differs in lr)" in r.stderr
+    assert (run / "model.pt").stat().st_mtime_ns == trained_at

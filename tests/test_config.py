@@ -1,9 +1,10 @@
-"""--key=value overrides of configuration dataclasses."""
+"""--key=value overrides of configuration dataclasses, and the check before a run resumes."""
+import json
 from dataclasses import dataclass, field
 
 import pytest
 
-from mixer_lite.config import apply_overrides
+from mixer_lite.config import apply_overrides, check_resumable
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,17 @@ def test_overrides_parse_by_type():
 def test_bad_overrides_are_rejected_with_the_key(item, msg):
     with pytest.raises(ValueError, match=msg):
         apply_overrides(Outer(), [item])
+
+
+def test_resume_is_refused_with_other_settings_but_not_other_runtime_keys(tmp_path):
+    saved = {"inner": {"width": 4}, "lr": 0.1, "amp": False}  # an older file: no size or limit
+    (tmp_path / "config.json").write_text(json.dumps({"train": saved}))
+    check_resumable(tmp_path, "train", Outer(), (), "--out")  # the missing keys are defaults
+    check_resumable(tmp_path, "train", Outer(amp=True), ("amp",), "--out")
+    with pytest.raises(ValueError, match=r"inner\.width: 4 in the run, 9 now.*new --out"):
+        check_resumable(tmp_path, "train", Outer(inner=Inner(width=9)), ("amp",), "--out")
+    with pytest.raises(ValueError, match="config.json: cannot read the run's config"):
+        check_resumable(tmp_path, "pretrain", Outer(), (), "--run")
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="config.json: cannot read"):
+        check_resumable(tmp_path, "train", Outer(), (), "--out")

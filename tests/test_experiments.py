@@ -94,28 +94,37 @@ def test_ensure_run_refuses_a_run_made_with_another_config(tmp_path, tiny_dir):
 
 def test_rows_encode_as_many_images_as_the_mixer_row(tiny_dir, tiny_data):
     from mixer_lite.classes import build_classes_from_clicks
-    from mixer_lite.train import config_from
+    from mixer_lite.train import config_from, held_out
 
-    # Independent count: the Mixer row's samples are every class member, at most max_per_class
-    # of a class an epoch; an epoch is floor(samples / batch) steps and it trains 3.5 epochs.
+    # Independent count: the Mixer row's samples are every member of a class not held out for
+    # validation, at most max_per_class of a class an epoch; an epoch is floor(samples / batch)
+    # steps and it trains 3.5 epochs.  A pairwise row trains on the clicks that touch no
+    # held-out class.
     c = config_from("tiny-cpu", [])
     cq, cd, cn = tiny_data.clicks_columns()
     classes, _ = build_classes_from_clicks(cq, cd, cn, c.classes)
-    members = [len(k["query_ids"]) + len(k["doc_ids"]) for k in classes]
+    held = held_out(classes, c.val_share)
+    assert 0 < held.sum() < len(classes)
+    held_q = {q for k, h in zip(classes, held) if h for q in k["query_ids"]}
+    held_d = {d for k, h in zip(classes, held) if h for d in k["doc_ids"]}
+    members = [len(k["query_ids"]) + len(k["doc_ids"]) for k, h in zip(classes, held) if not h]
     mixer_images = round(c.epochs * (sum(min(m, c.max_per_class) for m in members)
                                      // c.batch_size)) * c.batch_size
-    pairs_per_epoch = len(cq) // c.batch_size * 2 * c.batch_size  # two images a click pair
+    pairs = sum(q not in held_q and d not in held_d for q, d in zip(cq, cd))
+    pairs_per_epoch = pairs // c.batch_size * 2 * c.batch_size  # two images a click pair
     assert round(c.epochs * pairs_per_epoch) > 2 * mixer_images  # equal epochs: not equal images
     for row in ex.ROWS:
         overrides = ex.row_overrides(tiny_dir[0], row, seed=3)
         rc = config_from("tiny-cpu", overrides)
-        assert overrides[:2 if ex.ROWS[row][1] else 1] == ["--seed=3", *ex.ROWS[row][1]]
+        assert overrides[:1 + len(ex.ROWS[row][1])] == ["--seed=3", *ex.ROWS[row][1]]
         if rc.loss in ("infonce", "triplet"):
-            assert rc.steps * 2 * rc.batch_size == mixer_images
+            assert rc.steps == mixer_images // (2 * rc.batch_size)
         elif rc.labels == "raw_clicks":
             assert rc.steps * rc.batch_size == mixer_images
-        else:  # same samples as the Mixer row: its epochs already match, no --steps added
-            assert rc.steps == 0 and len(overrides) == 1 + len(ex.ROWS[row][1])
+        else:  # same samples as the Mixer row, or its own epochs: no --steps added
+            assert len(overrides) == 1 + len(ex.ROWS[row][1])
+            assert rc.steps == 0 and (rc.epochs == c.epochs or row == "Mixer, image encoder "
+                                                                        "from scratch")
 
 
 def test_rows_are_valid_configs_with_distinct_run_names():

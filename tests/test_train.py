@@ -139,7 +139,7 @@ def test_total_steps_from_epochs_or_steps():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="presets: tiny-cpu, base-gpu"):
+    with pytest.raises(ValueError, match="presets: tiny-cpu, base-gpu, scratch-cpu$"):
         config_from("huge", [])
 
 
