@@ -94,17 +94,24 @@ def check_resumable(run, section: str, cfg, runtime_keys, new_run_flag: str) -> 
     is an error naming each differing key; ``section`` is the file's key for the config
     (``train``, ``pretrain``) and ``new_run_flag`` the command-line option that starts afresh.
     """
-    cfg_path = Path(run) / "config.json"
-    try:
-        saved = json.loads(cfg_path.read_text())[section]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{cfg_path}: cannot read the run's config ({e}); without it the run "
-                         f"cannot be resumed") from None
-    changes = {k: v for k, v in config_changes(saved, cfg).items() if k not in runtime_keys}
+    changes = {k: v for k, v in config_changes(saved_config(run, section), cfg).items()
+               if k not in runtime_keys}
     if changes:
         said = ", ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
-        raise ValueError(f"{run}: --resume with other settings than {cfg_path} ({said}); resume "
-                         f"with the run's settings, or start a new {new_run_flag}")
+        raise ValueError(f"{run}: --resume with other settings than {Path(run) / 'config.json'} "
+                         f"({said}); resume with the run's settings, or start a new "
+                         f"{new_run_flag}")
+
+
+def saved_config(run, section: str) -> dict:
+    """The config a run folder's ``config.json`` holds under ``section``; an unreadable file
+    is an error naming it."""
+    cfg_path = Path(run) / "config.json"
+    try:
+        return json.loads(cfg_path.read_text())[section]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: cannot read the run's config ({e}); without it the run "
+                         f"cannot be resumed or reused") from None
 
 
 def config_diff(have: dict, cfg) -> list[str]:

@@ -494,7 +494,7 @@ def row_overrides(data_dir: str | Path, row: str, seed: int) -> list[str]:
     """
     overrides = [f"--seed={seed}", *ROWS[row][1]]
     cfg, mixer = config_from("tiny-cpu", overrides), config_from("tiny-cpu", [f"--seed={seed}"])
-    own_budget = any(o.startswith(("--epochs=", "--steps=")) for o in ROWS[row][1])
+    own_budget = (cfg.epochs, cfg.steps) != (mixer.epochs, mixer.steps)
     if own_budget or _sampling(cfg) == _sampling(mixer):  # nothing to match, nothing to load
         return overrides
     root = str(Path(data_dir).resolve())

@@ -49,10 +49,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .config import check_resumable
 from .files import atomic_path, read_log, remove_stale_temporaries, truncate_log, write_json
 from .model import WEIGHTS_FORMAT, ConvEncoder, ModelConfig, normalise_pixels
 from .synthshop import studio_shot, user_photo
-from .config import check_resumable
 from .train import _atomic_save, _lr_lambda
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")

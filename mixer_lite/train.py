@@ -50,7 +50,7 @@ from .classes import (ClassConfig, build_classes_from_clicks, class_stats, raw_c
                       stable_rank)
 from .dataset import ImageTable, ShopData, image_paths, load_dataset
 from .losses import MarginClassifier, info_nce, mean_pairwise_cosine, triplet_loss
-from .config import apply_overrides, check_resumable, config_diff
+from .config import apply_overrides, check_resumable, config_diff, saved_config
 from .model import MixerModel, ModelConfig, WordTokenizer, load_image_weights
 from .files import (atomic_path, read_log, remove_stale_temporaries, truncate_log,
                     write_json)
@@ -370,7 +370,7 @@ def refuse_other_run(run: Path, cfg: TrainConfig, advice: str) -> None:
     """A clear error when the folder ``run`` holds a run (finished or not) trained with other
     settings than ``cfg``: a cached run is reused only when it is the run asked for."""
     if (run / "config.json").exists():
-        diff = config_diff(json.loads((run / "config.json").read_text())["train"], cfg)
+        diff = config_diff(saved_config(run, "train"), cfg)
         if diff:
             raise FileExistsError(f"{run} was trained with another config (differs in "
                                   f"{', '.join(diff)}); {advice}")

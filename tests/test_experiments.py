@@ -90,6 +90,9 @@ def test_ensure_run_refuses_a_run_made_with_another_config(tmp_path, tiny_dir):
     (run / "eval.json").write_text(json.dumps({"recall@10": 0.25}))
     (run / "seconds.json").write_text("12.5")
     assert ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)["recall@10"] == 0.25
+    (run / "config.json").write_text("{")  # damaged: an error naming the file, not a crash
+    with pytest.raises(ValueError, match="r/config.json: cannot read the run's config"):
+        ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
 
 
 def test_rows_encode_as_many_images_as_the_mixer_row(tiny_dir, tiny_data):
