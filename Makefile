@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test reproduce clean
+.PHONY: install demo test test-kernels reproduce clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 	MIXER_LITE_FAST=1 $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
+
+# The tests whose numbers depend on the CPU's kernels and the thread count (learning, the
+# committed record, rankings compared across libraries and processes, the notebooks' claims),
+# again with AVX2 kernels (most laptops') and 2 torch threads per test: CI runs both.
+NUMERICS_TESTS := tests/test_learning.py tests/test_reproduce.py tests/test_retrieval.py \
+	tests/test_cli.py tests/test_losses.py
+test-kernels: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MIXER_LITE_TEST_THREADS=2 \
+		$(PY) -m pytest -q -n $(TEST_WORKERS) $(NUMERICS_TESTS)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MIXER_LITE_FAST=1 \
+		$(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
 
 # The README's reproduction table on SynthShop small, built from the records in
 # results/reproduce/ (a missing one is trained and written, so an interrupted table resumes).

@@ -39,8 +39,10 @@ def _cmd_build_classes(args) -> int:
     from .classes import ClassConfig, analyse_steps, build_classes_from_clicks, write_classes
     from .config import apply_overrides
     from .dataset import load_dataset
+    from .files import check_writable
 
     cfg = apply_overrides(ClassConfig(), args.overrides)
+    check_writable(args.out)
     data = load_dataset(args.data, check_images=False)  # reads no image
     q, d, n = data.clicks_columns()
     if not len(q):
@@ -103,18 +105,25 @@ def _cmd_evaluate(args) -> int:
     from pathlib import Path
 
     from .dataset import load_dataset
-    from .files import write_json
-    from .retrieval import evaluate_model, evaluate_raw_pixels, eval_name, load_run_model
+    from .files import check_writable, write_json
+    from .retrieval import (check_index_kind, evaluate_model, evaluate_raw_pixels, eval_name,
+                            load_run_model)
     from .viz import recall_curves
 
     if not args.run and not args.baseline:
         raise ValueError("give --run RUN (one or more) or --baseline raw-pixel")
+    if args.compare_out:
+        check_writable(args.compare_out)
     models = {run: load_run_model(run) for run in args.run}  # a damaged one fails before work
+    for run in models:
+        check_writable(run, "folder")
     data = load_dataset(args.data)
+    check_index_kind(args.index, len(data.docs))
+    names = {run: eval_name(run, data, args.index) for run in models}
     results = {}
     for run, model in models.items():
         metrics = evaluate_model(model, data, index_kind=args.index, progress=not args.quiet)
-        name = eval_name(run, data, args.index)
+        name = names[run]
         write_json(Path(run) / f"{name}.json", metrics)
         recall_curves({Path(run).name: metrics["recall_curve"]},
                       path=Path(run) / f"{name.replace('eval', 'recall_curve', 1)}.png")
@@ -134,20 +143,26 @@ def _cmd_evaluate(args) -> int:
 def _cmd_index(args) -> int:
     from pathlib import Path
 
-    from .dataset import ImageTable, image_paths, load_dataset
-    from .files import write_json
-    from .retrieval import build_index, embed_docs, load_run_model, save_index
+    from .dataset import ImageTable, data_fingerprint, image_paths, load_dataset
+    from .files import check_writable, folder_lock
+    from .retrieval import (build_index, check_index_kind, embed_docs, load_run_model,
+                            save_index)
 
     model = load_run_model(args.run)
+    model_sha = _sha256(Path(args.run) / "model.pt")
+    check_writable(Path(args.run) / "index", "folder")
     data = load_dataset(args.data)
+    check_index_kind(args.index, len(data.docs))
     images = ImageTable(image_paths(data, "docs"), model.cfg.image_size, preload=False,
                         threads=4)
-    emb = embed_docs(model, images, data.doc_texts, progress=not args.quiet)
-    index = build_index(emb, args.index)
-    out = Path(args.run) / "index"
-    save_index(index, out / "docs.faiss")
-    write_json(out / "meta.json", {"data": str(Path(args.data).resolve()), "kind": args.index,
-                                   "doc_ids": data.doc_ids})
+    with folder_lock(args.run, "index"):  # not while a train or another index writes there
+        emb = embed_docs(model, images, data.doc_texts, progress=not args.quiet)
+        index = build_index(emb, args.index)
+        out = Path(args.run) / "index"
+        save_index(index, out, {"data": str(Path(args.data).resolve()),
+                                "data_fingerprint": data_fingerprint(args.data),
+                                "model_sha256": model_sha, "kind": args.index,
+                                "doc_ids": data.doc_ids})
     print(json.dumps({"index": str(out / "docs.faiss"), "kind": args.index, "docs": len(emb)}))
     return 0
 
@@ -158,27 +173,45 @@ def _cmd_search(args) -> int:
     from .dataset import ImageTable, load_dataset
     from .retrieval import embed_queries, load_index, load_run_model, search
 
-    meta_path = Path(args.run) / "index" / "meta.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path}: no index; run `mixer-lite index --run "
-                                f"{args.run} --data DIR` first")
     photos = _photo_paths(args.image)
-    meta = json.loads(meta_path.read_text())
+    index, meta = load_index(Path(args.run) / "index")
     data = load_dataset(args.data, check_images=False)  # only the doc ids and texts are read
     if meta["doc_ids"] != data.doc_ids:
-        raise ValueError(f"the index in {args.run} was built from {meta['data']}, whose docs "
+        raise ValueError(f"the index in {args.run} was built from {meta.get('data')}, whose docs "
                          f"differ from {args.data}/docs.jsonl; rebuild it with mixer-lite index")
-    model = load_run_model(args.run)
+    model = load_run_model(args.run)  # a damaged or crafted file is named as such first
+    model_path = Path(args.run) / "model.pt"
+    if meta.get("model_sha256") != _sha256(model_path):
+        raise ValueError(f"the index in {args.run} was built from another {model_path} (the run "
+                         f"was trained again since); rebuild it with mixer-lite index")
     images = ImageTable(photos, model.cfg.image_size, preload=False, threads=2)
     q = embed_queries(model, images, batch_size=64)  # a bad photo is named before any result
-    scores, rows = search(load_index(Path(args.run) / "index" / "docs.faiss"), q, args.k)
+    scores, rows = search(index, q, args.k)
     texts = data.doc_texts
     for photo, sc, rw in zip(photos, scores, rows):
-        print(f"# {photo}")
+        print(f"# {_printable(photo)}")
         for rank, (s, r) in enumerate(zip(sc, rw), 1):
             if r >= 0:
-                print(f"{rank}\t{data.doc_ids[r]}\t{s:.4f}\t{texts[r]}")
+                print(f"{rank}\t{_printable(data.doc_ids[r])}\t{s:.4f}\t{_printable(texts[r])}")
     return 0
+
+
+def _sha256(path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (newline, tab, terminal escapes) written as escapes, so a
+    title cannot forge a result line or colour the terminal."""
+    import unicodedata
+
+    return "".join(c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape")
+                   .decode("ascii") for c in text)
 
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -191,14 +224,17 @@ def _photo_paths(given: list[str]) -> list[str]:
     out = []
     for item in given:
         p = Path(item)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES)
+        if p.is_dir():  # regular files only: reading a FIFO or a device would never end
+            found = sorted(str(f) for f in p.iterdir()
+                           if f.suffix.lower() in PHOTO_SUFFIXES and f.is_file())
             if not found:
                 raise ValueError(f"--image {item}: a folder without image files "
                                  f"({', '.join(PHOTO_SUFFIXES)})")
             out += found
         elif p.is_file():
             out.append(str(p))
+        elif p.exists():
+            raise ValueError(f"--image {item}: not a regular file or folder")
         else:
             raise FileNotFoundError(f"--image {item}: no such file or folder")
     return out
@@ -310,6 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for an error of the operating system: the path first, then what went wrong in
+    words a user acts on."""
+    import errno
+
+    words = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "disk quota exceeded",
+             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+             errno.EROFS: "read-only file system", errno.EISDIR: "is a folder, not a file",
+             errno.ENOTDIR: "a part of the path is a file, not a folder",
+             errno.EFBIG: "file too large (a file-size limit of this system or process)",
+             errno.ELOOP: "too many levels of symbolic links (a link loop?)",
+             errno.ENAMETOOLONG: "name too long"}
+    what = words.get(e.errno, e.strerror or str(e))
+    path = e.filename if e.filename is not None else None
+    return f"{path}: {what}" if path else what
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     overrides = [x for x in extra if x.startswith("--") and "=" in x]
@@ -328,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"mixer-lite {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permission, disk full, a file where a folder should be, ...
+        print(f"mixer-lite {args.command}: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixer-lite {args.command}: interrupted", file=sys.stderr)

@@ -14,19 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 FILES = ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl")
 MAX_COUNT = 2**63 - 1  # counts are summed as int64
 # What opening an image can raise besides OSError: PIL's DecompressionBombError (a header that
 # claims more pixels than Image.MAX_IMAGE_PIXELS allows), and SyntaxError / ValueError from
 # some damaged files.
-IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error,
                 Image.DecompressionBombError)
 
 
@@ -137,8 +138,13 @@ def _check_image(root: Path, real_root: Path, name: str, lineno: int, obj: dict,
     path = root / value
     try:
         real = path.resolve(strict=True)
-    except (FileNotFoundError, OSError):
-        problems.append(Problem(name, lineno, "image", f"file {value!r} does not exist"))
+    except RuntimeError:  # Python < 3.13 reports a link loop so; later ones raise OSError
+        problems.append(Problem(name, lineno, "image", f"{value!r} is a symbolic link loop"))
+        return False
+    except OSError as e:
+        problems.append(Problem(name, lineno, "image", f"file {value!r} does not exist"
+                                if isinstance(e, FileNotFoundError) else
+                                f"{value!r} cannot be resolved ({e.strerror})"))
         return False
     if real != real_root and real_root not in real.parents:
         problems.append(Problem(name, lineno, "image",
@@ -148,9 +154,9 @@ def _check_image(root: Path, real_root: Path, name: str, lineno: int, obj: dict,
         problems.append(Problem(name, lineno, "image", f"{value!r} is not a file"))
         return False
     if check_images:
-        try:
+        try:  # a whole decode: verify() passes a cut JPEG or a PNG of garbage with valid CRCs
             with Image.open(real) as im:
-                im.verify()
+                im.load()
         except IMAGE_ERRORS as e:
             problems.append(Problem(name, lineno, "image",
                                     f"{value!r} does not open as an image ({e})"))
@@ -167,15 +173,22 @@ def validate_dataset(root: str | os.PathLike, check_images: bool = True) -> list
     ``check_images=False`` still checks that every image path exists and stays inside the
     folder, but does not open the files (much faster on millions of images).
     """
-    root = Path(root)
+    return _validate(Path(root), check_images)[0]
+
+
+def _validate(root: Path, check_images: bool) -> tuple[list[Problem], dict[str, list[dict]]]:
+    """(every problem, the objects of each file's lines): :func:`load_dataset` builds its tables
+    from the very objects checked here, so no file is read twice or cached."""
     if not root.exists():
-        return [Problem(str(root), None, None, "no such folder")]
+        return [Problem(str(root), None, None, "no such folder")], {}
     if not root.is_dir():
-        return [Problem(str(root), None, None, "not a folder (a dataset is a folder)")]
+        return [Problem(str(root), None, None, "not a folder (a dataset is a folder)")], {}
     real_root = root.resolve()
     problems: list[Problem] = []
+    parsed: dict[str, list[dict]] = {}
 
     docs = _read_records(root, "docs.jsonl", problems)
+    parsed["docs.jsonl"] = [o for _, o in docs]
     docs = [(n, o) for n, o in docs if _check_id("docs.jsonl", n, o, "doc_id", problems)]
     for lineno, obj in docs:
         _check_image(root, real_root, "docs.jsonl", lineno, obj, check_images, problems)
@@ -191,6 +204,7 @@ def validate_dataset(root: str | os.PathLike, check_images: bool = True) -> list
     doc_ids = _check_unique("docs.jsonl", "doc_id", docs, problems)
 
     queries = _read_records(root, "queries.jsonl", problems)
+    parsed["queries.jsonl"] = [o for _, o in queries]
     queries = [(n, o) for n, o in queries
                if _check_id("queries.jsonl", n, o, "query_id", problems)]
     split_of: dict[str, str] = {}
@@ -203,7 +217,9 @@ def validate_dataset(root: str | os.PathLike, check_images: bool = True) -> list
         split_of.setdefault(obj["query_id"], split)
     _check_unique("queries.jsonl", "query_id", queries, problems)
 
-    for lineno, obj in _read_records(root, "clicks.jsonl", problems):
+    clicks = _read_records(root, "clicks.jsonl", problems)
+    parsed["clicks.jsonl"] = [o for _, o in clicks]
+    for lineno, obj in clicks:
         if _check_id("clicks.jsonl", lineno, obj, "query_id", problems):
             q = obj["query_id"]
             if q not in split_of:
@@ -228,6 +244,7 @@ def validate_dataset(root: str | os.PathLike, check_images: bool = True) -> list
                                     f"{count} is too large (at most 2**63 - 1)"))
 
     qrels = _read_records(root, "qrels.jsonl", problems)
+    parsed["qrels.jsonl"] = [o for _, o in qrels]
     qrels = [(n, o) for n, o in qrels if _check_id("qrels.jsonl", n, o, "query_id", problems)]
     _check_unique("qrels.jsonl", "query_id", qrels, problems)
     for lineno, obj in qrels:
@@ -254,7 +271,7 @@ def validate_dataset(root: str | os.PathLike, check_images: bool = True) -> list
             if unknown:
                 problems.append(Problem("qrels.jsonl", lineno, "doc_ids",
                                         f"unknown doc(s) {unknown[:5]} (not in docs.jsonl)"))
-    return problems
+    return problems, parsed
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,18 +338,17 @@ class ShopData:
         return np.flatnonzero(np.asarray(self.column("queries", "split")) == split)
 
 
-def _table(root: Path, name: str):
+def _table(records: list[dict], name: str):
+    """One file's validated objects as an in-memory ``datasets`` table of its columns.
+
+    Built from the objects already parsed, not with ``Dataset.from_json``: that caches the
+    file's Arrow form keyed on path and modification time, so an edit that keeps the mtime was
+    served stale, a read-only cache folder failed, and the cache grew with every edit.
+    """
     import datasets
 
-    path = root / name
-    if path.stat().st_size == 0:
-        return datasets.Dataset.from_dict({c: [] for c in _COLUMNS[name]})
-    # keep_in_memory: the tables are small next to the images, and a Hugging Face cache keyed
-    # on the file would outlive edits made to the folder between runs.
-    ds = datasets.Dataset.from_json(str(path), keep_in_memory=True)
-    if name == "docs.jsonl" and "category" not in ds.column_names:
-        ds = ds.add_column("category", [None] * len(ds))
-    return ds.select_columns(_COLUMNS[name])
+    columns = _COLUMNS[name]
+    return datasets.Dataset.from_dict({c: [obj.get(c) for obj in records] for c in columns})
 
 
 def _with_images(ds, root: Path):
@@ -349,16 +365,16 @@ def load_dataset(root: str | os.PathLike, check_images: bool = True) -> ShopData
     import datasets
 
     root = Path(root)
-    problems = validate_dataset(root, check_images=check_images)
+    problems, records = _validate(root, check_images)
     if problems:
         raise DatasetError(root, problems)
     was = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bar()
     try:
-        docs = _with_images(_table(root, "docs.jsonl"), root)
-        queries = _with_images(_table(root, "queries.jsonl"), root)
-        clicks = _table(root, "clicks.jsonl")
-        qrels = _table(root, "qrels.jsonl")
+        docs = _with_images(_table(records["docs.jsonl"], "docs.jsonl"), root)
+        queries = _with_images(_table(records["queries.jsonl"], "queries.jsonl"), root)
+        clicks = _table(records["clicks.jsonl"], "clicks.jsonl")
+        qrels = _table(records["qrels.jsonl"], "qrels.jsonl")
     finally:
         if was:
             datasets.enable_progress_bar()
@@ -369,6 +385,22 @@ def load_dataset(root: str | os.PathLike, check_images: bool = True) -> ShopData
                "qrels": len(qrels)}
     return ShopData(root=root, docs=docs, queries=queries, clicks=clicks, qrels=qrels,
                     summary=summary)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, upright: rotated by its EXIF orientation (phone photos),
+    and 16-bit or float pixels scaled to 0..255 rather than clipped (``convert`` would leave a
+    16-bit PNG almost white and a float TIFF black)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        x = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or x.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(x / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        x = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        top = 1.0 if x.max() <= 1.0 else 255.0  # floats in [0, 1], or in [0, 255]
+        im = Image.fromarray(np.clip(x / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 class ImageError(ValueError):
@@ -413,7 +445,7 @@ class ImageTable:
         try:
             with Image.open(self.paths[i]) as im:
                 im.draft("RGB", (self.size, self.size))  # JPEG: decode at reduced size
-                im = im.convert("RGB")
+                im = to_rgb(im)
                 if im.size != (self.size, self.size):
                     im = im.resize((self.size, self.size), Image.BILINEAR)
                 return np.asarray(im, dtype=np.uint8)

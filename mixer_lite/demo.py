@@ -14,7 +14,8 @@ from pathlib import Path
 from .classes import build_classes_from_clicks, raw_click_classes, write_classes
 from .dataset import load_dataset
 from .files import write_json
-from .retrieval import evaluate_raw_pixels, load_run_model
+from .retrieval import evaluate_model, evaluate_raw_pixels, load_run_model
+from .files import folder_lock
 from .synthshop import make_synthshop
 from .train import config_from, refuse_other_run, train
 from .viz import attention_gallery, class_size_rank, query_doc_grid, recall_curves
@@ -26,6 +27,12 @@ def run_demo(data_dir: str = "data/synth-small", reports: str = "reports", prese
     data_dir, reports, run = Path(data_dir), Path(reports), Path(run)
     cfg = config_from(config, [f"--seed={seed}", *(train_overrides or [])])
     refuse_other_run(run, cfg, "delete it or pass another --run")
+    with folder_lock(reports, "demo"):  # one demo per reports folder (train locks the run)
+        return _demo_steps(data_dir, reports, preset, seed, workers, run, cfg, config)
+
+
+def _demo_steps(data_dir: Path, reports: Path, preset: str, seed: int, workers: int, run: Path,
+                cfg, config: str) -> dict:
     if not (data_dir / "docs.jsonl").exists():
         print(f"[demo] 1/5 generating SynthShop '{preset}' (seed {seed}) into {data_dir}")
         make_synthshop(data_dir, preset=preset, seed=seed, workers=workers)
@@ -52,6 +59,8 @@ def run_demo(data_dir: str = "data/synth-small", reports: str = "reports", prese
         train(data_dir, run, cfg, resume=resume, preset=config)
     print("[demo] 5/5 evaluating on the test queries (products never clicked in training)")
     model = load_run_model(run)
+    if not (run / "eval.json").exists():  # a demo killed during training's final evaluation
+        write_json(run / "eval.json", evaluate_model(model, data, batch_size=256))
     ours = json.loads((run / "eval.json").read_text())
     raw = evaluate_raw_pixels(data, size=model.cfg.image_size)
     recall_curves({f"Mixer ({config})": ours["recall_curve"],

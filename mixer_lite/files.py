@@ -4,13 +4,19 @@ Every file mixer-lite writes for later (checkpoints, model, metrics, classes, in
 through :func:`atomic_path`: the bytes go to a temporary file of a unique name in the same
 folder, which is then renamed over the target (``os.replace``, atomic on one file system).
 So a killed writer never leaves a half-written file behind, and two writers of one output
-never share a temporary file: the last rename wins, whole.
+never share a temporary file: the last rename wins, whole.  A folder that a command fills over
+minutes (a run, an index, a dataset) is held by one writer at a time (:func:`folder_lock`).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
 import os
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,9 +54,44 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
+def check_writable(path: str | Path, kind: str = "file") -> None:
+    """Raise an ``OSError`` naming ``path`` when a command could not write it there: a folder
+    where a file goes, a file where a folder goes (or on the way to it), or no write permission
+    on the nearest existing folder.  Commands call it before any work, not after it."""
+    p = Path(path)
+    if kind == "file" and p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(p))
+    if kind == "folder" and p.exists() and not p.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(p))
+    existing = p if kind == "folder" and p.is_dir() else p.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a part of the path is a file, not a folder",
+                                 str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "permission denied", str(existing))
+
+
+def strict_json(obj, **kwargs) -> str:
+    """JSON that strict readers accept: a NaN or an infinity (a diverged metric, an undefined
+    mean) is written as ``null``, never as the bare ``NaN`` Python's json writes."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(strict_json(obj, indent=2) + "\n")
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -76,3 +117,35 @@ def truncate_log(path: str | Path, step: int) -> None:
             continue
     with atomic_path(path) as tmp:
         tmp.write_text("".join(kept))
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str):
+    """Hold ``folder``'s lock for the block, or fail at once naming the process that holds it.
+
+    One writer per run folder: two ``train`` (or ``demo``, or ``index``) into one folder would
+    interleave their files.  The lock is an ``flock`` on ``folder/.lock``, so the system frees it
+    when its holder dies, even by ``kill -9``: a stale lock never blocks a rerun.  The file
+    itself says who holds it (process id, command, start time), for the message.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise FileExistsError(f"{folder} is in use by another mixer-lite process ({holder}); "
+                                  f"wait for it to end, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()}, {what}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv[:3])}\n")
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

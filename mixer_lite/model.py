@@ -115,8 +115,21 @@ class ModelConfig:
         if self.concept_temperature <= 0:
             raise ValueError(f"ModelConfig.concept_temperature must be positive, "
                              f"got {self.concept_temperature}")
-        if self.n_concepts < 1 or self.embed_dim < 1:
-            raise ValueError("ModelConfig: n_concepts and embed_dim must be positive")
+        sizes = {k: getattr(self, k) for k in ("patch_size", "vit_dim", "vit_depth", "vit_heads",
+                                                "text_dim", "text_depth", "text_heads",
+                                                "vocab_size", "max_text_len", "n_concepts",
+                                                "embed_dim")}
+        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+        if bad:
+            raise ValueError(f"ModelConfig: {', '.join(bad)}: sizes must be at least 1")
+        for dim, heads in (("vit_dim", "vit_heads"), ("text_dim", "text_heads")):
+            if getattr(self, dim) % getattr(self, heads):
+                raise ValueError(f"ModelConfig: {dim}={getattr(self, dim)} is not a multiple of "
+                                 f"{heads}={getattr(self, heads)}")
+        if self.image_size < 8:  # the cnn halves the image three times before pooling
+            raise ValueError(f"ModelConfig.image_size must be at least 8, got {self.image_size}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.text_dropout <= 1:
             raise ValueError(f"ModelConfig.text_dropout must be in [0, 1], "
                              f"got {self.text_dropout}")

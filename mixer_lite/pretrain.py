@@ -50,10 +50,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import check_resumable
-from .files import atomic_path, read_log, remove_stale_temporaries, truncate_log, write_json
+from .files import (atomic_path, read_log, remove_stale_temporaries, strict_json,
+                    truncate_log, write_json)
+from .losses import info_nce
 from .model import WEIGHTS_FORMAT, ConvEncoder, ModelConfig, normalise_pixels
+from .optim import warmup_cosine
+from .runs import load_torch, require_keys, save_torch, torch_threads
 from .synthshop import studio_shot, user_photo
-from .train import _atomic_save, _lr_lambda
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 OBJECT_SIZE = 128  # the canvas SynthShop renders its products on
@@ -299,13 +302,6 @@ class PretrainNet(nn.Module):
         return self.encoder(normalise_pixels(images))[1]
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE: row i of ``a`` and of ``b`` are a positive pair, the rest negatives."""
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
-    target = torch.arange(len(a), device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
 def _batch(corpus: Corpus, train_rows: np.ndarray, step: int, cfg: PretrainConfig):
     """The objects, views and flips of ``step``: a function of (seed, step) only."""
     per_epoch = max(1, len(train_rows) // cfg.batch_size)
@@ -358,8 +354,15 @@ def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weig
     Everything the run makes goes under ``run`` (the log, checkpoints, and the rendered views
     in ``run/corpus`` unless ``cache`` names a folder runs share); the encoder's weights go to
     ``weights_out`` at the end.  Returns the
-    weights' card (also stored inside the file).
+    weights' card (also stored inside the file).  Runs at ``cfg.threads`` torch threads and
+    gives the caller's count back at the end.
     """
+    with torch_threads(cfg.threads):
+        return _pretrain(corpus_roots, run, weights_out, cfg, resume, progress, cache)
+
+
+def _pretrain(corpus_roots, run, weights_out, cfg: PretrainConfig, resume: bool, progress: bool,
+              cache) -> dict:
     from tqdm import tqdm
 
     from .reproduce import environment
@@ -373,8 +376,6 @@ def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weig
         if not ckpt_path.exists():
             raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
         check_resumable(run, "pretrain", cfg, RUNTIME_KEYS, "--run")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = _device(cfg)
     t0 = time.time()
     corpus = prepare_corpus(corpus_roots, cache or run / "corpus", cfg, progress)
@@ -386,13 +387,16 @@ def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weig
     torch.manual_seed(cfg.seed)
     net = PretrainNet(cfg, len(corpus.label_names)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.steps, cfg.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.warmup_frac))
     for folder in (run, run / "checkpoints"):
         remove_stale_temporaries(folder)
     log_path = run / "metrics.jsonl"
     start, seconds_before = 0, 0.0
     if resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = require_keys(load_torch(ckpt_path, "pretraining checkpoint",
+                                     "delete it to pretrain from the start"),
+                          ("net", "optimizer", "scheduler", "step", "seconds"), ckpt_path,
+                          "pretraining checkpoint")
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -402,7 +406,7 @@ def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weig
         write_json(run / "config.json", {"pretrain": dataclasses.asdict(cfg),
                                          "corpus": [str(Path(r).resolve()) for r in corpus_roots]})
         with atomic_path(log_path) as tmp:
-            tmp.write_text(json.dumps({"step": 0, "probe_recall@1":
+            tmp.write_text(strict_json({"step": 0, "probe_recall@1":
                                        probe_recall_at_1(net, corpus, device)}) + "\n")
     t_start = time.time()
     log = open(log_path, "a")
@@ -419,6 +423,11 @@ def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weig
             taxonomy = F.cross_entropy(net.taxonomy(pooled), labels)
             loss = loss + cfg.taxonomy_weight * taxonomy
             record["taxonomy"] = taxonomy.item()
+        if not torch.isfinite(loss):
+            log.close()
+            raise ValueError(f"pretraining diverged: the loss is {loss.item()} at step {step + 1} "
+                             f"of {run}; lower --lr={cfg.lr:g} (or raise --temperature="
+                             f"{cfg.temperature:g}); its last checkpoint is kept")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -429,11 +438,11 @@ def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weig
         if done % cfg.log_every == 0 or "probe_recall@1" in record:
             record["lr"] = sched.get_last_lr()[0]
             record["seconds"] = round(seconds_before + time.time() - t_start, 1)
-            log.write(json.dumps(record) + "\n")
+            log.write(strict_json(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['infonce']:.3f}")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _atomic_save({"net": net.state_dict(), "optimizer": opt.state_dict(),
+            save_torch({"net": net.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "step": done,
                           "seconds": seconds_before + time.time() - t_start}, ckpt_path)
         if cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps:
@@ -467,5 +476,5 @@ def export_weights(encoder: ConvEncoder, model_cfg: ModelConfig, card: dict, pat
            "vit_dim": model_cfg.vit_dim, "image_size": model_cfg.image_size,
            "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
            "card": card}
-    _atomic_save(obj, Path(path))
+    save_torch(obj, Path(path))
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -18,6 +18,7 @@ Ranked lists are taken as given: breaking score ties is the search's job (the fl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .dataset import data_fingerprint
-from .files import atomic_path
+from .files import atomic_path, remove_stale_temporaries, write_json
 from .model import batchnorm_layers
 
 KS = (1, 5, 10, 20, 50)
@@ -90,16 +91,24 @@ def raw_pixel_embeddings(images, side: int = 16, batch_size: int = 1024) -> np.n
 # --------------------------------------------------------------------------------------------
 # Indexes and search
 # --------------------------------------------------------------------------------------------
+def check_index_kind(kind: str, n_docs: int) -> None:
+    """Refuse an index kind that cannot be built over ``n_docs`` docs (before any embedding)."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    if kind == "ivfpq" and n_docs < 256:
+        raise ValueError(f"an ivfpq index needs at least 256 docs (each code book has 256 "
+                         f"entries to train), and there are {n_docs}; use flat, ivf or hnsw")
+
+
 def build_index(doc_emb: np.ndarray, kind: str = "flat", nlist: int | None = None,
                 nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 128, pq_m: int | None = None,
                 seed: int = 0):
     """A FAISS inner-product index over ``doc_emb`` [N, d] (float32, unit norm)."""
     import faiss
 
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
     x = np.ascontiguousarray(doc_emb, dtype=np.float32)
     n, d = x.shape
+    check_index_kind(kind, n)
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
@@ -140,19 +149,60 @@ def exact_search(doc_emb, query_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
     return torch.gather(s, 1, order).numpy(), order.numpy()
 
 
-def save_index(index, path: str | Path) -> None:
+INDEX_FILE, INDEX_META = "docs.faiss", "meta.json"
+
+
+def save_index(index, folder: str | Path, meta: dict) -> None:
+    """``folder/docs.faiss`` then ``folder/meta.json``, each written atomically.
+
+    The two are one unit: ``meta.json`` (written last) records the number of vectors and the
+    sha256 of the very bytes of ``docs.faiss``, so a reader tells an index from a half-finished
+    or concurrent rebuild (new vectors beside old ids) and refuses it instead of printing other
+    docs' rows under the wrong ids.
+    """
     import faiss
 
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
+    folder = Path(folder)
+    remove_stale_temporaries(folder)  # what an index killed mid-write left
+    blob = faiss.serialize_index(index).tobytes()
+    with atomic_path(folder / INDEX_FILE) as tmp:
+        tmp.write_bytes(blob)
+    write_json(folder / INDEX_META, {**meta, "vectors": int(index.ntotal),
+                                     "faiss_sha256": hashlib.sha256(blob).hexdigest()})
 
 
-def load_index(path: str | Path):
+def load_index(folder: str | Path) -> tuple[object, dict]:
+    """(the FAISS index, its metadata) of ``folder``, checked to belong together."""
     import faiss
 
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: no saved index; run `mixer-lite index --run RUN` first")
-    return faiss.read_index(str(path))
+    folder = Path(folder)
+    meta_path, index_path = folder / INDEX_META, folder / INDEX_FILE
+    rebuild = "rebuild it with `mixer-lite index`"
+    if not meta_path.exists() or not index_path.exists():
+        raise FileNotFoundError(f"{meta_path if not meta_path.exists() else index_path}: no "
+                                f"saved index; run `mixer-lite index --run RUN` first")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path}: damaged index metadata ({e}); {rebuild}") from None
+    wanted = {"doc_ids": list, "vectors": int, "faiss_sha256": str, "kind": str}
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t)
+                                         for k, t in wanted.items()):
+        raise ValueError(f"{meta_path}: not index metadata (needs {', '.join(wanted)} of the "
+                         f"right types); {rebuild}")
+    blob = index_path.read_bytes()  # read once: what is checked is what is loaded
+    if hashlib.sha256(blob).hexdigest() != meta["faiss_sha256"]:
+        raise ValueError(f"{index_path}: not the index {meta_path} describes (an `index` was "
+                         f"interrupted, or is running now); {rebuild}")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+    except RuntimeError as e:
+        raise ValueError(f"{index_path}: damaged index ({str(e).splitlines()[0]}); {rebuild}") \
+            from None
+    if index.ntotal != meta["vectors"] or len(meta["doc_ids"]) != index.ntotal:
+        raise ValueError(f"{index_path}: {index.ntotal} vectors, where {meta_path} records "
+                         f"{meta['vectors']} and lists {len(meta['doc_ids'])} doc ids; {rebuild}")
+    return index, meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,18 +309,20 @@ def evaluate_raw_pixels(data, size: int = 64, side: int = 16, index_kind: str = 
 def load_run_model(run: str | Path, device="cpu"):
     """The trained model a run folder holds (``RUN/model.pt``), in eval mode."""
     from .model import MixerModel
+    from .runs import load_torch, require_keys
 
     path = Path(run) / "model.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained model in this run (did training finish?)")
+    ck = require_keys(load_torch(path, "model file", "`mixer-lite train --resume` rewrites it "
+                                 "from the run's last checkpoint", device),
+                      ("export", "state_dict"), path, "model file")
     try:
-        ck = torch.load(path, map_location=device, weights_only=False)
-        export, state = ck["export"], ck["state_dict"]
-    except Exception as e:  # a cut file fails in zip, pickle or storage code, each its own way
-        raise ValueError(f"{path}: damaged model file, it cannot be read ({type(e).__name__}: "
-                         f"{e}); `mixer-lite train --resume` rewrites it from the run's last "
-                         f"checkpoint") from None
-    model = MixerModel.from_export(export)
+        model = MixerModel.from_export(ck["export"])
+    except (KeyError, TypeError, ValueError) as e:  # a config of missing or mistyped fields
+        raise ValueError(f"{path}: its model config cannot be built ({type(e).__name__}: {e})") \
+            from None
+    state = ck["state_dict"]
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -289,11 +341,17 @@ def eval_name(run: str | Path, data, index_kind: str = "flat") -> str:
     """
     name = "eval"
     try:
-        trained_on = json.loads((Path(run) / "config.json").read_text()).get("data")
-    except (OSError, json.JSONDecodeError):
-        trained_on = None
-    if trained_on is None or Path(trained_on) != Path(data.root).resolve():
-        name += f"-{Path(data.root).resolve().name}-{data_fingerprint(data.root)[:8]}"
+        saved = json.loads((Path(run) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    fingerprint = data_fingerprint(data.root)
+    # By content where the run recorded it (runs made before that recorded the path only).
+    own = isinstance(saved, dict) and (
+        saved.get("data_fingerprint") == fingerprint if "data_fingerprint" in saved
+        else isinstance(saved.get("data"), str)
+        and Path(saved["data"]) == Path(data.root).resolve())
+    if not own:
+        name += f"-{Path(data.root).resolve().name}-{fingerprint[:8]}"
     return name if index_kind == "flat" else f"{name}-{index_kind}"
 
 

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -40,6 +41,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from .files import LOCK_FILE, check_writable, folder_lock
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary: the product taxonomy and the words sellers use for it.
@@ -648,10 +651,30 @@ def make_synthshop(out: str | os.PathLike, preset: str = "small", seed: int = 0,
     unknown = set(overrides) - {f.name for f in dataclasses.fields(SynthConfig)}
     if unknown:
         raise ValueError(f"unknown SynthConfig field(s): {sorted(unknown)}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be a whole number >= 0, got {seed!r}")
     cfg = dataclasses.replace(PRESETS[preset], **overrides)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new folder")
+    # Written into a hidden sibling, renamed into place when whole: a killed run leaves no
+    # half dataset under the name asked for, and the next run starts that sibling afresh.
+    partial = out.parent / f".{out.name}.partial"
+    check_writable(partial, "folder")
+    with folder_lock(partial, "make-data"):
+        for stale in partial.iterdir():
+            if stale.name != LOCK_FILE:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        stats = _write_synthshop(partial, cfg, preset, seed, workers, progress)
+        (partial / LOCK_FILE).unlink()
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(partial, out)
+    return stats
+
+
+def _write_synthshop(out: Path, cfg: SynthConfig, preset: str, seed: int, workers: int,
+                     progress: bool) -> dict:
     for sub in ("images/docs", "images/queries", "_truth"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     cat = build_catalogue(cfg, seed)

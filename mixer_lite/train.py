@@ -48,12 +48,14 @@ from tqdm import tqdm  # the plain bar (not tqdm.auto): notebooks need no widget
 
 from .classes import (ClassConfig, build_classes_from_clicks, class_stats, raw_click_classes,
                       stable_rank)
-from .dataset import ImageTable, ShopData, image_paths, load_dataset
+from .dataset import ImageTable, ShopData, data_fingerprint, image_paths, load_dataset
 from .losses import MarginClassifier, info_nce, mean_pairwise_cosine, triplet_loss
 from .config import apply_overrides, check_resumable, config_diff, saved_config
 from .model import MixerModel, ModelConfig, WordTokenizer, load_image_weights
-from .files import (atomic_path, read_log, remove_stale_temporaries, truncate_log,
-                    write_json)
+from .files import (check_writable, folder_lock, read_log, remove_stale_temporaries, strict_json,
+                    truncate_log, write_json)
+from .optim import clip_global_norm, margin_at, sum_gradients_hook, warmup_cosine
+from .runs import load_torch, require_keys, save_torch, torch_threads
 from .retrieval import (embed_docs, embed_queries, evaluate_model, exact_search,
                         ranking_metrics)
 
@@ -128,6 +130,23 @@ class TrainConfig:
             problems.append(f"val_every must be >= 0, got {self.val_every}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             problems.append("checkpoint_every and log_every must be >= 1")
+        if self.clip_grad < 0 or self.weight_decay < 0 or self.centre_weight_decay < 0:
+            problems.append("clip_grad (0: off), weight_decay and centre_weight_decay must be "
+                            ">= 0")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.margin_warmup_frac <= 1:
+            problems.append(f"warmup_frac must be in [0, 1) and margin_warmup_frac in [0, 1], "
+                            f"got {self.warmup_frac} and {self.margin_warmup_frac}")
+        if self.scale <= 0 or self.temperature <= 0 or self.centre_lr <= 0:
+            problems.append(f"scale, temperature and centre_lr must be positive, got "
+                            f"{self.scale}, {self.temperature} and {self.centre_lr}")
+        if self.margin is not None and self.margin < 0:
+            problems.append(f"margin must be >= 0, got {self.margin}")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            problems.append(f"--device={self.device}: not a device mixer-lite trains on (auto, "
+                            f"cpu, cuda, cuda:N)")
+        if self.threads < 0 or self.loader_threads < 1:
+            problems.append(f"threads must be >= 0 (0: torch's default) and loader_threads >= 1, "
+                            f"got {self.threads} and {self.loader_threads}")
         if self.steps < 0:
             problems.append(f"steps must be >= 0 (0: epochs decide), got {self.steps}")
         if problems:
@@ -238,8 +257,10 @@ def make_samples(data: ShopData, cfg: TrainConfig) -> tuple[Samples, dict]:
         validation = Validation(np.array([r for r, _ in rows], dtype=np.int64),
                                 [rel for _, rel in rows])
         if not rows:
-            raise ValueError(f"val_share={cfg.val_share} holds out no query of "
-                             f"{data.root}: raise it, or set it to 0")
+            raise ValueError(f"val_share={cfg.val_share} holds out none of the {len(held)} "
+                             f"weak-label classes of {data.root}: "
+                             + ("validation needs at least 2 classes; set --val_share=0"
+                                if len(held) < 2 else "raise it, or set it to 0"))
     split = {} if validation is None else {"val_classes": len(val_classes),
                                            "val_queries": len(validation.query_rows)}
     if cfg.loss in PAIRWISE_LOSSES:
@@ -359,11 +380,34 @@ RUNTIME_KEYS = ("device", "threads", "loader_threads", "preload_images", "stop_a
                 "eval_at_end")
 
 
-def _resume_checkpoint(out: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint of the run in ``out``, after checking that ``cfg`` is the run's config
-    (any difference outside :data:`RUNTIME_KEYS` is refused: :func:`config.check_resumable`)."""
-    check_resumable(out, "train", cfg, RUNTIME_KEYS, "--out")
-    return load_checkpoint(out / "checkpoints" / "last.pt")
+# What a finished run leaves beside its checkpoints: a folder holding any of these and no
+# checkpoint is another run's, never reused (its index would answer for the old model).
+RUN_OUTPUTS = ("model.pt", "eval.json", "val.json", "index")
+
+
+def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> dict | None:
+    """Whether ``out`` may take this run, before anything is read or written; with ``resume``,
+    the checkpoint to resume from, after checking that ``cfg`` is the run's config (any
+    difference outside :data:`RUNTIME_KEYS` is refused: :func:`config.check_resumable`).
+
+    A fresh run may go into a new folder, an empty one, or one whose run was killed before its
+    first checkpoint (its config and log are then rewritten).
+    """
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
+        check_resumable(out, "train", cfg, RUNTIME_KEYS, "--out")
+        return load_checkpoint(ckpt_path)
+    if ckpt_path.exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume or choose a new --out")
+    check_writable(out, "folder")
+    left = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if left:
+        raise FileExistsError(f"{out} holds the outputs of an earlier run ({', '.join(left)}) "
+                              f"but no checkpoint to resume from; delete it or choose a new "
+                              f"--out")
+    return None
 
 
 def refuse_other_run(run: Path, cfg: TrainConfig, advice: str) -> None:
@@ -378,17 +422,25 @@ def refuse_other_run(run: Path, cfg: TrainConfig, advice: str) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """A training checkpoint, loaded to the CPU (``set_rng_state`` takes CPU tensors only;
-    ``load_state_dict`` moves the rest); a damaged file is an error naming it."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a cut file fails in zip, pickle or storage code, each its own way
-        raise ValueError(f"{path}: damaged checkpoint, it cannot be read ({type(e).__name__}: "
-                         f"{e}); delete it to train the run from the start") from None
-    missing = [k for k in ("model", "optimizer", "scheduler", "step", "torch_rng")
-               if not isinstance(ck, dict) or k not in ck]
-    if missing:
-        raise ValueError(f"{path}: not a mixer-lite checkpoint (lacks {', '.join(missing)})")
-    return ck
+    ``load_state_dict`` moves the rest); a damaged or foreign file is an error naming it."""
+    ck = load_torch(path, "checkpoint", "delete it to train the run from the start")
+    return require_keys(ck, ("model", "optimizer", "scheduler", "step", "torch_rng"), path,
+                        "checkpoint")
+
+
+def diverged_message(step: int, loss: float, cfg: TrainConfig, last_ckpt: int, out) -> str:
+    """What a user is told when the loss stops being a number: the step, the settings that most
+    often cause it, and what of the run is kept."""
+    suspects = [f"--lr={cfg.lr:g}", f"--centre_lr={cfg.centre_lr:g}"]
+    if cfg.loss in ("cosface", "arcface"):
+        suspects += [f"--scale={cfg.scale:g}", f"--margin={cfg.margin_value:g}"]
+    elif cfg.loss == "infonce":
+        suspects.append(f"--temperature={cfg.temperature:g}")
+    kept = (f"its last checkpoint (step {last_ckpt}) is kept, no model.pt is written"
+            if last_ckpt else "no checkpoint was written")
+    return (f"training diverged: the loss is {loss} at step {step} of {out}; lower the "
+            f"learning rate first (likely settings: {', '.join(suspects)}, "
+            f"--clip_grad={cfg.clip_grad:g}); {kept}")
 
 
 def check_batch_memory(model, cfg: TrainConfig, world: int, device: torch.device,
@@ -432,27 +484,6 @@ def check_batch_memory(model, cfg: TrainConfig, world: int, device: torch.device
     return need
 
 
-def _sum_gradients_hook(state, bucket):
-    """DDP comm hook: sum (not average) gradients across ranks."""
-    fut = torch.distributed.all_reduce(bucket.buffer(), async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
-
-
-def _lr_lambda(total: int, warmup_frac: float):
-    warm = max(1, int(total * warmup_frac))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-    return f
-
-
-def _atomic_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def build_model(data: ShopData, samples: Samples, cfg: TrainConfig) -> MixerModel:
     torch.manual_seed(cfg.seed)
     tok = None
@@ -466,18 +497,26 @@ def build_model(data: ShopData, samples: Samples, cfg: TrainConfig) -> MixerMode
 
 def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False,
           progress: bool | None = None, preset: str = "custom") -> dict:
-    """Train on the dataset folder ``data_dir``; everything the run makes goes under ``out``."""
+    """Train on the dataset folder ``data_dir``; everything the run makes goes under ``out``.
+
+    Runs at ``cfg.threads`` torch threads and gives the caller's count back at the end."""
+    with torch_threads(cfg.threads):
+        return _train(data_dir, out, cfg, resume, progress, preset)
+
+
+def _train(data_dir, out, cfg: TrainConfig, resume: bool, progress, preset: str) -> dict:
     out = Path(out)
     ckpt_path = out / "checkpoints" / "last.pt"
-    if not resume and ckpt_path.exists():
-        raise FileExistsError(f"{out} already holds a run; pass --resume or choose a new --out")
-    if resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
-    ck = _resume_checkpoint(out, cfg) if resume else None  # before any data is read
+    ck = check_run_folder(out, cfg, resume)  # before any data is read
     rank, world, device = _distributed(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     data = load_dataset(data_dir)  # every image opened now, not in the end-of-run evaluation
+    fingerprint = data_fingerprint(data_dir)
+    recorded = json.loads((out / "config.json").read_text()).get("data_fingerprint") \
+        if resume else None  # read whole by check_run_folder; older runs lack the key
+    if recorded not in (None, fingerprint):
+        raise ValueError(f"{out}: --resume on other data than the run's ({data_dir} has "
+                         f"fingerprint {fingerprint}, {out / 'config.json'} records "
+                         f"{recorded}); resume on the run's data, or start a new --out")
     samples, label_stats = make_samples(data, cfg)
     model = build_model(data, samples, cfg).to(device)
     check_batch_memory(model, cfg, world, device)
@@ -490,7 +529,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
     sampler = EpochSampler(samples.label, cfg.max_per_class, cfg.batch_size, cfg.seed,
                            cfg.samples_per_class)
     total = total_steps(cfg, sampler.steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, cfg.warmup_frac))
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -498,146 +537,156 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=True)
         if classifier is not None:  # the sharded loss is the global mean already
-            net.register_comm_hook(None, _sum_gradients_hook)
+            net.register_comm_hook(None, sum_gradients_hook)
 
-    start = 0
-    # What a killed writer left.  Rank 0 is the only writer: another rank cleaning up could
-    # delete the temporary file of a config or checkpoint that rank 0 is writing right now.
-    if rank == 0:
-        for folder in (out, out / "checkpoints"):
-            remove_stale_temporaries(folder)
-    if resume:
-        model.load_state_dict(ck["model"])
-        if classifier is not None:
-            classifier.load_state_dict(ck["classifier"][rank] if world > 1 else ck["classifier"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["torch_rng"])
-        if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout draws on the GPU
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
-        start = ck["step"]
-        if rank == 0:  # steps logged after the checkpoint will be logged again
-            truncate_log(out / "metrics.jsonl", start)
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"preset": preset, "data": str(Path(data_dir).resolve()),
-                                         "train": dataclasses.asdict(cfg),
-                                         "labels": label_stats, "steps": total,
-                                         "steps_per_epoch": sampler.steps_per_epoch})
-    show_progress = rank == 0 and progress is not False
-    val = samples.validation
-    q_rows = np.unique(samples.row[samples.kind == 0])
-    # Validation searches every doc, so the doc table then holds them all.
-    d_rows = np.arange(len(data.docs)) if val is not None else samples.doc_rows()
-    images_q = ImageTable(image_paths(data, "queries", q_rows), cfg.model.image_size,
-                          cfg.preload_images, cfg.loader_threads,
-                          progress=show_progress, desc="query photos")
-    images_d = ImageTable(image_paths(data, "docs", d_rows), cfg.model.image_size, cfg.preload_images,
-                          cfg.loader_threads, progress=show_progress, desc="doc images")
-    images_val = None if val is None else ImageTable(
-        image_paths(data, "queries", val.query_rows), cfg.model.image_size, cfg.preload_images,
-        cfg.loader_threads, progress=show_progress, desc="validation photos")
-    q_pos = {int(r): i for i, r in enumerate(q_rows)}
-    d_pos = {int(r): i for i, r in enumerate(d_rows)}
-    texts = data.doc_texts
-    table_texts = [texts[int(r)] for r in d_rows]
-    if classifier is not None and cfg.centre_init == "docs" and not resume:
-        # Embedded as a training step would (BatchNorm on batch statistics): at initialisation
-        # the running statistics are still 0 / 1 and would leave the shared component in.
-        emb = embed_docs(model, images_d, table_texts, device=device, batch_stats=True)
-        doc = samples.kind == 1
-        classifier.imprint(torch.from_numpy(emb[[d_pos[int(r)] for r in samples.row[doc]]]),
-                           torch.from_numpy(samples.label[doc]))
-
-    amp = cfg.amp and device.type == "cuda"
-    local_bs = cfg.batch_size // world
-    micro = local_bs // cfg.grad_accum
-    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=total, initial=start, desc="train", mininterval=2.0) \
-        if show_progress else None
-    t0, step = time.time(), start
-    last_ckpt = start
-    if metrics_f and val is not None and cfg.val_every and start == 0:  # the initial weights
-        metrics_f.write(json.dumps({"step": 0, **validate(model, val, images_val, images_d,
-                                                             table_texts, device)}) + "\n")
-    model.train()
-    try:
-        for step in range(start, total):
-            if cfg.stop_after is not None and step >= cfg.stop_after:
-                break
-            batch = sampler.batch(step)[rank * local_bs: (rank + 1) * local_bs]
-            opt.zero_grad(set_to_none=True)
+    # One writer per run folder, from its first file to its last (files.folder_lock).
+    with folder_lock(out, "train") if rank == 0 else contextlib.nullcontext():
+        start = 0
+        # What a killed writer left.  Rank 0 is the only writer: another rank cleaning up could
+        # delete the temporary file of a config or checkpoint that rank 0 is writing right now.
+        if rank == 0:
+            for folder in (out, out / "checkpoints"):
+                remove_stale_temporaries(folder)
+        if resume:
+            model.load_state_dict(ck["model"])
             if classifier is not None:
-                classifier.clear_used()
-                classifier.margin = _margin_at(step, total, cfg)
-            loss_sum = 0.0
-            for m in range(cfg.grad_accum):
-                idx = batch[m * micro: (m + 1) * micro]
-                # DDP reduces gradients once, on the last micro-batch of the step.
-                sync = net.no_sync() if world > 1 and m < cfg.grad_accum - 1 \
-                    else contextlib.nullcontext()
-                with sync:
-                    loss, emb = _step_loss(net, model, classifier, samples, idx, images_q,
-                                           images_d, q_pos, d_pos, texts, cfg,
-                                           step * cfg.grad_accum + m, device, amp)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach()) / cfg.grad_accum
-            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
-            health = _health(classifier, *emb) if metrics_f and log_now else {}
-            if cfg.clip_grad:
-                _clip_global_norm(model, classifier if cfg.clip_centres else None,
-                                  cfg.clip_grad, world)
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            if classifier is not None:  # its own row-wise optimiser, same schedule
-                classifier.step(cfg.centre_lr * lr / cfg.lr, cfg.centre_optimizer,
-                                weight_decay=cfg.centre_weight_decay)
-            sched.step()
+                classifier.load_state_dict(ck["classifier"][rank] if world > 1
+                                           else ck["classifier"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["torch_rng"])
+            if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout on the GPU
+                torch.cuda.set_rng_state(ck["cuda_rng"], device)
+            start = ck["step"]
+            if rank == 0:  # steps logged after the checkpoint will be logged again
+                truncate_log(out / "metrics.jsonl", start)
+        elif rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", {"preset": preset,
+                                             "data": str(Path(data_dir).resolve()),
+                                             "data_fingerprint": fingerprint,
+                                             "train": dataclasses.asdict(cfg),
+                                             "labels": label_stats, "steps": total,
+                                             "steps_per_epoch": sampler.steps_per_epoch})
+        show_progress = rank == 0 and progress is not False
+        val = samples.validation
+        q_rows = np.unique(samples.row[samples.kind == 0])
+        # Validation searches every doc, so the doc table then holds them all.
+        d_rows = np.arange(len(data.docs)) if val is not None else samples.doc_rows()
+        images_q = ImageTable(image_paths(data, "queries", q_rows), cfg.model.image_size,
+                              cfg.preload_images, cfg.loader_threads,
+                              progress=show_progress, desc="query photos")
+        images_d = ImageTable(image_paths(data, "docs", d_rows), cfg.model.image_size,
+                              cfg.preload_images, cfg.loader_threads,
+                              progress=show_progress, desc="doc images")
+        images_val = None if val is None else ImageTable(
+            image_paths(data, "queries", val.query_rows), cfg.model.image_size, cfg.preload_images,
+            cfg.loader_threads, progress=show_progress, desc="validation photos")
+        q_pos = {int(r): i for i, r in enumerate(q_rows)}
+        d_pos = {int(r): i for i, r in enumerate(d_rows)}
+        texts = data.doc_texts
+        table_texts = [texts[int(r)] for r in d_rows]
+        if classifier is not None and cfg.centre_init == "docs" and not resume:
+            # Embedded as a training step would (BatchNorm on batch statistics): at initialisation
+            # the running statistics are still 0 / 1 and would leave the shared component in.
+            emb = embed_docs(model, images_d, table_texts, device=device, batch_stats=True)
+            doc = samples.kind == 1
+            classifier.imprint(torch.from_numpy(emb[[d_pos[int(r)] for r in samples.row[doc]]]),
+                               torch.from_numpy(samples.label[doc]))
+
+        amp = cfg.amp and device.type == "cuda"
+        local_bs = cfg.batch_size // world
+        micro = local_bs // cfg.grad_accum
+        # A fresh run starts its log anew (a run killed before its first checkpoint left one).
+        metrics_f = open(out / "metrics.jsonl", "a" if resume else "w") if rank == 0 else None
+        bar = tqdm(total=total, initial=start, desc="train", mininterval=2.0) \
+            if show_progress else None
+        t0, step = time.time(), start
+        last_ckpt = start
+        if metrics_f and val is not None and cfg.val_every and start == 0:  # the initial weights
+            metrics_f.write(strict_json({"step": 0, **validate(model, val, images_val, images_d,
+                                                                 table_texts, device)}) + "\n")
+        model.train()
+        try:
+            for step in range(start, total):
+                if cfg.stop_after is not None and step >= cfg.stop_after:
+                    break
+                batch = sampler.batch(step)[rank * local_bs: (rank + 1) * local_bs]
+                opt.zero_grad(set_to_none=True)
+                if classifier is not None:
+                    classifier.clear_used()
+                    classifier.margin = margin_at(step, total, cfg.margin_value,
+                                                  cfg.margin_warmup_frac)
+                loss_sum = 0.0
+                for m in range(cfg.grad_accum):
+                    idx = batch[m * micro: (m + 1) * micro]
+                    # DDP reduces gradients once, on the last micro-batch of the step.
+                    sync = net.no_sync() if world > 1 and m < cfg.grad_accum - 1 \
+                        else contextlib.nullcontext()
+                    with sync:
+                        loss, emb = _step_loss(net, model, classifier, samples, idx, images_q,
+                                               images_d, q_pos, d_pos, texts, cfg,
+                                               step * cfg.grad_accum + m, device, amp)
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += float(loss.detach()) / cfg.grad_accum
+                if not math.isfinite(loss_sum):
+                    raise ValueError(diverged_message(step + 1, loss_sum, cfg, last_ckpt, out))
+                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+                health = _health(classifier, *emb) if metrics_f and log_now else {}
+                if cfg.clip_grad:
+                    clip_global_norm(model, classifier if cfg.clip_centres else None,
+                                      cfg.clip_grad, world)
+                lr = sched.get_last_lr()[0]
+                opt.step()
+                if classifier is not None:  # its own row-wise optimiser, same schedule
+                    classifier.step(cfg.centre_lr * lr / cfg.lr, cfg.centre_optimizer,
+                                    weight_decay=cfg.centre_weight_decay)
+                sched.step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum:.3f}")
+                record = {}
+                if metrics_f and log_now:
+                    record = {"step": step + 1, "epoch": (step + 1) / sampler.steps_per_epoch,
+                              "loss": loss_sum, "lr": sched.get_last_lr()[0], **health}
+                if val is not None and rank == 0 and (
+                        step + 1 == total or cfg.val_every and (step + 1) % cfg.val_every == 0):
+                    record.update(step=step + 1, **validate(model, val, images_val, images_d,
+                                                            table_texts, device))
+                    model.train()
+                if metrics_f and record:
+                    record["seconds"] = round(time.time() - t0, 2)
+                    metrics_f.write(strict_json(record) + "\n")
+                    metrics_f.flush()
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+                    _checkpoint(ckpt_path, model, classifier, opt, sched, step + 1, rank, world,
+                                device)
+                    last_ckpt = step + 1
+            else:
+                step = total
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}")
-            record = {}
-            if metrics_f and log_now:
-                record = {"step": step + 1, "epoch": (step + 1) / sampler.steps_per_epoch,
-                          "loss": loss_sum, "lr": sched.get_last_lr()[0], **health}
-            if val is not None and rank == 0 and (
-                    step + 1 == total or cfg.val_every and (step + 1) % cfg.val_every == 0):
-                record.update(step=step + 1, **validate(model, val, images_val, images_d,
-                                                        table_texts, device))
-                model.train()
-            if metrics_f and record:
-                record["seconds"] = round(time.time() - t0, 2)
-                metrics_f.write(json.dumps(record) + "\n")
-                metrics_f.flush()
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-                _checkpoint(ckpt_path, model, classifier, opt, sched, step + 1, rank, world,
-                            device)
-                last_ckpt = step + 1
-        else:
-            step = total
-    finally:
-        if bar is not None:
-            bar.close()
-        if metrics_f:
-            metrics_f.close()
-    finished = step >= total and last_ckpt == total
-    result = {"run": str(out), "steps": total, "stopped_at": step, "finished": finished,
-              "labels": label_stats}
-    if finished and val is not None and rank == 0:
-        result["validation"] = {k: v for k, v in read_log(out / "metrics.jsonl")[-1].items()
-                                if k.startswith("val_")}
-        write_json(out / "val.json", result["validation"])
-    if finished and rank == 0:
-        _atomic_save({"export": model.export_config(), "state_dict": model.state_dict()},
-                     out / "model.pt")
-        if cfg.eval_at_end and len(data.qrels):
-            metrics = evaluate_model(model, data, device=device,
-                                     batch_size=256, progress=bool(progress))
-            write_json(out / "eval.json", metrics)
-            result["eval"] = metrics
-    if world > 1:
-        torch.distributed.barrier()
-    return result
+                bar.close()
+            if metrics_f:
+                metrics_f.close()
+        finished = step >= total and last_ckpt == total
+        result = {"run": str(out), "steps": total, "stopped_at": step, "finished": finished,
+                  "labels": label_stats}
+        if finished and val is not None and rank == 0:
+            result["validation"] = {k: v for k, v in read_log(out / "metrics.jsonl")[-1].items()
+                                    if k.startswith("val_")}
+            write_json(out / "val.json", result["validation"])
+        if finished and rank == 0:
+            save_torch({"export": model.export_config(), "state_dict": model.state_dict()},
+                         out / "model.pt")
+            if cfg.eval_at_end and len(data.qrels):
+                metrics = evaluate_model(model, data, device=device,
+                                         batch_size=256, progress=bool(progress))
+                write_json(out / "eval.json", metrics)
+                result["eval"] = metrics
+        if world > 1:
+            torch.distributed.barrier()
+        return result
 
 
 def _step_loss(net, model, classifier, samples, idx, images_q, images_d, q_pos, d_pos, texts,
@@ -701,29 +750,6 @@ def validate(model, val: Validation, query_images, doc_images, doc_texts, device
     return {"val_recall@1": m["recall@1"], "val_recall@10": m["recall@10"]}
 
 
-def _margin_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """The margin of this step: a linear ramp from 0 over ``margin_warmup_frac`` of the run."""
-    warm = cfg.margin_warmup_frac * total
-    return cfg.margin_value * (min(1.0, step / warm) if warm > 0 else 1.0)
-
-
-def _clip_global_norm(model, classifier, max_norm: float, world: int) -> None:
-    """Clip by the norm of *all* gradients: encoder ones are replicated after DDP's reduce,
-    classifier ones are sharded, so their squared norms are summed over ranks."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sq = sum((g.float() ** 2).sum() for g in grads) if grads else torch.zeros(())
-    if classifier is not None:
-        shard = (classifier.used_rows()[1].float() ** 2).sum()
-        if world > 1:
-            torch.distributed.all_reduce(shard)
-        sq = sq + shard.to(sq.device)
-    factor = (max_norm / (torch.sqrt(sq) + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(factor.to(g.device, g.dtype))
-    if classifier is not None:
-        classifier.scale_grad(factor)
-
-
 def _checkpoint(path, model, classifier, opt, sched, step, rank, world, device):
     clf_state = None
     if classifier is not None:
@@ -734,7 +760,7 @@ def _checkpoint(path, model, classifier, opt, sched, step, rank, world, device):
                                                          clf_state.items()})
             clf_state = shards
     if rank == 0:
-        _atomic_save({"model": model.state_dict(), "classifier": clf_state,
+        save_torch({"model": model.state_dict(), "classifier": clf_state,
                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "torch_rng": torch.get_rng_state(), "step": step,
                       "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"

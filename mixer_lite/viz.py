@@ -17,6 +17,8 @@ if not os.environ.get("DISPLAY") and "inline" not in matplotlib.get_backend().lo
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .files import atomic_path  # noqa: E402
+
 
 def _finish(fig, path: str | os.PathLike | None):
     fig.tight_layout()
@@ -24,9 +26,10 @@ def _finish(fig, path: str | os.PathLike | None):
 
 
 def _save(fig, path: str | os.PathLike | None):
+    """Write ``fig`` as a PNG to exactly ``path`` (no extension added), whole or not at all."""
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     return fig
 
 

@@ -14,3 +14,23 @@ TINY_MODEL = ["--model.vit_dim=32", "--model.text_dim=32", "--model.text_depth=1
 def cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "mixer_lite.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd)
+
+
+class _Payload:
+    """Unpickled, it creates the file ``marker``: what an attacker's code would do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant_payload(path, marker, keep_keys=True) -> None:
+    """Rewrite the torch file ``path`` with a pickled call beside its real content (all of its
+    keys kept), as a crafted ``model.pt`` or checkpoint from elsewhere would be."""
+    import torch
+
+    obj = torch.load(path, weights_only=True)
+    obj["extra"] = _Payload(marker)
+    torch.save(obj, path)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny SynthShop folder per test session (generated in seconds)."""
+"""Shared fixtures: one tiny SynthShop folder per test session (generated in seconds), and the
+torch thread count every test starts from."""
 from __future__ import annotations
 
 import os
@@ -9,12 +10,26 @@ import torch
 from mixer_lite.synthshop import make_synthshop
 
 
-def pytest_configure(config):
-    # Under pytest-xdist every worker is a process: share the cores instead of each torch
-    # taking all of them (oversubscribed threads run several times slower).
+def threads_for_tests() -> int:
+    """The torch thread count of every test: ``MIXER_LITE_TEST_THREADS`` when set (CI runs the
+    numerics-sensitive tests a second time at another count), else the cores shared among the
+    pytest-xdist workers (oversubscribed threads run several times slower)."""
+    if os.environ.get("MIXER_LITE_TEST_THREADS"):
+        return int(os.environ["MIXER_LITE_TEST_THREADS"])
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Every test starts at :func:`threads_for_tests` threads, whatever ran before it in its worker,
+    and what it changes is undone after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads_for_tests())
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

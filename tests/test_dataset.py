@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mixer_lite.dataset import DatasetError, load_dataset, validate_dataset
@@ -253,3 +255,30 @@ def test_cli_validate_good_and_bad(tmp_path):
     assert "docs.jsonl:1: image: file 'images/d1.png' does not exist" in bad.stderr
     assert "clicks.jsonl:3: malformed JSON" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_images_are_upright_8_bit_rgb_whatever_their_depth_or_orientation(tmp_path):
+    """Hand-computed cases: 16-bit grey scales by 255/65535, float grey in [0, 1] by 255, and
+    an EXIF orientation of 6 (rotate 90 degrees clockwise to view) turns the pixels."""
+    from PIL import Image
+
+    from mixer_lite.dataset import ImageTable
+
+    grey16 = np.full((8, 8), 32896, np.uint16)              # 32896 / 257 = 128
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    grey_f = np.full((8, 8), 0.25, np.float32)                # 0.25 * 255 = 63.75 -> 64
+    Image.fromarray(grey_f, "F").save(tmp_path / "gf.tif")
+    rgb = np.zeros((8, 4, 3), np.uint8)
+    rgb[:, :2] = 255                                          # white left half, 8 high, 4 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    out = ImageTable([str(tmp_path / n) for n in ("g16.png", "gf.tif")], 8)[[0, 1]]
+    assert out.dtype == torch.uint8 and out.shape == (2, 3, 8, 8)
+    assert out[0].unique().tolist() == [128] and out[1].unique().tolist() == [64]
+    with Image.open(tmp_path / "rot.jpg") as im:
+        from mixer_lite.dataset import to_rgb
+
+        upright = np.asarray(to_rgb(im))
+    assert upright.shape == (4, 8, 3)                          # rotated: 4 high, 8 wide
+    assert upright[:2].mean() > 200 and upright[2:].mean() < 50  # the white half is on top

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli import TINY_MODEL, cli
+from _cli import TINY_MODEL, cli, plant_payload
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -229,13 +229,45 @@ def _missing_qrels(root):
     return "qrels.jsonl"
 
 
+def _half_truncated_image(root):
+    """A JPEG photo cut in the middle of its scan: its header is whole, so it opens."""
+    path = image_of(root, "queries.jsonl", 15)
+    replace_file(path, path.read_bytes()[: path.stat().st_size // 2])
+    return "queries.jsonl:15"
+
+
+def _garbage_pixels_valid_crc(root):
+    """A PNG whose IDAT chunk holds garbage under a correct CRC: only decoding finds it."""
+    import struct
+    import zlib
+
+    path = image_of(root, "docs.jsonl", 16)
+    data = path.read_bytes()
+    at = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[at: at + 4])
+    junk = bytes((i * 37 + 11) % 256 for i in range(length))
+    chunk = data[at: at + 4] + b"IDAT" + junk + \
+        struct.pack(">I", zlib.crc32(b"IDAT" + junk) & 0xFFFFFFFF)
+    replace_file(path, data[:at] + chunk + data[at + 12 + length:])
+    return "docs.jsonl:16"
+
+
+def _symlink_loop(root):
+    path = image_of(root, "docs.jsonl", 17)
+    path.unlink()
+    loop = path.with_name("loop.png")
+    loop.symlink_to(path.name)
+    path.symlink_to(loop.name)
+    return "docs.jsonl:17"
+
+
 DATA_FAULTS = [_malformed, _empty_line, _not_object, _non_utf8, _duplicate_doc,
                _empty_query_id, _unknown_doc_in_clicks, _unknown_query_in_qrels,
                _text_not_string, _empty_category, _bad_split, _zero_count, _huge_count,
                _string_count, _empty_doc_ids, _repeated_doc_ids, _qrels_names_train_query,
                _test_query_in_clicks, _missing_image, _absolute_image, _dotdot_image,
                _symlink_outside, _zero_byte_doc_image, _truncated_query_image, _bomb_image,
-               _missing_qrels]
+               _missing_qrels, _half_truncated_image, _garbage_pixels_valid_crc, _symlink_loop]
 
 
 def assert_refused(r, *named):
@@ -327,6 +359,34 @@ def test_a_truncated_checkpoint_is_named_before_any_data_is_read(trained, tmp_pa
     assert snapshot(run) == before
 
 
+def test_a_crafted_model_file_is_refused_and_runs_nothing(tiny_dir, trained, tmp_path):
+    """A model.pt whose pickle calls a function: every command that loads it refuses it, and
+    the call never happens (the marker file it would create stays absent)."""
+    run = copy_run(trained, tmp_path / "run")
+    marker = tmp_path / "ran"
+    plant_payload(run / "model.pt", marker)
+    before = snapshot(run)
+    for r in (cli("evaluate", "--run", run, "--data", tiny_dir[0], "--quiet"),
+              cli("index", "--run", run, "--data", tiny_dir[0], "--quiet"),
+              cli("search", "--run", run, "--data", tiny_dir[0], "--image",
+                  image_of(tiny_dir[0], "queries.jsonl", 1))):
+        assert_refused(r, str(run / "model.pt"), "refused", "would run")
+        assert not marker.exists()
+    assert snapshot(run) == before
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tiny_dir, trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    marker = tmp_path / "ran"
+    ckpt = run / "checkpoints" / "last.pt"
+    plant_payload(ckpt, marker)
+    before = snapshot(run)
+    r = cli("train", "--data", tiny_dir[0], "--out", run, "--resume", "--steps=4",
+            "--checkpoint_every=2", *TINY_MODEL)
+    assert_refused(r, str(ckpt), "refused")
+    assert not marker.exists() and snapshot(run) == before
+
+
 @pytest.mark.parametrize("changed", [["--steps=5"], ["--lr=0.1"], ["--model.embed_dim=16"]])
 def test_resume_with_other_settings_is_refused_naming_them(tiny_dir, trained, tmp_path,
                                                            changed):
@@ -340,6 +400,238 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_dir, trained, tm
     assert snapshot(run) == before
 
 
+# ---- runs that must not look finished ------------------------------------------------------
+def strict_lines(path: Path) -> list[dict]:
+    """A JSON Lines file read as strict JSON readers do (a bare NaN or Infinity is an error)."""
+    def refuse(word):
+        raise AssertionError(f"{path} holds a bare {word}")
+    return [json.loads(x, parse_constant=refuse) for x in path.read_text().splitlines()]
+
+
+def test_a_diverging_run_stops_naming_the_learning_rate_and_saves_no_model(tiny_dir, tmp_path):
+    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", "--lr=1e9",
+            "--steps=6", "--log_every=1", "--checkpoint_every=1", *TINY_MODEL)
+    assert_refused(r, "diverged", "--lr=1e+09", str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "model.pt").exists()
+    log = strict_lines(tmp_path / "run" / "metrics.jsonl")
+    assert all(isinstance(x["loss"], float) for x in log)  # only finite steps were logged
+    again = cli("index", "--run", tmp_path / "run", "--data", tiny_dir[0], "--quiet")
+    assert_refused(again, "model.pt")
+
+
+# ---- indexes --------------------------------------------------------------------------------
+def test_search_refuses_an_index_of_another_build_or_model(tiny_dir, trained, tmp_path):
+    """docs.faiss replaced under its meta.json (an index killed or running), and an index left
+    from before the run's model was trained again: both are refused, never answered."""
+    photo = image_of(tiny_dir[0], "queries.jsonl", 1)
+    run = copy_run(trained, tmp_path / "run")
+    faiss_file = run / "index" / "docs.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:-32 * 4 * 17])  # 17 vectors fewer
+    assert_refused(cli("search", "--run", run, "--data", tiny_dir[0], "--image", photo),
+                   str(faiss_file), "mixer-lite index")
+    run = copy_run(trained, tmp_path / "run2")
+    model = run / "model.pt"
+    obj = torch.load(model, weights_only=True)
+    obj["state_dict"] = {k: v + 1 if v.is_floating_point() else v
+                         for k, v in obj["state_dict"].items()}
+    torch.save(obj, model)  # the run trained again: other weights, same data
+    r = cli("search", "--run", run, "--data", tiny_dir[0], "--image", photo)
+    assert_refused(r, str(model), "mixer-lite index")
+    assert r.stdout == ""
+
+
+def test_search_prints_control_characters_as_escapes(tiny_dir, trained, tmp_path):
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    forged = "red hat\n1\td0000000\t0.9999\tfake\x1b[31m"
+    lines = (data / "docs.jsonl").read_text().splitlines()
+    for i, line in enumerate(lines):  # every title forged, so whatever comes back shows it
+        lines[i] = json.dumps({**json.loads(line), "text": forged})
+    (data / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    run = copy_run(trained, tmp_path / "run")
+    assert cli("index", "--run", run, "--data", data, "--quiet").returncode == 0
+    r = cli("search", "--run", run, "--data", data, "--k", "3", "--image",
+            image_of(data, "queries.jsonl", 1))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout.splitlines()
+    assert len(out) == 4 and "\x1b" not in r.stdout
+    assert all(x.split("\t")[3] == "red hat\\n1\\td0000000\\t0.9999\\tfake\\x1b[31m"
+               for x in out[1:])
+
+
+def test_search_skips_a_fifo_in_a_folder_and_refuses_one_named(tiny_dir, trained, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(image_of(tiny_dir[0], "queries.jsonl", 1), folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    r = cli("search", "--run", trained, "--data", tiny_dir[0], "--image", folder)
+    assert r.returncode == 0 and r.stdout.count("# ") == 1, r.stderr[-2000:]
+    assert_refused(cli("search", "--run", trained, "--data", tiny_dir[0], "--image",
+                       folder / "b.png"), "not a regular file")
+
+
+# ---- run folders: one writer, one run ------------------------------------------------------
+def test_a_run_folder_without_checkpoints_is_not_reused(tiny_dir, trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    r = cli("train", "--data", tiny_dir[0], "--out", run, "--steps=4", *TINY_MODEL)
+    assert_refused(r, str(run), "model.pt", "index", "no checkpoint")
+    assert snapshot(run) == before
+
+
+def test_a_fresh_run_into_a_folder_killed_before_its_first_checkpoint_starts_its_log_anew(
+        tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"train": {}}\n')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    r = cli("train", "--data", tiny_dir[0], "--out", run, "--steps=3", "--log_every=1",
+            "--eval_at_end=false", *TINY_MODEL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = strict_lines(run / "metrics.jsonl")
+    assert [x["step"] for x in log] == [1, 2, 3] and all(x["loss"] != 9.0 for x in log)
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tiny_dir, trained,
+                                                                      tmp_path):
+    from mixer_lite.files import folder_lock
+
+    run = copy_run(trained, tmp_path / "run")
+    with folder_lock(run, "train"):  # as a train or index running now
+        before = snapshot(run)
+        for r in (cli("train", "--data", tiny_dir[0], "--out", run, "--resume", "--steps=4",
+                      "--checkpoint_every=2", *TINY_MODEL),
+                  cli("index", "--run", run, "--data", tiny_dir[0], "--quiet")):
+            assert_refused(r, str(run), "in use by another mixer-lite process",
+                           f"pid {os.getpid()}")
+        assert snapshot(run) == before
+    r = cli("index", "--run", run, "--data", tiny_dir[0], "--quiet")  # the lock is gone with it
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_resume_on_other_data_is_refused(tiny_dir, trained, tmp_path):
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    edit_line(data / "docs.jsonl", 3, set_field("text", "another title"))
+    run = copy_run(trained, tmp_path / "run")
+    before = snapshot(run)
+    r = cli("train", "--data", data, "--out", run, "--resume", "--steps=4",
+            "--checkpoint_every=2", *TINY_MODEL)
+    assert_refused(r, str(run), "other data", "fingerprint")
+    assert snapshot(run) == before
+
+
+def test_an_edit_that_keeps_the_modification_time_is_read(tiny_dir, tmp_path):
+    """The tables come from the lines just read, never from a cache keyed on the file's path
+    and mtime; and no cache folder is needed (here it is a file, so none can be made)."""
+    from mixer_lite.dataset import load_dataset
+
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    docs = data / "docs.jsonl"
+    assert load_dataset(data, check_images=False).doc_texts[2] != "x" * 5
+    stamp = docs.stat()
+    edit_line(docs, 3, set_field("text", "x" * 5))
+    os.utime(docs, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    (tmp_path / "cache").write_text("not a folder")
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import sys; from mixer_lite.dataset import "
+                        "load_dataset; print(load_dataset(sys.argv[1]).doc_texts[2])", data],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "x" * 5, r.stderr[-2000:]
+
+
+# ---- outputs that cannot be written ---------------------------------------------------------
+def test_outputs_of_the_wrong_kind_are_refused_before_any_work(tiny_dir, trained, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "adir").mkdir()
+    cases = [(cli("train", "--data", tiny_dir[0], "--out", afile, *TINY_MODEL), str(afile)),
+             (cli("build-classes", "--data", tiny_dir[0], "--out", tmp_path / "adir"),
+              "is a folder"),
+             (cli("build-classes", "--data", tiny_dir[0], "--out", afile / "c.jsonl"),
+              "is a file, not a folder"),
+             (cli("make-data", "--preset", "tiny", "--out", afile / "d"), str(afile)),
+             (cli("evaluate", "--run", trained, "--data", tiny_dir[0], "--quiet",
+                  "--compare-out", tmp_path / "adir"), "is a folder")]
+    for r, named in cases:
+        assert_refused(r, named)
+    assert afile.read_text() == "x" and not any((tmp_path / "adir").iterdir())
+
+
+def test_a_full_disk_during_training_is_named_not_a_torch_internal(tiny_dir, tmp_path):
+    """A file-size limit stands in for a full disk: writes past it fail as they would there."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+    r = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--data",
+                        str(tiny_dir[0]), "--out", str(tmp_path / "run"), "--steps=2",
+                        *TINY_MODEL], capture_output=True, text=True, preexec_fn=limit)
+    assert_refused(r, str(tmp_path / "run"), "writing failed")
+    assert "inline_container" not in r.stderr
+
+
+def keep_first_docs(root: Path, n: int) -> None:
+    """Cut a dataset folder down to its first ``n`` docs, with the clicks and qrels that stay
+    valid (what a small shop of a user's would be)."""
+    def rewrite(name, keep):
+        rows = [json.loads(x) for x in (root / name).read_text().splitlines()]
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in map(keep, rows) if r))
+    ids = {json.loads(x)["doc_id"] for x in (root / "docs.jsonl").read_text().splitlines()[:n]}
+    rewrite("docs.jsonl", lambda r: r if r["doc_id"] in ids else None)
+    rewrite("clicks.jsonl", lambda r: r if r["doc_id"] in ids else None)
+    rewrite("qrels.jsonl", lambda r: {**r, "doc_ids": [d for d in r["doc_ids"] if d in ids]}
+            if set(r["doc_ids"]) & ids else None)
+
+
+def test_evaluate_refuses_ivfpq_over_too_few_docs_before_embedding(tiny_dir, trained, tmp_path):
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    keep_first_docs(data, 200)
+    assert cli("validate", data).returncode == 0
+    before = snapshot(trained)
+    for r in (cli("evaluate", "--run", trained, "--data", data, "--index", "ivfpq"),
+              cli("index", "--run", trained, "--data", data, "--index", "ivfpq")):
+        assert_refused(r, "ivfpq", "at least 256 docs", "there are 200")
+    assert snapshot(trained) == before
+
+
+def test_a_run_config_of_wrong_types_is_named_before_evaluating(tiny_dir, trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    (run / "config.json").write_text("[]")
+    r = cli("evaluate", "--run", run, "--data", tiny_dir[0], "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]  # scored as a run of unknown data, by name
+    assert list(run.glob("eval-tiny-*.json"))
+
+
+def test_a_model_file_whose_export_lacks_keys_is_named(tiny_dir, trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    obj = torch.load(run / "model.pt", weights_only=True)
+    del obj["export"]["model"]
+    torch.save(obj, run / "model.pt")
+    r = cli("evaluate", "--run", run, "--data", tiny_dir[0], "--quiet")
+    assert_refused(r, str(run / "model.pt"), "model config")
+
+
+def test_make_data_checks_its_seed_before_creating_anything(tmp_path):
+    r = cli("make-data", "--preset", "tiny", "--seed", "-1", "--out", tmp_path / "d")
+    assert_refused(r, "--seed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_data_recovers_from_a_killed_run(tmp_path):
+    partial = tmp_path / ".d.partial"
+    (partial / "images").mkdir(parents=True)
+    (partial / "docs.jsonl.part").write_text("half")  # what a kill -9 left
+    r = cli("make-data", "--preset", "tiny", "--out", tmp_path / "d", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert cli("validate", tmp_path / "d").returncode == 0
+
+
 # ---- arguments ------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", ["0", "-1", "many"])
 def test_search_refuses_a_bad_k(tiny_dir, trained, k):
@@ -351,9 +643,19 @@ def test_search_refuses_a_bad_k(tiny_dir, trained, k):
 @pytest.mark.parametrize("arg,named", [("--checkpoint_every=0", "checkpoint_every"),
                                         ("--log_every=0", "log_every"),
                                         ("--device=gpu", "--device=gpu"),
-                                        ("--val_share=1.5", "val_share")])
+                                        ("--val_share=1.5", "val_share"),
+                                        ("--model.image_size=1", "image_size"),
+                                        ("--model.vit_dim=0", "vit_dim=0"),
+                                        ("--model.max_text_len=0", "max_text_len=0"),
+                                        ("--model.text_heads=3", "text_heads=3"),
+                                        ("--threads=-1", "threads"),
+                                        ("--device=meta", "--device=meta"),
+                                        ("--clip_grad=-1", "clip_grad"),
+                                        ("--warmup_frac=-1", "warmup_frac"),
+                                        ("--scale=0", "scale"),
+                                        ("--margin=-5", "margin")])
 def test_train_refuses_bad_settings_before_any_work(tiny_dir, tmp_path, arg, named):
-    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", arg, *TINY_MODEL)
+    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", *TINY_MODEL, arg)
     assert_refused(r, named)
     assert not (tmp_path / "run").exists()
 

@@ -23,36 +23,63 @@ SMALL_MODEL = ["--model.vit_dim=32", "--model.text_dim=32", "--model.text_depth=
 
 
 def one_batch(tiny_data, n_classes: int = 12):
-    """One query photo and one doc of each of ``n_classes`` weak-label classes."""
+    """One query photo and one doc of each of ``n_classes`` weak-label classes, each class of
+    another category, the photo and the doc of one product (SynthShop's truth).
+
+    Weak-label classes are noisy: two classes can hold variants that differ only in the title
+    (brand, material), and a photo may be of another product than its class's doc.  A batch of
+    such near-twins cannot be overfitted by a loss with a margin whatever the recipe (its
+    verdict then flips with the CPU's kernels and thread count), so the batch is one product
+    of each category: what any working loss must separate.
+    """
+    from mixer_lite.synthshop import load_truth
+
+    truth = load_truth(tiny_data.root)
+    category = tiny_data.column("docs", "category")
     samples, _ = make_samples(tiny_data, config_from("tiny-cpu", []))
-    q_rows, d_rows = [], []
+    q_rows, d_rows, seen = [], [], set()
     for c in range(samples.num_classes):
         members = samples.label == c
         qs = samples.row[members & (samples.kind == 0)]
         ds = samples.row[members & (samples.kind == 1)]
-        if len(qs) and len(ds):
-            q_rows.append(int(qs[0])), d_rows.append(int(ds[0]))
+        pairs = [(int(q), int(d)) for d in ds for q in qs
+                 if truth[tiny_data.query_ids[q]] == truth[tiny_data.doc_ids[d]]]
+        if pairs and category[pairs[0][1]] not in seen:
+            seen.add(category[pairs[0][1]])
+            q_rows.append(pairs[0][0]), d_rows.append(pairs[0][1])
         if len(q_rows) == n_classes:
             break
+    assert len(q_rows) == n_classes, f"tiny has {len(q_rows)} categories, not {n_classes}"
     q_img = ImageTable(image_paths(tiny_data, "queries", q_rows), 64)[np.arange(n_classes)]
     d_img = ImageTable(image_paths(tiny_data, "docs", d_rows), 64)[np.arange(n_classes)]
     texts = [tiny_data.doc_texts[r] for r in d_rows]
     return q_img, d_img, texts
 
 
-def recall_at_1(model, q_img, d_img, tokens) -> float:
-    """Share of query photos whose nearest doc (of the batch) is the doc of their class."""
+def eval_margins(model, q_img, d_img, tokens) -> torch.Tensor:
+    """Per query photo, in eval mode (as retrieval embeds): the cosine to its own doc minus
+    the cosine to the nearest other doc of the batch (> 0: its own doc ranks first)."""
     model.eval()
     with torch.no_grad():
         sim = model.embed_queries(q_img) @ model.embed_docs(d_img, tokens).t()
     model.train()
-    return float((sim.argmax(dim=1) == torch.arange(len(sim))).float().mean())
+    own = sim.diagonal()
+    other = sim.masked_fill(torch.eye(len(sim), dtype=torch.bool), -2.0).max(dim=1).values
+    return own - other
+
+
+# The triplet hinge stops pulling once a photo's doc leads by the margin in *training* mode
+# (BatchNorm on batch statistics); in eval mode the lead moves by up to about 0.3, so at the
+# default 0.2 one photo of twelve can end behind, and which one depends on the CPU's kernels
+# and thread count.  At 0.5 the fit keeps a lead that eval mode cannot undo.
+OVERFIT_MARGIN = {"triplet": ["--margin=0.5"]}
 
 
 @pytest.mark.parametrize("loss", ["cosface", "arcface", "infonce", "triplet"])
-def test_every_loss_overfits_one_batch(tiny_data, loss):
+def test_every_loss_overfits_one_batch(tiny_data, loss, torch_threads):
     torch.manual_seed(0)
-    cfg = config_from("tiny-cpu", SMALL_MODEL + [f"--loss={loss}", "--threads=1"])
+    cfg = config_from("tiny-cpu", SMALL_MODEL + [f"--loss={loss}",
+                                                 *OVERFIT_MARGIN.get(loss, [])])
     q_img, d_img, texts = one_batch(tiny_data)
     n = len(q_img)
     model = MixerModel(cfg.model, WordTokenizer.fit(texts))
@@ -62,6 +89,7 @@ def test_every_loss_overfits_one_batch(tiny_data, loss):
     if loss in ("cosface", "arcface"):
         clf = MarginClassifier(n, cfg.model.embed_dim, loss, cfg.margin_value, cfg.scale)
     labels = torch.arange(n)
+    before = eval_margins(model, q_img, d_img, tokens)
     losses = []
     for step in range(200):
         opt.zero_grad()
@@ -76,11 +104,14 @@ def test_every_loss_overfits_one_batch(tiny_data, loss):
         opt.step()
         if clf is not None:
             clf.step(lr=0.5)
-        losses.append(float(value))
+        losses.append(float(value.detach()))
     # Bounds: far below where each loss starts (CosFace/ArcFace start near log(n) + s*m).
     bound = {"cosface": 1.0, "arcface": 1.0, "infonce": 0.1, "triplet": 0.05}[loss]
     assert min(losses[-5:]) < bound < losses[0], (losses[0], losses[-5:])
-    assert recall_at_1(model, q_img, d_img, tokens) == 1.0
+    after = eval_margins(model, q_img, d_img, tokens)
+    # Every photo finds its own doc first, with room to spare (random weights: most do not).
+    assert (before > 0).float().mean() < 0.5, before
+    assert after.min() > 0.1, after
 
 
 def test_short_cosface_run_learns_its_training_classes_and_logs_validation(tiny_dir, tmp_path):

@@ -263,3 +263,81 @@ def test_imprint_sets_named_centres_to_their_mean_direction(monkeypatch):
     assert shard.start == 2 and shard.shard == 1
     assert shard.imprint(e, labels) == 1
     torch.testing.assert_close(shard.weight[0], torch.tensor([0.0, -1.0]))
+
+
+# ---- the ArcFace fallback and clipping by the global norm ---------------------------------
+def test_arcface_past_pi_minus_m_falls_back_to_cos_minus_m_sin_m():
+    """Hand-computed: at theta = 1.0 the target logit is s cos(theta + m); at theta = 2.9,
+    past pi - m = 2.64, it is s (cos(theta) - m sin(m)), so the logit keeps falling with the
+    angle instead of rising again as cos(theta + m) would."""
+    m, s = 0.5, 10.0
+    cos = torch.tensor([[math.cos(1.0), 0.3], [math.cos(2.9), -0.2]])
+    mask = torch.tensor([[True, False], [True, False]])
+    out = margin_logits(cos, mask, "arcface", m, s)
+    # cos(1.5) = 0.0707372; cos(2.9) - 0.5 sin(0.5) = -0.9709582 - 0.2397128 = -1.2106710
+    expected = torch.tensor([[0.707372, 3.0], [-12.106710, -2.0]])
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+    thetas = torch.linspace(2.0, 3.1, 60)
+    target = margin_logits(torch.cos(thetas)[:, None], torch.ones(60, 1, dtype=torch.bool),
+                           "arcface", m, s)[:, 0]
+    assert (target.diff() < 0).all()
+
+
+def test_clip_global_norm_equals_clip_grad_norm_over_the_encoder_and_the_centres():
+    """The encoder's gradients and the sampled centres' (kept per row by the classifier) are
+    clipped as one vector, as ``torch.nn.utils.clip_grad_norm_`` clips ordinary parameters."""
+    from mixer_lite.optim import clip_global_norm
+
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(8, 4)
+    clf = MarginClassifier(20, 4, "cosface", 0.35, 30.0, sample_rate=0.5)
+    x, y = torch.randn(6, 8), torch.randint(0, 20, (6,))
+    clf(enc(x), y, 0).backward()
+    grads = [p.grad.clone() for p in enc.parameters()] + [clf.dense_grad()]
+    ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for r, g in zip(ref, grads):
+        r.grad = g.clone()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(ref, 0.1))
+    assert ref_norm > 0.1  # the case clips
+    norm = clip_global_norm(enc, clf, 0.1, world=1)
+    assert abs(norm - ref_norm) < 1e-5 * ref_norm
+    for r, p in zip(ref, enc.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(clf.dense_grad(), ref[-1].grad, rtol=1e-5, atol=1e-7)
+
+
+def _clip_rank_main(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from mixer_lite.optim import clip_global_norm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    x, w, y = data(n=10, c=21, d=8, seed=2)
+    clf = MarginClassifier(21, 8, kind="cosface", margin=0.35, scale=30, model_parallel=True)
+    clf.weight.data.copy_(w[clf.start: clf.start + clf.shard])
+    clf(x[rank * 5: rank * 5 + 5], y[rank * 5: rank * 5 + 5], step=0).backward()
+    norm = clip_global_norm(torch.nn.Module(), clf, 0.05, world)
+    torch.save({"norm": norm, "wgrad": clf.dense_grad()}, os.path.join(out_dir, f"c{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # see _rank_main
+
+
+def test_two_process_clipping_sums_the_centre_shards_norms(tmp_path):
+    """Each rank holds half the centres: the norm it clips by is the norm of all of them, the
+    one ``clip_grad_norm_`` finds over the whole classifier in one process."""
+    mp.spawn(_clip_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    x, w, y = data(n=10, c=21, d=8, seed=2)
+    clf = MarginClassifier(21, 8, kind="cosface", margin=0.35, scale=30)
+    clf.weight.data.copy_(w)
+    clf(x, y, step=0).backward()
+    ref = torch.nn.Parameter(torch.zeros_like(w))
+    ref.grad = clf.dense_grad()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_([ref], 0.05))
+    assert ref_norm > 0.05
+    r = [torch.load(tmp_path / f"c{i}.pt") for i in range(2)]
+    assert abs(r[0]["norm"] - ref_norm) < 1e-4 * ref_norm and r[0]["norm"] == r[1]["norm"]
+    torch.testing.assert_close(torch.cat([r[0]["wgrad"], r[1]["wgrad"]]), ref.grad, rtol=1e-4,
+                               atol=1e-7)

@@ -16,7 +16,8 @@ from mixer_lite import model as model_module
 from mixer_lite.experiments import image_encoder_from, linear_probe_accuracy
 from mixer_lite.model import (SHIPPED_WEIGHTS, ConvEncoder, ModelConfig, build_image_encoder,
                               load_image_weights, weights_card)
-from mixer_lite.pretrain import (PretrainConfig, info_nce, load_object, prepare_corpus, pretrain,
+from mixer_lite.losses import info_nce
+from mixer_lite.pretrain import (PretrainConfig, load_object, prepare_corpus, pretrain,
                                  scan_corpus)
 from mixer_lite.train import config_from
 
@@ -231,3 +232,19 @@ def test_the_pretrain_command(corpus_dir, tmp_path):
     bad = cli("pretrain", "--corpus", corpus_dir, "--out", tmp_path / "x.pt", "--run",
               tmp_path / "run2", "--stepz=3")
     assert bad.returncode == 2 and "stepz" in bad.stderr
+
+
+def test_a_crafted_pretraining_checkpoint_is_refused_and_runs_nothing(corpus_dir, tmp_path):
+    from _cli import cli, plant_payload
+
+    args = ["pretrain", "--corpus", corpus_dir, "--out", tmp_path / "w.pt", "--run",
+            tmp_path / "run", "--quiet", "--views=1", "--batch_size=8", "--steps=4",
+            "--width=32", "--held_out_share=0.2", "--workers=1", "--threads=1"]
+    cut = cli(*args, "--stop_after=2", "--checkpoint_every=2")
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    plant_payload(ckpt, tmp_path / "ran")
+    r = cli(*args, "--resume", "--checkpoint_every=2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(ckpt) in r.stderr and "refused" in r.stderr
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "w.pt").exists()

@@ -80,12 +80,30 @@ def _unit(n, d, seed):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def assert_same_ranking(rows_a, rows_b, exact: np.ndarray, tol: float = 1e-5) -> None:
+    """Two top-k lists of the same search by two libraries: equal, except that docs whose exact
+    scores (float64) lie within ``tol`` may swap (BLAS kernels sum in their own order)."""
+    for qa, qb, sc in zip(rows_a, rows_b, exact):
+        for a, b in zip(qa, qb):
+            assert a == b or abs(sc[a] - sc[b]) <= tol, (a, b, sc[a], sc[b])
+        # A swap at the list's end may let one doc in and another out: they tie as well.
+        left = set(qa) ^ set(qb)
+        assert not left or np.ptp(sc[list(left)]) <= tol
+
+
 def test_faiss_flat_equals_torch_topk():
     docs, q = _unit(2000, 32, 0), _unit(100, 32, 1)
     s1, r1 = search(build_index(docs, "flat"), q, 20)
     s2, r2 = exact_search(docs, q, 20)
-    np.testing.assert_array_equal(r1, r2)
-    np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-5)
+    exact = q.astype(np.float64) @ docs.astype(np.float64).T
+    assert_same_ranking(r1, r2, exact)
+    np.testing.assert_allclose(s1, np.take_along_axis(exact, r1, 1), atol=1e-5)
+    np.testing.assert_allclose(s2, np.take_along_axis(exact, r2, 1), atol=1e-5)
+    # Planted: a ranking with one real (non-tied) swap is caught.
+    bad = r1.copy()
+    bad[0, [0, 5]] = bad[0, [5, 0]]
+    with pytest.raises(AssertionError):
+        assert_same_ranking(bad, r2, exact)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
@@ -93,8 +111,11 @@ def test_saved_index_answers_identically(kind, tmp_path):
     docs, q = _unit(3000, 32, 2), _unit(50, 32, 3)
     index = build_index(docs, kind)
     before = search(index, q, 10)
-    save_index(index, tmp_path / "index.faiss")
-    after = search(load_index(tmp_path / "index.faiss"), q, 10)
+    save_index(index, tmp_path / "index", {"kind": kind, "doc_ids": [str(i) for i in
+                                                                  range(len(docs))]})
+    loaded, meta = load_index(tmp_path / "index")
+    assert meta["vectors"] == len(docs) and meta["kind"] == kind
+    after = search(loaded, q, 10)
     np.testing.assert_array_equal(before[1], after[1])
     np.testing.assert_allclose(before[0], after[0])
 
@@ -114,7 +135,7 @@ def test_bad_inputs_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="ranked lists"):
         ranking_metrics(np.zeros((2, 3), int), [{1}])
     with pytest.raises(FileNotFoundError, match="mixer-lite index"):
-        load_index(tmp_path / "none.faiss")
+        load_index(tmp_path / "none")
 
 
 def test_dataset_and_embeddings_that_disagree_fail_clearly(tiny_data):
@@ -157,3 +178,61 @@ def test_embed_docs_with_batch_statistics_matches_a_training_forward_and_keeps_s
         want = model.embed_docs(x, model.tokenize(texts)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(embed_docs(model, x, texts, batch_size=5), want, atol=1e-3)
+
+
+def test_an_index_and_metadata_that_do_not_belong_together_are_refused(tmp_path):
+    """The faiss file of one build beside the metadata of another (a rebuild killed between
+    its two files, or running now) is refused, as are damaged and foreign files."""
+    import json
+
+    ids = [str(i) for i in range(300)]
+    save_index(build_index(_unit(300, 8, 0)), tmp_path / "a", {"kind": "flat", "doc_ids": ids})
+    save_index(build_index(_unit(290, 8, 1)), tmp_path / "b",
+               {"kind": "flat", "doc_ids": ids[:290]})
+    (tmp_path / "a" / "docs.faiss").write_bytes((tmp_path / "b" / "docs.faiss").read_bytes())
+    with pytest.raises(ValueError, match="not the index .* describes"):
+        load_index(tmp_path / "a")
+    meta = tmp_path / "b" / "meta.json"
+    good = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**good, "vectors": 300}))  # a count that the hash cannot see
+    with pytest.raises(ValueError, match="290 vectors, where .* records 300"):
+        load_index(tmp_path / "b")
+    for bad in ("[]", "{", json.dumps({**good, "doc_ids": "d1"})):
+        meta.write_text(bad)
+        with pytest.raises(ValueError, match="meta.json"):
+            load_index(tmp_path / "b")
+    meta.write_text(json.dumps(good))
+    faiss_file = tmp_path / "b" / "docs.faiss"
+    cut = faiss_file.read_bytes()[:100]
+    faiss_file.write_bytes(cut)
+    meta.write_text(json.dumps({**good, "faiss_sha256": __import__("hashlib").sha256(cut)
+                                .hexdigest()}))
+    with pytest.raises(ValueError, match="damaged index"):
+        load_index(tmp_path / "b")
+
+
+def test_per_category_recall_equals_a_brute_force_count():
+    """Each query counts under its relevant docs' category; a hit is any relevant doc in its
+    top 10 (compared with a plain loop, on random rankings)."""
+    from mixer_lite.retrieval import per_category
+
+    rng = np.random.default_rng(0)
+    n_docs, cats = 60, ["hat", "mug", None]
+    doc_category = [cats[i % 3] for i in range(n_docs)]
+    ranked = np.stack([rng.permutation(n_docs)[:20] for _ in range(40)])
+    relevant = []
+    for _ in range(40):
+        c = int(rng.integers(0, 3))
+        same = [d for d in range(n_docs) if d % 3 == c]
+        relevant.append(set(rng.choice(same, size=int(rng.integers(1, 4)), replace=False)))
+    got = per_category(ranked, relevant, doc_category)
+    expected = {}
+    for row, rel in zip(ranked, relevant):
+        cat = doc_category[min(rel)]
+        if cat is None:
+            continue
+        hits, n = expected.get(cat, (0, 0))
+        expected[cat] = (hits + any(d in rel for d in row[:10]), n + 1)
+    assert set(got) == set(expected) == {"hat", "mug"}
+    for cat, (hits, n) in expected.items():
+        assert got[cat] == {"recall@10": hits / n, "queries": n}

@@ -27,7 +27,7 @@ def cfg(*extra):
 
 
 def weights(run):
-    return torch.load(run / "model.pt", weights_only=False)["state_dict"]
+    return torch.load(run / "model.pt", weights_only=True)["state_dict"]
 
 
 def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
@@ -37,7 +37,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     assert full["finished"] and full["steps"] >= 5
     killed = train(data, tmp_path / "cut", dataclasses.replace(c, stop_after=3), progress=False)
     assert not killed["finished"] and not (tmp_path / "cut" / "model.pt").exists()
-    ck = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] == 2  # the last checkpoint before the "kill"
     stale = tmp_path / "cut" / "checkpoints" / ".last.pt.x1y2.tmp"  # as a kill -9 mid-save
     stale.write_bytes(b"")
@@ -187,8 +187,8 @@ def assert_same_first_step(one: Path, two: Path) -> None:
     through AdamW's first moment (0.1 x the gradient, linear in it, whereas the weights after
     an Adam step are not: a near-zero gradient's float noise becomes a step of lr), and the
     same class centres after their SGD step, each rank holding its shard."""
-    ca = torch.load(one / "checkpoints" / "last.pt", weights_only=False)
-    cb = torch.load(two / "checkpoints" / "last.pt", weights_only=False)
+    ca = torch.load(one / "checkpoints" / "last.pt", weights_only=True)
+    cb = torch.load(two / "checkpoints" / "last.pt", weights_only=True)
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert sa.keys() == sb.keys() and len(sa) > 10
     # Some coordinates have an identically zero gradient up to float noise (the key third of
@@ -252,8 +252,89 @@ def test_torchrun_grad_accum_reduces_each_gradient_once(tiny_dir, tmp_path, enco
 
 
 def test_margin_warmup_ramps_linearly_then_holds():
-    from mixer_lite.train import _margin_at
+    from mixer_lite.optim import margin_at
 
     c = config_from("tiny-cpu", ["--margin_warmup_frac=0.5"])
-    assert [round(_margin_at(s, 100, c), 4) for s in (0, 25, 50, 90)] == [0.0, 0.175, 0.35, 0.35]
-    assert _margin_at(0, 100, config_from("tiny-cpu", [])) == 0.35
+    ramp = [margin_at(s, 100, c.margin_value, c.margin_warmup_frac) for s in (0, 25, 50, 90)]
+    assert [round(m, 4) for m in ramp] == [0.0, 0.175, 0.35, 0.35]
+    assert margin_at(0, 100, 0.35, config_from("tiny-cpu", []).margin_warmup_frac) == 0.35
+
+
+def test_warmup_cosine_hand_computed_and_logged_by_train(tiny_dir, tmp_path):
+    """The schedule's factors by hand (100 steps, 10% warm-up), and the learning rate each
+    training step logs is lr x the factor of the next step (the scheduler steps first)."""
+    import math
+
+    from mixer_lite.optim import warmup_cosine
+
+    f = warmup_cosine(100, 0.1)
+    assert [round(f(s), 6) for s in (0, 4, 9, 10, 55, 100)] == \
+        [0.1, 0.5, 1.0, 1.0, 0.5, 0.0]
+    assert abs(f(32) - 0.5 * (1 + math.cos(math.pi * 22 / 90))) < 1e-12
+    c = cfg("--steps=6", "--warmup_frac=0.34", "--log_every=1", "--eval_at_end=false")
+    train(tiny_dir[0], tmp_path / "run", c, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    g = warmup_cosine(6, 0.34)
+    assert [x["lr"] for x in log] == pytest.approx([c.lr * g(s) for s in range(1, 7)])
+
+
+def test_train_ramps_the_margin_it_hands_the_classifier(tiny_dir, tmp_path, monkeypatch):
+    """Inside train(): the margin each step's classifier call sees, against the ramp by hand
+    (4 steps, warm-up over half of them, CosFace m = 0.35)."""
+    from mixer_lite.losses import MarginClassifier
+
+    seen = []
+    forward = MarginClassifier.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(round(self.margin, 6))
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(MarginClassifier, "forward", spy)
+    train(tiny_dir[0], tmp_path / "run", cfg("--steps=4", "--margin_warmup_frac=0.5",
+                                             "--eval_at_end=false"), progress=False)
+    assert seen == [0.0, 0.175, 0.35, 0.35]
+
+
+def test_class_balanced_batches_reach_the_classifier_through_train(tiny_dir, tmp_path,
+                                                                    monkeypatch):
+    """samples_per_class=4 through train(): every batch the loop trains on is made of whole
+    runs of one class (as EpochSampler promises), counted from the labels the classifier gets."""
+    from mixer_lite.losses import MarginClassifier
+
+    batches = []
+    forward = MarginClassifier.forward
+
+    def spy(self, emb, labels, *args, **kwargs):
+        batches.append(labels.tolist())
+        return forward(self, emb, labels, *args, **kwargs)
+    monkeypatch.setattr(MarginClassifier, "forward", spy)
+    train(tiny_dir[0], tmp_path / "run", cfg("--steps=3", "--samples_per_class=4",
+                                             "--augment=false", "--eval_at_end=false"),
+          progress=False)
+    assert len(batches) == 3
+    for labels in batches:
+        # Samples of a class come in one run: a label, once left, never comes back.
+        runs = [lab for i, lab in enumerate(labels) if i == 0 or labels[i - 1] != lab]
+        assert len(runs) == len(set(runs)) and len(runs) <= len(labels) // 2
+
+
+def test_sampled_centres_with_adamw_touch_only_the_rows_they_used(tiny_dir, tmp_path):
+    """sample_rate=0.2 with the row-wise AdamW through train(): centres never sampled keep
+    their initial value and an empty optimiser state; sampled ones moved, and there are at
+    least ceil(0.2 x classes) and at most that per step."""
+    import math
+
+    from mixer_lite.losses import MarginClassifier
+
+    c = cfg("--steps=3", "--sample_rate=0.2", "--centre_optimizer=adamw",
+            "--centre_init=random", "--eval_at_end=false")
+    train(tiny_dir[0], tmp_path / "run", c, progress=False)
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    state = ck["classifier"]
+    n = len(state["weight"])
+    start = MarginClassifier(n, c.model.embed_dim, seed=c.seed).weight.detach()
+    touched = state["exp_avg_sq"].abs().sum(1) > 0
+    assert math.ceil(0.2 * n) <= int(touched.sum()) <= 3 * math.ceil(0.2 * n)
+    assert torch.equal(state["weight"][~touched], start[~touched])
+    assert (state["weight"][touched] != start[touched]).any(1).all()
+    assert int(state["steps"]) == 3
