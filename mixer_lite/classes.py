@@ -17,7 +17,7 @@ effect is measurable against SynthShop's truth with :func:`analyse`):
 4. **Query assignment.**  Each query joins the class that holds the largest share of its click
    events, if that share reaches ``min_share``; otherwise it is left out (ambiguous).
 5. **Skew control.**  Components with more than ``max_docs_per_class`` docs are split by raising
-   the association threshold inside them (then by a plain cap); classes with fewer than
+   the association threshold inside them, weakest links first (then into connected chunks); classes with fewer than
    ``min_class_size`` samples are dropped; each class keeps at most ``max_queries_per_class``
    queries, chosen by a hash of the id so the choice does not depend on input order.
 
@@ -135,33 +135,62 @@ def _components(n: int, r: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def _split_oversized(labels, r, c, assoc, cap):
-    """Re-cut every component above ``cap`` docs at rising association, then by plain chunks."""
+    """Re-cut every component above ``cap`` docs by dropping its weakest links (the edges at
+    its lowest association) until it falls apart into parts within the cap, then by chunks."""
     labels = labels.copy()
-    for _ in range(32):
+    assoc = assoc.copy()
+    while True:
         sizes = np.bincount(labels)
-        big = np.flatnonzero(sizes > cap)
-        if not len(big):
-            break
-        for comp in big:
+        cut_any = False
+        for comp in np.flatnonzero(sizes > cap):
             members = np.flatnonzero(labels == comp)
-            inside = np.isin(r, members) & (labels[r] == comp) & (labels[c] == comp)
+            inside = (labels[r] == comp) & (labels[c] == comp) & (assoc >= 0)
             if not inside.any():
                 continue
-            # Drop the weakest quarter of the component's edges and recompute its parts.
-            cut = np.quantile(assoc[inside], 0.25)
-            keep_e = inside & (assoc > cut)
+            weakest = assoc[inside].min()
+            keep_e = inside & (assoc > weakest)
+            if not keep_e.any():
+                continue  # every link ties: dropping them all would leave singletons
+            assoc = np.where(inside & ~keep_e, -1.0, assoc)
             local = {m: i for i, m in enumerate(members)}
             rr = np.array([local[x] for x in r[keep_e]], dtype=np.int64)
             cc = np.array([local[x] for x in c[keep_e]], dtype=np.int64)
-            parts = _components(len(members), rr, cc)
-            labels[members] = labels.max() + 1 + parts
-            assoc = np.where(inside & ~keep_e, -1.0, assoc)
-    # Whatever still exceeds the cap (a clique of equal weights) is chunked in id order.
+            labels[members] = labels.max() + 1 + _components(len(members), rr, cc)
+            cut_any = True
+        if not cut_any:
+            break
+    # Whatever still exceeds the cap (edges of equal weight) is cut into chunks of ``cap`` docs
+    # in breadth-first order from its lowest doc, so a chunk holds docs that link to each other
+    # (a chain of docs becomes runs along the chain, not scattered singletons).
     sizes = np.bincount(labels)
     for comp in np.flatnonzero(sizes > cap):
-        members = np.flatnonzero(labels == comp)
+        members = _breadth_first(np.flatnonzero(labels == comp), r, c)
         labels[members] = labels.max() + 1 + np.arange(len(members)) // cap
     return labels
+
+
+def _breadth_first(members: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``members`` (doc indices of one component) in breadth-first order over the edges (r, c),
+    from the lowest index, neighbours in index order; members the edges do not reach follow."""
+    inside = np.isin(r, members) & np.isin(c, members)
+    neighbours: dict[int, list[int]] = {int(m): [] for m in members}
+    for a, b in zip(r[inside].tolist(), c[inside].tolist()):
+        neighbours[a].append(b)
+        neighbours[b].append(a)
+    order, seen = [], set()
+    for root in sorted(neighbours):
+        if root in seen:
+            continue
+        seen.add(root)
+        queue = [root]
+        while queue:
+            node = queue.pop(0)
+            order.append(node)
+            for nb in sorted(neighbours[node]):
+                if nb not in seen:
+                    seen.add(nb)
+                    queue.append(nb)
+    return np.array(order, dtype=np.int64)
 
 
 def stable_rank(ids) -> np.ndarray:

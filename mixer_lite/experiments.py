@@ -285,8 +285,8 @@ def domain_features(model, data, n: int = 400, seed: int = 0) -> dict[str, np.nd
     qi = ImageTable(image_paths(data, "queries", q_rows), size)[np.arange(len(q_rows))]
     di = ImageTable(image_paths(data, "docs", d_rows), size)[np.arange(len(d_rows))]
     model.eval()
-    _, q_pool = model._encode_images(qi)
-    _, d_pool = model._encode_images(di)
+    _, q_pool = model.encode_images(qi)
+    _, d_pool = model.encode_images(di)
     q_emb = model.embed_queries(qi)
     d_emb = model.embed_docs(di, model.tokenize([data.doc_texts[int(r)] for r in d_rows]))
     return {"encoder": torch.cat([q_pool, d_pool]).numpy(),

@@ -645,13 +645,15 @@ class MixerModel(nn.Module):
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"].bool()}
 
-    def _encode_images(self, images):
+    def encode_images(self, images):
+        """The shared image encoder on uint8 pixels: (region tokens [B, R, D], pooled [B, D]),
+        before either domain's transform (what probes of the encoder read)."""
         return self.image_encoder(normalise_pixels(images))
 
     # ---- outputs ------------------------------------------------------------------------
     def embed_queries(self, images):
         """Query photos [B, 3, H, W] -> [B, embed_dim], unit norm.  Never touches text."""
-        return self._query_head(self._encode_images(images)[1])
+        return self._query_head(self.encode_images(images)[1])
 
     def _query_head(self, pooled):
         return F.normalize(self.query_norm(self.query_transform(pooled)), dim=-1)
@@ -665,7 +667,7 @@ class MixerModel(nn.Module):
         ``token_mask`` [B, T] and ``grid`` (patches per side).  Entries an ablation lacks are
         absent.
         """
-        encoded = self._encode_images(images) if self.cfg.fusion != "text_only" else None
+        encoded = self.encode_images(images) if self.cfg.fusion != "text_only" else None
         return self._doc_head(encoded, tokens, images.device, return_attention)
 
     def _doc_head(self, encoded, tokens, device, return_attention=False):
@@ -718,7 +720,7 @@ class MixerModel(nn.Module):
         """
         n_q, n_d = len(query_images), len(doc_images)
         if self.encode_domains_together and n_q and n_d and self.cfg.fusion != "text_only":
-            patches, pooled = self._encode_images(torch.cat([query_images, doc_images]))
+            patches, pooled = self.encode_images(torch.cat([query_images, doc_images]))
             return (self._query_head(pooled[:n_q]),
                     self._doc_head((patches[n_q:], pooled[n_q:]), tokens, doc_images.device))
         q = self.embed_queries(query_images) if n_q else None

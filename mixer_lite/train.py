@@ -466,7 +466,7 @@ def check_batch_memory(model, cfg: TrainConfig, world: int, device: torch.device
     try:
         with torch.no_grad():
             size = cfg.model.image_size
-            model._encode_images(torch.zeros(1, 3, size, size, device=device))
+            model.encode_images(torch.zeros(1, 3, size, size, device=device))
     finally:
         for h in handles:
             h.remove()

@@ -263,6 +263,11 @@ def training_health(runs: dict[str, list[dict]], path: str | os.PathLike | None 
         ax.set_xlabel("training step")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(True, alpha=0.3)
+        # Fixed ranges where the quantity has one (a recall, a cosine), so noise of 1e-4 is
+        # not drawn as a zig-zag across the panel; a norm starts at 0.
+        low = min([0.0] + [y for line in ax.get_lines() for y in line.get_ydata()])
+        ax.set_ylim(*{"val_recall@10": (0, 1), "cos_own": (min(-0.1, low), 1),
+                      "cos_batch": (min(-0.1, low), 1)}.get(key, (0, None)))
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("Training health: validation recall, class centres, embedding spread")
     fig.tight_layout()

@@ -78,6 +78,30 @@ def test_oversized_component_is_split_to_the_cap():
     classes, _ = build_classes_from_clicks(*zip(*rows), cfg)
     assert max(len(c["doc_ids"]) for c in classes) <= 4
     assert sorted(d for c in classes for d in c["doc_ids"]) == sorted(f"d{i}" for i in range(10))
+    # Cut along the chain, as few pieces as the cap allows: d0-d3, d4-d7, d8-d9 (not ten
+    # singletons, nor pieces of docs that no query links).
+    assert sorted(tuple(sorted(c["doc_ids"], key=lambda d: int(d[1:]))) for c in classes) == \
+        [("d0", "d1", "d2", "d3"), ("d4", "d5", "d6", "d7"), ("d8", "d9")]
+    # Each query sits in the class of the docs it clicked (both, or the one of its pair kept).
+    for c in classes:
+        for q in c["query_ids"]:
+            i = int(q[1:].split("_")[0])
+            assert {f"d{i}", f"d{i + 1}"} & set(c["doc_ids"])
+
+
+def test_oversized_component_of_unequal_links_is_cut_at_its_weakest():
+    """Two groups of 3 docs, each densely co-clicked, joined by one weak link: the cap of 3
+    cuts the weak link, not a group."""
+    rows = []
+    for g in ("a", "b"):
+        for k in range(6):  # six queries click every pair within the group
+            rows += [(f"{g}q{k}", f"{g}{i}", 1) for i in range(3)]
+    rows += [("x1", "a2", 1), ("x1", "b0", 1), ("x2", "a2", 1), ("x2", "b0", 1)]
+    cfg = ClassConfig(min_share=0.0, min_association=0.0, max_docs_per_class=3,
+                      min_class_size=1)
+    classes, _ = build_classes_from_clicks(*zip(*rows), cfg)
+    assert sorted(tuple(c["doc_ids"]) for c in classes) == [("a0", "a1", "a2"),
+                                                            ("b0", "b1", "b2")]
 
 
 def test_query_cap_and_tiny_classes():

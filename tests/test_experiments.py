@@ -164,6 +164,27 @@ def test_new_figures_have_titles_and_labels():
         matplotlib.pyplot.close(fig)
 
 
+def test_figures_draw_the_data_they_are_given():
+    from mixer_lite.viz import training_health
+
+    rows = [{"step": s, "loss": 3.0 - s, "centre_norm": 1.0, "cos_own": 0.1 * s,
+             "cos_other": -0.01, "cos_batch": -0.0073 - 1e-5 * s} for s in (1, 2, 3)]
+    rows.append({"step": 3, "val_recall@10": 0.4})
+    curves = training_curves({"run": rows[:3]})
+    line = curves.axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [2.0, 1.0, 0.0]
+    health = training_health({"run": rows})
+    val, norm, cos, batch = health.axes
+    assert [tuple(x.get_ydata()) for x in val.get_lines()] == [(0.4,)]
+    assert [tuple(x.get_ydata()) for x in cos.get_lines()] == [(0.1, 0.2, 0.30000000000000004),
+                                                               (-0.01,) * 3]
+    assert cos.get_lines()[1].get_linestyle() == "--"  # to other centres, dashed
+    # A cosine of about -0.0073 give or take 3e-5 is drawn on the cosine's scale, not zoomed.
+    assert val.get_ylim() == (0, 1) and batch.get_ylim() == (-0.1, 1)
+    assert norm.get_ylim()[0] == 0
+    matplotlib.pyplot.close("all")
+
+
 def test_recall_curves_zoom_to_the_data_but_never_past_100():
     from mixer_lite.viz import recall_curves
 

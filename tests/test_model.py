@@ -89,6 +89,14 @@ def test_every_variant_builds_runs_and_normalises(fusion):
         assert info["text_to_image"].shape == (4, n_q, 64)
         assert info["grid"] == 8 and info["image_weight"].shape == (4,)
         assert torch.all((info["image_weight"] > 0) & (info["image_weight"] < 1))
+    # What each variant reads: the doc's image, its title, or both (one changed at a time).
+    other_titles = model.tokenize(TEXTS[1:] + TEXTS[:1])
+    reads_text = not torch.allclose(model.embed_docs(x, other_titles), d, atol=1e-5)
+    reads_image = not torch.allclose(model.embed_docs(x.roll(1, 0), tokens), d, atol=1e-5)
+    assert (reads_image, reads_text) == {"image_only": (True, False),
+                                         "text_only": (False, True)}.get(fusion, (True, True))
+    # The query path reads the image alone, and distinct photos get distinct embeddings.
+    assert not torch.allclose(q[0], q[1], atol=1e-3)
 
 
 @pytest.mark.parametrize("fusion", ["concept", "text_only"])
@@ -260,7 +268,7 @@ def test_text_dropout_embeds_dropped_docs_from_the_image_alone(fusion):
     model = make(fusion, dropout=0.0, text_dropout=1.0)
     d, tokens = images(4, seed=2), model.tokenize(TEXTS)
     model.train()
-    _, pooled = model._encode_images(d)
+    _, pooled = model.encode_images(d)
     image_only = F.normalize(model.doc_norm(model.out_proj(model.doc_transform(pooled))), dim=-1)
     torch.testing.assert_close(model.embed_docs(d, tokens), image_only)
     model.eval()
@@ -269,7 +277,7 @@ def test_text_dropout_embeds_dropped_docs_from_the_image_alone(fusion):
     with_text = plain.embed_docs(d, tokens)
     torch.testing.assert_close(model.embed_docs(d, tokens), with_text)
     assert not torch.allclose(with_text, F.normalize(
-        plain.doc_norm(plain.out_proj(plain.doc_transform(plain._encode_images(d)[1]))), dim=-1))
+        plain.doc_norm(plain.out_proj(plain.doc_transform(plain.encode_images(d)[1]))), dim=-1))
 
 
 def test_text_dropout_drops_about_its_share_of_docs():
@@ -277,7 +285,7 @@ def test_text_dropout_drops_about_its_share_of_docs():
     model = make("concept", dropout=0.0, text_dropout=0.5, embed_norm="none").train()
     d, tokens = images(64, seed=3), model.tokenize(TEXTS * 16)
     emb = model.embed_docs(d, tokens)
-    image_only = F.normalize(model.out_proj(model.doc_transform(model._encode_images(d)[1])),
+    image_only = F.normalize(model.out_proj(model.doc_transform(model.encode_images(d)[1])),
                              dim=-1)
     model.cfg.text_dropout = 0.0
     fused = model.embed_docs(d, tokens)

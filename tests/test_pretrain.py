@@ -223,6 +223,17 @@ def test_the_pretrain_command(corpus_dir, tmp_path):
     said = json.loads(run.stdout.strip().splitlines()[-1])
     assert said["sha256"] == hashlib.sha256((tmp_path / "w.pt").read_bytes()).hexdigest()
     assert set(said["probe_recall@1"]) == {"initial", "final"}
+    # Every override reached the run: the card records them, the weights have the width.
+    shipped = torch.load(tmp_path / "w.pt", weights_only=True)
+    card = shipped["card"]
+    assert {k: card["pretrain"][k] for k in ("views", "batch_size", "steps", "width",
+                                             "held_out_share", "workers", "threads")} == \
+        {"views": 1, "batch_size": 8, "steps": 2, "width": 32, "held_out_share": 0.2,
+         "workers": 1, "threads": 1}
+    assert shipped["vit_dim"] == 32 and card["steps"] == 2
+    assert max(v.shape[0] for v in shipped["state_dict"].values() if v.dim() == 4) == 32
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and log[-1]["step"] == 2  # the initial probe, then 2 steps
     again = cli("pretrain", "--corpus", corpus_dir, "--out", tmp_path / "w.pt", "--run",
                 tmp_path / "run", "--quiet", "--steps=2")
     assert again.returncode == 2 and "--resume" in again.stderr

@@ -83,6 +83,20 @@ def test_every_loss_and_label_path_runs_end_to_end(tiny_dir, tmp_path, extra):
         set() if any(x in extra for x in ("--loss=infonce", "--loss=triplet")) else
         {"centre_norm"})
     assert all(health <= set(x) and np.isfinite(x["loss"]) for x in log)
+    # The model it saved is trained (not its initial weights) and scores what eval.json says.
+    from mixer_lite.dataset import load_dataset
+    from mixer_lite.retrieval import evaluate_model, load_run_model
+    from mixer_lite.train import build_model
+
+    data = load_dataset(tiny_dir[0], check_images=False)
+    c = cfg("--epochs=0.05", "--log_every=1", *extra)
+    initial = build_model(data, make_samples(data, c)[0], c).state_dict()
+    saved = weights(tmp_path / "run")
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved
+               if saved[k].is_floating_point() and "running" not in k)
+    again = evaluate_model(load_run_model(tmp_path / "run"), data)
+    assert all(abs(again[k] - ev[k]) <= 1 / ev["queries"] + 1e-9
+               for k in ("recall@1", "recall@10", "map@10"))
 
 
 @pytest.mark.parametrize("extra", [[], ["--loss=infonce"], ["--labels=raw_clicks"]])
