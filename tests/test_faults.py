@@ -328,6 +328,18 @@ def test_validate_reports_a_decompression_bomb_as_a_bad_image(tiny_dir, tmp_path
     assert_refused(r, where, "does not open as an image")
 
 
+@pytest.mark.parametrize("fault", [_half_truncated_image, _garbage_pixels_valid_crc,
+                                   _symlink_loop], ids=lambda f: f.__name__.strip("_"))
+def test_validate_decodes_every_image(fault, tiny_dir, tmp_path):
+    """What only a whole decode finds (a cut JPEG, garbage pixels under valid CRCs) and a link
+    loop: validate reports them, so train never fails later on a folder called valid."""
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    where = fault(data)
+    r = cli("validate", data)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{where}: image" in r.stderr
+
+
 # ---- damaged checkpoints and model files ----------------------------------------------------
 def copy_run(run: Path, dst: Path) -> Path:
     shutil.copytree(run, dst)
