@@ -17,9 +17,10 @@ effect is measurable against SynthShop's truth with :func:`analyse`):
 4. **Query assignment.**  Each query joins the class that holds the largest share of its click
    events, if that share reaches ``min_share``; otherwise it is left out (ambiguous).
 5. **Skew control.**  Components with more than ``max_docs_per_class`` docs are split by raising
-   the association threshold inside them, weakest links first (then into connected chunks); classes with fewer than
-   ``min_class_size`` samples are dropped; each class keeps at most ``max_queries_per_class``
-   queries, chosen by a hash of the id so the choice does not depend on input order.
+   the association threshold inside them, weakest links first (then into connected chunks);
+   classes with fewer than ``min_class_size`` samples are dropped; each class keeps at most
+   ``max_queries_per_class`` queries, chosen by a hash of the id so the choice does not depend
+   on input order.
 
 Everything here is plain graph and array logic over ids and counts; no model object.
 """

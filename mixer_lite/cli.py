@@ -144,12 +144,12 @@ def _cmd_index(args) -> int:
     from pathlib import Path
 
     from .dataset import ImageTable, data_fingerprint, image_paths, load_dataset
-    from .files import check_writable, folder_lock
+    from .files import check_writable, file_sha256, folder_lock
     from .retrieval import (build_index, check_index_kind, embed_docs, load_run_model,
                             save_index)
 
     model = load_run_model(args.run)
-    model_sha = _sha256(Path(args.run) / "model.pt")
+    model_sha = file_sha256(Path(args.run) / "model.pt")
     check_writable(Path(args.run) / "index", "folder")
     data = load_dataset(args.data)
     check_index_kind(args.index, len(data.docs))
@@ -171,6 +171,7 @@ def _cmd_search(args) -> int:
     from pathlib import Path
 
     from .dataset import ImageTable, load_dataset
+    from .files import file_sha256
     from .retrieval import embed_queries, load_index, load_run_model, search
 
     photos = _photo_paths(args.image)
@@ -181,7 +182,7 @@ def _cmd_search(args) -> int:
                          f"differ from {args.data}/docs.jsonl; rebuild it with mixer-lite index")
     model = load_run_model(args.run)  # a damaged or crafted file is named as such first
     model_path = Path(args.run) / "model.pt"
-    if meta.get("model_sha256") != _sha256(model_path):
+    if meta.get("model_sha256") != file_sha256(model_path):
         raise ValueError(f"the index in {args.run} was built from another {model_path} (the run "
                          f"was trained again since); rebuild it with mixer-lite index")
     images = ImageTable(photos, model.cfg.image_size, preload=False, threads=2)
@@ -194,15 +195,6 @@ def _cmd_search(args) -> int:
             if r >= 0:
                 print(f"{rank}\t{_printable(data.doc_ids[r])}\t{s:.4f}\t{_printable(texts[r])}")
     return 0
-
-
-def _sha256(path) -> str | None:
-    import hashlib
-
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
 
 
 def _printable(text: str) -> str:
@@ -359,8 +351,7 @@ def os_error_message(e: OSError) -> str:
              errno.ELOOP: "too many levels of symbolic links (a link loop?)",
              errno.ENAMETOOLONG: "name too long"}
     what = words.get(e.errno, e.strerror or str(e))
-    path = e.filename if e.filename is not None else None
-    return f"{path}: {what}" if path else what
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 def main(argv: list[str] | None = None) -> int:

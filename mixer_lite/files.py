@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -52,6 +53,15 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """The sha256 of a file's bytes (what ties an index to its model, or names shipped
+    weights); None when there is no such file."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def check_writable(path: str | Path, kind: str = "file") -> None:

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import check_resumable
-from .files import (atomic_path, read_log, remove_stale_temporaries, strict_json,
-                    truncate_log, write_json)
+from .files import (atomic_path, file_sha256, read_log, remove_stale_temporaries,
+                    strict_json, truncate_log, write_json)
 from .losses import info_nce
 from .model import WEIGHTS_FORMAT, ConvEncoder, ModelConfig, normalise_pixels
 from .optim import warmup_cosine
@@ -477,4 +477,4 @@ def export_weights(encoder: ConvEncoder, model_cfg: ModelConfig, card: dict, pat
            "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
            "card": card}
     save_torch(obj, Path(path))
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return file_sha256(path)
