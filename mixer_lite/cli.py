@@ -106,8 +106,8 @@ def _cmd_evaluate(args) -> int:
 
     from .dataset import load_dataset
     from .files import check_writable, write_json
-    from .retrieval import (check_index_kind, evaluate_model, evaluate_raw_pixels, eval_name,
-                            load_run_model)
+    from .retrieval import check_index_kind, evaluate_model, evaluate_raw_pixels
+    from .runs import eval_name, load_run_model
     from .viz import recall_curves
 
     if not args.run and not args.baseline:
@@ -145,8 +145,8 @@ def _cmd_index(args) -> int:
 
     from .dataset import ImageTable, data_fingerprint, image_paths, load_dataset
     from .files import check_writable, file_sha256, folder_lock
-    from .retrieval import (build_index, check_index_kind, embed_docs, load_run_model,
-                            save_index)
+    from .retrieval import build_index, check_index_kind, embed_docs, save_index
+    from .runs import load_run_model
 
     model = load_run_model(args.run)
     model_sha = file_sha256(Path(args.run) / "model.pt")
@@ -172,7 +172,8 @@ def _cmd_search(args) -> int:
 
     from .dataset import ImageTable, load_dataset
     from .files import file_sha256
-    from .retrieval import embed_queries, load_index, load_run_model, search
+    from .retrieval import embed_queries, load_index, search
+    from .runs import load_run_model
 
     photos = _photo_paths(args.image)
     index, meta = load_index(Path(args.run) / "index")

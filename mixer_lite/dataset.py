@@ -474,3 +474,9 @@ def image_paths(data: ShopData, table: str, rows=None) -> list[str]:
     """Absolute image paths of ``rows`` (all by default) of ``data.docs`` or ``data.queries``."""
     paths = data.column(table, "image_path")
     return paths if rows is None else [paths[int(r)] for r in rows]
+
+
+def load_images(data: ShopData, table: str, rows, size: int):
+    """The images of ``rows`` of ``data.docs`` or ``data.queries``, decoded now: uint8
+    [len(rows), 3, size, size]."""
+    return ImageTable(image_paths(data, table, rows), size)[np.arange(len(rows))]

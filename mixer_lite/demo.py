@@ -14,11 +14,13 @@ from pathlib import Path
 from .classes import build_classes_from_clicks, raw_click_classes, write_classes
 from .dataset import load_dataset
 from .files import write_json
-from .retrieval import evaluate_model, evaluate_raw_pixels, load_run_model
 from .files import folder_lock
+from .retrieval import evaluate_model, evaluate_raw_pixels
+from .runs import load_run_model, refuse_other_run
 from .synthshop import make_synthshop
-from .train import config_from, refuse_other_run, train
-from .viz import attention_gallery, class_size_rank, query_doc_grid, recall_curves
+from .train import config_from, train
+from .measures import doc_attention
+from .viz import class_size_rank, concept_attention, query_doc_grid, recall_curves
 
 
 def run_demo(data_dir: str = "data/synth-small", reports: str = "reports", preset: str = "small",
@@ -67,7 +69,10 @@ def _demo_steps(data_dir: Path, reports: Path, preset: str, seed: int, workers: 
                    "raw pixels (no learning)": raw["recall_curve"]},
                   title="Recall@K on SynthShop test queries (unseen products)",
                   path=reports / "recall_curves.png")
-    attention_gallery(model, data, path=reports / "attention_gallery.png")
+    shown = doc_attention(model, data)
+    concept_attention(shown["images"], shown["info"], shown["token_strings"],
+                      n_docs=len(shown["images"]), titles=shown["titles"],
+                      path=reports / "attention_gallery.png")
     keys = ("recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "map@10", "mrr",
             "queries", "docs")
     metrics = {"mixer": {k: ours[k] for k in keys}, "raw_pixels": {k: raw[k] for k in keys},

@@ -55,7 +55,7 @@ from .files import (atomic_path, file_sha256, read_log, remove_stale_temporaries
 from .losses import info_nce
 from .model import WEIGHTS_FORMAT, ConvEncoder, ModelConfig, normalise_pixels
 from .optim import warmup_cosine
-from .runs import load_torch, require_keys, save_torch, torch_threads
+from .runs import environment, load_torch, require_keys, resolve_device, save_torch, torch_threads
 from .synthshop import studio_shot, user_photo
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -338,14 +338,6 @@ def probe_recall_at_1(net: PretrainNet, corpus: Corpus, device, batch: int = 256
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-def _device(cfg: PretrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg.device}: torch.cuda.is_available() is False")
-    return torch.device(cfg.device)
-
-
 def pretrain(corpus_roots: list[str | os.PathLike], run: str | os.PathLike, weights_out,
              cfg: PretrainConfig, resume: bool = False, progress: bool = True,
              cache: str | os.PathLike | None = None) -> dict:
@@ -365,8 +357,6 @@ def _pretrain(corpus_roots, run, weights_out, cfg: PretrainConfig, resume: bool,
               cache) -> dict:
     from tqdm import tqdm
 
-    from .reproduce import environment
-
     run = Path(run)
     ckpt_path = run / "checkpoints" / "last.pt"
     if not resume and ckpt_path.exists():
@@ -376,7 +366,7 @@ def _pretrain(corpus_roots, run, weights_out, cfg: PretrainConfig, resume: bool,
         if not ckpt_path.exists():
             raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
         check_resumable(run, "pretrain", cfg, RUNTIME_KEYS, "--run")
-    device = _device(cfg)
+    device = resolve_device(cfg.device)
     t0 = time.time()
     corpus = prepare_corpus(corpus_roots, cache or run / "corpus", cfg, progress)
     train_rows = np.flatnonzero(~corpus.held_out)

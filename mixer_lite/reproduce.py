@@ -2,7 +2,7 @@
 
 ``python -m mixer_lite.reproduce [--preset small] [--seeds 0,1,2] [--out FILE.json] [--retrain]``
 
-Each row of :data:`mixer_lite.experiments.ROWS` is trained with every seed, evaluated on the
+Each row of :data:`mixer_lite.ablations.ROWS` is trained with every seed, evaluated on the
 test queries, and printed as a markdown table of mean ± standard deviation over seeds, with two
 floors last: the Mixer model at its initial weights (per seed, no training step) and the
 raw-pixel baseline (no learning, no seed).
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -33,10 +31,12 @@ import numpy as np
 
 from .config import as_json, config_diff
 from .dataset import data_fingerprint, load_dataset
-from .experiments import (METRICS, ROWS, ensure_data, ensure_row,
-                          evaluate_untrained, repo_root, row_overrides, run_name)
+from .ablations import METRICS, ROWS, row_overrides, run_name
+from .measures import evaluate_untrained
+from .runcache import ensure_data, ensure_row, repo_root
 from .files import write_json
 from .retrieval import evaluate_raw_pixels
+from .runs import environment
 from .train import config_from
 
 UNTRAINED = "Mixer untrained (initial weights)"
@@ -46,36 +46,6 @@ RAW_PIXELS = "raw pixels (no learning)"
 def records_dir(preset: str, root: str | Path | None = None) -> Path:
     """Where the records of ``preset`` live: ``results/reproduce/<preset>/`` by default."""
     return Path(root or repo_root() / "results" / "reproduce") / preset
-
-
-def environment() -> dict:
-    """What a measurement was made with.
-
-    A from-scratch run's numbers move with library versions, the thread count *and the CPU*:
-    oneDNN picks its convolution kernels by the instruction set (AVX2, AVX-512, AMX), and their
-    different summation orders change the last bits of every gradient, which a few hundred
-    steps grow into a query or two of recall.  So the CPU's name and the kernels torch
-    dispatched to are recorded too.
-    """
-    import faiss
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "faiss": faiss.__version__, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-
-
-def cpu_name() -> str:
-    """The processor's model name (``/proc/cpuinfo`` on Linux, else what the platform says)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def read_record(path: Path) -> dict:
@@ -117,43 +87,43 @@ def recorded(path: Path, want: dict, measure, retrain: bool = False) -> dict:
     return rec
 
 
-def _row_record(folder: Path, data_dir: Path, fingerprint: str, preset: str, row: str,
+def _row_record(folder: Path, data_dir: Path, fingerprint: str, preset: str, slug: str,
                 seed: int, retrain: bool) -> dict:
-    overrides = row_overrides(data_dir, row, seed)
-    want = {"row": row, "seed": seed, "overrides": overrides,
+    overrides = row_overrides(data_dir, slug, seed)
+    want = {"row": ROWS[slug].label, "seed": seed, "overrides": overrides,
             "config": config_from("tiny-cpu", overrides), "data": fingerprint}
 
     def measure():
-        r = ensure_row(data_dir, preset, row, seed)
+        r = ensure_row(data_dir, preset, slug, seed)
         return {"metrics": {k: v for k, v in r.items() if k not in ("run", "seconds", "steps")},
                 "train_seconds": r["seconds"], "steps": r["steps"]}
-    return recorded(folder / f"{run_name(preset, row, seed)}.json", want, measure, retrain)
+    return recorded(folder / f"{run_name(preset, slug, seed)}.json", want, measure, retrain)
 
 
 def select_rows(slugs: str | None) -> list[str]:
-    """Rows of :data:`ROWS` by their slugs (``"mixer,image_only"``), all of them for None."""
+    """The slugs of :data:`ROWS` a comma-separated list names (``"mixer,image_only"``), all of
+    them for None; an unknown one is an error listing the rows."""
     if not slugs:
         return list(ROWS)
-    by_slug = {slug: row for row, (slug, _) in ROWS.items()}
-    unknown = [s for s in slugs.split(",") if s not in by_slug]
+    unknown = [s for s in slugs.split(",") if s not in ROWS]
     if unknown:
-        raise ValueError(f"unknown row(s) {unknown}; rows: {', '.join(by_slug)}")
-    return [by_slug[s] for s in slugs.split(",")]
+        raise ValueError(f"unknown row(s) {unknown}; rows: {', '.join(ROWS)}")
+    return slugs.split(",")
 
 
 def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None,
               retrain: bool = False, records: str | Path | None = None,
               rows: list[str] | None = None) -> dict:
-    """The table of ``rows`` (all by default) over ``seeds``: each record checked (or
-    measured), then read."""
+    """The table of the row slugs ``rows`` (all by default) over ``seeds``: each record checked
+    (or measured), then read."""
     rows = list(ROWS) if rows is None else rows
     data_dir = ensure_data(preset, 0)
     fingerprint = data_fingerprint(data_dir)
     folder = records_dir(preset, records)
     t0 = time.time()
-    for row in rows:
+    for slug in rows:
         for s in seeds:
-            _row_record(folder, data_dir, fingerprint, preset, row, s, retrain)
+            _row_record(folder, data_dir, fingerprint, preset, slug, s, retrain)
 
     @functools.lru_cache(maxsize=1)
     def dataset():  # loaded only if a floor must be measured
@@ -182,13 +152,14 @@ def collect(preset: str, seeds, records: str | Path | None = None,
             rows: list[str] | None = None) -> dict:
     """The table from the records alone (no data, no training): what :func:`reproduce` prints.
 
-    ``rows`` (all of :data:`ROWS` by default) in :data:`ROWS` order, then the untrained floor
-    (one value a seed) and raw pixels (one value); ``train_seconds`` sums the rows' recorded
-    training times.
+    The row slugs ``rows`` (all of :data:`ROWS` by default) in :data:`ROWS` order, each under
+    its label, then the untrained floor (one value a seed) and raw pixels (one value);
+    ``train_seconds`` sums the rows' recorded training times.
     """
     folder = records_dir(preset, records)
     rows = list(ROWS) if rows is None else rows
-    names = [(row, run_name(preset, row, s)) for row in ROWS if row in rows for s in seeds]
+    names = [(row.label, run_name(preset, slug, s)) for slug, row in ROWS.items() if slug in rows
+             for s in seeds]
     names += [(UNTRAINED, _floor_name(preset, UNTRAINED, s)) for s in seeds]
     names.append((RAW_PIXELS, _floor_name(preset, RAW_PIXELS)))
     table, train_seconds = {}, 0.0
@@ -225,7 +196,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
     ap.add_argument("--rows", default=None,
                     help=f"comma-separated row slugs (default: all): "
-                         f"{','.join(slug for slug, _ in ROWS.values())}")
+                         f"{','.join(ROWS)}")
     ap.add_argument("--retrain", action="store_true",
                     help="ignore the records in results/reproduce/ and measure every run again")
     a = ap.parse_args(argv)

@@ -306,55 +306,6 @@ def evaluate_raw_pixels(data, size: int = 64, side: int = 16, index_kind: str = 
     return evaluate_embeddings(data, docs, queries, rows, index_kind)
 
 
-def load_run_model(run: str | Path, device="cpu"):
-    """The trained model a run folder holds (``RUN/model.pt``), in eval mode."""
-    from .model import MixerModel
-    from .runs import load_torch, require_keys
-
-    path = Path(run) / "model.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no trained model in this run (did training finish?)")
-    ck = require_keys(load_torch(path, "model file", "`mixer-lite train --resume` rewrites it "
-                                 "from the run's last checkpoint", device),
-                      ("export", "state_dict"), path, "model file")
-    try:
-        model = MixerModel.from_export(ck["export"])
-    except (KeyError, TypeError, ValueError) as e:  # a config of missing or mistyped fields
-        raise ValueError(f"{path}: its model config cannot be built ({type(e).__name__}: {e})") \
-            from None
-    state = ck["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the model its config describes (saved by "
-                         f"another mixer-lite version?): {str(e).splitlines()[-1].strip()}") \
-            from None
-    return model.to(device).eval()
-
-
-def eval_name(run: str | Path, data, index_kind: str = "flat") -> str:
-    """The file stem an evaluation of ``run`` on ``data`` is written under.
-
-    ``eval`` for the run's own dataset (what training writes at its end), ``eval-<folder>-<hash>``
-    for any other data, so scoring a run elsewhere never overwrites its own result; an index
-    other than ``flat`` adds its kind.
-    """
-    name = "eval"
-    try:
-        saved = json.loads((Path(run) / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        saved = None
-    fingerprint = data_fingerprint(data.root)
-    # By content where the run recorded it (runs made before that recorded the path only).
-    own = isinstance(saved, dict) and (
-        saved.get("data_fingerprint") == fingerprint if "data_fingerprint" in saved
-        else isinstance(saved.get("data"), str)
-        and Path(saved["data"]) == Path(data.root).resolve())
-    if not own:
-        name += f"-{Path(data.root).resolve().name}-{fingerprint[:8]}"
-    return name if index_kind == "flat" else f"{name}-{index_kind}"
-
-
 def recall_curve(ranked: np.ndarray, relevant: list[set[int]], max_k: int = 50) -> np.ndarray:
     """Recall@K for K = 1..max_k (the curve the figures plot)."""
     ks = tuple(range(1, max_k + 1))

@@ -1,21 +1,153 @@
-"""The run folder's torch files: written whole, read without running anything they carry.
+"""The run folder: what a run is (its config), whether a folder may take one, its checkpoints
+and model file, where its evaluations go, and the processes and devices it runs on.
 
-A ``model.pt`` or a checkpoint is a zip of tensors plus a pickle that says how they fit
-together.  ``torch.load(weights_only=False)`` runs whatever callable that pickle names, so a
-run folder copied from elsewhere could execute code on ``evaluate``, ``index``, ``search`` or
-``--resume``.  Every torch file mixer-lite writes holds tensors, numbers, strings, lists and
-dicts only, so :func:`load_torch` reads them all with ``weights_only=True`` and refuses
-anything else with a message naming the file.
+A run folder holds everything a run made: ``config.json``, ``checkpoints/last.pt``,
+``metrics.jsonl``, ``model.pt``, ``eval*.json``, ``val.json``, ``index/``.  A ``model.pt`` or a
+checkpoint is a zip of tensors plus a pickle that says how they fit together.
+``torch.load(weights_only=False)`` runs whatever callable that pickle names, so a run folder
+copied from elsewhere could execute code on ``evaluate``, ``index``, ``search`` or ``--resume``.
+Every torch file mixer-lite writes holds tensors, numbers, strings, lists and dicts only, so
+:func:`load_torch` reads them all with ``weights_only=True`` and refuses anything else with a
+message naming the file.
 """
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import platform
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .files import atomic_path
+from .config import check_resumable, config_diff, saved_config
+from .dataset import data_fingerprint
+from .files import atomic_path, check_writable
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device ``--device`` names; ``auto``: this rank's GPU when torch sees one, else the
+    CPU.  A name torch cannot parse or a GPU torch does not see is an error saying so."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name}: not a device name (auto, cpu, cuda, cuda:N)") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name}: torch sees no CUDA GPU (torch.cuda.is_available() "
+                         f"is False); use --device=cpu (or auto)")
+    return device
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device); under torchrun, joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 and not torch.distributed.is_initialized():
+        # By the device, not by what the machine has: --device=cpu on a GPU machine needs gloo.
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world, device
+
+
+# Training settings that change how a run is executed, not what it computes: a resumed run
+# may differ in them.
+RUNTIME_KEYS = ("device", "threads", "loader_threads", "preload_images", "stop_after",
+                "eval_at_end")
+
+
+# What a finished run leaves beside its checkpoints: a folder holding any of these and no
+# checkpoint is another run's, never reused (its index would answer for the old model).
+RUN_OUTPUTS = ("model.pt", "eval.json", "val.json", "index")
+
+
+def check_run_folder(out: Path, cfg, resume: bool) -> dict | None:
+    """Whether ``out`` may take this run, before anything is read or written; with ``resume``,
+    the checkpoint to resume from, after checking that ``cfg`` is the run's config (any
+    difference outside :data:`RUNTIME_KEYS` is refused: :func:`config.check_resumable`).
+
+    A fresh run may go into a new folder, an empty one, or one whose run was killed before its
+    first checkpoint (its config and log are then rewritten).
+    """
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
+        check_resumable(out, "train", cfg, RUNTIME_KEYS, "--out")
+        return load_checkpoint(ckpt_path)
+    if ckpt_path.exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume or choose a new --out")
+    check_writable(out, "folder")
+    left = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if left:
+        raise FileExistsError(f"{out} holds the outputs of an earlier run ({', '.join(left)}) "
+                              f"but no checkpoint to resume from; delete it or choose a new "
+                              f"--out")
+    return None
+
+
+def refuse_other_run(run: Path, cfg, advice: str) -> None:
+    """A clear error when the folder ``run`` holds a run (finished or not) trained with other
+    settings than ``cfg``: a cached run is reused only when it is the run asked for."""
+    if (run / "config.json").exists():
+        diff = config_diff(saved_config(run, "train"), cfg)
+        if diff:
+            raise FileExistsError(f"{run} was trained with another config (differs in "
+                                  f"{', '.join(diff)}); {advice}")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded to the CPU (``set_rng_state`` takes CPU tensors only;
+    ``load_state_dict`` moves the rest); a damaged or foreign file is an error naming it."""
+    ck = load_torch(path, "checkpoint", "delete it to train the run from the start")
+    return require_keys(ck, ("model", "optimizer", "scheduler", "step", "torch_rng"), path,
+                        "checkpoint")
+
+def check_same_data(out: Path, data_dir: str | Path) -> str:
+    """The fingerprint of ``data_dir``, after checking that a run resumed in ``out`` was trained
+    on the same data (runs made before fingerprints were recorded are not checked)."""
+    fingerprint = data_fingerprint(data_dir)
+    recorded = json.loads((out / "config.json").read_text()).get("data_fingerprint")
+    if recorded not in (None, fingerprint):
+        raise ValueError(f"{out}: --resume on other data than the run's ({data_dir} has "
+                         f"fingerprint {fingerprint}, {out / 'config.json'} records "
+                         f"{recorded}); resume on the run's data, or start a new --out")
+    return fingerprint
+
+
+def save_checkpoint(path: Path, model, objective, opt, sched, step: int, rank: int, world: int,
+                    device: torch.device) -> None:
+    """Everything a resumed run needs, in one file written atomically by rank 0: the model, the
+    objective's state (every rank's classifier shard), optimiser, schedule, RNG and step."""
+    clf_state = objective.state()
+    if clf_state is not None and world > 1:  # every rank's shard goes into the one file
+        shards = [None] * world
+        torch.distributed.all_gather_object(shards, {k: v.cpu() for k, v in clf_state.items()})
+        clf_state = shards
+    if rank == 0:
+        save_torch({"model": model.state_dict(), "classifier": clf_state,
+                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "torch_rng": torch.get_rng_state(), "step": step,
+                      "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                                   else None)}, path)
+
+
+def restore_checkpoint(ck: dict, model, objective, opt, sched, rank: int, world: int,
+                       device: torch.device) -> int:
+    """Load a checkpoint of :func:`save_checkpoint` into a fresh run; returns its step."""
+    model.load_state_dict(ck["model"])
+    if ck.get("classifier") is not None:
+        objective.load(ck["classifier"][rank] if world > 1 else ck["classifier"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["torch_rng"])
+    if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout on the GPU
+        torch.cuda.set_rng_state(ck["cuda_rng"], device)
+    return ck["step"]
 
 
 def save_torch(obj, path: str | Path) -> None:
@@ -86,3 +218,80 @@ def torch_threads(n: int):
     finally:
         torch.set_num_threads(before)
 
+
+def load_run_model(run: str | Path, device="cpu"):
+    """The trained model a run folder holds (``RUN/model.pt``), in eval mode."""
+    from .model import MixerModel
+
+    path = Path(run) / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trained model in this run (did training finish?)")
+    ck = require_keys(load_torch(path, "model file", "`mixer-lite train --resume` rewrites it "
+                                 "from the run's last checkpoint", device),
+                      ("export", "state_dict"), path, "model file")
+    try:
+        model = MixerModel.from_export(ck["export"])
+    except (KeyError, TypeError, ValueError) as e:  # a config of missing or mistyped fields
+        raise ValueError(f"{path}: its model config cannot be built ({type(e).__name__}: {e})") \
+            from None
+    state = ck["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the model its config describes (saved by "
+                         f"another mixer-lite version?): {str(e).splitlines()[-1].strip()}") \
+            from None
+    return model.to(device).eval()
+
+
+def eval_name(run: str | Path, data, index_kind: str = "flat") -> str:
+    """The file stem an evaluation of ``run`` on ``data`` is written under.
+
+    ``eval`` for the run's own dataset (what training writes at its end), ``eval-<folder>-<hash>``
+    for any other data, so scoring a run elsewhere never overwrites its own result; an index
+    other than ``flat`` adds its kind.
+    """
+    name = "eval"
+    try:
+        saved = json.loads((Path(run) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    fingerprint = data_fingerprint(data.root)
+    # By content where the run recorded it (runs made before that recorded the path only).
+    own = isinstance(saved, dict) and (
+        saved.get("data_fingerprint") == fingerprint if "data_fingerprint" in saved
+        else isinstance(saved.get("data"), str)
+        and Path(saved["data"]) == Path(data.root).resolve())
+    if not own:
+        name += f"-{Path(data.root).resolve().name}-{fingerprint[:8]}"
+    return name if index_kind == "flat" else f"{name}-{index_kind}"
+
+
+def environment() -> dict:
+    """What a measurement was made with.
+
+    A from-scratch run's numbers move with library versions, the thread count *and the CPU*:
+    oneDNN picks its convolution kernels by the instruction set (AVX2, AVX-512, AMX), and their
+    different summation orders change the last bits of every gradient, which a few hundred
+    steps grow into a query or two of recall.  So the CPU's name and the kernels torch
+    dispatched to are recorded too.
+    """
+    import faiss
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "faiss": faiss.__version__, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, else what the platform says)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

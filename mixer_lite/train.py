@@ -2,21 +2,17 @@
 
 ``mixer-lite train --data DIR --out RUN --config tiny-cpu [--key=value ...]``
 
-* **Samples.**  With ``labels=classes`` (Mixer) every query photo and every doc of a class built
-  by :mod:`mixer_lite.classes` is one sample of that class; with ``labels=raw_clicks`` (the
-  ablation) every clicked doc is a class and each click makes its query a sample of it.  The
-  pairwise baselines (``infonce``, ``triplet``) train on the (query, doc) click pairs.
-* **Validation.**  ``val_share`` of the weak-label classes are held out of training (their
-  photos and docs); their photos search every doc at the end (and every ``val_every`` steps),
-  so recipe choices never read the test queries (:class:`Validation`).
-* **Sampler.**  Each epoch takes at most ``max_per_class`` samples of every class (skew control
-  on top of the class caps), shuffled one by one or in runs of ``samples_per_class``; the order
-  is a function of (seed, epoch) alone, so a resumed run sees the same batches.
-* **Optimiser.**  AdamW, linear warm-up then cosine decay, gradient clipping, gradient
-  accumulation; bf16 autocast on CUDA.
-* **Health.**  ``metrics.jsonl`` logs the loss, the centres' mean norm, the mean cosine of a
-  sample to its own and to other centres, and the mean cosine within a batch (collapse), so a
-  failing recipe shows why.
+The presets (one :class:`TrainConfig`, a tiny CPU scale and a full GPU scale) and :func:`train`,
+a loop in labelled phases over the parts the other modules make: the samples, the validation
+split and the batch order (:mod:`mixer_lite.sampling`), the objective (:mod:`mixer_lite.objectives`:
+classification or pairwise, one interface), the schedule and clipping (:mod:`mixer_lite.optim`),
+and the run folder with its checkpoints (:mod:`mixer_lite.runs`).
+
+* **Optimiser.**  AdamW, linear warm-up then cosine decay, gradient clipping over the encoder
+  and the centres, gradient accumulation; bf16 autocast on CUDA.
+* **Health.**  ``metrics.jsonl`` logs the loss and the objective's health figures (for
+  classification: the centres' mean norm, the mean cosine of a sample to its own and to other
+  centres, the mean cosine within a batch), so a failing recipe shows why.
 * **Parallelism.**  Under ``torchrun`` the encoders are data-parallel (DDP) and the classifier
   model-parallel (each rank holds a shard of the centres; see :mod:`mixer_lite.losses`).  The
   classifier loss is already the global-batch mean, so encoder gradients are summed, not
@@ -25,16 +21,14 @@
   ``checkpoint_every`` steps with model, classifier, optimiser, schedule and RNG state;
   ``--resume`` continues from it and ends with the same weights as an uninterrupted run.
 
-Our choices where the paper is silent: the presets below, CosFace m=0.35 at s=30 by default
-and s=20 in ``tiny-cpu`` (measured on validation; ``base-gpu`` keeps 30, unmeasured), a light
-augmentation (random flip and a shift of up to 4 pixels) for both domains, and the recipe,
-each part kept only where validation showed a gain (``docs/EXPERIMENTS.md``).
+Our choices where the paper is silent: the presets below (each setting of ``tiny-cpu`` measured
+on validation photos, ``docs/EXPERIMENTS.md``; ``base-gpu`` is unmeasured), CosFace m=0.35 at
+s=30 by default and s=20 in ``tiny-cpu``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -43,25 +37,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 from tqdm import tqdm  # the plain bar (not tqdm.auto): notebooks need no widget extension
 
-from .classes import (ClassConfig, build_classes_from_clicks, class_stats, raw_click_classes,
-                      stable_rank)
-from .dataset import ImageTable, ShopData, data_fingerprint, image_paths, load_dataset
-from .losses import MarginClassifier, info_nce, mean_pairwise_cosine, triplet_loss
-from .config import apply_overrides, check_resumable, config_diff, saved_config
+from .classes import ClassConfig
+from .config import apply_overrides
+from .dataset import ShopData, data_fingerprint, load_dataset
+from .files import folder_lock, read_log, remove_stale_temporaries, strict_json, truncate_log, \
+    write_json
 from .model import MixerModel, ModelConfig, WordTokenizer, load_image_weights
-from .files import (check_writable, folder_lock, read_log, remove_stale_temporaries, strict_json,
-                    truncate_log, write_json)
-from .optim import clip_global_norm, margin_at, sum_gradients_hook, warmup_cosine
-from .runs import load_torch, require_keys, save_torch, torch_threads
-from .retrieval import (embed_docs, embed_queries, evaluate_model, exact_search,
-                        ranking_metrics)
-
-PAIRWISE_LOSSES = ("infonce", "triplet")  # trained on (query, doc) click pairs, not classes
-LOSSES = ("cosface", "arcface", *PAIRWISE_LOSSES)
-DEFAULT_MARGIN = {"cosface": 0.35, "arcface": 0.5, "triplet": 0.2, "infonce": 0.0}
+from .objectives import DEFAULT_MARGIN, LOSSES, PAIRWISE_LOSSES, Classification, Objective, \
+    make_objective
+from .optim import clip_global_norm, sum_gradients_hook, warmup_cosine
+from .retrieval import embed_docs, embed_queries, evaluate_model, exact_search, ranking_metrics
+from .runs import (check_run_folder, check_same_data, restore_checkpoint, save_checkpoint,
+                   setup_distributed, save_torch, torch_threads)
+from .sampling import (EpochSampler, Samples, TrainingImages, Validation, augment, make_samples,
+                       total_steps, training_images)
 
 
 @dataclass(frozen=True)
@@ -75,7 +67,7 @@ class TrainConfig:
     margin_warmup_frac: float = 0.0   # margin ramps 0 -> margin over this share of the steps
     centre_optimizer: str = "sgd"     # "sgd" (momentum 0.9) | "adamw", row-wise on the centres
     centre_init: str = "random"       # "docs": each centre starts at its docs' mean embedding
-                                      # (with the cnn encoder, small R@10 0.019 -> 0.036; README)
+                                      # (EXPERIMENTS.md, "How the earlier tiny-cpu preset...")
     centre_lr: float = 2.0            # peak lr of the centres (same warm-up/cosine schedule)
     centre_weight_decay: float = 5e-4  # 0 was measured worse on validation (EXPERIMENTS.md)
     temperature: float = 0.05         # InfoNCE
@@ -88,7 +80,7 @@ class TrainConfig:
     samples_per_class: int = 1        # > 1: batches of P classes x K samples (class-balanced)
     val_share: float = 0.0            # share of the weak-label classes held out for validation
     val_every: int = 0                # validation Recall@10 every this many steps (0: at the end)
-    lr: float = 5e-4                  # 2e-3 collapsed the from-scratch ViT (README, "Training")
+    lr: float = 5e-4                  # 2e-3 collapsed the from-scratch ViT (EXPERIMENTS.md, idem)
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
     clip_grad: float = 5.0
@@ -197,237 +189,8 @@ def config_from(name: str, overrides: list[str]) -> TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Samples and the sampler
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Validation:
-    """Held-out training classes: their query photos search every doc, and a hit is a doc of
-    the query's own weak-label class.  Built from clicks like the training classes, so it is
-    as noisy as they are, and it never reads the test queries."""
-
-    query_rows: np.ndarray
-    relevant: list[set[int]]
-
-
-@dataclass
-class Samples:
-    """Training samples: kind 0 = query photo, 1 = doc; ``row`` into data.queries / data.docs."""
-
-    kind: np.ndarray
-    row: np.ndarray
-    label: np.ndarray     # class index, or pair index for the pairwise losses
-    num_classes: int
-    pair_doc: np.ndarray | None = None  # pairwise losses: the doc row of each query's pair
-    validation: Validation | None = None
-
-    def doc_rows(self) -> np.ndarray:
-        """The doc rows training uses, sorted, each once."""
-        return np.unique(self.row[self.kind == 1] if self.pair_doc is None else self.pair_doc)
-
-
-def held_out(classes: list[dict], share: float) -> np.ndarray:
-    """Which classes validation keeps (a boolean per class).
-
-    Chosen by a hash of each class's first doc id, not by the training seed: every seed, loss
-    and label choice trained on the same clicks is validated on the same queries, and a class
-    keeps its side whatever other classes exist.
-    """
-    rank = stable_rank([c["doc_ids"][0] for c in classes]) if classes else np.zeros(0, np.uint64)
-    return (rank % 10_000) < round(share * 10_000)
-
-
-def make_samples(data: ShopData, cfg: TrainConfig) -> tuple[Samples, dict]:
-    """The training samples of ``cfg``'s labels and loss, minus the validation classes."""
-    cq, cd, cn = data.clicks_columns()
-    if len(cq) == 0:
-        raise ValueError(f"{data.root}/clicks.jsonl has no clicks: nothing to train on")
-    classes = validation = None
-    if cfg.val_share > 0 or (cfg.labels == "classes" and cfg.loss not in PAIRWISE_LOSSES):
-        classes, stats = build_classes_from_clicks(cq, cd, cn, cfg.classes)
-    if cfg.val_share > 0:
-        held = held_out(classes, cfg.val_share)
-        val_classes = [c for c, h in zip(classes, held) if h]
-        classes = [c for c, h in zip(classes, held) if not h]
-        held_q = {q for c in val_classes for q in c["query_ids"]}
-        held_d = {d for c in val_classes for d in c["doc_ids"]}
-        keep = [q not in held_q and d not in held_d for q, d in zip(cq, cd)]
-        cq, cd, cn = ([x for x, k in zip(col, keep) if k] for col in (cq, cd, cn))
-        rows = [(data.query_row[q], {data.doc_row[d] for d in c["doc_ids"]})
-                for c in val_classes for q in c["query_ids"]]
-        validation = Validation(np.array([r for r, _ in rows], dtype=np.int64),
-                                [rel for _, rel in rows])
-        if not rows:
-            raise ValueError(f"val_share={cfg.val_share} holds out none of the {len(held)} "
-                             f"weak-label classes of {data.root}: "
-                             + ("validation needs at least 2 classes; set --val_share=0"
-                                if len(held) < 2 else "raise it, or set it to 0"))
-    split = {} if validation is None else {"val_classes": len(val_classes),
-                                           "val_queries": len(validation.query_rows)}
-    if cfg.loss in PAIRWISE_LOSSES:
-        q = np.array([data.query_row[x] for x in cq])
-        d = np.array([data.doc_row[x] for x in cd])
-        return Samples(np.zeros(len(q), np.int8), q, np.arange(len(q)), len(q), d,
-                       validation), {"pairs": int(len(q)), **split}
-    if cfg.labels == "classes":
-        stats = {**stats, **class_stats(classes), **split}
-    else:
-        classes = raw_click_classes(cq, cd, cn)
-        stats = {"classes": len(classes), **split}
-    kind, row, label = [], [], []
-    for k, cl in enumerate(classes):
-        for x in cl["query_ids"]:
-            kind.append(0), row.append(data.query_row[x]), label.append(k)
-        for x in cl["doc_ids"]:
-            kind.append(1), row.append(data.doc_row[x]), label.append(k)
-    if not classes:
-        raise ValueError("no class survived class construction; loosen the ClassConfig")
-    return Samples(np.array(kind, np.int8), np.array(row), np.array(label), len(classes),
-                   validation=validation), stats
-
-
-class EpochSampler:
-    """Per epoch: at most ``cap`` samples of each label, in an order that is a function of
-    (seed, epoch) alone, so a resumed run sees the same batches.
-
-    ``per_class`` = 1: the samples shuffled one by one.  ``per_class`` = K > 1: each label's
-    samples are cut into runs of K that stay together (P x K class-balanced batches, as
-    pytorch-metric-learning's ``MPerClassSampler``), so a query photo and its class's docs
-    share a batch; the epoch holds the same samples either way.
-    """
-
-    def __init__(self, labels: np.ndarray, cap: int, batch_size: int, seed: int,
-                 per_class: int = 1):
-        self.labels, self.cap, self.batch_size, self.seed = labels, cap, batch_size, seed
-        self.per_class = per_class
-        order = np.argsort(labels, kind="stable")
-        self.groups = np.split(order, np.flatnonzero(np.diff(labels[order])) + 1)
-        self.epoch_len = int(sum(min(len(g), cap) for g in self.groups))
-        self.steps_per_epoch = max(1, self.epoch_len // batch_size)
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        if self._cache and self._cache[0] == epoch:
-            return self._cache[1]
-        rng = np.random.default_rng([self.seed, epoch])
-        picked = [g if len(g) <= self.cap else rng.choice(g, self.cap, replace=False)
-                  for g in self.groups]
-        if self.per_class == 1:
-            order = rng.permutation(np.concatenate(picked))
-        else:
-            k = self.per_class
-            runs = [run for g in picked for run in np.array_split(
-                rng.permutation(g), max(1, round(len(g) / k)))]
-            order = np.concatenate([runs[i] for i in rng.permutation(len(runs))])
-        self._cache = (epoch, order)
-        return order
-
-    def batch(self, step: int) -> np.ndarray:
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
-        lo = pos * self.batch_size
-        out = order[lo: lo + self.batch_size]
-        if len(out) < self.batch_size:  # tiny data: fewer samples than one batch
-            out = np.resize(order, self.batch_size)
-        return out
-
-
-def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """The steps a run trains: ``cfg.steps`` when set, else ``cfg.epochs`` of the sampler."""
-    return cfg.steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
-
-
-def augment(x: torch.Tensor, step: int, seed: int, pad: int = 4) -> torch.Tensor:
-    """Random horizontal flip and shift (reflect-padded crop), seeded by (seed, step)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    n, _, h, w = x.shape
-    if n == 0:  # a micro-batch with no docs (raw-click labels) or no photos
-        return x
-    flip = torch.rand(n, generator=g) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
-    out = torch.stack([padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w] for i in range(n)])
-    return out.to(x.dtype)
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world size, this rank's device); under torchrun, joins the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device != "auto":
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError:
-            raise ValueError(f"--device={cfg.device}: not a device name (auto, cpu, cuda, "
-                             f"cuda:N)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device={cfg.device}: torch sees no CUDA GPU "
-                             f"(torch.cuda.is_available() is False); use --device=cpu (or auto)")
-    else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        # By the device, not by what the machine has: --device=cpu on a GPU machine needs gloo.
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return rank, world, device
-
-
-# Settings that change how a run is executed, not what it computes: a resumed run may differ.
-RUNTIME_KEYS = ("device", "threads", "loader_threads", "preload_images", "stop_after",
-                "eval_at_end")
-
-
-# What a finished run leaves beside its checkpoints: a folder holding any of these and no
-# checkpoint is another run's, never reused (its index would answer for the old model).
-RUN_OUTPUTS = ("model.pt", "eval.json", "val.json", "index")
-
-
-def check_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> dict | None:
-    """Whether ``out`` may take this run, before anything is read or written; with ``resume``,
-    the checkpoint to resume from, after checking that ``cfg`` is the run's config (any
-    difference outside :data:`RUNTIME_KEYS` is refused: :func:`config.check_resumable`).
-
-    A fresh run may go into a new folder, an empty one, or one whose run was killed before its
-    first checkpoint (its config and log are then rewritten).
-    """
-    ckpt_path = out / "checkpoints" / "last.pt"
-    if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"{ckpt_path}: nothing to resume")
-        check_resumable(out, "train", cfg, RUNTIME_KEYS, "--out")
-        return load_checkpoint(ckpt_path)
-    if ckpt_path.exists():
-        raise FileExistsError(f"{out} already holds a run; pass --resume or choose a new --out")
-    check_writable(out, "folder")
-    left = [name for name in RUN_OUTPUTS if (out / name).exists()]
-    if left:
-        raise FileExistsError(f"{out} holds the outputs of an earlier run ({', '.join(left)}) "
-                              f"but no checkpoint to resume from; delete it or choose a new "
-                              f"--out")
-    return None
-
-
-def refuse_other_run(run: Path, cfg: TrainConfig, advice: str) -> None:
-    """A clear error when the folder ``run`` holds a run (finished or not) trained with other
-    settings than ``cfg``: a cached run is reused only when it is the run asked for."""
-    if (run / "config.json").exists():
-        diff = config_diff(saved_config(run, "train"), cfg)
-        if diff:
-            raise FileExistsError(f"{run} was trained with another config (differs in "
-                                  f"{', '.join(diff)}); {advice}")
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A training checkpoint, loaded to the CPU (``set_rng_state`` takes CPU tensors only;
-    ``load_state_dict`` moves the rest); a damaged or foreign file is an error naming it."""
-    ck = load_torch(path, "checkpoint", "delete it to train the run from the start")
-    return require_keys(ck, ("model", "optimizer", "scheduler", "step", "torch_rng"), path,
-                        "checkpoint")
-
-
 def diverged_message(step: int, loss: float, cfg: TrainConfig, last_ckpt: int, out) -> str:
     """What a user is told when the loss stops being a number: the step, the settings that most
     often cause it, and what of the run is kept."""
@@ -501,29 +264,83 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
 
     Runs at ``cfg.threads`` torch threads and gives the caller's count back at the end."""
     with torch_threads(cfg.threads):
-        return _train(data_dir, out, cfg, resume, progress, preset)
+        return _train(data_dir, Path(out), cfg, resume, progress, preset)
 
 
-def _train(data_dir, out, cfg: TrainConfig, resume: bool, progress, preset: str) -> dict:
-    out = Path(out)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    ck = check_run_folder(out, cfg, resume)  # before any data is read
-    rank, world, device = _distributed(cfg)
+@dataclass
+class Run:
+    """What the phases of :func:`train` share: the run's parts, made once in phase 2."""
+
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    samples: Samples
+    model: MixerModel
+    net: nn.Module              # the model, or its DDP wrapper under torchrun
+    objective: Objective
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    sampler: EpochSampler
+    total: int
+    images: TrainingImages | None = None
+
+
+def _train(data_dir, out: Path, cfg: TrainConfig, resume: bool, progress, preset: str) -> dict:
+    # 1. The run folder may take this run (before any data is read), and the processes join.
+    ck = check_run_folder(out, cfg, resume)
+    rank, world, device = setup_distributed(cfg.device)
+    # 2. Data, samples, model, objective and optimiser.
     data = load_dataset(data_dir)  # every image opened now, not in the end-of-run evaluation
-    fingerprint = data_fingerprint(data_dir)
-    recorded = json.loads((out / "config.json").read_text()).get("data_fingerprint") \
-        if resume else None  # read whole by check_run_folder; older runs lack the key
-    if recorded not in (None, fingerprint):
-        raise ValueError(f"{out}: --resume on other data than the run's ({data_dir} has "
-                         f"fingerprint {fingerprint}, {out / 'config.json'} records "
-                         f"{recorded}); resume on the run's data, or start a new --out")
+    fingerprint = check_same_data(out, data_dir) if resume else data_fingerprint(data_dir)
     samples, label_stats = make_samples(data, cfg)
-    model = build_model(data, samples, cfg).to(device)
+    run = _build(cfg, out, samples, build_model(data, samples, cfg).to(device), rank, world,
+                 device)
+    # One writer per run folder, from its first file to its last (files.folder_lock).
+    with folder_lock(out, "train") if rank == 0 else contextlib.nullcontext():
+        # 3. Resume from the checkpoint, or start the folder's config and log.
+        if rank == 0:  # what a killed writer left; only rank 0 writes, so only it cleans up
+            for folder in (out, out / "checkpoints"):
+                remove_stale_temporaries(folder)
+        if resume:
+            start = restore_checkpoint(ck, run.model, run.objective, run.opt, run.sched, rank,
+                                       world, device)
+            if rank == 0:  # steps logged after the checkpoint will be logged again
+                truncate_log(out / "metrics.jsonl", start)
+        else:
+            start = 0
+            if rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(out / "config.json", {
+                    "preset": preset, "data": str(Path(data_dir).resolve()),
+                    "data_fingerprint": fingerprint, "train": dataclasses.asdict(cfg),
+                    "labels": label_stats, "steps": run.total,
+                    "steps_per_epoch": run.sampler.steps_per_epoch})
+        # 4. The images, decoded once; centres imprinted from the docs on a fresh run.
+        show_progress = rank == 0 and progress is not False
+        run.images = training_images(data, samples, cfg, show_progress)
+        if cfg.centre_init == "docs" and isinstance(run.objective, Classification) \
+                and not resume:
+            _imprint_centres(run)
+        # 5. The steps.
+        step, last_ckpt = _loop(run, start, show_progress)
+        # 6. What a finished run leaves: val.json, model.pt, eval.json.
+        finished = step >= run.total and last_ckpt == run.total
+        result = {"run": str(out), "steps": run.total, "stopped_at": step,
+                  "finished": finished, "labels": label_stats}
+        if finished and rank == 0:
+            result.update(_finish(run, data, progress))
+        if world > 1:
+            torch.distributed.barrier()
+        return result
+
+
+def _build(cfg: TrainConfig, out: Path, samples: Samples, model: MixerModel, rank: int,
+           world: int, device: torch.device) -> Run:
+    """The objective, optimiser, sampler and schedule of a run, and the model's DDP wrapper."""
     check_batch_memory(model, cfg, world, device)
-    pairwise = samples.pair_doc is not None
-    classifier = None if pairwise else MarginClassifier(
-        samples.num_classes, cfg.model.embed_dim, cfg.loss, cfg.margin_value, cfg.scale,
-        cfg.sample_rate, model_parallel=world > 1, seed=cfg.seed).to(device)
+    objective = make_objective(cfg, samples.num_classes, world).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = EpochSampler(samples.label, cfg.max_per_class, cfg.batch_size, cfg.seed,
@@ -536,209 +353,120 @@ def _train(data_dir, out, cfg: TrainConfig, resume: bool, progress, preset: str)
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=True)
-        if classifier is not None:  # the sharded loss is the global mean already
+        if objective.global_loss:  # the sharded loss is the global mean already
             net.register_comm_hook(None, sum_gradients_hook)
+    return Run(cfg, out, rank, world, device, samples, model, net, objective, opt, sched,
+               sampler, total)
 
-    # One writer per run folder, from its first file to its last (files.folder_lock).
-    with folder_lock(out, "train") if rank == 0 else contextlib.nullcontext():
-        start = 0
-        # What a killed writer left.  Rank 0 is the only writer: another rank cleaning up could
-        # delete the temporary file of a config or checkpoint that rank 0 is writing right now.
-        if rank == 0:
-            for folder in (out, out / "checkpoints"):
-                remove_stale_temporaries(folder)
-        if resume:
-            model.load_state_dict(ck["model"])
-            if classifier is not None:
-                classifier.load_state_dict(ck["classifier"][rank] if world > 1
-                                           else ck["classifier"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            torch.set_rng_state(ck["torch_rng"])
-            if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout on the GPU
-                torch.cuda.set_rng_state(ck["cuda_rng"], device)
-            start = ck["step"]
-            if rank == 0:  # steps logged after the checkpoint will be logged again
-                truncate_log(out / "metrics.jsonl", start)
-        elif rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "config.json", {"preset": preset,
-                                             "data": str(Path(data_dir).resolve()),
-                                             "data_fingerprint": fingerprint,
-                                             "train": dataclasses.asdict(cfg),
-                                             "labels": label_stats, "steps": total,
-                                             "steps_per_epoch": sampler.steps_per_epoch})
-        show_progress = rank == 0 and progress is not False
-        val = samples.validation
-        q_rows = np.unique(samples.row[samples.kind == 0])
-        # Validation searches every doc, so the doc table then holds them all.
-        d_rows = np.arange(len(data.docs)) if val is not None else samples.doc_rows()
-        images_q = ImageTable(image_paths(data, "queries", q_rows), cfg.model.image_size,
-                              cfg.preload_images, cfg.loader_threads,
-                              progress=show_progress, desc="query photos")
-        images_d = ImageTable(image_paths(data, "docs", d_rows), cfg.model.image_size,
-                              cfg.preload_images, cfg.loader_threads,
-                              progress=show_progress, desc="doc images")
-        images_val = None if val is None else ImageTable(
-            image_paths(data, "queries", val.query_rows), cfg.model.image_size, cfg.preload_images,
-            cfg.loader_threads, progress=show_progress, desc="validation photos")
-        q_pos = {int(r): i for i, r in enumerate(q_rows)}
-        d_pos = {int(r): i for i, r in enumerate(d_rows)}
-        texts = data.doc_texts
-        table_texts = [texts[int(r)] for r in d_rows]
-        if classifier is not None and cfg.centre_init == "docs" and not resume:
-            # Embedded as a training step would (BatchNorm on batch statistics): at initialisation
-            # the running statistics are still 0 / 1 and would leave the shared component in.
-            emb = embed_docs(model, images_d, table_texts, device=device, batch_stats=True)
-            doc = samples.kind == 1
-            classifier.imprint(torch.from_numpy(emb[[d_pos[int(r)] for r in samples.row[doc]]]),
-                               torch.from_numpy(samples.label[doc]))
 
-        amp = cfg.amp and device.type == "cuda"
-        local_bs = cfg.batch_size // world
-        micro = local_bs // cfg.grad_accum
-        # A fresh run starts its log anew (a run killed before its first checkpoint left one).
-        metrics_f = open(out / "metrics.jsonl", "a" if resume else "w") if rank == 0 else None
-        bar = tqdm(total=total, initial=start, desc="train", mininterval=2.0) \
-            if show_progress else None
-        t0, step = time.time(), start
-        last_ckpt = start
-        if metrics_f and val is not None and cfg.val_every and start == 0:  # the initial weights
-            metrics_f.write(strict_json({"step": 0, **validate(model, val, images_val, images_d,
-                                                                 table_texts, device)}) + "\n")
-        model.train()
-        try:
-            for step in range(start, total):
-                if cfg.stop_after is not None and step >= cfg.stop_after:
-                    break
-                batch = sampler.batch(step)[rank * local_bs: (rank + 1) * local_bs]
-                opt.zero_grad(set_to_none=True)
-                if classifier is not None:
-                    classifier.clear_used()
-                    classifier.margin = margin_at(step, total, cfg.margin_value,
-                                                  cfg.margin_warmup_frac)
-                loss_sum = 0.0
-                for m in range(cfg.grad_accum):
-                    idx = batch[m * micro: (m + 1) * micro]
-                    # DDP reduces gradients once, on the last micro-batch of the step.
-                    sync = net.no_sync() if world > 1 and m < cfg.grad_accum - 1 \
-                        else contextlib.nullcontext()
-                    with sync:
-                        loss, emb = _step_loss(net, model, classifier, samples, idx, images_q,
-                                               images_d, q_pos, d_pos, texts, cfg,
-                                               step * cfg.grad_accum + m, device, amp)
-                        (loss / cfg.grad_accum).backward()
-                    loss_sum += float(loss.detach()) / cfg.grad_accum
-                if not math.isfinite(loss_sum):
-                    raise ValueError(diverged_message(step + 1, loss_sum, cfg, last_ckpt, out))
-                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
-                health = _health(classifier, *emb) if metrics_f and log_now else {}
-                if cfg.clip_grad:
-                    clip_global_norm(model, classifier if cfg.clip_centres else None,
-                                      cfg.clip_grad, world)
-                lr = sched.get_last_lr()[0]
-                opt.step()
-                if classifier is not None:  # its own row-wise optimiser, same schedule
-                    classifier.step(cfg.centre_lr * lr / cfg.lr, cfg.centre_optimizer,
-                                    weight_decay=cfg.centre_weight_decay)
-                sched.step()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum:.3f}")
-                record = {}
-                if metrics_f and log_now:
-                    record = {"step": step + 1, "epoch": (step + 1) / sampler.steps_per_epoch,
-                              "loss": loss_sum, "lr": sched.get_last_lr()[0], **health}
-                if val is not None and rank == 0 and (
-                        step + 1 == total or cfg.val_every and (step + 1) % cfg.val_every == 0):
-                    record.update(step=step + 1, **validate(model, val, images_val, images_d,
-                                                            table_texts, device))
-                    model.train()
-                if metrics_f and record:
-                    record["seconds"] = round(time.time() - t0, 2)
-                    metrics_f.write(strict_json(record) + "\n")
-                    metrics_f.flush()
-                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-                    _checkpoint(ckpt_path, model, classifier, opt, sched, step + 1, rank, world,
-                                device)
-                    last_ckpt = step + 1
-            else:
-                step = total
-        finally:
+def _imprint_centres(run: Run) -> None:
+    """Each class centre starts at the mean embedding of its docs, embedded as a training step
+    would (BatchNorm on batch statistics: at initialisation the running statistics are still
+    0 / 1 and would leave the shared component in)."""
+    images, samples = run.images, run.samples
+    emb = embed_docs(run.model, images.docs, images.doc_texts, device=run.device,
+                     batch_stats=True)
+    doc = samples.kind == 1
+    run.objective.classifier.imprint(
+        torch.from_numpy(emb[[images.doc_pos[int(r)] for r in samples.row[doc]]]),
+        torch.from_numpy(samples.label[doc]))
+
+
+def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
+    """Steps ``start`` to the end (or ``stop_after``); returns (steps done, last checkpoint)."""
+    cfg, out, val = run.cfg, run.out, run.samples.validation
+    # A fresh run starts its log anew (a run killed before its first checkpoint left one).
+    log = open(out / "metrics.jsonl", "a" if start else "w") if run.rank == 0 else None
+    bar = tqdm(total=run.total, initial=start, desc="train", mininterval=2.0) \
+        if show_progress else None
+    t0, step, last_ckpt = time.time(), start, start
+    if log and val is not None and cfg.val_every and start == 0:  # the initial weights
+        log.write(strict_json({"step": 0, **_validate(run)}) + "\n")
+    run.model.train()
+    try:
+        for step in range(start, run.total):
+            if cfg.stop_after is not None and step >= cfg.stop_after:
+                break
+            done = step + 1
+            loss = _forward_backward(run, step)
+            if not math.isfinite(loss):
+                raise ValueError(diverged_message(done, loss, cfg, last_ckpt, out))
+            log_now = log is not None and (done % cfg.log_every == 0 or done == run.total)
+            health = run.objective.health() if log_now else {}
+            if cfg.clip_grad:
+                clip_global_norm(run.model, run.objective.clipped(), cfg.clip_grad, run.world)
+            run.opt.step()
+            run.objective.step_extra(run.sched.get_last_lr()[0])  # this step's rate
+            run.sched.step()
             if bar is not None:
-                bar.close()
-            if metrics_f:
-                metrics_f.close()
-        finished = step >= total and last_ckpt == total
-        result = {"run": str(out), "steps": total, "stopped_at": step, "finished": finished,
-                  "labels": label_stats}
-        if finished and val is not None and rank == 0:
-            result["validation"] = {k: v for k, v in read_log(out / "metrics.jsonl")[-1].items()
-                                    if k.startswith("val_")}
-            write_json(out / "val.json", result["validation"])
-        if finished and rank == 0:
-            save_torch({"export": model.export_config(), "state_dict": model.state_dict()},
-                         out / "model.pt")
-            if cfg.eval_at_end and len(data.qrels):
-                metrics = evaluate_model(model, data, device=device,
-                                         batch_size=256, progress=bool(progress))
-                write_json(out / "eval.json", metrics)
-                result["eval"] = metrics
-        if world > 1:
-            torch.distributed.barrier()
-        return result
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            record = {"step": done, "epoch": done / run.sampler.steps_per_epoch, "loss": loss,
+                      "lr": run.sched.get_last_lr()[0], **health} if log_now else {}
+            if val is not None and run.rank == 0 and (
+                    done == run.total or cfg.val_every and done % cfg.val_every == 0):
+                record.update(step=done, **_validate(run))
+                run.model.train()
+            if log and record:
+                record["seconds"] = round(time.time() - t0, 2)
+                log.write(strict_json(record) + "\n")
+                log.flush()
+            if done % cfg.checkpoint_every == 0 or done == run.total:
+                save_checkpoint(out / "checkpoints" / "last.pt", run.model, run.objective,
+                                run.opt, run.sched, done, run.rank, run.world, run.device)
+                last_ckpt = done
+        else:
+            step = run.total
+    finally:
+        if bar is not None:
+            bar.close()
+        if log:
+            log.close()
+    return step, last_ckpt
 
 
-def _step_loss(net, model, classifier, samples, idx, images_q, images_d, q_pos, d_pos, texts,
-               cfg, step, device, amp):
-    kind = samples.kind[idx]
-    if samples.pair_doc is not None:
-        q_img = images_q[[q_pos[int(r)] for r in samples.row[idx]]]
-        d_img = images_d[[d_pos[int(r)] for r in samples.pair_doc[idx]]]
-        doc_rows = samples.pair_doc[idx]
-    else:
-        q_img = images_q[[q_pos[int(r)] for r in samples.row[idx][kind == 0]]]
-        d_img = images_d[[d_pos[int(r)] for r in samples.row[idx][kind == 1]]]
-        doc_rows = samples.row[idx][kind == 1]
+def _forward_backward(run: Run, step: int) -> float:
+    """This rank's share of the step's batch, in ``grad_accum`` micro-batches, forward and
+    backward; returns the step's mean loss."""
+    cfg = run.cfg
+    local_bs = cfg.batch_size // run.world
+    micro = local_bs // cfg.grad_accum
+    batch = run.sampler.batch(step)[run.rank * local_bs: (run.rank + 1) * local_bs]
+    run.opt.zero_grad(set_to_none=True)
+    run.objective.begin_step(step, run.total)
+    loss_sum = 0.0
+    for m in range(cfg.grad_accum):
+        idx = batch[m * micro: (m + 1) * micro]
+        # DDP reduces gradients once, on the last micro-batch of the step.
+        sync = run.net.no_sync() if run.world > 1 and m < cfg.grad_accum - 1 \
+            else contextlib.nullcontext()
+        with sync:
+            loss = _micro_batch_loss(run, idx, step * cfg.grad_accum + m)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += float(loss.detach()) / cfg.grad_accum
+    return loss_sum
+
+
+def _micro_batch_loss(run: Run, idx: np.ndarray, micro_step: int) -> torch.Tensor:
+    """The objective's loss on the samples ``idx``: their images (augmented), the docs' titles,
+    one forward of both paths (bf16 autocast on CUDA)."""
+    cfg, images = run.cfg, run.images
+    query_rows, doc_rows = run.samples.images_of(idx)
+    q_img, d_img = images.batch(query_rows, doc_rows)
     if cfg.augment:
-        q_img, d_img = augment(q_img, 2 * step, cfg.seed), augment(d_img, 2 * step + 1, cfg.seed)
-    tokens = model.tokenize([texts[int(r)] for r in doc_rows]) if len(doc_rows) else None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        q_emb, d_emb = net(q_img.to(device, non_blocking=True),
-                           d_img.to(device, non_blocking=True), tokens)
-    if samples.pair_doc is not None:
-        fn = info_nce if cfg.loss == "infonce" else triplet_loss
-        arg = cfg.temperature if cfg.loss == "infonce" else cfg.margin_value
-        q_emb, d_emb = q_emb.float(), d_emb.float()
-        return fn(q_emb, d_emb, arg), (q_emb.detach(), d_emb.detach())
-    emb = torch.empty(len(idx), cfg.model.embed_dim, device=device)
-    kind_t = torch.from_numpy(kind).to(device)
-    if q_emb is not None:
-        emb[kind_t == 0] = q_emb.float()
-    if d_emb is not None:
-        emb[kind_t == 1] = d_emb.float()
-    labels = torch.from_numpy(samples.label[idx]).to(device)
-    return classifier(emb, labels, step), (emb.detach(), labels)
+        q_img = augment(q_img, 2 * micro_step, cfg.seed)
+        d_img = augment(d_img, 2 * micro_step + 1, cfg.seed)
+    tokens = run.model.tokenize(images.titles(doc_rows)) if len(doc_rows) else None
+    amp = cfg.amp and run.device.type == "cuda"
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
+        q_emb, d_emb = run.net(q_img.to(run.device, non_blocking=True),
+                               d_img.to(run.device, non_blocking=True), tokens)
+    return run.objective(q_emb, d_emb, run.samples, idx, micro_step)
 
 
-def _health(classifier, a: torch.Tensor, b: torch.Tensor) -> dict:
-    """What shows a failing recipe early, from the step's last micro-batch.
-
-    Classification (``a`` = embeddings, ``b`` = labels): the centres' mean norm, the mean cosine
-    of a sample to its own centre and to other centres.  Pairwise (``a`` = queries, ``b`` =
-    their docs): the mean cosine of matched and of unmatched pairs.  Both: the mean cosine
-    between the batch's embeddings (near 1 = collapse onto one point).
-    """
-    if classifier is None:
-        q, d = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-        sim = q @ d.t()
-        off = ~torch.eye(len(q), dtype=torch.bool, device=q.device)
-        out = {"cos_own": float(sim.diagonal().mean()),
-               "cos_other": float(sim[off].mean()) if off.any() else float("nan")}
-        emb = torch.cat([q, d])
-    else:
-        out, emb = classifier.diagnostics(a, b), a
-    return {**out, "cos_batch": mean_pairwise_cosine(emb)}
+def _validate(run: Run) -> dict:
+    return validate(run.model, run.samples.validation, run.images.validation, run.images.docs,
+                    run.images.doc_texts, run.device)
 
 
 def validate(model, val: Validation, query_images, doc_images, doc_texts, device) -> dict:
@@ -750,18 +478,17 @@ def validate(model, val: Validation, query_images, doc_images, doc_texts, device
     return {"val_recall@1": m["recall@1"], "val_recall@10": m["recall@10"]}
 
 
-def _checkpoint(path, model, classifier, opt, sched, step, rank, world, device):
-    clf_state = None
-    if classifier is not None:
-        clf_state = classifier.state_dict()
-        if world > 1:  # every rank's shard goes into the one file
-            shards = [None] * world
-            torch.distributed.all_gather_object(shards, {k: v.cpu() for k, v in
-                                                         clf_state.items()})
-            clf_state = shards
-    if rank == 0:
-        save_torch({"model": model.state_dict(), "classifier": clf_state,
-                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "torch_rng": torch.get_rng_state(), "step": step,
-                      "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"
-                                   else None)}, path)
+def _finish(run: Run, data: ShopData, progress) -> dict:
+    """Rank 0's end of a finished run: ``val.json``, ``model.pt``, then ``eval.json``."""
+    result = {}
+    if run.samples.validation is not None:
+        result["validation"] = {k: v for k, v in read_log(run.out / "metrics.jsonl")[-1].items()
+                                if k.startswith("val_")}
+        write_json(run.out / "val.json", result["validation"])
+    save_torch({"export": run.model.export_config(), "state_dict": run.model.state_dict()},
+               run.out / "model.pt")
+    if run.cfg.eval_at_end and len(data.qrels):
+        result["eval"] = evaluate_model(run.model, data, device=run.device, batch_size=256,
+                                        progress=bool(progress))
+        write_json(run.out / "eval.json", result["eval"])
+    return result

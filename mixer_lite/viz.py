@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import textwrap
-from pathlib import Path
 
 import matplotlib
 
@@ -129,27 +128,6 @@ def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs
                               colorbar=(shown, f"attention weight of an image region "
                                                 f"({grid}x{grid} regions; uniform = "
                                                 f"{1 / grid ** 2:.3f})"))
-
-
-def attention_gallery(model, data, n_docs: int = 4, seed: int = 0, path=None):
-    """Concept attention maps of a few docs whose products were never seen in training."""
-    rel = data.qrels
-    rng = np.random.default_rng(seed)
-    rows = [data.doc_row[rel[int(i)]["doc_ids"][0]]
-            for i in rng.choice(len(rel), size=min(n_docs, len(rel)), replace=False)]
-    import torch
-
-    from .dataset import ImageTable, image_paths
-
-    images = ImageTable(image_paths(data, "docs", rows), model.cfg.image_size)[np.arange(len(rows))]
-    texts = [data.doc_texts[r] for r in rows]
-    tokens = model.tokenize(texts)
-    model.eval()
-    with torch.no_grad():
-        _, info = model.embed_docs(images, tokens, return_attention=True)
-    strings = [model.tokenizer.convert_ids_to_tokens(ids[m]) for ids, m in
-               zip(tokens["input_ids"], tokens["attention_mask"])]
-    return concept_attention(images, info, strings, n_docs=len(rows), titles=texts, path=path)
 
 
 def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test queries",

@@ -51,10 +51,10 @@ if fast:
     os.environ["TQDM_DISABLE"] = "1"  # quiet progress bars in CI
 import torch
 from IPython.display import Markdown
-from mixer_lite.experiments import (backbone_probe, claim, ensure_data, ensure_row,
-                                    image_encoder_from)
+from mixer_lite.measures import backbone_probe, claim, image_encoder_from
 from mixer_lite.model import weights_card
-from mixer_lite.retrieval import load_run_model
+from mixer_lite.runcache import ensure_data, ensure_row
+from mixer_lite.runs import load_run_model
 from mixer_lite.viz import pretraining_curves
 
 torch.set_num_threads(2)  # fixed, so printed metrics are the same on every run
@@ -86,7 +86,7 @@ fig = pretraining_curves(card)
 
 # %%
 data_dir = ensure_data(preset, seed)
-mixer = ensure_row(data_dir, preset, "Mixer (concept fusion, CosFace)", seed)
+mixer = ensure_row(data_dir, preset, "mixer", seed)
 encoders = {"random init": image_encoder_from("none", seed),
             "pretrained": image_encoder_from("openclipart-cnn"),
             "pretrained + fine-tuned": load_run_model(mixer["run"]).image_encoder}

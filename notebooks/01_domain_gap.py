@@ -46,9 +46,9 @@ if fast:
 import torch
 from IPython.display import Markdown
 from mixer_lite.dataset import load_dataset
-from mixer_lite.experiments import (claim, domain_features, domain_probe_accuracy, ensure_data,
-                                    ensure_row, mmd_rbf, pca_2d)
-from mixer_lite.retrieval import load_run_model
+from mixer_lite.measures import claim, domain_features, domain_probe_accuracy, mmd_rbf, pca_2d
+from mixer_lite.runcache import ensure_data, ensure_row
+from mixer_lite.runs import load_run_model
 from mixer_lite.viz import domain_projections, query_doc_grid
 
 torch.set_num_threads(2)  # fixed, so printed metrics are the same on every run
@@ -65,9 +65,8 @@ fig = query_doc_grid(data, n_queries=3, n_docs=2)
 # differs. Runs are cached under `runs/experiments/` (notebook 05 reuses them).
 
 # %%
-runs = {"separate transforms (Mixer)": ensure_row(data_dir, preset, "Mixer (concept fusion, CosFace)", seed),
-        "shared transform (ablation)": ensure_row(data_dir, preset,
-                                                  "shared transform (no domain split)", seed)}
+runs = {"separate transforms (Mixer)": ensure_row(data_dir, preset, "mixer", seed),
+        "shared transform (ablation)": ensure_row(data_dir, preset, "shared", seed)}
 for name, r in runs.items():
     print(f"{name:<30} Recall@10 {r['recall@10']:.3f}  mAP@10 {r['map@10']:.3f}")
 

@@ -50,17 +50,19 @@ import torch
 import matplotlib.pyplot as plt
 from mixer_lite.dataset import ImageTable, image_paths, load_dataset
 from IPython.display import Markdown
-from mixer_lite.experiments import (attention_on_objects, claim, doc_image_weights, ensure_data,
-                                    ensure_row, pair_cosines, variant_pairs)
-from mixer_lite.retrieval import embed_docs, load_run_model
-from mixer_lite.viz import attention_gallery
+from mixer_lite.measures import (attention_on_objects, claim, doc_attention, doc_image_weights,
+                                 pair_cosines, variant_pairs)
+from mixer_lite.retrieval import embed_docs
+from mixer_lite.runcache import ensure_data, ensure_row
+from mixer_lite.runs import load_run_model
+from mixer_lite.viz import concept_attention
 
 torch.set_num_threads(2)
 data_dir = ensure_data(preset, seed)
 data = load_dataset(data_dir, check_images=False)
-mixer = ensure_row(data_dir, preset, "Mixer (concept fusion, CosFace)", seed)
-image_only = ensure_row(data_dir, preset, "image-only docs", seed)
-softmax_row = ensure_row(data_dir, preset, "Mixer, softmax attention over regions", seed)
+mixer = ensure_row(data_dir, preset, "mixer", seed)
+image_only = ensure_row(data_dir, preset, "image_only", seed)
+softmax_row = ensure_row(data_dir, preset, "softmax_attention", seed)
 model = load_run_model(mixer["run"])
 
 # %% [markdown]
@@ -69,7 +71,9 @@ model = load_run_model(mixer["run"])
 # heatmap per concept over the image, titled with the tokens that concept read most.
 
 # %%
-fig = attention_gallery(model, data, n_docs=3, seed=seed)
+shown = doc_attention(model, data, n_docs=3, seed=seed)
+fig = concept_attention(shown["images"], shown["info"], shown["token_strings"], n_docs=3,
+                        titles=shown["titles"])
 
 # %% [markdown]
 # *Figure: text-to-image attention of each concept over the 8x8 grid of image regions (one

@@ -42,7 +42,8 @@ seed = 0
 from IPython.display import Markdown
 from mixer_lite.classes import ClassConfig, analyse_steps
 from mixer_lite.dataset import load_dataset
-from mixer_lite.experiments import claim, ensure_data
+from mixer_lite.measures import claim
+from mixer_lite.runcache import ensure_data
 from mixer_lite.synthshop import load_truth
 from mixer_lite.viz import class_size_rank
 

@@ -32,9 +32,9 @@ preset = "tiny" if fast else "small"
 seed = 0
 class_counts = [1_000, 10_000, 100_000] if fast else [1_000, 10_000, 100_000, 1_000_000]
 # Fast mode (CI) drops the rows that only this notebook trains and that cost the most.
-rows = ["Mixer (concept fusion, CosFace)", "InfoNCE on click pairs"]
+rows = ["mixer", "infonce"]  # slugs of mixer_lite.ablations.ROWS
 if not fast:
-    rows += ["CosFace, centres sampled 0.1", "triplet on click pairs"]
+    rows += ["sampled", "triplet"]
 val_every = 100  # validation points on the health curves (full mode)
 
 # %%
@@ -42,9 +42,9 @@ if fast:
     os.environ["TQDM_DISABLE"] = "1"
 import torch
 from IPython.display import Markdown
-from mixer_lite.experiments import (RECIPE_STEPS, claim, classifier_step_seconds, ensure_data,
-                                    ensure_row, ensure_run, read_metrics, recipe_overrides,
-                                    row_overrides)
+from mixer_lite.ablations import ROWS, recipe_overrides, row_overrides
+from mixer_lite.measures import claim, classifier_step_seconds
+from mixer_lite.runcache import ensure_data, ensure_row, ensure_run, read_metrics
 from mixer_lite.viz import recall_curves, training_curves, training_health
 
 torch.set_num_threads(2)
@@ -56,12 +56,12 @@ data_dir = ensure_data(preset, seed)
 # in-batch negatives) and a triplet loss with the hardest in-batch negative, both on the raw
 # (query, clicked doc) pairs. Same model, same preset, and the **same number of images
 # encoded**: a pairwise step encodes a photo and a doc per pair, so the pairwise rows train half
-# the Mixer row's steps (`experiments.row_overrides`; our choice, the paper gives no budget).
+# the Mixer row's steps (`ablations.row_overrides`; our choice, the paper gives no budget).
 # With equal epochs they would see 4.6x the images on SynthShop small, since there are more
 # click pairs than capped class samples.
 
 # %%
-runs = {row: ensure_row(data_dir, preset, row, seed) for row in rows}
+runs = {ROWS[slug].label: ensure_row(data_dir, preset, slug, seed) for slug in rows}
 for name, r in runs.items():
     print(f"{name:<32} steps {r['steps']:>4}  Recall@1 {r['recall@1']:.2f}  "
           f"Recall@10 {r['recall@10']:.2f}  mAP@10 {r['map@10']:.2f}")
@@ -106,16 +106,16 @@ fig = recall_curves({name: r["recall_curve"] for name, r in runs.items()},
 # pass every 100 steps, and the earlier recipe of `docs/EXPERIMENTS.md` beside it).
 
 # %%
-mixer_row = "Mixer (concept fusion, CosFace)"
+mixer_row = ROWS["mixer"].label
 if fast:  # CI's time: the Mixer row's own log (validated once, at the end)
     health = {"this recipe": runs[mixer_row]}
 else:
     health = {"this recipe": ensure_run(data_dir, f"{preset}-mixer-health-s{seed}",
-                                        row_overrides(data_dir, mixer_row, seed) +
+                                        row_overrides(data_dir, "mixer", seed) +
                                         [f"--val_every={val_every}"])}
 if not fast:  # the earlier recipe, as measured in docs/EXPERIMENTS.md
     health["earlier recipe"] = ensure_run(data_dir, f"{preset}-prev-health-s{seed}",
-                                          recipe_overrides(RECIPE_STEPS[0][2]) +
+                                          recipe_overrides() +
                                           [f"--val_every={val_every}", f"--seed={seed}"])
 fig = training_health({name: read_metrics(r["run"]) for name, r in health.items()})
 
@@ -142,7 +142,7 @@ for c in class_counts:
 # ## What the numbers say
 
 # %%
-cos_r10, nce_r10 = runs[mixer_row]["recall@10"], runs["InfoNCE on click pairs"]["recall@10"]
+cos_r10, nce_r10 = runs[mixer_row]["recall@10"], runs[ROWS["infonce"].label]["recall@10"]
 log = read_metrics(health["this recipe"]["run"])
 vals = [x["val_recall@10"] for x in log if "val_recall@10" in x]
 steps = [x for x in log if "cos_own" in x]

@@ -16,7 +16,8 @@ import pytest
 from _cli import TINY_MODEL, cli
 
 from mixer_lite.dataset import ImageTable, image_paths, load_dataset
-from mixer_lite.retrieval import embed_docs, embed_queries, evaluate_raw_pixels, load_run_model
+from mixer_lite.retrieval import embed_docs, embed_queries, evaluate_raw_pixels
+from mixer_lite.runs import load_run_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY = {"recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "map@10", "mrr",

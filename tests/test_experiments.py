@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixer_lite import experiments as ex
+from mixer_lite import ablations, measures, runcache
 from mixer_lite.reproduce import markdown
 from mixer_lite.viz import bars, domain_projections, search_grid, training_curves
 
@@ -16,9 +16,9 @@ def test_domain_probe_separable_vs_identical():
     rng = np.random.default_rng(0)
     a = rng.normal(0, 1, (200, 8))
     separable = np.concatenate([a[:100] + 4, a[100:]])
-    assert ex.domain_probe_accuracy(separable, 100) > 0.97
+    assert measures.domain_probe_accuracy(separable, 100) > 0.97
     same = rng.normal(0, 1, (400, 8))
-    assert abs(ex.domain_probe_accuracy(same, 200) - 0.5) < 0.1
+    assert abs(measures.domain_probe_accuracy(same, 200) - 0.5) < 0.1
 
 
 def test_mmd_matches_naive_double_loop():
@@ -30,14 +30,14 @@ def test_mmd_matches_naive_double_loop():
     bw = np.median(d2[d2 > 0])
     k = np.exp(-d2 / bw)
     naive = k[:7, :7].mean() + k[7:, 7:].mean() - 2 * k[:7, 7:].mean()
-    assert ex.mmd_rbf(a, b) == pytest.approx(naive, rel=1e-9)
-    assert ex.mmd_rbf(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert measures.mmd_rbf(a, b) == pytest.approx(naive, rel=1e-9)
+    assert measures.mmd_rbf(a, a) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_pca_matches_covariance_eigenvalues():
     rng = np.random.default_rng(2)
     x = rng.normal(0, 1, (300, 5)) * np.array([5, 3, 1, 0.5, 0.1])
-    xy = ex.pca_2d(x)
+    xy = measures.pca_2d(x)
     top = np.sort(np.linalg.eigvalsh(np.cov(x.T)))[::-1][:2]
     np.testing.assert_allclose(xy.var(axis=0, ddof=1), top, rtol=1e-8)
 
@@ -48,12 +48,12 @@ def test_pair_cosines_naive():
     e /= np.linalg.norm(e, axis=1, keepdims=True)
     pairs = np.array([[0, 1], [2, 5], [3, 3]])
     naive = [sum(e[i, k] * e[j, k] for k in range(4)) for i, j in pairs]
-    np.testing.assert_allclose(ex.pair_cosines(e, pairs), naive)
+    np.testing.assert_allclose(measures.pair_cosines(e, pairs), naive)
 
 
 def test_variant_pairs_agree_with_truth(tiny_dir, tiny_data):
     tiny_dir = tiny_dir[0]
-    pairs = ex.variant_pairs(tiny_data, tiny_dir)
+    pairs = measures.variant_pairs(tiny_data, tiny_dir)
     product = {json.loads(line)["doc_id"]: json.loads(line)["product_id"]
                for line in open(tiny_dir / "_truth" / "docs.jsonl")}
     design = {}
@@ -77,27 +77,28 @@ def test_ensure_run_refuses_a_run_made_with_another_config(tmp_path, tiny_dir):
     stamp = dataclasses.asdict(config_from("tiny-cpu", ["--seed=1"]))
     (run / "config.json").write_text(json.dumps({"train": stamp}))
     with pytest.raises(FileExistsError, match="differs in seed\\)"):
-        ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
+        runcache.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
     stamp["lr"] = 1.0  # the same overrides over other defaults (an older version) are refused too
     stamp["seed"] = 2
     (run / "config.json").write_text(json.dumps({"train": stamp}))
     with pytest.raises(FileExistsError, match="differs in lr\\)"):
-        ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
+        runcache.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
     # a key an older config.json lacks counts as its default: the cached run is reused
     stamp["lr"] = config_from("tiny-cpu", []).lr
     del stamp["steps"], stamp["model"]["fusion"]
     (run / "config.json").write_text(json.dumps({"train": stamp, "steps": 46}))
     (run / "eval.json").write_text(json.dumps({"recall@10": 0.25}))
     (run / "seconds.json").write_text("12.5")
-    assert ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)["recall@10"] == 0.25
+    assert runcache.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)["recall@10"] == 0.25
     (run / "config.json").write_text("{")  # damaged: an error naming the file, not a crash
     with pytest.raises(ValueError, match="r/config.json: cannot read the run's config"):
-        ex.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
+        runcache.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
 
 
 def test_rows_encode_as_many_images_as_the_mixer_row(tiny_dir, tiny_data):
     from mixer_lite.classes import build_classes_from_clicks
-    from mixer_lite.train import config_from, held_out
+    from mixer_lite.sampling import held_out
+    from mixer_lite.train import config_from
 
     # Independent count: the Mixer row's samples are every member of a class not held out for
     # validation, at most max_per_class of a class an epoch; an epoch is floor(samples / batch)
@@ -116,27 +117,30 @@ def test_rows_encode_as_many_images_as_the_mixer_row(tiny_dir, tiny_data):
     pairs = sum(q not in held_q and d not in held_d for q, d in zip(cq, cd))
     pairs_per_epoch = pairs // c.batch_size * 2 * c.batch_size  # two images a click pair
     assert round(c.epochs * pairs_per_epoch) > 2 * mixer_images  # equal epochs: not equal images
-    for row in ex.ROWS:
-        overrides = ex.row_overrides(tiny_dir[0], row, seed=3)
+    for row in ablations.ROWS:
+        overrides = ablations.row_overrides(tiny_dir[0], row, seed=3)
         rc = config_from("tiny-cpu", overrides)
-        assert overrides[:1 + len(ex.ROWS[row][1])] == ["--seed=3", *ex.ROWS[row][1]]
+        assert overrides[:1 + len(ablations.ROWS[row].overrides)] == \
+            ["--seed=3", *ablations.ROWS[row].overrides]
         if rc.loss in ("infonce", "triplet"):
             assert rc.steps == mixer_images // (2 * rc.batch_size)
         elif rc.labels == "raw_clicks":
             assert rc.steps * rc.batch_size == mixer_images
         else:  # same samples as the Mixer row, or its own epochs: no --steps added
-            assert len(overrides) == 1 + len(ex.ROWS[row][1])
-            assert rc.steps == 0 and (rc.epochs == c.epochs or row == "Mixer, image encoder "
-                                                                        "from scratch")
+            assert len(overrides) == 1 + len(ablations.ROWS[row].overrides)
+            assert rc.steps == 0 and (rc.epochs == c.epochs or row == "scratch")
 
 
 def test_rows_are_valid_configs_with_distinct_run_names():
     from mixer_lite.train import config_from
 
-    names = {ex.run_name("small", row, 0) for row in ex.ROWS}
-    assert len(names) == len(ex.ROWS)
-    for _, overrides in ex.ROWS.values():
-        config_from("tiny-cpu", list(overrides))  # raises on a bad key or value
+    names = {ablations.run_name("small", row, 0) for row in ablations.ROWS}
+    assert len(names) == len(ablations.ROWS)
+    labels = {row.label for row in ablations.ROWS.values()}
+    assert len(labels) == len(ablations.ROWS)
+    for slug, row in ablations.ROWS.items():
+        assert row.slug == slug
+        config_from("tiny-cpu", list(row.overrides))  # raises on a bad key or value
 
 
 def test_markdown_table_mean_and_std():
@@ -198,9 +202,9 @@ def test_recall_curves_zoom_to_the_data_but_never_past_100():
 def test_untrained_floor_is_deterministic_per_seed(tiny_data):
     small = ["--model.vit_dim=32", "--model.embed_dim=32", "--model.text_dim=32",
              "--model.text_depth=1", "--model.n_concepts=4", "--model.image_weights=none"]
-    a = ex.evaluate_untrained(tiny_data, 0, small)
-    assert a == ex.evaluate_untrained(tiny_data, 0, small)  # same seed, same initial weights
-    assert a != ex.evaluate_untrained(tiny_data, 1, small)
+    a = measures.evaluate_untrained(tiny_data, 0, small)
+    assert a == measures.evaluate_untrained(tiny_data, 0, small)  # same seed, same initial weights
+    assert a != measures.evaluate_untrained(tiny_data, 1, small)
     assert a["queries"] == 144 and 0 <= a["recall@10"] <= a["recall@50"] <= 1
 
 
@@ -223,7 +227,7 @@ class _StubModel:
 
 
 def test_attention_on_objects_against_hand_computed_cases(tiny_dir, tiny_data):
-    from mixer_lite.experiments import attention_on_objects
+    from mixer_lite.measures import attention_on_objects
     from mixer_lite.synthshop import doc_object_masks
 
     n = len(tiny_data.docs)
@@ -245,10 +249,10 @@ def test_attention_on_objects_against_hand_computed_cases(tiny_dir, tiny_data):
 
 
 def test_claim_prints_rounded_values_and_raises_when_false(capsys):
-    assert ex.claim("a beats b", True, a=0.12345, b=0.1) == "a beats b (a 0.12, b 0.10)"
+    assert measures.claim("a beats b", True, a=0.12345, b=0.1) == "a beats b (a 0.12, b 0.10)"
     assert capsys.readouterr().out == "holds: a beats b (a 0.12, b 0.10)\n"
     with pytest.raises(AssertionError, match=r"claim does not hold: b beats a \(a 0.12\)"):
-        ex.claim("b beats a", False, a=0.12345)
+        measures.claim("b beats a", False, a=0.12345)
 
 
 def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypatch):
@@ -260,17 +264,17 @@ def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypa
 
     data_dir = tiny_dir[0]
     data = load_dataset(data_dir)
-    encoder = ex.image_encoder_from("none", seed=3, vit_dim=32)
+    encoder = measures.image_encoder_from("none", seed=3, vit_dim=32)
     seen = {}
-    real_features = ex.pooled_features
+    real_features = measures.pooled_features
 
     def remember(enc, images, batch_size=256):
         out = real_features(enc, images, batch_size)
         seen[len(seen)] = (images.paths, out)
         return out
 
-    monkeypatch.setattr(ex, "pooled_features", remember)
-    got = ex.backbone_probe(encoder, data_dir, n_train=200, seed=0)
+    monkeypatch.setattr(measures, "pooled_features", remember)
+    got = measures.backbone_probe(encoder, data_dir, n_train=200, seed=0)
     (fit_paths, _), (test_paths, q), (doc_paths, d) = seen[0], seen[1], seen[2]
     assert doc_paths == image_paths(data, "docs")
     qrels = {}
@@ -292,11 +296,11 @@ def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypa
     assert 0.5 <= got["domain_probe"] <= 1
 
     seen.clear()
-    ex.backbone_probe(encoder, data_dir, n_train=200, seed=0, split="validation")
+    measures.backbone_probe(encoder, data_dir, n_train=200, seed=0, split="validation")
     truth = load_truth(data_dir)
     fit_products = {truth[by_path[p]] for p in seen[0][0]}
     val_products = {truth[by_path[p]] for p in seen[1][0]}
     test_products = {truth[q] for q in qrels}
     assert val_products and not val_products & fit_products and not val_products & test_products
     with pytest.raises(ValueError, match="split"):
-        ex.backbone_probe(encoder, data_dir, split="test-ish")
+        measures.backbone_probe(encoder, data_dir, split="test-ish")

@@ -15,7 +15,8 @@ import torch
 from mixer_lite.dataset import ImageTable, image_paths
 from mixer_lite.losses import MarginClassifier, info_nce, triplet_loss
 from mixer_lite.model import MixerModel, WordTokenizer
-from mixer_lite.train import config_from, make_samples, train
+from mixer_lite.sampling import make_samples
+from mixer_lite.train import config_from, train
 
 SMALL_MODEL = ["--model.vit_dim=32", "--model.text_dim=32", "--model.text_depth=1",
                "--model.text_heads=2", "--model.embed_dim=32", "--model.n_concepts=4",
@@ -120,8 +121,9 @@ def test_short_cosface_run_learns_its_training_classes_and_logs_validation(tiny_
     train, do not improve on ``tiny`` in such a run: 300 products are too few to generalise
     from; ``small`` is where validation recall rises, docs/EXPERIMENTS.md.  So the test
     checks that the held-out recall is logged from the initial weights to the end.)"""
-    from mixer_lite.retrieval import load_run_model
-    from mixer_lite.train import Validation, build_model, validate
+    from mixer_lite.runs import load_run_model
+    from mixer_lite.sampling import Validation
+    from mixer_lite.train import build_model, validate
 
     # No augmentation: it trades fitting the training classes, what this checks, for
     # generalising to new ones, which only small's validation photos show (EXPERIMENTS.md).

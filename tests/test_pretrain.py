@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from mixer_lite import model as model_module
-from mixer_lite.experiments import image_encoder_from, linear_probe_accuracy
+from mixer_lite.measures import image_encoder_from, linear_probe_accuracy
 from mixer_lite.model import (SHIPPED_WEIGHTS, ConvEncoder, ModelConfig, build_image_encoder,
                               load_image_weights, weights_card)
 from mixer_lite.losses import info_nce

@@ -10,7 +10,8 @@ import torch
 from mixer_lite import reproduce as rp
 from mixer_lite.dataset import FILES
 from mixer_lite.config import config_diff
-from mixer_lite.experiments import ROWS, ensure_row, run_name
+from mixer_lite.ablations import ROWS, run_name
+from mixer_lite.runcache import ensure_row
 from mixer_lite.runs import torch_threads
 from mixer_lite.train import config_from
 
@@ -26,9 +27,9 @@ def fake_measurements(monkeypatch, tiny_dir):
     """Training and evaluation replaced by known numbers, each call counted."""
     calls = {"train": 0, "untrained": 0, "raw": 0}
 
-    def ensure_row(data_dir, preset, row, seed):
+    def ensure_row(data_dir, preset, slug, seed):
         calls["train"] += 1
-        return {**_metrics(0.1 * (seed + 1) + 0.01 * list(ROWS).index(row)),
+        return {**_metrics(0.1 * (seed + 1) + 0.01 * list(ROWS).index(slug)),
                 "run": "somewhere", "seconds": 60.0, "steps": 46}
 
     def untrained(data, seed):
@@ -108,10 +109,11 @@ def test_a_damaged_record_is_an_error_naming_the_file(tmp_path, fake_measurement
 
 def test_a_subset_of_rows_is_measured_and_tabled_alone(tmp_path, fake_measurements):
     rows = rp.select_rows("mixer,infonce")
-    assert rows == ["Mixer (concept fusion, CosFace)", "InfoNCE on click pairs"]
+    assert rows == ["mixer", "infonce"]
     result = rp.reproduce("tiny", seeds=(0,), records=tmp_path, rows=rows)
     assert fake_measurements == {"train": 2, "untrained": 1, "raw": 1}
-    assert list(result["rows"]) == [*rows, rp.UNTRAINED, rp.RAW_PIXELS]
+    assert list(result["rows"]) == ["Mixer (concept fusion, CosFace)", "InfoNCE on click pairs",
+                                    rp.UNTRAINED, rp.RAW_PIXELS]
     with pytest.raises(ValueError, match="unknown row"):
         rp.select_rows("mixer,nonsense")
 
@@ -134,10 +136,11 @@ def test_the_committed_records_exist_and_are_not_stale():
     for path in COMMITTED:
         rec = json.loads(path.read_text())
         preset = path.parent.name
-        if rec["row"] in ROWS:
-            assert path.stem == run_name(preset, rec["row"], rec["seed"])
-            assert rec["overrides"][:1 + len(ROWS[rec["row"]][1])] == \
-                [f"--seed={rec['seed']}", *ROWS[rec["row"]][1]]
+        slug = {row.label: slug for slug, row in ROWS.items()}.get(rec["row"])
+        if slug is not None:
+            assert path.stem == run_name(preset, slug, rec["seed"])
+            assert rec["overrides"][:1 + len(ROWS[slug].overrides)] == \
+                [f"--seed={rec['seed']}", *ROWS[slug].overrides]
             cfg = config_from("tiny-cpu", rec["overrides"])
         elif rec["row"] == rp.UNTRAINED:
             cfg = config_from("tiny-cpu", [f"--seed={rec['seed']}"])

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mixer_lite.dataset import data_fingerprint
-from mixer_lite.train import (EpochSampler, augment, config_from, make_samples, total_steps,
-                             train)
+from mixer_lite.sampling import EpochSampler, augment, make_samples, total_steps
+from mixer_lite.train import config_from, train
 
 SMALL = ["--model.vit_dim=32", "--model.vit_depth=1", "--model.vit_heads=2",
          "--model.text_dim=32", "--model.text_depth=1", "--model.text_heads=2",
@@ -85,7 +85,8 @@ def test_every_loss_and_label_path_runs_end_to_end(tiny_dir, tmp_path, extra):
     assert all(health <= set(x) and np.isfinite(x["loss"]) for x in log)
     # The model it saved is trained (not its initial weights) and scores what eval.json says.
     from mixer_lite.dataset import load_dataset
-    from mixer_lite.retrieval import evaluate_model, load_run_model
+    from mixer_lite.retrieval import evaluate_model
+    from mixer_lite.runs import load_run_model
     from mixer_lite.train import build_model
 
     data = load_dataset(tiny_dir[0], check_images=False)

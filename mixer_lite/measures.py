@@ -1,175 +1,21 @@
-"""Experiments shared by the notebooks and ``make reproduce``: cached runs, backbone probes,
-domain-gap measures.
+"""What the notebooks measure, with tests: probes of the image encoder, the domain gap
+(linear probes, MMD, PCA), the concepts' attention on the object, the classifier's cost as
+classes grow, the untrained floor, and :func:`claim`, the notebooks' checked statements.
 
-The notebooks explain and plot; what they compute lives here, with tests.  Runs are cached by
-name under one folder, so notebook 05 reuses the model notebook 01 trained, and a second
-execution of a notebook retrains nothing (training is deterministic, so a cached run equals a
-fresh one).
-
-Reproduction rows (:data:`ROWS`) are the paper's claims, each a training override of the
-``tiny-cpu`` preset on the same data and clicks:
-
-* the shipped pretrained image encoder vs the same encoder from scratch;
-* separate vs shared transforms (domain gap);
-* concept fusion vs image-only, text-only and concat fusion;
-* classification (CosFace, ArcFace, sampled centres) vs InfoNCE and triplet on the same clicks;
-* weak-label classes vs raw clicks as labels.
-
-Classification and the pairwise losses are compared at the **same number of images encoded**
-(our choice; the paper states no budget).  A classification step encodes ``batch_size``
-samples, a pairwise step ``batch_size`` photos *and* their clicked docs, so a pairwise row
-trains half the steps of the Mixer row on the same data (:func:`row_overrides`); the raw-clicks
-row, one sample per click, trains as many steps as the Mixer row.  Equal epochs would give the
-pairwise rows 4.6x and the raw-clicks row 2.0x the Mixer row's images on SynthShop ``small``,
-since an epoch of clicks is longer than an epoch of capped class samples.  The one row that
-names its own budget is the encoder from scratch (:data:`FROM_SCRATCH`): 21 epochs at 32 px,
-which its random encoder needs more than pixels (``docs/EXPERIMENTS.md``, item 15), at about
-1.2x the Mixer row's training time.
+The notebooks explain and plot; what they compute lives here.
 """
 from __future__ import annotations
 
-import functools
 import json
-import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .dataset import ImageTable, image_paths, load_dataset
-from .files import read_log
+from .dataset import ImageTable, image_paths, load_dataset, load_images
 from .model import ModelConfig, build_image_encoder, load_image_weights, normalise_pixels
-from .synthshop import load_truth, make_synthshop
-from .train import (FROM_SCRATCH, PAIRWISE_LOSSES, EpochSampler, TrainConfig, build_model,
-                    config_from, make_samples, refuse_other_run, total_steps, train)
-
-# row -> (slug of its cached run folder, overrides of the tiny-cpu preset)
-ROWS: dict[str, tuple[str, list[str]]] = {
-    "Mixer (concept fusion, CosFace)": ("mixer", []),
-    "Mixer, image encoder from scratch": ("scratch", list(FROM_SCRATCH)),
-    "Mixer, softmax attention over regions": ("softmax_attention",
-                                              ["--model.concept_attention=softmax"]),
-    "shared transform (no domain split)": ("shared", ["--model.shared_transform=true"]),
-    "image-only docs": ("image_only", ["--model.fusion=image_only"]),
-    "text-only docs": ("text_only", ["--model.fusion=text_only"]),
-    "concat fusion": ("concat", ["--model.fusion=concat"]),
-    "ArcFace": ("arcface", ["--loss=arcface"]),
-    "CosFace, centres sampled 0.1": ("sampled", ["--sample_rate=0.1"]),
-    "InfoNCE on click pairs": ("infonce", ["--loss=infonce"]),
-    "triplet on click pairs": ("triplet", ["--loss=triplet"]),
-    "raw clicks as labels": ("raw_clicks", ["--labels=raw_clicks"]),
-}
-METRICS = ("recall@1", "recall@10", "map@10")
-
-# The classification recipe, one change at a time on validation queries (docs/EXPERIMENTS.md):
-# each step is (label, slug, the settings it varies).  Every step spells out *all* the varied
-# settings, so its cached run means the same thing whatever the preset's defaults are now.
-RECIPE_VARIED = {"centre_weight_decay": "5e-4", "model.concept_text": "residual",
-                 "samples_per_class": "1", "clip_centres": "true", "margin_warmup_frac": "0",
-                 "scale": "30", "model.image_weights": "none", "epochs": "3.5",
-                 "model.concept_attention": "softmax", "augment": "false", "lr": "5e-4"}
-_PRETRAINED = {"model.concept_text": "none", "model.image_weights": "openclipart-cnn"}
-_COS20 = {**_PRETRAINED, "scale": "20", "model.concept_attention": "cosine"}
-_AUG = {**_COS20, "augment": "true"}
-_SCRATCH = {**_AUG, "model.image_weights": "none"}
-RECIPE_STEPS: list[tuple[str, str, dict]] = [
-    ("previous recipe", "prev", {}),
-    ("no weight decay on the centres", "nowd", {"centre_weight_decay": "0"}),
-    ("fused concepts keep no text content", "notext", {"model.concept_text": "none"}),
-    ("class-balanced batches (K=4 per class)", "pk4",
-     {"model.concept_text": "none", "samples_per_class": "4"}),
-    ("clip the encoder's gradients only", "noclipc",
-     {"model.concept_text": "none", "clip_centres": "false"}),
-    ("margin warmed up over the first 10% of steps", "mwarm",
-     {"model.concept_text": "none", "margin_warmup_frac": "0.1"}),
-    ("the image encoder starts from the shipped pretrained weights", "pretrained", _PRETRAINED),
-    ("concepts attend by scaled cosine", "cosine",
-     {**_PRETRAINED, "model.concept_attention": "cosine"}),
-    ("concepts compete for image regions (slot attention)", "slots",
-     {**_PRETRAINED, "model.concept_attention": "slots"}),
-    ("CosFace scale 20 instead of 30", "scale20", {**_PRETRAINED, "scale": "20"}),
-    ("scale 20 and concepts attend by scaled cosine", "cos20", _COS20),
-    ("cos20 with margin 0.2", "cos20m02", {**_COS20, "margin": "0.2"}),
-    ("cos20 with margin 0.5", "cos20m05", {**_COS20, "margin": "0.5"}),
-    ("cos20, fused concepts keep a learned share of the text (from 0)", "gated",
-     {**_COS20, "model.concept_text": "gated"}),
-    ("cos20 with flip-and-shift augmentation of both domains", "aug", _AUG),
-    ("aug, twice the steps (7 epochs)", "long", {**_AUG, "epochs": "7"}),
-    ("InfoNCE on click pairs without augmentation (its better setting), 434 steps",
-     "infonce-long", {**_COS20, "loss": "infonce", "steps": "434"}),
-    ("InfoNCE on click pairs without augmentation, twice the row's images (388 steps)",
-     "infonce-2x", {**_COS20, "loss": "infonce", "steps": "388"}),
-    # Not steps of the recipe: the encoder from scratch (the reproduction row), measured
-    # against that row's seed-0 run.
-    ("from scratch, lr 2e-3 instead of 5e-4", "scratch-lr2e3",
-     {**_COS20, "model.image_weights": "none", "lr": "2e-3"}),
-    ("from scratch, flip-and-shift augmentation", "scratch-aug",
-     {**_COS20, "model.image_weights": "none", "augment": "true"}),
-    ("from scratch, augmented, lr 2e-3", "scratch-aug-lr2e3", {**_SCRATCH, "lr": "2e-3"}),
-    # Pixels against steps, at about the same training time (a 32-px step costs about a sixth
-    # of a 64-px one, a 48-px step about half).
-    ("from scratch, augmented, 48 px, 7 epochs", "scratch-48px-e7",
-     {**_SCRATCH, "model.image_size": "48", "epochs": "7"}),
-    ("from scratch, augmented, 32 px, 14 epochs", "scratch-32px-e14",
-     {**_SCRATCH, "model.image_size": "32", "epochs": "14"}),
-    ("from scratch, augmented, 32 px, 21 epochs (the scratch-cpu preset)", "scratch-32px-e21",
-     {**_SCRATCH, "model.image_size": "32", "epochs": "21"}),
-    ("pretrained, 32 px, 14 epochs", "pretrained-32px-e14",
-     {**_AUG, "model.image_size": "32", "epochs": "14"}),
-    ("pretrained, 32 px, 21 epochs", "pretrained-32px-e21",
-     {**_AUG, "model.image_size": "32", "epochs": "21"}),
-]
-VALIDATION = ["--val_share=0.1", "--eval_at_end=false"]
-
-
-def recipe_overrides(varied: dict, extra: list[str] = ()) -> list[str]:
-    """The ``tiny-cpu`` overrides of one recipe step: validation on, test untouched."""
-    settings = {**RECIPE_VARIED, **varied}
-    return [*VALIDATION, *(f"--{k}={v}" for k, v in settings.items()), *extra]
-
-
-def repo_root() -> Path:
-    """The checkout's root, from the notebooks folder or the root itself."""
-    here = Path.cwd()
-    return here.parent if here.name == "notebooks" else here
-
-
-def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None) -> Path:
-    """``data/synth-<preset>`` (generated once; every later call reads the same folder)."""
-    out = Path(root or repo_root() / "data") / f"synth-{preset}"
-    if not (out / "docs.jsonl").exists():
-        make_synthshop(out, preset=preset, seed=seed, workers=min(2, os.cpu_count() or 1))
-    return out
-
-
-def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
-               runs: str | Path | None = None) -> dict:
-    """Train ``tiny-cpu`` with ``overrides`` into ``runs/experiments/<name>`` unless it is there already.
-
-    Returns the run's evaluation (``eval.json``) plus ``run`` (its folder), ``seconds`` (the
-    training time when it was trained) and ``steps``.  The whole resolved config a run was
-    trained with is in its ``config.json`` (written by :func:`train`), so a run made with other
-    overrides *or other defaults* (an older mixer-lite) is an error naming the differing keys,
-    never silently reused.  A key an older ``config.json`` lacks counts as its default: a new
-    option's default keeps the behaviour from before the option existed.
-    """
-    run = Path(runs or repo_root() / "runs" / "experiments") / name
-    cfg = config_from("tiny-cpu", list(overrides))
-    refuse_other_run(run, cfg, "delete it or choose another name")
-    if not (run / ("eval.json" if cfg.eval_at_end else "model.pt")).exists():
-        resume = (run / "checkpoints" / "last.pt").exists()
-        t0 = time.time()
-        train(data_dir, run, cfg, resume=resume, progress=False, preset="tiny-cpu")
-        (run / "seconds.json").write_text(json.dumps(round(time.time() - t0, 1)))
-    out = json.loads((run / "eval.json").read_text()) if cfg.eval_at_end else {}
-    if (run / "val.json").exists():
-        out["validation"] = json.loads((run / "val.json").read_text())
-    out["run"] = str(run)
-    out["seconds"] = json.loads((run / "seconds.json").read_text())
-    out["steps"] = json.loads((run / "config.json").read_text())["steps"]
-    return out
+from .synthshop import load_truth
 
 
 def claim(text: str, holds: bool, **values: float) -> str:
@@ -184,11 +30,6 @@ def claim(text: str, holds: bool, **values: float) -> str:
         raise AssertionError(f"claim does not hold: {line}")
     print(f"holds: {line}")
     return line
-
-
-def read_metrics(run: str | Path) -> list[dict]:
-    """The training log ``RUN/metrics.jsonl`` as a list of dicts."""
-    return read_log(Path(run) / "metrics.jsonl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,8 +123,7 @@ def domain_features(model, data, n: int = 400, seed: int = 0) -> dict[str, np.nd
     q_rows = np.sort(rng.choice(len(data.queries), min(n, len(data.queries)), replace=False))
     d_rows = np.sort(rng.choice(len(data.docs), min(n, len(data.docs)), replace=False))
     size = model.cfg.image_size
-    qi = ImageTable(image_paths(data, "queries", q_rows), size)[np.arange(len(q_rows))]
-    di = ImageTable(image_paths(data, "docs", d_rows), size)[np.arange(len(d_rows))]
+    qi, di = load_images(data, "queries", q_rows, size), load_images(data, "docs", d_rows, size)
     model.eval()
     _, q_pool = model.encode_images(qi)
     _, d_pool = model.encode_images(di)
@@ -456,7 +296,7 @@ def attention_on_objects(model, data, data_dir: str | Path, n_docs: int = 256,
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(data.docs), min(n_docs, len(data.docs)), replace=False))
     size = model.cfg.image_size
-    images = ImageTable(image_paths(data, "docs", rows), size)[np.arange(len(rows))]
+    images = load_images(data, "docs", rows, size)
     model.eval()
     _, info = model.embed_docs(images, model.tokenize([data.doc_texts[int(r)] for r in rows]),
                                return_attention=True)
@@ -479,66 +319,32 @@ def attention_on_objects(model, data, data_dir: str | Path, n_docs: int = 256,
             "object_share": float(share.mean()), "docs": int(len(rows))}
 
 
-def run_name(preset: str, row: str, seed: int) -> str:
-    """The cache folder name of a reproduction row: ``<preset>-<slug>-s<seed>``."""
-    return f"{preset}-{ROWS[row][0]}-s{seed}"
-
-
-def row_overrides(data_dir: str | Path, row: str, seed: int) -> list[str]:
-    """The ``tiny-cpu`` overrides of one row of :data:`ROWS` with ``seed``.
-
-    A row whose own epochs would encode another number of images than the Mixer row on the
-    same data (the pairwise rows, two images a pair; raw clicks, one sample a click) also gets
-    ``--steps`` that match the Mixer row's images (module docstring); a row that names its own
-    ``--epochs`` or ``--steps`` keeps them.
-    """
-    overrides = [f"--seed={seed}", *ROWS[row][1]]
-    cfg, mixer = config_from("tiny-cpu", overrides), config_from("tiny-cpu", [f"--seed={seed}"])
-    own_budget = (cfg.epochs, cfg.steps) != (mixer.epochs, mixer.steps)
-    if own_budget or _sampling(cfg) == _sampling(mixer):  # nothing to match, nothing to load
-        return overrides
-    root = str(Path(data_dir).resolve())
-    steps, per_step = _steps_and_images_per_step(root, *_sampling(cfg))
-    budget = math.prod(_steps_and_images_per_step(root, *_sampling(mixer)))
-    if steps * per_step != budget:
-        overrides.append(f"--steps={max(1, budget // per_step)}")
-    return overrides
-
-
-def _sampling(cfg: TrainConfig) -> tuple:
-    """The fields of a config that decide its samples, steps and images per step."""
-    return (cfg.labels, cfg.loss in PAIRWISE_LOSSES, cfg.classes, cfg.val_share,
-            cfg.max_per_class, cfg.batch_size, cfg.epochs, cfg.steps)
-
-
-@functools.lru_cache(maxsize=None)
-def _steps_and_images_per_step(data_root: str, labels, pairwise, classes, val_share,
-                               max_per_class, batch_size, epochs, steps) -> tuple[int, int]:
-    cfg = TrainConfig(labels=labels, loss=PAIRWISE_LOSSES[0] if pairwise else "cosface",
-                      classes=classes, val_share=val_share, max_per_class=max_per_class,
-                      batch_size=batch_size, epochs=epochs, steps=steps)
-    samples, _ = make_samples(_load(data_root), cfg)
-    sampler = EpochSampler(samples.label, max_per_class, batch_size, cfg.seed)
-    return total_steps(cfg, sampler.steps_per_epoch), batch_size * (2 if pairwise else 1)
-
-
-@functools.lru_cache(maxsize=1)
-def _load(data_root: str):
-    return load_dataset(data_root, check_images=False)
-
-
-def ensure_row(data_dir: str | Path, preset: str, row: str, seed: int,
-               runs: str | Path | None = None) -> dict:
-    """:func:`ensure_run` of one row of :data:`ROWS` with ``seed`` (notebooks and reproduce)."""
-    return ensure_run(data_dir, run_name(preset, row, seed), row_overrides(data_dir, row, seed),
-                      runs)
-
-
 def evaluate_untrained(data, seed: int = 0, overrides: list[str] = ()) -> dict:
     """Test metrics of the ``tiny-cpu`` model (plus ``overrides``) as initialised with ``seed``,
     before any training step: the floor a trained run must clearly beat."""
     from .retrieval import evaluate_model
+    from .sampling import make_samples
+    from .train import build_model, config_from
 
     cfg = config_from("tiny-cpu", [f"--seed={seed}", *overrides])
     samples, _ = make_samples(data, cfg)  # the scratch tokenizer's vocabulary comes from them
     return evaluate_model(build_model(data, samples, cfg), data)
+
+
+@torch.no_grad()
+def doc_attention(model, data, n_docs: int = 4, seed: int = 0) -> dict:
+    """What :func:`viz.concept_attention` draws, for ``n_docs`` docs of products never seen in
+    training (each the first relevant doc of a random test query): their images, the model's
+    attention (``embed_docs(..., return_attention=True)``), their tokens and titles."""
+    rel = data.qrels
+    rng = np.random.default_rng(seed)
+    rows = [data.doc_row[rel[int(i)]["doc_ids"][0]]
+            for i in rng.choice(len(rel), size=min(n_docs, len(rel)), replace=False)]
+    images = load_images(data, "docs", rows, model.cfg.image_size)
+    titles = [data.doc_texts[r] for r in rows]
+    tokens = model.tokenize(titles)
+    model.eval()
+    _, info = model.embed_docs(images, tokens, return_attention=True)
+    strings = [model.tokenizer.convert_ids_to_tokens(ids[m]) for ids, m in
+               zip(tokens["input_ids"], tokens["attention_mask"])]
+    return {"images": images, "info": info, "token_strings": strings, "titles": titles}

@@ -1,0 +1,74 @@
+"""Runs trained once and read back: the datasets and runs the notebooks, ``make reproduce`` and
+the benchmarks share, cached by name.
+
+Runs are cached under ``runs/experiments/<name>``, so notebook 05 reuses the model notebook 01
+trained, and a second execution of a notebook retrains nothing (training is deterministic, so
+a cached run equals a fresh one).  A cached run is reused only when its saved config is the one
+asked for (:func:`runs.refuse_other_run`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .ablations import row_overrides, run_name
+from .files import read_log
+from .runs import refuse_other_run
+from .synthshop import make_synthshop
+from .train import config_from, train
+
+
+def repo_root() -> Path:
+    """The checkout's root, from the notebooks folder or the root itself."""
+    here = Path.cwd()
+    return here.parent if here.name == "notebooks" else here
+
+
+def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None) -> Path:
+    """``data/synth-<preset>`` (generated once; every later call reads the same folder)."""
+    out = Path(root or repo_root() / "data") / f"synth-{preset}"
+    if not (out / "docs.jsonl").exists():
+        make_synthshop(out, preset=preset, seed=seed, workers=min(2, os.cpu_count() or 1))
+    return out
+
+
+def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
+               runs: str | Path | None = None) -> dict:
+    """Train ``tiny-cpu`` with ``overrides`` into ``runs/experiments/<name>`` unless it is there already.
+
+    Returns the run's evaluation (``eval.json``) plus ``run`` (its folder), ``seconds`` (the
+    training time when it was trained) and ``steps``.  The whole resolved config a run was
+    trained with is in its ``config.json`` (written by :func:`train`), so a run made with other
+    overrides *or other defaults* (an older mixer-lite) is an error naming the differing keys,
+    never silently reused.  A key an older ``config.json`` lacks counts as its default: a new
+    option's default keeps the behaviour from before the option existed.
+    """
+    run = Path(runs or repo_root() / "runs" / "experiments") / name
+    cfg = config_from("tiny-cpu", list(overrides))
+    refuse_other_run(run, cfg, "delete it or choose another name")
+    if not (run / ("eval.json" if cfg.eval_at_end else "model.pt")).exists():
+        resume = (run / "checkpoints" / "last.pt").exists()
+        t0 = time.time()
+        train(data_dir, run, cfg, resume=resume, progress=False, preset="tiny-cpu")
+        (run / "seconds.json").write_text(json.dumps(round(time.time() - t0, 1)))
+    out = json.loads((run / "eval.json").read_text()) if cfg.eval_at_end else {}
+    if (run / "val.json").exists():
+        out["validation"] = json.loads((run / "val.json").read_text())
+    out["run"] = str(run)
+    out["seconds"] = json.loads((run / "seconds.json").read_text())
+    out["steps"] = json.loads((run / "config.json").read_text())["steps"]
+    return out
+
+
+def ensure_row(data_dir: str | Path, preset: str, slug: str, seed: int,
+               runs: str | Path | None = None) -> dict:
+    """:func:`ensure_run` of the row ``slug`` of :data:`ablations.ROWS` with ``seed``."""
+    return ensure_run(data_dir, run_name(preset, slug, seed), row_overrides(data_dir, slug, seed),
+                      runs)
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The training log ``RUN/metrics.jsonl`` as a list of dicts."""
+    return read_log(Path(run) / "metrics.jsonl")

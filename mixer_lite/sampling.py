@@ -1,0 +1,229 @@
+"""What a training step sees: samples of the weak-label classes (or click pairs), the classes
+held out for validation, the order of batches, augmentation, and the images behind them.
+
+* **Samples.**  With ``labels=classes`` (Mixer) every query photo and every doc of a class built
+  by :mod:`mixer_lite.classes` is one sample of that class; with ``labels=raw_clicks`` (the
+  ablation) every clicked doc is a class and each click makes its query a sample of it.  The
+  pairwise baselines (``infonce``, ``triplet``) train on the (query, doc) click pairs.
+* **Validation.**  ``val_share`` of the weak-label classes are held out of training (their
+  photos and docs); their photos search every doc at the end (and every ``val_every`` steps),
+  so recipe choices never read the test queries (:class:`Validation`).
+* **Sampler.**  Each epoch takes at most ``max_per_class`` samples of every class (skew control
+  on top of the class caps), shuffled one by one or in runs of ``samples_per_class``; the order
+  is a function of (seed, epoch) alone, so a resumed run sees the same batches.
+* **Augmentation** (our choice; the paper names none): a random flip and a shift of up to 4
+  pixels, for both domains, seeded by the step (``docs/EXPERIMENTS.md``, the recipe table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .classes import build_classes_from_clicks, class_stats, raw_click_classes, stable_rank
+from .dataset import ImageTable, ShopData, image_paths
+from .objectives import PAIRWISE_LOSSES
+
+if TYPE_CHECKING:  # the config's type only: train imports this module
+    from .train import TrainConfig
+
+
+@dataclass
+class Validation:
+    """Held-out training classes: their query photos search every doc, and a hit is a doc of
+    the query's own weak-label class.  Built from clicks like the training classes, so it is
+    as noisy as they are, and it never reads the test queries."""
+
+    query_rows: np.ndarray
+    relevant: list[set[int]]
+
+
+@dataclass
+class Samples:
+    """Training samples: kind 0 = query photo, 1 = doc; ``row`` into data.queries / data.docs."""
+
+    kind: np.ndarray
+    row: np.ndarray
+    label: np.ndarray     # class index, or pair index for the pairwise losses
+    num_classes: int
+    pair_doc: np.ndarray | None = None  # pairwise losses: the doc row of each query's pair
+    validation: Validation | None = None
+
+    def doc_rows(self) -> np.ndarray:
+        """The doc rows training uses, sorted, each once."""
+        return np.unique(self.row[self.kind == 1] if self.pair_doc is None else self.pair_doc)
+
+    def images_of(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (query rows, doc rows) a batch of samples encodes: a pair's photo and doc, or
+        each class sample's own image (query photos first, then docs, each in batch order)."""
+        if self.pair_doc is not None:
+            return self.row[idx], self.pair_doc[idx]
+        kind = self.kind[idx]
+        return self.row[idx][kind == 0], self.row[idx][kind == 1]
+
+
+def held_out(classes: list[dict], share: float) -> np.ndarray:
+    """Which classes validation keeps (a boolean per class).
+
+    Chosen by a hash of each class's first doc id, not by the training seed: every seed, loss
+    and label choice trained on the same clicks is validated on the same queries, and a class
+    keeps its side whatever other classes exist.
+    """
+    rank = stable_rank([c["doc_ids"][0] for c in classes]) if classes else np.zeros(0, np.uint64)
+    return (rank % 10_000) < round(share * 10_000)
+
+
+def make_samples(data: ShopData, cfg: TrainConfig) -> tuple[Samples, dict]:
+    """The training samples of ``cfg``'s labels and loss, minus the validation classes."""
+    cq, cd, cn = data.clicks_columns()
+    if len(cq) == 0:
+        raise ValueError(f"{data.root}/clicks.jsonl has no clicks: nothing to train on")
+    classes = validation = None
+    if cfg.val_share > 0 or (cfg.labels == "classes" and cfg.loss not in PAIRWISE_LOSSES):
+        classes, stats = build_classes_from_clicks(cq, cd, cn, cfg.classes)
+    if cfg.val_share > 0:
+        held = held_out(classes, cfg.val_share)
+        val_classes = [c for c, h in zip(classes, held) if h]
+        classes = [c for c, h in zip(classes, held) if not h]
+        held_q = {q for c in val_classes for q in c["query_ids"]}
+        held_d = {d for c in val_classes for d in c["doc_ids"]}
+        keep = [q not in held_q and d not in held_d for q, d in zip(cq, cd)]
+        cq, cd, cn = ([x for x, k in zip(col, keep) if k] for col in (cq, cd, cn))
+        rows = [(data.query_row[q], {data.doc_row[d] for d in c["doc_ids"]})
+                for c in val_classes for q in c["query_ids"]]
+        validation = Validation(np.array([r for r, _ in rows], dtype=np.int64),
+                                [rel for _, rel in rows])
+        if not rows:
+            raise ValueError(f"val_share={cfg.val_share} holds out none of the {len(held)} "
+                             f"weak-label classes of {data.root}: "
+                             + ("validation needs at least 2 classes; set --val_share=0"
+                                if len(held) < 2 else "raise it, or set it to 0"))
+    split = {} if validation is None else {"val_classes": len(val_classes),
+                                           "val_queries": len(validation.query_rows)}
+    if cfg.loss in PAIRWISE_LOSSES:
+        q = np.array([data.query_row[x] for x in cq])
+        d = np.array([data.doc_row[x] for x in cd])
+        return Samples(np.zeros(len(q), np.int8), q, np.arange(len(q)), len(q), d,
+                       validation), {"pairs": int(len(q)), **split}
+    if cfg.labels == "classes":
+        stats = {**stats, **class_stats(classes), **split}
+    else:
+        classes = raw_click_classes(cq, cd, cn)
+        stats = {"classes": len(classes), **split}
+    kind, row, label = [], [], []
+    for k, cl in enumerate(classes):
+        for x in cl["query_ids"]:
+            kind.append(0), row.append(data.query_row[x]), label.append(k)
+        for x in cl["doc_ids"]:
+            kind.append(1), row.append(data.doc_row[x]), label.append(k)
+    if not classes:
+        raise ValueError("no class survived class construction; loosen the ClassConfig")
+    return Samples(np.array(kind, np.int8), np.array(row), np.array(label), len(classes),
+                   validation=validation), stats
+
+
+class EpochSampler:
+    """Per epoch: at most ``cap`` samples of each label, in an order that is a function of
+    (seed, epoch) alone, so a resumed run sees the same batches.
+
+    ``per_class`` = 1: the samples shuffled one by one.  ``per_class`` = K > 1: each label's
+    samples are cut into runs of K that stay together (P x K class-balanced batches, as
+    pytorch-metric-learning's ``MPerClassSampler``), so a query photo and its class's docs
+    share a batch; the epoch holds the same samples either way.
+    """
+
+    def __init__(self, labels: np.ndarray, cap: int, batch_size: int, seed: int,
+                 per_class: int = 1):
+        self.labels, self.cap, self.batch_size, self.seed = labels, cap, batch_size, seed
+        self.per_class = per_class
+        order = np.argsort(labels, kind="stable")
+        self.groups = np.split(order, np.flatnonzero(np.diff(labels[order])) + 1)
+        self.epoch_len = int(sum(min(len(g), cap) for g in self.groups))
+        self.steps_per_epoch = max(1, self.epoch_len // batch_size)
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if self._cache and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        picked = [g if len(g) <= self.cap else rng.choice(g, self.cap, replace=False)
+                  for g in self.groups]
+        if self.per_class == 1:
+            order = rng.permutation(np.concatenate(picked))
+        else:
+            k = self.per_class
+            runs = [run for g in picked for run in np.array_split(
+                rng.permutation(g), max(1, round(len(g) / k)))]
+            order = np.concatenate([runs[i] for i in rng.permutation(len(runs))])
+        self._cache = (epoch, order)
+        return order
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        lo = pos * self.batch_size
+        out = order[lo: lo + self.batch_size]
+        if len(out) < self.batch_size:  # tiny data: fewer samples than one batch
+            out = np.resize(order, self.batch_size)
+        return out
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The steps a run trains: ``cfg.steps`` when set, else ``cfg.epochs`` of the sampler."""
+    return cfg.steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+
+
+def augment(x: torch.Tensor, step: int, seed: int, pad: int = 4) -> torch.Tensor:
+    """Random horizontal flip and shift (reflect-padded crop), seeded by (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    n, _, h, w = x.shape
+    if n == 0:  # a micro-batch with no docs (raw-click labels) or no photos
+        return x
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
+    out = torch.stack([padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w] for i in range(n)])
+    return out.to(x.dtype)
+
+
+@dataclass
+class TrainingImages:
+    """The images a run reads, decoded once (or per batch with ``preload_images=False``):
+    training query photos, docs (every doc when validation searches them all) and the
+    validation photos, with each row's position in its table."""
+
+    queries: ImageTable
+    docs: ImageTable
+    validation: ImageTable | None
+    query_pos: dict[int, int]
+    doc_pos: dict[int, int]
+    doc_texts: list[str]       # the title of each row of ``docs``
+
+    def titles(self, doc_rows) -> list[str]:
+        """The titles of these dataset doc rows."""
+        return [self.doc_texts[self.doc_pos[int(r)]] for r in doc_rows]
+
+    def batch(self, query_rows, doc_rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pixels of these dataset rows: (query photos, doc images)."""
+        return (self.queries[[self.query_pos[int(r)] for r in query_rows]],
+                self.docs[[self.doc_pos[int(r)] for r in doc_rows]])
+
+
+def training_images(data: ShopData, samples: Samples, cfg: TrainConfig,
+                    progress: bool) -> TrainingImages:
+    size, pre, threads = cfg.model.image_size, cfg.preload_images, cfg.loader_threads
+    val = samples.validation
+    q_rows = np.unique(samples.row[samples.kind == 0])
+    # Validation searches every doc, so the doc table then holds them all.
+    d_rows = np.arange(len(data.docs)) if val is not None else samples.doc_rows()
+    table = lambda split, rows, desc: ImageTable(  # noqa: E731
+        image_paths(data, split, rows), size, pre, threads, progress=progress, desc=desc)
+    return TrainingImages(
+        table("queries", q_rows, "query photos"), table("docs", d_rows, "doc images"),
+        None if val is None else table("queries", val.query_rows, "validation photos"),
+        {int(r): i for i, r in enumerate(q_rows)}, {int(r): i for i, r in enumerate(d_rows)},
+        [data.doc_texts[int(r)] for r in d_rows])
