@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from mixer_lite.model import FUSIONS, MixerModel, ModelConfig, WordTokenizer
+from mixer_lite.encoders import WordTokenizer
+from mixer_lite.model import FUSIONS, MixerModel, ModelConfig
 
 TITLES = ["norvik crimson polka dot cotton crew neck tee hot sale", "alba blue ceramic mug",
           "kestrel black leather tote bag free shipping 2024 gift"]

@@ -41,7 +41,7 @@ from .files import atomic_path
 @dataclass(frozen=True)
 class ClassConfig:
     """Thresholds of :func:`build_classes_from_clicks` (defaults measured on SynthShop small:
-    the README's class table shows them against raw clicks).  ``min_support=2`` means two
+    ``docs/EXPERIMENTS.md``, "Weak-label classes against raw clicks").  ``min_support=2`` means two
     independent queries must agree before two docs share a class."""
 
     min_count: int = 1

@@ -187,9 +187,30 @@ def _validate(root: Path, check_images: bool) -> tuple[list[Problem], dict[str, 
     problems: list[Problem] = []
     parsed: dict[str, list[dict]] = {}
 
-    docs = _read_records(root, "docs.jsonl", problems)
-    parsed["docs.jsonl"] = [o for _, o in docs]
-    docs = [(n, o) for n, o in docs if _check_id("docs.jsonl", n, o, "doc_id", problems)]
+    def records(name: str, key: str | None) -> list[tuple[int, dict]]:
+        """The file's (line number, object) pairs, kept whole in ``parsed``; with ``key``, only
+        those whose id field is valid."""
+        lines = _read_records(root, name, problems)
+        parsed[name] = [o for _, o in lines]
+        return lines if key is None else [(n, o) for n, o in lines
+                                          if _check_id(name, n, o, key, problems)]
+
+    docs = records("docs.jsonl", "doc_id")
+    _check_docs(root, real_root, docs, check_images, problems)
+    doc_ids = _check_unique("docs.jsonl", "doc_id", docs, problems)
+    queries = records("queries.jsonl", "query_id")
+    split_of = _check_queries(root, real_root, queries, check_images, problems)
+    _check_unique("queries.jsonl", "query_id", queries, problems)
+    _check_clicks(records("clicks.jsonl", None), split_of, doc_ids, problems)
+    qrels = records("qrels.jsonl", "query_id")
+    _check_unique("qrels.jsonl", "query_id", qrels, problems)
+    _check_qrels(qrels, split_of, doc_ids, problems)
+    return problems, parsed
+
+
+def _check_docs(root: Path, real_root: Path, docs: list[tuple[int, dict]], check_images: bool,
+                problems: list[Problem]) -> None:
+    """Each doc's image, its text, and its category when it has one."""
     for lineno, obj in docs:
         _check_image(root, real_root, "docs.jsonl", lineno, obj, check_images, problems)
         if "text" not in obj:
@@ -201,12 +222,11 @@ def _validate(root: Path, check_images: bool) -> tuple[list[Problem], dict[str, 
             problems.append(Problem("docs.jsonl", lineno, "category",
                                     f"when given, must be a non-empty string, "
                                     f"got {json.dumps(obj['category'])}"))
-    doc_ids = _check_unique("docs.jsonl", "doc_id", docs, problems)
 
-    queries = _read_records(root, "queries.jsonl", problems)
-    parsed["queries.jsonl"] = [o for _, o in queries]
-    queries = [(n, o) for n, o in queries
-               if _check_id("queries.jsonl", n, o, "query_id", problems)]
+
+def _check_queries(root: Path, real_root: Path, queries: list[tuple[int, dict]],
+                   check_images: bool, problems: list[Problem]) -> dict[str, str]:
+    """Each query's image and split; returns the split of each query id."""
     split_of: dict[str, str] = {}
     for lineno, obj in queries:
         _check_image(root, real_root, "queries.jsonl", lineno, obj, check_images, problems)
@@ -215,10 +235,12 @@ def _validate(root: Path, check_images: bool) -> tuple[list[Problem], dict[str, 
             problems.append(Problem("queries.jsonl", lineno, "split",
                                     f"must be \"train\" or \"test\", got {json.dumps(split)}"))
         split_of.setdefault(obj["query_id"], split)
-    _check_unique("queries.jsonl", "query_id", queries, problems)
+    return split_of
 
-    clicks = _read_records(root, "clicks.jsonl", problems)
-    parsed["clicks.jsonl"] = [o for _, o in clicks]
+
+def _check_clicks(clicks: list[tuple[int, dict]], split_of: dict[str, str], doc_ids,
+                  problems: list[Problem]) -> None:
+    """Each click names a known training query and a known doc, with a positive count."""
     for lineno, obj in clicks:
         if _check_id("clicks.jsonl", lineno, obj, "query_id", problems):
             q = obj["query_id"]
@@ -243,10 +265,10 @@ def _validate(root: Path, check_images: bool) -> tuple[list[Problem], dict[str, 
             problems.append(Problem("clicks.jsonl", lineno, "count",
                                     f"{count} is too large (at most 2**63 - 1)"))
 
-    qrels = _read_records(root, "qrels.jsonl", problems)
-    parsed["qrels.jsonl"] = [o for _, o in qrels]
-    qrels = [(n, o) for n, o in qrels if _check_id("qrels.jsonl", n, o, "query_id", problems)]
-    _check_unique("qrels.jsonl", "query_id", qrels, problems)
+
+def _check_qrels(qrels: list[tuple[int, dict]], split_of: dict[str, str], doc_ids,
+                 problems: list[Problem]) -> None:
+    """Each judgement names a test query and a non-empty list of known, distinct docs."""
     for lineno, obj in qrels:
         q = obj["query_id"]
         if q not in split_of:
@@ -271,7 +293,6 @@ def _validate(root: Path, check_images: bool) -> tuple[list[Problem], dict[str, 
             if unknown:
                 problems.append(Problem("qrels.jsonl", lineno, "doc_ids",
                                         f"unknown doc(s) {unknown[:5]} (not in docs.jsonl)"))
-    return problems, parsed
 
 
 # --------------------------------------------------------------------------------------------

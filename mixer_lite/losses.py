@@ -11,8 +11,8 @@ samples.  Here:
   ``sample_rate`` share of the others, so a step's cost and memory scale with the sample, not
   with the number of classes.  Device-agnostic: the sampling runs on the centres' device with
   an explicit generator.  The centres carry their own row-wise optimiser (:meth:`step`: SGD
-  with momentum by default, lazy AdamW as an option), which touches only the rows a step used: a dense optimiser over all centres would cost as much as
-  the full softmax it replaces.
+  with momentum by default, lazy AdamW as an option), which touches only the rows a step
+  used: a dense optimiser over all centres would cost as much as the full softmax it replaces.
 * **Model parallel**: the same class, constructed under ``torch.distributed``, holds only its
   rank's shard of the centres; embeddings and labels are all-gathered and the softmax
   cross-entropy is computed across shards (max, sum of exponentials and target logit reduced

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from .dataset import ImageTable, image_paths, load_dataset, load_images
-from .model import ModelConfig, build_image_encoder, load_image_weights, normalise_pixels
+from .encoders import build_image_encoder, normalise_pixels
+from .model import ModelConfig
+from .weights import load_image_weights
 from .synthshop import load_truth
 
 

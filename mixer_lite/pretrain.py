@@ -50,16 +50,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import check_resumable
-from .files import (atomic_path, file_sha256, read_log, remove_stale_temporaries,
-                    strict_json, truncate_log, write_json)
+from .encoders import ConvEncoder, normalise_pixels
+from .files import atomic_path, read_log, remove_stale_temporaries, strict_json, truncate_log, \
+    write_json
 from .losses import info_nce
-from .model import WEIGHTS_FORMAT, ConvEncoder, ModelConfig, normalise_pixels
+from .model import ModelConfig
 from .optim import warmup_cosine
 from .runs import environment, load_torch, require_keys, resolve_device, save_torch, torch_threads
-from .synthshop import studio_shot, user_photo
+from .shop_images import CANVAS, studio_shot, user_photo
+from .weights import WEIGHTS_FORMAT, export_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-OBJECT_SIZE = 128  # the canvas SynthShop renders its products on
 _CHUNK = 256
 
 
@@ -142,7 +143,7 @@ def scan_corpus(roots: list[str | os.PathLike]) -> list[tuple[str, str]]:
     return found
 
 
-def load_object(path: str, max_megapixels: float, size: int = OBJECT_SIZE):
+def load_object(path: str, max_megapixels: float, size: int = CANVAS):
     """The drawing at ``path`` as an RGBA object on a transparent ``size`` square, or
     ``(None, reason)`` when it is skipped.  The pixel count is read from the header, so an
     image over ``max_megapixels`` is never decoded."""
@@ -287,7 +288,7 @@ def encoder_config(cfg: PretrainConfig) -> ModelConfig:
 
 class PretrainNet(nn.Module):
     """The ``cnn`` image encoder, a projection head for InfoNCE and an optional taxonomy head;
-    only the encoder is kept (:func:`export_weights`)."""
+    only the encoder is kept (:func:`weights.export_weights`)."""
 
     def __init__(self, cfg: PretrainConfig, n_labels: int):
         super().__init__()
@@ -403,16 +404,7 @@ def _pretrain(corpus_roots, run, weights_out, cfg: PretrainConfig, resume: bool,
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretraining",
                disable=not progress)
     for step in bar:
-        rows, photo, studio = _batch(corpus, train_rows, step, cfg)
-        pooled = net.features(torch.cat([photo, studio]).to(device))  # one batch: BN sees both
-        z = net.projection(pooled)
-        loss = info_nce(z[: len(rows)], z[len(rows):], cfg.temperature)
-        record = {"step": step + 1, "infonce": loss.item()}
-        if net.taxonomy is not None:
-            labels = torch.from_numpy(corpus.labels[rows]).to(device).repeat(2)
-            taxonomy = F.cross_entropy(net.taxonomy(pooled), labels)
-            loss = loss + cfg.taxonomy_weight * taxonomy
-            record["taxonomy"] = taxonomy.item()
+        loss, record = _loss(net, corpus, train_rows, step, cfg, device)
         if not torch.isfinite(loss):
             log.close()
             raise ValueError(f"pretraining diverged: the loss is {loss.item()} at step {step + 1} "
@@ -439,7 +431,33 @@ def _pretrain(corpus_roots, run, weights_out, cfg: PretrainConfig, resume: bool,
             log.close()
             return {"stopped_at": done}
     log.close()
-    seconds = seconds_before + time.time() - t_start
+    card = _card(cfg, corpus, log_path, seconds_before + time.time() - t_start, t_start - t0,
+                 device)
+    sha = export_weights(net.encoder, encoder_config(cfg), card, weights_out)
+    return {**card, "sha256": sha}
+
+
+def _loss(net: PretrainNet, corpus: Corpus, train_rows: np.ndarray, step: int,
+          cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """One step's loss (InfoNCE between the photo and studio views, plus the weighted taxonomy
+    cross-entropy when on) and its log record."""
+    rows, photo, studio = _batch(corpus, train_rows, step, cfg)
+    pooled = net.features(torch.cat([photo, studio]).to(device))  # one batch: BN sees both
+    z = net.projection(pooled)
+    loss = info_nce(z[: len(rows)], z[len(rows):], cfg.temperature)
+    record = {"step": step + 1, "infonce": loss.item()}
+    if net.taxonomy is not None:
+        labels = torch.from_numpy(corpus.labels[rows]).to(device).repeat(2)
+        taxonomy = F.cross_entropy(net.taxonomy(pooled), labels)
+        loss = loss + cfg.taxonomy_weight * taxonomy
+        record["taxonomy"] = taxonomy.item()
+    return loss, record
+
+
+def _card(cfg: PretrainConfig, corpus: Corpus, log_path: Path, seconds: float,
+          render_seconds: float, device: torch.device) -> dict:
+    """What the weights file tells of how it was made: corpus, method, settings, time, machine,
+    and the probe's and the loss's curves (a figure's worth of points)."""
     log_rows = read_log(log_path)
     probes = [[r["step"], r["probe_recall@1"]] for r in log_rows if "probe_recall@1" in r]
     losses = [[r["step"], round(r["infonce"], 4)] for r in log_rows if "infonce" in r]
@@ -451,20 +469,8 @@ def _pretrain(corpus_roots, run, weights_out, cfg: PretrainConfig, resume: bool,
                       + (f" + {cfg.taxonomy_weight:g} x taxonomy cross-entropy"
                          if cfg.taxonomy_weight > 0 else ""),
             "pretrain": dataclasses.asdict(cfg), "steps": cfg.steps,
-            "train_seconds": round(seconds, 1), "render_seconds": round(t_start - t0, 1),
+            "train_seconds": round(seconds, 1), "render_seconds": round(render_seconds, 1),
             "device": str(device), "machine": json.loads(json.dumps(environment())),
             "probe_recall@1": {"initial": probes[0][1], "final": probes[-1][1]},
             "curves": {"probe_recall@1": probes, "infonce": losses}}
-    sha = export_weights(net.encoder, encoder_config(cfg), card, weights_out)
-    return {**card, "sha256": sha}
-
-
-def export_weights(encoder: ConvEncoder, model_cfg: ModelConfig, card: dict, path) -> str:
-    """Write the encoder's weights (with their card) to ``path`` atomically; returns the
-    file's sha256."""
-    obj = {"format": WEIGHTS_FORMAT, "image_encoder": model_cfg.image_encoder,
-           "vit_dim": model_cfg.vit_dim, "image_size": model_cfg.image_size,
-           "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
-           "card": card}
-    save_torch(obj, Path(path))
-    return file_sha256(path)
+    return card

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .dataset import data_fingerprint
 from .files import atomic_path, remove_stale_temporaries, write_json
-from .model import batchnorm_layers
+from .encoders import batchnorm_layers
 
 KS = (1, 5, 10, 20, 50)
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")

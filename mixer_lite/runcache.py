@@ -36,7 +36,8 @@ def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None) -> P
 
 def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
                runs: str | Path | None = None) -> dict:
-    """Train ``tiny-cpu`` with ``overrides`` into ``runs/experiments/<name>`` unless it is there already.
+    """Train ``tiny-cpu`` with ``overrides`` into ``runs/experiments/<name>`` unless it is there
+    already.
 
     Returns the run's evaluation (``eval.json``) plus ``run`` (its folder), ``seconds`` (the
     training time when it was trained) and ``steps``.  The whole resolved config a run was

@@ -45,7 +45,9 @@ from .config import apply_overrides
 from .dataset import ShopData, data_fingerprint, load_dataset
 from .files import folder_lock, read_log, remove_stale_temporaries, strict_json, truncate_log, \
     write_json
-from .model import MixerModel, ModelConfig, WordTokenizer, load_image_weights
+from .encoders import WordTokenizer
+from .model import MixerModel, ModelConfig
+from .weights import load_image_weights
 from .objectives import DEFAULT_MARGIN, LOSSES, PAIRWISE_LOSSES, Classification, Objective, \
     make_objective
 from .optim import clip_global_norm, sum_gradients_hook, warmup_cosine

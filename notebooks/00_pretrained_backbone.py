@@ -52,7 +52,7 @@ if fast:
 import torch
 from IPython.display import Markdown
 from mixer_lite.measures import backbone_probe, claim, image_encoder_from
-from mixer_lite.model import weights_card
+from mixer_lite.weights import weights_card
 from mixer_lite.runcache import ensure_data, ensure_row
 from mixer_lite.runs import load_run_model
 from mixer_lite.viz import pretraining_curves

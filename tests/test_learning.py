@@ -14,7 +14,8 @@ import torch
 
 from mixer_lite.dataset import ImageTable, image_paths
 from mixer_lite.losses import MarginClassifier, info_nce, triplet_loss
-from mixer_lite.model import MixerModel, WordTokenizer
+from mixer_lite.encoders import WordTokenizer
+from mixer_lite.model import MixerModel
 from mixer_lite.sampling import make_samples
 from mixer_lite.train import config_from, train
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mixer_lite.encoders import WordTokenizer
 from mixer_lite.model import (CONCEPT_ATTENTION, FUSIONS, ConceptImageAttention, MixerModel,
-                              ModelConfig, SingleHeadAttention, WordTokenizer)
+                              ModelConfig, SingleHeadAttention)
 
 TEXTS = ["norvik red leather tote bag hot sale free shipping", "blue mug", "",
          "alba green striped cotton v-neck tee gift"]

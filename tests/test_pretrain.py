@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from mixer_lite import model as model_module
+from mixer_lite import weights as weights_module
+from mixer_lite.encoders import ConvEncoder, build_image_encoder
 from mixer_lite.measures import image_encoder_from, linear_probe_accuracy
-from mixer_lite.model import (SHIPPED_WEIGHTS, ConvEncoder, ModelConfig, build_image_encoder,
-                              load_image_weights, weights_card)
+from mixer_lite.model import ModelConfig
+from mixer_lite.weights import SHIPPED_WEIGHTS, load_image_weights, weights_card
 from mixer_lite.losses import info_nce
 from mixer_lite.pretrain import (PretrainConfig, load_object, prepare_corpus, pretrain,
                                  scan_corpus)
@@ -160,7 +161,7 @@ def test_a_shipped_file_with_another_checksum_is_refused(monkeypatch, tmp_path):
 
 def test_the_shipped_weights_are_what_tiny_cpu_starts_from():
     name, sha = SHIPPED_WEIGHTS["openclipart-cnn"]
-    path = model_module.Path(model_module.__file__).parent / "weights" / name
+    path = weights_module.Path(weights_module.__file__).parent / "weights" / name
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
     assert path.stat().st_size <= 25 * 2 ** 20
     cfg = config_from("tiny-cpu", [])

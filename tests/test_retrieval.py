@@ -160,7 +160,8 @@ def test_class_size_rank_plot_has_labels(tmp_path):
 
 
 def test_embed_docs_with_batch_statistics_matches_a_training_forward_and_keeps_state():
-    from mixer_lite.model import MixerModel, ModelConfig, WordTokenizer
+    from mixer_lite.encoders import WordTokenizer
+    from mixer_lite.model import MixerModel, ModelConfig
     from mixer_lite.retrieval import embed_docs
 
     torch.manual_seed(0)
