@@ -122,31 +122,47 @@ def check_same_data(out: Path, data_dir: str | Path) -> str:
 def save_checkpoint(path: Path, model, objective, opt, sched, step: int, rank: int, world: int,
                     device: torch.device) -> None:
     """Everything a resumed run needs, in one file written atomically by rank 0: the model, the
-    objective's state (every rank's classifier shard), optimiser, schedule, RNG and step."""
+    objective's state and the RNG states of every rank (each rank's classifier shard, and its
+    dropout draws, which differ by rank), optimiser, schedule, step and world size."""
     clf_state = objective.state()
-    if clf_state is not None and world > 1:  # every rank's shard goes into the one file
-        shards = [None] * world
-        torch.distributed.all_gather_object(shards, {k: v.cpu() for k, v in clf_state.items()})
-        clf_state = shards
+    rng = {"cpu": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world > 1:  # every rank's shard and RNG go into the one file
+        mine = {"rng": rng, "classifier": None if clf_state is None else
+                {k: v.cpu() for k, v in clf_state.items()}}
+        ranks = [None] * world
+        torch.distributed.all_gather_object(ranks, mine)
+        rng = [r["rng"] for r in ranks]
+        clf_state = None if clf_state is None else [r["classifier"] for r in ranks]
     if rank == 0:
         save_torch({"model": model.state_dict(), "classifier": clf_state,
-                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "torch_rng": torch.get_rng_state(), "step": step,
-                      "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"
-                                   else None)}, path)
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "torch_rng": rng if world > 1 else rng["cpu"], "step": step,
+                    "cuda_rng": None if world > 1 else rng["cuda"], "world": world}, path)
 
 
-def restore_checkpoint(ck: dict, model, objective, opt, sched, rank: int, world: int,
+def restore_checkpoint(ck: dict, path: Path, model, objective, opt, sched, rank: int, world: int,
                        device: torch.device) -> int:
-    """Load a checkpoint of :func:`save_checkpoint` into a fresh run; returns its step."""
+    """Load a checkpoint of :func:`save_checkpoint` into a fresh run; returns its step.  The
+    run must have as many processes as the one that wrote it (its classifier is sharded)."""
+    made_by = ck.get("world", len(ck["classifier"]) if isinstance(ck.get("classifier"), list)
+                     else 1)
+    if made_by != world:
+        raise ValueError(f"{path}: written by a run of {made_by} process(es), resumed with "
+                         f"{world}; resume with as many (torchrun --nproc_per_node={made_by})")
     model.load_state_dict(ck["model"])
     if ck.get("classifier") is not None:
         objective.load(ck["classifier"][rank] if world > 1 else ck["classifier"])
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["torch_rng"])
-    if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout on the GPU
-        torch.cuda.set_rng_state(ck["cuda_rng"], device)
+    rng = ck["torch_rng"]
+    if isinstance(rng, list):  # one per rank
+        cpu, cuda = rng[rank]["cpu"], rng[rank]["cuda"]
+    else:
+        cpu, cuda = rng, ck.get("cuda_rng")
+    torch.set_rng_state(cpu)
+    if device.type == "cuda" and cuda is not None:  # dropout on the GPU
+        torch.cuda.set_rng_state(cuda, device)
     return ck["step"]
 
 

@@ -306,8 +306,8 @@ def _train(data_dir, out: Path, cfg: TrainConfig, resume: bool, progress, preset
             for folder in (out, out / "checkpoints"):
                 remove_stale_temporaries(folder)
         if resume:
-            start = restore_checkpoint(ck, run.model, run.objective, run.opt, run.sched, rank,
-                                       world, device)
+            start = restore_checkpoint(ck, out / "checkpoints" / "last.pt", run.model,
+                                       run.objective, run.opt, run.sched, rank, world, device)
             if rank == 0:  # steps logged after the checkpoint will be logged again
                 truncate_log(out / "metrics.jsonl", start)
         else:

@@ -239,6 +239,42 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     assert_same_first_step(tmp_path / "one", tmp_path / "two")
 
 
+def test_torchrun_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
+    """2 gloo ranks, stopped after step 3 and resumed from the checkpoint of step 2, end with
+    the same weights, classifier shards (each rank's own) and centre-optimiser state as 2 ranks
+    that never stopped.  Sampled centres (each rank samples its shard by step) and clipping by
+    the norm summed over shards are on, so both must be restored per rank."""
+    args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=5",
+            "--checkpoint_every=2", "--eval_at_end=false", "--val_share=0", "--device=cpu",
+            "--sample_rate=0.5", "--clip_grad=1.0", "--centre_optimizer=adamw"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, *extra):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                               "--nproc_per_node=2", "--standalone", "-m", "mixer_lite.cli",
+                               "train", "--out", str(tmp_path / out), *args, *extra],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun("full")
+    torchrun("cut", "--stop_after=3")
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+    torchrun("cut", "--resume")
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    cb = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert ca["step"] == cb["step"] == 5 and len(ca["classifier"]) == 2
+    for rank in range(2):
+        for key, value in ca["classifier"][rank].items():
+            assert torch.equal(value, cb["classifier"][rank][key]), (rank, key)
+    assert ca["classifier"][0]["weight"].shape[0] + ca["classifier"][1]["weight"].shape[0] > \
+        ca["classifier"][0]["weight"].shape[0]  # two non-empty shards
+
+
 @pytest.mark.parametrize("encoder", ["vit", "cnn"])
 def test_torchrun_grad_accum_reduces_each_gradient_once(tiny_dir, tmp_path, encoder):
     """2 ranks x 2 micro-batches against 1 process x 4: the same four micro-batches (so even
@@ -353,3 +389,16 @@ def test_sampled_centres_with_adamw_touch_only_the_rows_they_used(tiny_dir, tmp_
     assert torch.equal(state["weight"][~touched], start[~touched])
     assert (state["weight"][touched] != start[touched]).any(1).all()
     assert int(state["steps"]) == 3
+
+
+def test_a_checkpoint_resumes_only_with_as_many_processes(tmp_path):
+    """A 2-rank checkpoint holds one classifier shard and one RNG state per rank: resuming it in
+    one process is refused naming the file and the process count, before any state is loaded."""
+    from mixer_lite.runs import restore_checkpoint
+
+    path = tmp_path / "last.pt"
+    for ck in ({"world": 2, "classifier": [{}, {}]}, {"classifier": [{}, {}]}):  # old: no key
+        with pytest.raises(ValueError, match=r"last.pt: written by a run of 2 process\(es\), "
+                                             r"resumed with 1.*--nproc_per_node=2"):
+            restore_checkpoint(ck, path, None, None, None, None, rank=0, world=1,
+                               device=torch.device("cpu"))
