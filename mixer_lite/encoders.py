@@ -71,10 +71,10 @@ class ConvEncoder(nn.Module):
     reached 19% / 10% and the same CNN with GroupNorm 25% / 15% (``docs/EXPERIMENTS.md``, "How
     the earlier tiny-cpu preset was chosen").  A stride-2
     stem keeps it cheap (about one ViT step's time at 64 px).  BatchNorm statistics must not
-    differ by domain between training and evaluation: :meth:`MixerModel.forward` sends query
-    photos and doc images through the encoder in one call, so training batches mix both domains
-    as the running statistics used at evaluation do.  Output: ``image_size / 8`` tokens per side
-    (8 x 8 at 64 px, like the ViT with patch 8), ``vit_dim`` channels.
+    differ by domain between training and evaluation: :meth:`model.MixerModel.forward` sends
+    query photos and doc images through the encoder in one call, so training batches mix both
+    domains as the running statistics used at evaluation do.  Output: ``image_size / 8`` tokens
+    per side (8 x 8 at 64 px, like the ViT with patch 8), ``vit_dim`` channels.
     """
 
     def __init__(self, cfg: ModelConfig):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def recorded(path: Path, want: dict, measure, retrain: bool = False) -> dict:
         return old
     rec = {**{k: as_json(v) if k == "config" else v for k, v in want.items()}, **measure(),
            "measured_with": environment()}
+    data = rec["metrics"].get("data", {})
+    if "path" in data:  # records are committed: no machine's absolute path in them
+        data["path"] = os.path.relpath(data["path"], repo_root())
     if old is not None and old.get("metrics") != rec["metrics"]:
         print(f"{path}: metrics changed on retraining (recall@10 {old['metrics']['recall@10']}"
               f" -> {rec['metrics']['recall@10']})")

@@ -63,7 +63,8 @@ def _in_batches(model, n: int, batch_size: int, desc: str, progress: bool, embed
 
 def embed_queries(model, images, batch_size: int = 256, device="cpu",
                   progress: bool = False) -> np.ndarray:
-    """Unit-norm embeddings of query photos; ``images`` is an :class:`ImageTable` or tensor."""
+    """Unit-norm embeddings of query photos; ``images`` is a :class:`dataset.ImageTable` or a
+    tensor."""
     return _in_batches(model, len(images), batch_size, "embedding queries", progress,
                        lambda idx: model.embed_queries(images[idx].to(device)))
 

@@ -175,11 +175,9 @@ PRESETS = {
 }
 
 
-# The image encoder from random weights needs steps more than pixels: at 32 px a step costs
-# about a sixth of a 64-px one, so 21 epochs take about 1.2x as long as tiny-cpu's 3.5, and on
-# SynthShop small's validation photos they lift Recall@10 from 17.8 (64 px, 3.5 epochs) to 37.9.
-# The pretrained encoder is the other way round (its features are for 64 px: 45.5 at 32 px and
-# 21 epochs, against 47.5).  docs/EXPERIMENTS.md, item 15.
+# The image encoder from random weights needs steps more than pixels: 21 epochs at 32 px (about
+# 1.2x tiny-cpu's training time) beat 3.5 at 64 px on validation photos; the pretrained encoder
+# is the other way round (docs/EXPERIMENTS.md, item 15).
 FROM_SCRATCH = ("--model.image_weights=none", "--model.image_size=32", "--epochs=21")
 PRESETS["scratch-cpu"] = apply_overrides(PRESETS["tiny-cpu"], list(FROM_SCRATCH))
 

@@ -22,6 +22,12 @@ def threads_for_tests() -> int:
 
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` first (in their order), the rest after: with pytest-xdist a long test
+    collected late would keep one worker busy after the others ran out of work."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(autouse=True)
 def torch_threads():
     """Every test starts at :func:`threads_for_tests` threads, whatever ran before it in its worker,

@@ -116,6 +116,7 @@ def test_every_loss_overfits_one_batch(tiny_data, loss, torch_threads):
     assert after.min() > 0.1, after
 
 
+@pytest.mark.long
 def test_short_cosface_run_learns_its_training_classes_and_logs_validation(tiny_dir, tmp_path):
     """A short CosFace run on ``tiny`` must find the docs of its *training* classes from their
     photos far better than its initial weights do.  (Validation photos, whose classes never

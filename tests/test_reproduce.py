@@ -136,6 +136,8 @@ def test_the_committed_records_exist_and_are_not_stale():
     for path in COMMITTED:
         rec = json.loads(path.read_text())
         preset = path.parent.name
+        data = rec["metrics"]["data"]["path"]  # relative to the repo: no machine's own path
+        assert not Path(data).is_absolute() and (ROOT / data).name == f"synth-{preset}", path
         slug = {row.label: slug for slug, row in ROWS.items()}.get(rec["row"])
         if slug is not None:
             assert path.stem == run_name(preset, slug, rec["seed"])
@@ -156,6 +158,7 @@ def test_the_committed_records_exist_and_are_not_stale():
 RERUN_TOLERANCE = {"recall@1": 0.025, "recall@10": 0.035, "map@10": 0.02}
 
 
+@pytest.mark.long
 def test_a_committed_record_is_what_the_code_measures_again(tmp_path, monkeypatch, tiny_dir):
     """The tiny Mixer record (and its floors) measured again from scratch, as
     ``make reproduce PRESET=tiny ROWS=mixer`` does: same config, same data, metrics within

@@ -239,6 +239,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     assert_same_first_step(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.long
 def test_torchrun_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     """2 gloo ranks, stopped after step 3 and resumed from the checkpoint of step 2, end with
     the same weights, classifier shards (each rank's own) and centre-optimiser state as 2 ranks
