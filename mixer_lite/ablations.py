@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dataset import load_dataset
-from .objectives import PAIRWISE_LOSSES
+from .objectives import PAIRWISE_LOSSES, images_per_sample
 from .sampling import EpochSampler, make_samples, total_steps
 from .train import FROM_SCRATCH, TrainConfig, config_from
 
@@ -117,7 +117,7 @@ def _steps_and_images_per_step(data_root: str, labels, pairwise, classes, val_sh
                       batch_size=batch_size, epochs=epochs, steps=steps)
     samples, _ = make_samples(_load(data_root), cfg)
     sampler = EpochSampler(samples.label, max_per_class, batch_size, cfg.seed)
-    return total_steps(cfg, sampler.steps_per_epoch), batch_size * (2 if pairwise else 1)
+    return total_steps(cfg, sampler.steps_per_epoch), batch_size * images_per_sample(cfg.loss)
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,6 +9,8 @@ out, and the health figures of the last batch for the log.
   the batch are negatives (:func:`losses.info_nce`, :func:`losses.triplet_loss`).
 
 The loop calls the same methods in the same order for both, so it holds no branch on the loss.
+:func:`images_per_sample` is what a sample costs in encoded images (the budget the ablations
+match between the two).
 """
 from __future__ import annotations
 
@@ -21,14 +23,21 @@ import torch.nn.functional as F
 
 from .losses import MarginClassifier, info_nce, mean_pairwise_cosine, triplet_loss
 from .optim import margin_at
+from .retrieval import embed_docs
 
 if TYPE_CHECKING:  # types only: sampling and train import this module
-    from .sampling import Samples
+    from .sampling import Samples, TrainingImages
     from .train import TrainConfig
 
 PAIRWISE_LOSSES = ("infonce", "triplet")  # trained on (query, doc) click pairs, not classes
 LOSSES = ("cosface", "arcface", *PAIRWISE_LOSSES)
 DEFAULT_MARGIN = {"cosface": 0.35, "arcface": 0.5, "triplet": 0.2, "infonce": 0.0}
+
+
+def images_per_sample(loss: str) -> int:
+    """Images a training sample of ``loss`` encodes: a class sample is one image, a click pair
+    two (its photo and its doc)."""
+    return 2 if loss in PAIRWISE_LOSSES else 1
 
 
 class Objective(nn.Module):
@@ -39,6 +48,9 @@ class Objective(nn.Module):
     #: True when the loss is the global-batch mean already (a sharded classifier), so DDP must
     #: sum encoder gradients over ranks instead of averaging them.
     global_loss = False
+
+    def initialise(self, model, images: TrainingImages, samples: Samples, device) -> None:
+        """Start from what the model already embeds, on a fresh run (nothing by default)."""
 
     def begin_step(self, step: int, total: int) -> None:
         """Per-step state before the first micro-batch (nothing by default)."""
@@ -81,6 +93,19 @@ class Classification(Objective):
                                            cfg.margin_value, cfg.scale, cfg.sample_rate,
                                            model_parallel=model_parallel, seed=cfg.seed)
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def initialise(self, model, images, samples, device) -> None:
+        """With ``centre_init="docs"``, each class centre starts at the mean embedding of its
+        docs, embedded as a training step would (BatchNorm on batch statistics: at
+        initialisation the running statistics are still 0 / 1 and would leave the shared
+        component in)."""
+        if self.cfg.centre_init != "docs":
+            return
+        emb = embed_docs(model, images.docs, images.doc_texts, device=device, batch_stats=True)
+        doc = samples.kind == 1
+        self.classifier.imprint(
+            torch.from_numpy(emb[[images.doc_pos[int(r)] for r in samples.row[doc]]]),
+            torch.from_numpy(samples.label[doc]))
 
     def begin_step(self, step: int, total: int) -> None:
         self.classifier.clear_used()

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from .dataset import data_fingerprint
-from .files import atomic_path, remove_stale_temporaries, write_json
 from .encoders import batchnorm_layers
+from .files import atomic_path, remove_stale_temporaries, write_json
 
 KS = (1, 5, 10, 20, 50)
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")

@@ -48,8 +48,7 @@ from .files import folder_lock, read_log, remove_stale_temporaries, strict_json,
 from .encoders import WordTokenizer
 from .model import MixerModel, ModelConfig
 from .weights import load_image_weights
-from .objectives import DEFAULT_MARGIN, LOSSES, PAIRWISE_LOSSES, Classification, Objective, \
-    make_objective
+from .objectives import DEFAULT_MARGIN, LOSSES, Objective, images_per_sample, make_objective
 from .optim import clip_global_norm, sum_gradients_hook, warmup_cosine
 from .retrieval import embed_docs, embed_queries, evaluate_model, exact_search, ranking_metrics
 from .runs import (check_run_folder, check_same_data, restore_checkpoint, save_checkpoint,
@@ -234,7 +233,7 @@ def check_batch_memory(model, cfg: TrainConfig, world: int, device: torch.device
         for h in handles:
             h.remove()
         model.train(was)
-    images = cfg.batch_size // world // cfg.grad_accum * (2 if cfg.loss in PAIRWISE_LOSSES else 1)
+    images = cfg.batch_size // world // cfg.grad_accum * images_per_sample(cfg.loss)
     need = 3 * per_image[0] * images
     if available is None:
         available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
@@ -317,12 +316,12 @@ def _train(data_dir, out: Path, cfg: TrainConfig, resume: bool, progress, preset
                     "data_fingerprint": fingerprint, "train": dataclasses.asdict(cfg),
                     "labels": label_stats, "steps": run.total,
                     "steps_per_epoch": run.sampler.steps_per_epoch})
-        # 4. The images, decoded once; centres imprinted from the docs on a fresh run.
+        # 4. The images, decoded once; on a fresh run the objective starts from the model's
+        #    embeddings (class centres imprinted from their docs).
         show_progress = rank == 0 and progress is not False
         run.images = training_images(data, samples, cfg, show_progress)
-        if cfg.centre_init == "docs" and isinstance(run.objective, Classification) \
-                and not resume:
-            _imprint_centres(run)
+        if not resume:
+            run.objective.initialise(run.model, run.images, samples, device)
         # 5. The steps.
         step, last_ckpt = _loop(run, start, show_progress)
         # 6. What a finished run leaves: val.json, model.pt, eval.json.
@@ -357,19 +356,6 @@ def _build(cfg: TrainConfig, out: Path, samples: Samples, model: MixerModel, ran
             net.register_comm_hook(None, sum_gradients_hook)
     return Run(cfg, out, rank, world, device, samples, model, net, objective, opt, sched,
                sampler, total)
-
-
-def _imprint_centres(run: Run) -> None:
-    """Each class centre starts at the mean embedding of its docs, embedded as a training step
-    would (BatchNorm on batch statistics: at initialisation the running statistics are still
-    0 / 1 and would leave the shared component in)."""
-    images, samples = run.images, run.samples
-    emb = embed_docs(run.model, images.docs, images.doc_texts, device=run.device,
-                     batch_stats=True)
-    doc = samples.kind == 1
-    run.objective.classifier.imprint(
-        torch.from_numpy(emb[[images.doc_pos[int(r)] for r in samples.row[doc]]]),
-        torch.from_numpy(samples.label[doc]))
 
 
 def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
