@@ -458,7 +458,8 @@ class MixerModel(nn.Module):
         An encoder with BatchNorm gets query photos and doc images as one batch, so training
         normalises by the statistics of both domains together, as its running statistics (used
         at evaluation) do.  Any other encoder is batch-independent and gets one call per domain,
-        which is equivalent and keeps its runs bit-identical to those made before this choice.
+        which is equivalent and keeps each domain's matrix shapes (and so its float sums) its
+        own.
         """
         n_q, n_d = len(query_images), len(doc_images)
         if self.encode_domains_together and n_q and n_d and self.cfg.fusion != "text_only":
