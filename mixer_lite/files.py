@@ -132,9 +132,14 @@ def truncate_log(path: str | Path, step: int) -> None:
 LOCK_FILE = ".lock"
 
 
+class FolderBusy(FileExistsError):
+    """Another live process holds the folder's lock (:func:`folder_lock`)."""
+
+
 @contextmanager
-def folder_lock(folder: str | Path, what: str):
-    """Hold ``folder``'s lock for the block, or fail at once naming the process that holds it.
+def folder_lock(folder: str | Path, what: str, wait: bool = False):
+    """Hold ``folder``'s lock for the block, or fail at once naming the process that holds it
+    (:class:`FolderBusy`); with ``wait``, say so on stderr and block until the holder ends.
 
     One writer per run folder: two ``train`` (or ``demo``, or ``index``) into one folder would
     interleave their files.  The lock is an ``flock`` on ``folder/.lock``, so the system frees it
@@ -150,8 +155,12 @@ def folder_lock(folder: str | Path, what: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
-            raise FileExistsError(f"{folder} is in use by another mixer-lite process ({holder}); "
-                                  f"wait for it to end, or choose another folder") from None
+            if not wait:
+                raise FolderBusy(f"{folder} is in use by another mixer-lite process ({holder}); "
+                                 f"wait for it to end, or choose another folder") from None
+            print(f"{folder} is in use by another mixer-lite process ({holder}); waiting for it "
+                  f"to end", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (f"pid {os.getpid()}, {what}, since "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv[:3])}\n")

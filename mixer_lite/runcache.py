@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .ablations import row_overrides, run_name
-from .files import read_log
+from .files import FolderBusy, folder_lock, read_log
 from .runs import refuse_other_run
 from .synthshop import make_synthshop
 from .train import config_from, train
@@ -44,15 +44,21 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     trained with is in its ``config.json`` (written by :func:`train`), so a run made with other
     overrides *or other defaults* (an older mixer-lite) is an error naming the differing keys,
     never silently reused.  A key an older ``config.json`` lacks counts as its default: a new
-    option's default keeps the behaviour from before the option existed.
+    option's default keeps the behaviour from before the option existed.  A run another process
+    is training (two notebooks at once) is waited for, then read, not trained twice.
     """
     run = Path(runs or repo_root() / "runs" / "experiments") / name
     cfg = config_from("tiny-cpu", list(overrides))
     refuse_other_run(run, cfg, "delete it or choose another name")
-    if not (run / ("eval.json" if cfg.eval_at_end else "model.pt")).exists():
+    while not (run / ("eval.json" if cfg.eval_at_end else "model.pt")).exists():
         resume = (run / "checkpoints" / "last.pt").exists()
         t0 = time.time()
-        train(data_dir, run, cfg, resume=resume, progress=False, preset="tiny-cpu")
+        try:
+            train(data_dir, run, cfg, resume=resume, progress=False, preset="tiny-cpu")
+        except FolderBusy:  # another process trains it: wait for it to end, then look again
+            with folder_lock(run, "waiting for the run", wait=True):
+                pass
+            continue
         (run / "seconds.json").write_text(json.dumps(round(time.time() - t0, 1)))
     out = json.loads((run / "eval.json").read_text()) if cfg.eval_at_end else {}
     if (run / "val.json").exists():

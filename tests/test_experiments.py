@@ -304,3 +304,35 @@ def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypa
     assert val_products and not val_products & fit_products and not val_products & test_products
     with pytest.raises(ValueError, match="split"):
         measures.backbone_probe(encoder, data_dir, split="test-ish")
+
+
+def test_ensure_run_waits_for_a_run_another_process_is_training(tmp_path, tiny_dir):
+    """Two notebooks asking for one run at once: the second waits for the first's lock, then
+    reads the finished run instead of failing or training it again.  Here the test holds the
+    lock as the first trainer would, and finishes the run once a subprocess says it waits."""
+    import subprocess
+    import sys
+
+    from mixer_lite.files import folder_lock
+    from mixer_lite.train import config_from
+
+    run = tmp_path / "r"
+    code = ("import json, sys; from mixer_lite.runcache import ensure_run; "
+            f"print(json.dumps(ensure_run({str(tiny_dir[0])!r}, 'r', ['--seed=2'], "
+            f"runs={str(tmp_path)!r})))")
+    with folder_lock(run, "train"):
+        waiting = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        seen = []
+        while not any("waiting for it to end" in line for line in seen):  # blocked on the lock
+            seen.append(waiting.stderr.readline())
+            assert seen[-1], "".join(seen)[-2000:]  # it ended instead of waiting
+        stamp = dataclasses.asdict(config_from("tiny-cpu", ["--seed=2"]))
+        (run / "config.json").write_text(json.dumps({"train": stamp, "steps": 7}))
+        (run / "eval.json").write_text(json.dumps({"recall@10": 0.25}))
+        (run / "seconds.json").write_text("12.5")
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err[-2000:]
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["recall@10"] == 0.25 and got["steps"] == 7 and got["seconds"] == 12.5
+    assert not (run / "checkpoints").exists()  # it never trained
