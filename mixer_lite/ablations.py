@@ -78,8 +78,11 @@ def recipe_overrides(varied: dict | None = None, extra: list[str] = ()) -> list[
 
 
 def run_name(preset: str, slug: str, seed: int) -> str:
-    """The cache folder name of a reproduction row: ``<preset>-<slug>-s<seed>``."""
-    return f"{preset}-{ROWS[slug].slug}-s{seed}"
+    """The cache folder name of a reproduction row: ``<preset>-<slug>-s<seed>`` (an unknown
+    slug is a ``KeyError``)."""
+    if slug not in ROWS:
+        raise KeyError(f"unknown row {slug!r}; rows: {', '.join(ROWS)}")
+    return f"{preset}-{slug}-s{seed}"
 
 
 def row_overrides(data_dir: str | Path, slug: str, seed: int) -> list[str]:
