@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-kernels reproduce clean
+.PHONY: install renderer demo test test-kernels reproduce data-icons clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,14 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# librsvg's rsvg-convert draws the icon sets' SVG files (the icons dataset and its tests):
+# installed from Debian's packages when missing, through sudo unless root.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_RSVG := $(SUDO) apt-get install -y -qq --no-install-recommends librsvg2-bin
+renderer:
+	@command -v rsvg-convert >/dev/null || $(APT_RSVG) || \
+		($(SUDO) apt-get update -qq && $(APT_RSVG))
 
 # CONFIG=scratch-cpu: the same job with the image encoder trained from random weights, into
 # its own run and reports folders.
@@ -25,7 +33,7 @@ demo: $(STAMP)
 # The suite on TEST_WORKERS processes (pytest-xdist); the notebooks one after another, since
 # they share the cached runs in runs/experiments/.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) renderer
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 	MIXER_LITE_FAST=1 $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
 
@@ -40,9 +48,18 @@ test-kernels: $(STAMP)
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MIXER_LITE_TEST_THREADS=2 \
 		$(PY) -m pytest -q -p no:xdist $(NUMERICS_TESTS)
 
+# The icons dataset (real drawings by 18 icon sets' designers, mixer_lite/icons.py): installs
+# the sets by package name (npm into data/.icon-packages, Debian's themes and librsvg with
+# apt-get, through sudo unless root), then writes data/icons. `make reproduce PRESET=icons`
+# does the same when data/icons is missing.
+data-icons: $(STAMP)
+	$(PY) -m mixer_lite.icon_sources
+	test -e data/icons/docs.jsonl || $(PY) -m mixer_lite.cli make-data --source icons \
+		--out data/icons --workers 2
+
 # The README's reproduction table on SynthShop small, built from the records in
 # results/reproduce/ (a missing one is trained and written, so an interrupted table resumes).
-# PRESET=tiny for a quick version; SEEDS=0,1,2 for three seeds; ROWS=mixer,infonce for some
+# PRESET=tiny for a quick version, PRESET=icons for the icons dataset (after make data-icons); SEEDS=0,1,2 for three seeds; ROWS=mixer,infonce for some
 # rows (default: all); RETRAIN=1 to measure every run again instead of reading the records.
 PRESET ?= small
 SEEDS ?= 0
@@ -53,4 +70,4 @@ reproduce: $(STAMP)
 		$(if $(RETRAIN),--retrain)
 
 clean:
-	rm -rf reports reports-* runs data/synth-*
+	rm -rf reports reports-* runs data/synth-* data/icons

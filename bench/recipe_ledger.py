@@ -6,12 +6,14 @@ behind docs/EXPERIMENTS.md, "The classification recipe, chosen on validation pho
 
 Each step is (label, slug, the settings it varies from the earlier recipe,
 ``mixer_lite.ablations.EARLIER_RECIPE``); its run is ``runs/experiments/recipe-<slug>``
-(``-s<seed>`` for a seed other than 0), trained once and read back.  The step prints its
+(``-s<seed>`` for a seed other than 0; ``<folder>-recipe-<slug>`` on another dataset than
+SynthShop ``small``), trained once and read back.  The step prints its
 validation Recall@1/10 (the test queries are never read).  About 10 minutes a step on 2 cores.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mixer_lite.ablations import recipe_overrides
 from mixer_lite.runcache import ensure_data, ensure_run
@@ -43,6 +45,10 @@ STEPS: list[tuple[str, str, dict]] = [
      {**_COS20, "model.concept_text": "gated"}),
     ("cos20 with flip-and-shift augmentation of both domains", "aug", _AUG),
     ("aug, twice the steps (7 epochs)", "long", {**_AUG, "epochs": "7"}),
+    ("aug, fused concepts keep the text (residual)", "aug-residual",
+     {**_AUG, "model.concept_text": "residual"}),
+    ("aug, fused concepts keep a learned share of the text (from 0)", "aug-gated",
+     {**_AUG, "model.concept_text": "gated"}),
     ("InfoNCE on click pairs without augmentation (its better setting), 434 steps",
      "infonce-long", {**_COS20, "loss": "infonce", "steps": "434"}),
     ("InfoNCE on click pairs without augmentation, twice the row's images (388 steps)",
@@ -88,7 +94,8 @@ def main() -> None:
     print("| step | validation Recall@1 (%) | validation Recall@10 (%) |\n|---|---|---|")
     for slug in args.steps.split(","):
         label, varied = by_slug[slug]
-        name = f"recipe-{slug}" + (f"-s{args.seed}" if args.seed else "")
+        name = (f"{Path(args.data).name}-" if args.data else "") + f"recipe-{slug}" + \
+            (f"-s{args.seed}" if args.seed else "")
         val = ensure_run(data, name, recipe_overrides(varied, [f"--seed={args.seed}"]))["validation"]
         print(f"| {label} | {100 * val['val_recall@1']:.1f} | {100 * val['val_recall@10']:.1f} |")
 

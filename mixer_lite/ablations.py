@@ -4,7 +4,8 @@ log starts from: settings only (what trains them is :mod:`mixer_lite.runcache`).
 Each row (:data:`ROWS`) is a training override of the ``tiny-cpu`` preset on the same data and
 clicks:
 
-* the shipped pretrained image encoder vs the same encoder from scratch;
+* the shipped pretrained image encoder vs random weights, in the same recipe and in the
+  recipe chosen for them (``scratch``: 32 px, more epochs);
 * separate vs shared transforms (domain gap);
 * concept fusion vs image-only, text-only and concat fusion;
 * classification (CosFace, ArcFace, sampled centres) vs InfoNCE and triplet on the same clicks;
@@ -46,6 +47,8 @@ class Row:
 ROWS: dict[str, Row] = {row.slug: row for row in (
     Row("mixer", "Mixer (concept fusion, CosFace)", ()),
     Row("scratch", "Mixer, image encoder from scratch", FROM_SCRATCH),
+    Row("random_weights", "Mixer, image encoder from random weights (same recipe)",
+        ("--model.image_weights=none",)),
     Row("softmax_attention", "Mixer, softmax attention over regions",
         ("--model.concept_attention=softmax",)),
     Row("shared", "shared transform (no domain split)", ("--model.shared_transform=true",)),

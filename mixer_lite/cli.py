@@ -10,10 +10,18 @@ import sys
 
 
 def _cmd_make_data(args) -> int:
-    from .synthshop import make_synthshop
+    if args.source == "icons":
+        from .icons import make_icons
 
-    stats = make_synthshop(args.out, preset=args.preset, seed=args.seed, workers=args.workers,
-                           progress=not args.quiet)
+        chosen = {"max_concepts": args.max_concepts, "sets": args.sets}
+        stats = make_icons(args.out, npm_root=args.npm_root, theme_root=args.theme_root,
+                           seed=args.seed, workers=args.workers, progress=not args.quiet,
+                           **{k: v for k, v in chosen.items() if v})
+    else:
+        from .synthshop import make_synthshop
+
+        stats = make_synthshop(args.out, preset=args.preset, seed=args.seed,
+                               workers=args.workers, progress=not args.quiet)
     print(json.dumps(stats))
     return 0
 
@@ -255,9 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixer-lite", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("make-data", help="generate a SynthShop dataset folder")
+    s = sub.add_parser("make-data", help="write a built-in dataset folder: SynthShop, or the "
+                                         "icons dataset from installed icon sets")
     s.add_argument("--out", required=True, help="new (or empty) folder to write")
-    s.add_argument("--preset", default="small", choices=["tiny", "small", "large"])
+    s.add_argument("--source", default="synthshop", choices=["synthshop", "icons"])
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "large"],
+                   help="SynthShop's size")
+    s.add_argument("--npm-root", default="data/.icon-packages/node_modules",
+                   help="icons: where the npm icon sets are installed")
+    s.add_argument("--theme-root", default="/usr/share/icons",
+                   help="icons: where the Debian icon themes are installed")
+    s.add_argument("--max-concepts", type=_positive_int, default=None,
+                   help="icons: a seeded sample of this many concepts (default: all)")
+    s.add_argument("--sets", type=lambda text: tuple(text.split(",")), default=None,
+                   help="icons: comma-separated icon sets to read (default: all 18)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=1, help="processes rendering images")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

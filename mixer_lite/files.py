@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -168,3 +169,26 @@ def folder_lock(folder: str | Path, what: str, wait: bool = False):
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def build_new_folder(out: str | Path, what: str, write):
+    """Fill the new folder ``out`` by ``write(folder)`` and return what it returns.
+
+    ``out`` must be new or empty: an existing dataset is never overwritten.  The files go to a
+    hidden sibling, renamed into place when whole: a killed run leaves no half folder under the
+    name asked for, and the next run starts that sibling afresh."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new folder")
+    partial = out.parent / f".{out.name}.partial"
+    check_writable(partial, "folder")
+    with folder_lock(partial, what):
+        for stale in partial.iterdir():
+            if stale.name != LOCK_FILE:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        result = write(partial)
+        (partial / LOCK_FILE).unlink()
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(partial, out)
+    return result

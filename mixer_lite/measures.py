@@ -46,6 +46,11 @@ def pooled_features(encoder, images: ImageTable, batch_size: int = 256) -> np.nd
     return torch.cat(out).numpy()
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (cosine search); an all-zero row stays zero."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def image_encoder_from(image_weights: str, seed: int = 0, vit_dim: int = 128):
     """A ``cnn`` image encoder with ``image_weights`` loaded (``"none"``: seeded random init)."""
     cfg = ModelConfig(image_encoder="cnn", vit_dim=vit_dim, image_weights=image_weights)
@@ -98,8 +103,7 @@ def backbone_probe(encoder, data_dir: str | Path, n_train: int = 3000, seed: int
     docs_of: dict[str, set[int]] = {}
     for row, d in enumerate(data.doc_ids):
         docs_of.setdefault(truth[d], set()).add(row)
-    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    _, ranked = exact_search(unit(docs), unit(feats["eval"]), 10)
+    _, ranked = exact_search(unit_rows(docs), unit_rows(feats["eval"]), 10)
     out["photo_to_doc_recall@10"] = ranking_metrics(
         ranked, [docs_of[product_of[r]] for r in eval_rows], ks=(10,))["recall@10"]
     n = min(len(eval_rows), 500)
@@ -331,6 +335,21 @@ def evaluate_untrained(data, seed: int = 0, overrides: list[str] = ()) -> dict:
     cfg = config_from("tiny-cpu", [f"--seed={seed}", *overrides])
     samples, _ = make_samples(data, cfg)  # the scratch tokenizer's vocabulary comes from them
     return evaluate_model(build_model(data, samples, cfg), data)
+
+
+@torch.no_grad()
+def evaluate_frozen_backbone(data, image_weights: str = "openclipart-cnn", seed: int = 0,
+                             size: int = 64) -> dict:
+    """Test metrics of the image encoder alone, frozen: docs and photos embedded by its pooled
+    features (no transform, no text, no training), searched by cosine.  The floor fine-tuning
+    must beat: what the pretrained weights already know of the data."""
+    from .retrieval import evaluate_embeddings, judged_query_rows
+
+    encoder = image_encoder_from(image_weights, seed)
+    rows = judged_query_rows(data)
+    docs = pooled_features(encoder, ImageTable(image_paths(data, "docs"), size))
+    queries = pooled_features(encoder, ImageTable(image_paths(data, "queries", rows), size))
+    return evaluate_embeddings(data, unit_rows(docs), unit_rows(queries), rows)
 
 
 @torch.no_grad()

@@ -3,9 +3,12 @@
 ``python -m mixer_lite.reproduce [--preset small] [--seeds 0,1,2] [--out FILE.json] [--retrain]``
 
 Each row of :data:`mixer_lite.ablations.ROWS` is trained with every seed, evaluated on the
-test queries, and printed as a markdown table of mean ± standard deviation over seeds, with two
-floors last: the Mixer model at its initial weights (per seed, no training step) and the
-raw-pixel baseline (no learning, no seed).
+test queries, and printed as a markdown table of mean ± standard deviation over seeds,
+with the floors last: the Mixer model at its initial weights (per seed, no training step), the shipped
+image backbone frozen (its pooled features searched by cosine: what fine-tuning must add to),
+and two raw-pixel baselines (no learning, no seed): each image centred on its mean value, and
+each side (docs, queries) centred on its mean image, a strong simple reference on drawings.
+``--preset icons`` measures the same rows on the icons dataset (:mod:`mixer_lite.icons`).
 
 **Records.**  Every measurement behind the table is kept in the repository, one JSON file per
 run under ``results/reproduce/<preset>/``: the row, seed, overrides, the whole resolved config,
@@ -33,8 +36,8 @@ import numpy as np
 from .config import as_json, config_diff
 from .dataset import data_fingerprint, load_dataset
 from .ablations import METRICS, ROWS, row_overrides, run_name
-from .measures import evaluate_untrained
-from .runcache import ensure_data, ensure_row, repo_root
+from .measures import evaluate_frozen_backbone, evaluate_untrained
+from .runcache import ICONS, ensure_data, ensure_row, repo_root
 from .files import write_json
 from .retrieval import evaluate_raw_pixels
 from .runs import environment
@@ -42,6 +45,14 @@ from .train import config_from
 
 UNTRAINED = "Mixer untrained (initial weights)"
 RAW_PIXELS = "raw pixels (no learning)"
+MEAN_IMAGE = "raw pixels minus the mean image (no learning)"
+FROZEN = "shipped backbone, frozen (no training)"
+# The floors measured once per dataset (no seed): record name suffix, measurement.
+FLOORS = {
+    FROZEN: ("frozen_backbone", lambda data: evaluate_frozen_backbone(data)),
+    RAW_PIXELS: ("raw_pixels", lambda data: evaluate_raw_pixels(data)),
+    MEAN_IMAGE: ("mean_image_pixels", lambda data: evaluate_raw_pixels(data, mean_image=True)),
+}
 
 
 def records_dir(preset: str, root: str | Path | None = None) -> Path:
@@ -138,9 +149,9 @@ def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None,
                  {"row": UNTRAINED, "seed": s, "data": fingerprint,
                   "config": config_from("tiny-cpu", [f"--seed={s}"])},
                  lambda s=s: {"metrics": evaluate_untrained(dataset(), s)}, retrain)
-    recorded(folder / f"{_floor_name(preset, RAW_PIXELS)}.json",
-             {"row": RAW_PIXELS, "data": fingerprint},
-             lambda: {"metrics": evaluate_raw_pixels(dataset())}, retrain)
+    for row, (_, measure) in FLOORS.items():
+        recorded(folder / f"{_floor_name(preset, row)}.json", {"row": row, "data": fingerprint},
+                 lambda measure=measure: {"metrics": measure(dataset())}, retrain)
     result = collect(preset, seeds, records, rows)
     result["seconds"] = round(time.time() - t0, 1)
     if out:
@@ -149,7 +160,7 @@ def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None,
 
 
 def _floor_name(preset: str, row: str, seed: int | None = None) -> str:
-    return f"{preset}-untrained-s{seed}" if row == UNTRAINED else f"{preset}-raw_pixels"
+    return f"{preset}-untrained-s{seed}" if row == UNTRAINED else f"{preset}-{FLOORS[row][0]}"
 
 
 def collect(preset: str, seeds, records: str | Path | None = None,
@@ -157,7 +168,8 @@ def collect(preset: str, seeds, records: str | Path | None = None,
     """The table from the records alone (no data, no training): what :func:`reproduce` prints.
 
     The row slugs ``rows`` (all of :data:`ROWS` by default) in :data:`ROWS` order, each under
-    its label, then the untrained floor (one value a seed) and raw pixels (one value);
+    its label, then the untrained floor (one value a seed) and the :data:`FLOORS` (one value
+    each);
     ``train_seconds`` sums the rows' recorded training times.
     """
     folder = records_dir(preset, records)
@@ -165,7 +177,7 @@ def collect(preset: str, seeds, records: str | Path | None = None,
     names = [(row.label, run_name(preset, slug, s)) for slug, row in ROWS.items() if slug in rows
              for s in seeds]
     names += [(UNTRAINED, _floor_name(preset, UNTRAINED, s)) for s in seeds]
-    names.append((RAW_PIXELS, _floor_name(preset, RAW_PIXELS)))
+    names += [(row, _floor_name(preset, row)) for row in FLOORS]
     table, train_seconds = {}, 0.0
     for row, name in names:
         path = folder / f"{name}.json"
@@ -206,7 +218,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     result = reproduce(a.preset, [int(s) for s in a.seeds.split(",")], a.out, a.retrain,
                        rows=select_rows(a.rows))
-    print(f"SynthShop {result['preset']}, seeds {result['seeds']}, metrics in % "
+    name = "the icons dataset" if a.preset == ICONS else f"SynthShop {a.preset}"
+    print(f"{name}, seeds {result['seeds']}, metrics in % "
           f"(mean ± std over seeds); the runs took {result['train_seconds'] / 60:.0f} min to "
           f"train (as recorded when each was trained), this table {result['seconds']:.0f} s:")
     print(markdown(result))

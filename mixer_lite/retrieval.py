@@ -78,15 +78,18 @@ def embed_docs(model, images, texts: list[str], batch_size: int = 256, device="c
                        batch_stats)
 
 
-def raw_pixel_embeddings(images, side: int = 16, batch_size: int = 1024) -> np.ndarray:
-    """The no-learning baseline: images shrunk to ``side`` x ``side``, centred, unit norm."""
+def raw_pixel_embeddings(images, side: int = 16, batch_size: int = 1024,
+                         mean_image: bool = False) -> np.ndarray:
+    """The no-learning baselines: images shrunk to ``side`` x ``side``, unit norm, each centred
+    on its own mean pixel value, or (``mean_image``) on the collection's mean image: the part
+    every picture of the collection shares (a white ground, a photo's surface) taken away."""
     out = []
     for lo in range(0, len(images), batch_size):
         x = images[np.arange(lo, min(lo + batch_size, len(images)))].float() / 255.0
-        x = torch.nn.functional.adaptive_avg_pool2d(x, side).flatten(1)
-        x = x - x.mean(dim=1, keepdim=True)
-        out.append(torch.nn.functional.normalize(x, dim=1))
-    return torch.cat(out).numpy()
+        out.append(torch.nn.functional.adaptive_avg_pool2d(x, side).flatten(1))
+    x = torch.cat(out)
+    x = x - (x.mean(dim=0, keepdim=True) if mean_image else x.mean(dim=1, keepdim=True))
+    return torch.nn.functional.normalize(x, dim=1).numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,13 +300,17 @@ def evaluate_model(model, data, device="cpu", batch_size: int = 256, index_kind:
     return evaluate_embeddings(data, doc_emb, query_emb, rows, index_kind)
 
 
-def evaluate_raw_pixels(data, size: int = 64, side: int = 16, index_kind: str = "flat") -> dict:
-    """The no-learning baseline in the same evaluator: raw pixels for queries and docs alike."""
+def evaluate_raw_pixels(data, size: int = 64, side: int = 16, index_kind: str = "flat",
+                        mean_image: bool = False) -> dict:
+    """The no-learning baseline in the same evaluator: raw pixels for queries and docs alike;
+    with ``mean_image``, docs centred on the docs' mean image and queries on the queries'."""
     from .dataset import ImageTable, image_paths
 
     rows = judged_query_rows(data)
-    docs = raw_pixel_embeddings(ImageTable(image_paths(data, "docs"), size), side)
-    queries = raw_pixel_embeddings(ImageTable(image_paths(data, "queries", rows), size), side)
+    docs = raw_pixel_embeddings(ImageTable(image_paths(data, "docs"), size), side,
+                                mean_image=mean_image)
+    queries = raw_pixel_embeddings(ImageTable(image_paths(data, "queries", rows), size), side,
+                                   mean_image=mean_image)
     return evaluate_embeddings(data, docs, queries, rows, index_kind)
 
 

@@ -16,8 +16,12 @@ from pathlib import Path
 from .ablations import row_overrides, run_name
 from .files import FolderBusy, folder_lock, read_log
 from .runs import refuse_other_run
+from .icons import make_icons
 from .synthshop import make_synthshop
 from .train import config_from, train
+
+
+ICONS = "icons"  # the preset name of the icons dataset (:mod:`mixer_lite.icons`)
 
 
 def repo_root() -> Path:
@@ -27,10 +31,18 @@ def repo_root() -> Path:
 
 
 def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None) -> Path:
-    """``data/synth-<preset>`` (generated once; every later call reads the same folder)."""
-    out = Path(root or repo_root() / "data") / f"synth-{preset}"
+    """The dataset folder of ``preset``, made once; every later call reads the same folder:
+    ``data/synth-<preset>`` for a SynthShop preset, ``data/icons`` for ``icons`` (built from
+    the icon sets installed as ``make data-icons`` does)."""
+    base = Path(root or repo_root() / "data")
+    out = base / ("icons" if preset == ICONS else f"synth-{preset}")
+    workers = min(2, os.cpu_count() or 1)
     if not (out / "docs.jsonl").exists():
-        make_synthshop(out, preset=preset, seed=seed, workers=min(2, os.cpu_count() or 1))
+        if preset == ICONS:
+            make_icons(out, npm_root=base / ".icon-packages" / "node_modules", seed=seed,
+                       workers=workers)
+        else:
+            make_synthshop(out, preset=preset, seed=seed, workers=workers)
     return out
 
 

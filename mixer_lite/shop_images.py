@@ -67,7 +67,7 @@ def user_photo(obj: Image.Image, rng: np.random.Generator, size: int, gap: float
     src = np.array([[0, 0], [CANVAS, 0], [CANVAS, CANVAS], [0, CANVAS]], dtype=np.float64)
     dst = src + rng.uniform(-k, k, size=(4, 2))
     canvas = canvas.transform((CANVAS, CANVAS), Image.PERSPECTIVE,
-                              _perspective_coeffs(src, dst), Image.BILINEAR)
+                              perspective_coeffs(src, dst), Image.BILINEAR)
     if rng.random() < 0.5 * min(1.0, gap):  # partial occlusion: a thumb, a bag strap, a cup...
         d = ImageDraw.Draw(canvas)
         w, h = (rng.uniform(0.15, 0.35, size=2) * CANVAS).astype(int)
@@ -86,7 +86,7 @@ def user_photo(obj: Image.Image, rng: np.random.Generator, size: int, gap: float
     return img
 
 
-def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
+def perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
     """Coefficients PIL wants: they map output (src) corners to input (dst) corners."""
     a = []
     for (x, y), (u, v) in zip(src, dst):

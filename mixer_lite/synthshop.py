@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .files import LOCK_FILE, check_writable, folder_lock
+from .files import build_new_folder
 from .shop_images import CANVAS, encode_image, studio_shot, user_photo
 from .synth_products import (ACCENT_NAMES, ACCENTS, BRANDS, CATEGORIES, CATEGORY_NAMES,
                              COLOUR_NAMES, COLOURS, PATTERN_NAMES, PATTERNS, SPAM_WORDS,
@@ -270,18 +269,8 @@ def _render_chunk(chunk: int) -> dict:
                 lines["qrels"].append({"query_id": query_id(q),
                                        "doc_ids": [doc_id(d) for d in docs]})
                 continue
-            counts: dict[int, int] = {}
-            for _ in range(1 + int(rng.poisson(cfg.clicks_per_query))):
-                u = rng.random()
-                if u < cfg.noise_confusable and len(look_alikes):
-                    other = int(look_alikes[rng.integers(len(look_alikes))])
-                    d = int(cat.doc_offset[other] + rng.integers(cat.n_docs[other]))
-                elif u < cfg.noise_confusable + cfg.noise_random:
-                    other = int(train_products[rng.integers(len(train_products))])
-                    d = int(cat.doc_offset[other] + rng.integers(cat.n_docs[other]))
-                else:
-                    d = docs[int(rng.choice(len(docs), p=seller_w))]
-                counts[d] = counts.get(d, 0) + 1
+            counts = click_counts(rng, cfg, docs, seller_w, look_alikes, train_products,
+                                  cat.doc_offset, cat.n_docs)
             for d, c in counts.items():
                 lines["clicks"].append({"query_id": query_id(q), "doc_id": doc_id(d), "count": c})
                 stats["click_events"] += c
@@ -297,6 +286,62 @@ def _render_chunk(chunk: int) -> dict:
             "popularity_rank": int(cat.popularity_rank[p]), "split": split})
     return {"lines": {k: "".join(json.dumps(r, separators=(", ", ": ")) + "\n" for r in v)
                       for k, v in lines.items()}, "stats": stats}
+
+
+def click_counts(rng: np.random.Generator, cfg, docs: list[int], seller_w: np.ndarray,
+                 look_alikes: np.ndarray, train_items: np.ndarray, doc_offset: np.ndarray,
+                 n_docs: np.ndarray) -> dict[int, int]:
+    """One train query's clicks, doc -> count: ``1 + Poisson(cfg.clicks_per_query)`` events,
+    each on a look-alike item's doc (``cfg.noise_confusable``), a random train item's doc
+    (``cfg.noise_random``), or else one of the query's own ``docs``, the first sellers favoured
+    by ``seller_w`` (exposure bias).  Items' docs are ``doc_offset[i] + range(n_docs[i])``."""
+    counts: dict[int, int] = {}
+    for _ in range(1 + int(rng.poisson(cfg.clicks_per_query))):
+        u = rng.random()
+        if u < cfg.noise_confusable and len(look_alikes):
+            other = int(look_alikes[rng.integers(len(look_alikes))])
+            d = int(doc_offset[other] + rng.integers(n_docs[other]))
+        elif u < cfg.noise_confusable + cfg.noise_random:
+            other = int(train_items[rng.integers(len(train_items))])
+            d = int(doc_offset[other] + rng.integers(n_docs[other]))
+        else:
+            d = docs[int(rng.choice(len(docs), p=seller_w))]
+        counts[d] = counts.get(d, 0) + 1
+    return counts
+
+
+def write_chunks(out: Path, outputs: dict[str, str], render_chunk, n_chunks: int, workers: int,
+                 init, initargs: tuple, n_images: int, desc: str, progress: bool) -> dict:
+    """Run ``render_chunk(i)`` for every chunk, in ``workers`` forked processes (each set up by
+    ``init(*initargs)``), and append the chunks' lines, in chunk order, to the files
+    ``outputs`` names (key -> path under ``out``).  The files are written as ``.part`` and
+    renamed when whole.  Returns the chunks' ``stats`` summed."""
+    files = {k: open(out / (v + ".part"), "w", encoding="utf-8") for k, v in outputs.items()}
+    totals: dict = {}
+    pool = None
+    try:
+        if workers > 1:
+            pool = get_context("fork").Pool(workers, initializer=init, initargs=initargs)
+            results = pool.imap(render_chunk, range(n_chunks))
+        else:
+            init(*initargs)
+            results = map(render_chunk, range(n_chunks))
+        with tqdm(total=n_images, unit="img", desc=desc, disable=not progress) as bar:
+            for res in results:
+                for k, text in res["lines"].items():
+                    files[k].write(text)
+                for k, v in res["stats"].items():
+                    totals[k] = totals.get(k, 0) + v
+                bar.update(res["stats"]["images"])
+    finally:
+        for f in files.values():
+            f.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    for v in outputs.values():  # the jsonl files appear only once complete
+        os.replace(out / (v + ".part"), out / v)
+    return totals
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -326,23 +371,9 @@ def make_synthshop(out: str | os.PathLike, preset: str = "small", seed: int = 0,
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed must be a whole number >= 0, got {seed!r}")
     cfg = dataclasses.replace(PRESETS[preset], **overrides)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new folder")
-    # Written into a hidden sibling, renamed into place when whole: a killed run leaves no
-    # half dataset under the name asked for, and the next run starts that sibling afresh.
-    partial = out.parent / f".{out.name}.partial"
-    check_writable(partial, "folder")
-    with folder_lock(partial, "make-data"):
-        for stale in partial.iterdir():
-            if stale.name != LOCK_FILE:
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        stats = _write_synthshop(partial, cfg, preset, seed, workers, progress)
-        (partial / LOCK_FILE).unlink()
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(partial, out)
-    return stats
+    return build_new_folder(out, "make-data",
+                            lambda partial: _write_synthshop(partial, cfg, preset, seed, workers,
+                                                             progress))
 
 
 def _write_synthshop(out: Path, cfg: SynthConfig, preset: str, seed: int, workers: int,
@@ -350,52 +381,37 @@ def _write_synthshop(out: Path, cfg: SynthConfig, preset: str, seed: int, worker
     for sub in ("images/docs", "images/queries", "_truth"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     cat = build_catalogue(cfg, seed)
-    n_chunks = math.ceil(cfg.n_products / cfg.chunk_products)
-    files = {k: open(out / (v + ".part"), "w", encoding="utf-8") for k, v in _OUTPUTS.items()}
-    totals = {"click_events": 0, "noise_events": 0, "images": 0}
-    initargs = (cfg, cat, seed, str(out))
-    try:
-        if workers > 1:
-            pool = get_context("fork").Pool(workers, initializer=_init_worker, initargs=initargs)
-            results = pool.imap(_render_chunk, range(n_chunks))
-        else:
-            pool = None
-            _init_worker(*initargs)
-            results = map(_render_chunk, range(n_chunks))
-        bar = tqdm(total=int(cat.n_docs.sum() + cat.n_queries.sum()), unit="img",
-                   desc=f"synthshop {preset}", disable=not progress)
-        for res in results:
-            for k, text in res["lines"].items():
-                files[k].write(text)
-            for k, v in res["stats"].items():
-                totals[k] += v
-            bar.update(res["stats"]["images"])
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    finally:
-        for f in files.values():
-            f.close()
-    for k, v in _OUTPUTS.items():  # the jsonl files appear only once complete
-        os.replace(out / (v + ".part"), out / v)
-    stats = {
-        "preset": preset, "seed": seed,
-        "products": cfg.n_products, "docs": int(cat.n_docs.sum()),
-        "train_queries": int(cat.n_queries[~cat.is_test].sum()),
-        "test_queries": int(cat.n_queries[cat.is_test].sum()),
+    totals = write_chunks(out, _OUTPUTS, _render_chunk, math.ceil(cfg.n_products /
+                                                                   cfg.chunk_products),
+                          workers, _init_worker, (cfg, cat, seed, str(out)),
+                          int(cat.n_docs.sum() + cat.n_queries.sum()), f"synthshop {preset}",
+                          progress)
+    stats = {"preset": preset, "seed": seed, "products": cfg.n_products,
+             **click_log_stats(cfg, cat, totals)}
+    (out / "_truth" / "config.json").write_text(
+        json.dumps({"preset": preset, "seed": seed, **dataclasses.asdict(cfg)}, indent=2) + "\n")
+    (out / "_truth" / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def click_log_stats(cfg, items, totals: dict) -> dict:
+    """What a generated log measures: docs and queries, click events, the noise share and the
+    Zipf exponent measured against those asked for.  ``items`` has per item (product, concept)
+    ``n_docs``, ``n_queries``, ``is_test`` and ``popularity_rank``; ``totals`` the summed
+    ``click_events`` and ``noise_events``."""
+    train = ~items.is_test
+    return {
+        "docs": int(items.n_docs.sum()),
+        "train_queries": int(items.n_queries[train].sum()),
+        "test_queries": int(items.n_queries[items.is_test].sum()),
         "click_events": totals["click_events"],
         "noise_share_requested": cfg.noise_confusable + cfg.noise_random,
         "noise_share_measured": totals["noise_events"] / max(1, totals["click_events"]),
         "zipf_exponent_requested": cfg.zipf_exponent,
         "zipf_exponent_measured": zipf_exponent_mle(
-            np.repeat(cat.popularity_rank[~cat.is_test], cat.n_queries[~cat.is_test]),
-            np.sort(cat.popularity_rank[~cat.is_test])),
+            np.repeat(items.popularity_rank[train], items.n_queries[train]),
+            np.sort(items.popularity_rank[train])),
     }
-    (out / "_truth" / "config.json").write_text(
-        json.dumps({"preset": preset, "seed": seed, **dataclasses.asdict(cfg)}, indent=2) + "\n")
-    (out / "_truth" / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
 
 
 def zipf_exponent_mle(ranks: np.ndarray, support: np.ndarray) -> float:

@@ -336,3 +336,32 @@ def test_ensure_run_waits_for_a_run_another_process_is_training(tmp_path, tiny_d
     got = json.loads(out.strip().splitlines()[-1])
     assert got["recall@10"] == 0.25 and got["steps"] == 7 and got["seconds"] == 12.5
     assert not (run / "checkpoints").exists()  # it never trained
+
+
+def test_frozen_backbone_floor_matches_brute_force_over_qrels(tiny_dir, tiny_data):
+    """The frozen backbone's Recall@10 and mAP@10, against the shipped encoder's pooled features
+    computed here, ranked with numpy and scored with qrels.jsonl read straight from the file."""
+    from mixer_lite.dataset import load_images
+    from mixer_lite.encoders import normalise_pixels
+
+    got = measures.evaluate_frozen_backbone(tiny_data)
+    encoder = measures.image_encoder_from("openclipart-cnn").eval()
+    with open(tiny_dir[0] / "qrels.jsonl") as f:
+        qrels = {r["query_id"]: set(r["doc_ids"]) for r in map(json.loads, f)}
+    rows = [tiny_data.query_row[q] for q in sorted(qrels, key=tiny_data.query_row.get)]
+    with torch.no_grad():
+        doc_rows = np.arange(len(tiny_data.docs))
+        d = encoder(normalise_pixels(load_images(tiny_data, "docs", doc_rows, 64)))[1].numpy()
+        q = encoder(normalise_pixels(load_images(tiny_data, "queries", rows, 64)))[1].numpy()
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    hits, aps = [], []
+    for row, qi in zip(rows, q):
+        top = [tiny_data.doc_ids[j] for j in np.argsort(-(d @ qi), kind="stable")[:10]]
+        rel = qrels[tiny_data.query_ids[row]]
+        hits.append(any(t in rel for t in top))
+        found = [k for k, t in enumerate(top, 1) if t in rel]
+        aps.append(sum((i + 1) / k for i, k in enumerate(found)) / min(len(rel), 10))
+    assert got["queries"] == len(qrels)
+    assert got["recall@10"] == pytest.approx(np.mean(hits), abs=1.5 / len(qrels))
+    assert got["map@10"] == pytest.approx(np.mean(aps), abs=0.01)

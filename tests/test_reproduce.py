@@ -11,7 +11,7 @@ from mixer_lite import reproduce as rp
 from mixer_lite.dataset import FILES
 from mixer_lite.config import config_diff
 from mixer_lite.ablations import ROWS, run_name
-from mixer_lite.runcache import ensure_row
+from mixer_lite.runcache import ICONS, ensure_row
 from mixer_lite.runs import torch_threads
 from mixer_lite.train import config_from
 
@@ -25,7 +25,7 @@ def _metrics(value: float) -> dict:
 @pytest.fixture
 def fake_measurements(monkeypatch, tiny_dir):
     """Training and evaluation replaced by known numbers, each call counted."""
-    calls = {"train": 0, "untrained": 0, "raw": 0}
+    calls = {"train": 0, "untrained": 0, "floors": 0}
 
     def ensure_row(data_dir, preset, slug, seed):
         calls["train"] += 1
@@ -36,22 +36,27 @@ def fake_measurements(monkeypatch, tiny_dir):
         calls["untrained"] += 1
         return _metrics(0.02 * (seed + 1))
 
-    def raw(data):
-        calls["raw"] += 1
-        return _metrics(0.05)
+    def raw(data, mean_image=False):
+        calls["floors"] += 1
+        return _metrics(0.07 if mean_image else 0.05)
+
+    def frozen(data):
+        calls["floors"] += 1
+        return _metrics(0.09)
 
     monkeypatch.setattr(rp, "ensure_data", lambda preset, seed: tiny_dir[0])
     monkeypatch.setattr(rp, "ensure_row", ensure_row)
     monkeypatch.setattr(rp, "evaluate_untrained", untrained)
     monkeypatch.setattr(rp, "evaluate_raw_pixels", raw)
+    monkeypatch.setattr(rp, "evaluate_frozen_backbone", frozen)
     return calls
 
 
 def test_records_are_measured_once_then_read(tmp_path, fake_measurements):
     first = rp.reproduce("tiny", seeds=(0, 1), records=tmp_path)
-    assert fake_measurements == {"train": 2 * len(ROWS), "untrained": 2, "raw": 1}
+    assert fake_measurements == {"train": 2 * len(ROWS), "untrained": 2, "floors": 3}
     files = sorted(p.name for p in (tmp_path / "tiny").iterdir())
-    assert len(files) == 2 * len(ROWS) + 3
+    assert len(files) == 2 * len(ROWS) + 2 + len(rp.FLOORS)
     mixer = json.loads((tmp_path / "tiny" / "tiny-mixer-s1.json").read_text())
     assert mixer["metrics"]["recall@10"] == pytest.approx(0.2)
     assert mixer["train_seconds"] == 60.0 and mixer["steps"] == 46 and "run" not in mixer
@@ -63,18 +68,20 @@ def test_records_are_measured_once_then_read(tmp_path, fake_measurements):
     assert first["rows"]["Mixer (concept fusion, CosFace)"]["recall@10"] == \
         pytest.approx([0.1, 0.2])
     assert first["rows"][rp.RAW_PIXELS]["recall@10"] == [0.05]
+    assert first["rows"][rp.MEAN_IMAGE]["recall@10"] == [0.07]
     assert first["train_seconds"] == 2 * len(ROWS) * 60.0
-    assert list(first["rows"])[-2:] == [rp.UNTRAINED, rp.RAW_PIXELS]
+    assert first["rows"][rp.FROZEN]["recall@10"] == [0.09]
+    assert list(first["rows"])[-4:] == [rp.UNTRAINED, rp.FROZEN, rp.RAW_PIXELS, rp.MEAN_IMAGE]
 
     again = rp.reproduce("tiny", seeds=(0, 1), records=tmp_path)  # nothing measured again
-    assert fake_measurements == {"train": 2 * len(ROWS), "untrained": 2, "raw": 1}
+    assert fake_measurements == {"train": 2 * len(ROWS), "untrained": 2, "floors": 3}
     assert again["rows"] == first["rows"] == rp.collect("tiny", (0, 1), tmp_path)["rows"]
 
     rp.reproduce("tiny", seeds=(0, 1, 2), records=tmp_path)  # only seed 2 is new
-    assert fake_measurements == {"train": 3 * len(ROWS), "untrained": 3, "raw": 1}
+    assert fake_measurements == {"train": 3 * len(ROWS), "untrained": 3, "floors": 3}
 
     rp.reproduce("tiny", seeds=(0,), records=tmp_path, retrain=True)
-    assert fake_measurements == {"train": 4 * len(ROWS), "untrained": 4, "raw": 2}
+    assert fake_measurements == {"train": 4 * len(ROWS), "untrained": 4, "floors": 6}
 
 
 def test_a_stale_record_is_refused_naming_the_difference(tmp_path, fake_measurements):
@@ -111,9 +118,9 @@ def test_a_subset_of_rows_is_measured_and_tabled_alone(tmp_path, fake_measuremen
     rows = rp.select_rows("mixer,infonce")
     assert rows == ["mixer", "infonce"]
     result = rp.reproduce("tiny", seeds=(0,), records=tmp_path, rows=rows)
-    assert fake_measurements == {"train": 2, "untrained": 1, "raw": 1}
+    assert fake_measurements == {"train": 2, "untrained": 1, "floors": 3}
     assert list(result["rows"]) == ["Mixer (concept fusion, CosFace)", "InfoNCE on click pairs",
-                                    rp.UNTRAINED, rp.RAW_PIXELS]
+                                    rp.UNTRAINED, *rp.FLOORS]
     with pytest.raises(ValueError, match="unknown row"):
         rp.select_rows("mixer,nonsense")
 
@@ -137,7 +144,8 @@ def test_the_committed_records_exist_and_are_not_stale():
         rec = json.loads(path.read_text())
         preset = path.parent.name
         data = rec["metrics"]["data"]["path"]  # relative to the repo: no machine's own path
-        assert not Path(data).is_absolute() and (ROOT / data).name == f"synth-{preset}", path
+        folder = "icons" if preset == ICONS else f"synth-{preset}"
+        assert not Path(data).is_absolute() and (ROOT / data).name == folder, path
         slug = {row.label: slug for slug, row in ROWS.items()}.get(rec["row"])
         if slug is not None:
             assert path.stem == run_name(preset, slug, rec["seed"])
@@ -147,7 +155,7 @@ def test_the_committed_records_exist_and_are_not_stale():
         elif rec["row"] == rp.UNTRAINED:
             cfg = config_from("tiny-cpu", [f"--seed={rec['seed']}"])
         else:
-            assert rec["row"] == rp.RAW_PIXELS
+            assert rec["row"] in rp.FLOORS
             continue
         assert config_diff(rec["config"], cfg) == [], \
             f"{path} was made under other defaults: run `make reproduce RETRAIN=1`"
@@ -171,7 +179,8 @@ def test_a_committed_record_is_what_the_code_measures_again(tmp_path, monkeypatc
     made_at = rp.read_record(committed / "tiny-mixer-s0.json")["measured_with"]["torch_threads"]
     with torch_threads(made_at):
         rp.reproduce("tiny", seeds=(0,), records=tmp_path, rows=rp.select_rows("mixer"))
-    for name in ("tiny-mixer-s0", "tiny-untrained-s0", "tiny-raw_pixels"):
+    for name in ("tiny-mixer-s0", "tiny-untrained-s0", "tiny-raw_pixels",
+                 "tiny-mean_image_pixels", "tiny-frozen_backbone"):
         old = rp.read_record(committed / f"{name}.json")
         new = rp.read_record(tmp_path / "tiny" / f"{name}.json")
         assert new["data"] == old["data"], "the committed record was made from other tiny data"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mixer_lite.retrieval import (build_index, exact_search, load_index, ranking_metrics,
+                                  raw_pixel_embeddings,
                                   recall_curve, save_index, search)
 
 
@@ -237,3 +238,17 @@ def test_per_category_recall_equals_a_brute_force_count():
     assert set(got) == set(expected) == {"hat", "mug"}
     for cat, (hits, n) in expected.items():
         assert got[cat] == {"recall@10": hits / n, "queries": n}
+
+
+@pytest.mark.parametrize("mean_image", [False, True])
+def test_raw_pixel_embeddings_against_numpy_block_means(mean_image):
+    """16 x 16 block means of 64 px images, centred on each image's mean value or on the
+    collection's mean image, unit norm; batches smaller than the collection change nothing."""
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (7, 3, 64, 64),
+                                                                dtype=np.uint8))
+    got = raw_pixel_embeddings(images, side=16, batch_size=3, mean_image=mean_image)
+    x = images.numpy().astype(np.float64).reshape(7, 3, 16, 4, 16, 4).mean(axis=(3, 5)) / 255
+    x = x.reshape(7, -1)
+    x -= x.mean(axis=0, keepdims=True) if mean_image else x.mean(axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, x, atol=1e-5)

@@ -1,0 +1,225 @@
+"""The icons dataset builder, on small icon packages laid out as the real ones are (the real
+sets are hundreds of MB and install from registries; the full build is measured in
+docs/EXPERIMENTS.md, "The icons dataset")."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _cli import cli
+from PIL import Image
+
+from mixer_lite.dataset import load_dataset
+from mixer_lite.icon_sources import ICON_SETS, read_theme
+from mixer_lite.icons import doc_picture, make_icons, photo_of_drawing, rasterise
+
+SHAPES = {  # concept name -> the SVG body each set draws in its own style
+    "circle": '<circle cx="12" cy="12" r="8"/>',
+    "square": '<rect x="4" y="4" width="16" height="16"/>',
+    "triangle": '<path d="M12 3 L21 20 L3 20 Z"/>',
+    "plus": '<path d="M12 3 V21 M3 12 H21"/>',
+    "minus": '<path d="M3 12 H21"/>',
+    "arrow-up": '<path d="M12 21 V3 M5 10 L12 3 L19 10"/>',
+    "arrow-down": '<path d="M12 3 V21 M5 14 L12 21 L19 14"/>',
+    "heart": '<path d="M12 20 L4 11 A4 4 0 0 1 12 6 A4 4 0 0 1 20 11 Z"/>',
+    "star": '<path d="M12 2 L15 9 L22 9 L16 14 L18 21 L12 17 L6 21 L8 14 L2 9 L9 9 Z"/>',
+    "bolt": '<path d="M13 2 L4 14 H11 L10 22 L20 9 H13 Z"/>',
+}
+STYLES = {"tabler": 'fill="none" stroke="#000" stroke-width="2"',
+          "lucide": 'fill="none" stroke="#000" stroke-width="1.5"',
+          "bootstrap": 'fill="#000" stroke="#000" stroke-width="1"',
+          "iconoir": 'fill="none" stroke="#222" stroke-width="2.5"'}
+SETS = ("tabler", "lucide", "bootstrap", "iconoir", "tango")
+
+
+def _svg(body: str, style: str) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="24" height="24" viewBox="0 0 24 24">'
+            f'<g {style}>{body}</g></svg>')
+
+
+def _packages(root: Path, shapes=SHAPES, identical_in_bootstrap=()) -> tuple[Path, Path]:
+    """npm packages and a Debian theme in their real layouts, each set drawing ``shapes``."""
+    npm, themes = root / "node_modules", root / "icons"
+    folders = {"tabler": npm / "@tabler/icons/icons/outline", "lucide": npm / "lucide-static/icons",
+               "bootstrap": npm / "bootstrap-icons/icons",
+               "iconoir": npm / "iconoir/icons/regular"}
+    for s, folder in folders.items():
+        folder.mkdir(parents=True)
+        for name, body in shapes.items():
+            style = STYLES["lucide" if name in identical_in_bootstrap and s == "bootstrap"
+                           else s]
+            (folder / f"{name}.svg").write_text(_svg(body, style))
+    (folders["bootstrap"] / "circle-fill.svg").write_text(_svg(SHAPES["circle"], 'fill="#000"'))
+    (npm / "@tabler/icons/icons.json").write_text(json.dumps(
+        {n: {"name": n, "tags": ["shape", f"tabler {n} tag"]} for n in shapes}))
+    (npm / "lucide-static/tags.json").write_text(json.dumps({n: ["lucide tag"] for n in shapes}))
+    for context in ("actions", "emblems"):
+        (themes / "Tango" / "64x64" / context).mkdir(parents=True, exist_ok=True)
+    for i, (name, body) in enumerate(shapes.items()):
+        img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+        colour = f"#{40 * (i % 5):02x}6{i}c0"
+        svg = rasterise_text(_svg(body, f'fill="{colour}" stroke="{colour}" stroke-width="3"'),
+                             root / "tmp.svg")
+        img.alpha_composite(svg.resize((64, 64)))
+        img.save(themes / "Tango" / "64x64" / ("actions" if i % 2 else "emblems") / f"{name}.png")
+    return npm, themes
+
+
+def rasterise_text(svg: str, path: Path) -> Image.Image:
+    path.write_text(svg)
+    return rasterise(str(path))
+
+
+def _read(root: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (root / name).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def icons_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("icons")
+    npm, themes = _packages(root / "packages")
+    stats = make_icons(root / "data", npm_root=npm, theme_root=themes, sets=SETS, progress=False,
+                       queries_per_concept=6, test_concept_share=0.3)
+    return root, npm, themes, stats
+
+
+def test_the_folder_is_valid_and_every_concept_is_drawn_by_several_sets(icons_dir):
+    root, _, _, stats = icons_dir
+    data = load_dataset(root / "data")
+    assert data.summary["docs"] == stats["docs"]
+    concepts = {c["concept"]: c for c in _read(root / "data", "_truth/concepts.jsonl")}
+    assert set(concepts) == set(SHAPES)
+    for c in concepts.values():
+        sets = c["doc_sets"] + c["query_sets"]
+        assert len(set(sets)) == len(sets) >= 3
+        assert c["doc_sets"] and c["query_sets"]  # a query never shows a doc's drawing
+
+
+def test_queries_show_other_sets_drawings_and_qrels_name_their_concepts_docs(icons_dir):
+    root = icons_dir[0] / "data"
+    concepts = {c["concept"]: c for c in _read(root, "_truth/concepts.jsonl")}
+    doc_truth = {d["doc_id"]: d for d in _read(root, "_truth/docs.jsonl")}
+    query_truth = {q["query_id"]: q for q in _read(root, "_truth/queries.jsonl")}
+    for q in query_truth.values():
+        assert q["set"] in concepts[q["concept"]]["query_sets"]
+    for r in _read(root, "qrels.jsonl"):
+        concept = query_truth[r["query_id"]]["concept"]
+        assert concepts[concept]["split"] == "test"
+        assert sorted(r["doc_ids"]) == sorted(d for d, t in doc_truth.items()
+                                              if t["concept"] == concept)
+    test_queries = {q for q, t in query_truth.items() if concepts[t["concept"]]["split"] == "test"}
+    assert test_queries and not test_queries & {c["query_id"] for c in _read(root, "clicks.jsonl")}
+
+
+def test_titles_are_the_sets_own_names_and_tags(icons_dir):
+    root = icons_dir[0] / "data"
+    texts = {d["doc_id"]: d["text"] for d in _read(root, "docs.jsonl")}
+    for d in _read(root, "_truth/docs.jsonl"):
+        name = d["concept"].replace("-", " ")
+        want = {"tabler": [f"{name} shape tabler {name} tag"], "lucide": [f"{name} lucide tag"],
+                "bootstrap": [name], "iconoir": [name],
+                "tango": [f"{name} actions", f"{name} emblems"]}  # a theme: name and context
+        assert texts[d["doc_id"]] in want[d["set"]]
+
+
+def test_same_seed_gives_byte_identical_files_whatever_the_workers(icons_dir, tmp_path):
+    root, npm, themes, _ = icons_dir
+    again = tmp_path / "again"
+    make_icons(again, npm_root=npm, theme_root=themes, sets=SETS, progress=False, workers=2,
+               queries_per_concept=6, test_concept_share=0.3)
+    for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl",
+                 "_truth/concepts.jsonl"):
+        assert (root / "data" / name).read_bytes() == (again / name).read_bytes(), name
+    for sub in ("images/docs", "images/queries"):
+        for p in sorted((root / "data" / sub).iterdir()):
+            assert p.read_bytes() == (again / sub / p.name).read_bytes(), p
+
+
+def test_a_set_that_copies_another_is_not_counted_twice(tmp_path):
+    """Bootstrap's circle drawn exactly as Lucide's: dropped, leaving the circle 4 sets (< 5)."""
+    npm, themes = _packages(tmp_path / "p", identical_in_bootstrap=("circle",))
+    stats = make_icons(tmp_path / "d", npm_root=npm, theme_root=themes, sets=SETS, min_sets=5,
+                       progress=False)
+    concepts = {c["concept"] for c in _read(tmp_path / "d", "_truth/concepts.jsonl")}
+    assert stats["near_duplicates_dropped"] == 1
+    assert concepts == set(SHAPES) - {"circle"}
+
+
+def test_a_missing_set_is_named_with_how_to_install_it(tmp_path):
+    npm, themes = _packages(tmp_path / "p")
+    with pytest.raises(FileNotFoundError,
+                       match=r"(?s)'phosphor'.*@phosphor-icons/core.*npm install"):
+        make_icons(tmp_path / "d", npm_root=npm, theme_root=themes,
+                   sets=("tabler", "phosphor"), progress=False)
+    with pytest.raises(ValueError, match="unknown set"):
+        make_icons(tmp_path / "d", npm_root=npm, theme_root=themes, sets=("twemoji",))
+
+
+def test_no_emoji_set_is_a_source():
+    """Emoji sets and fonts are kept for evaluation outside the project."""
+    banned = ("emoji", "moji", "twemoji", "noto", "joypixels", "symbola", "fluent", "blob")
+    for s in ICON_SETS.values():
+        assert not any(b in (s.name + s.package).lower() for b in banned), s
+
+
+def test_theme_reader_takes_the_size_nearest_64_and_skips_aliases_and_symbolic(tmp_path):
+    theme = tmp_path / "T"
+    for size, context in (("16x16", "apps"), ("48x48", "apps"), ("128x128", "apps"),
+                          ("scalable", "apps"), ("64x64", "mimetypes"), ("symbolic", "apps")):
+        (theme / size / context).mkdir(parents=True)
+    for size in ("16x16", "48x48", "128x128"):
+        Image.new("RGBA", (8, 8), (255, 0, 0, 255)).save(theme / size / "apps" / "editor.png")
+    (theme / "scalable" / "apps" / "editor.svg").write_text(_svg(SHAPES["star"], ""))
+    (theme / "16x16" / "apps" / "small-only.png").write_bytes(
+        (theme / "16x16" / "apps" / "editor.png").read_bytes())
+    os.symlink(theme / "128x128" / "apps" / "editor.png", theme / "128x128" / "apps" / "alias.png")
+    (theme / "128x128" / "apps" / "tool-symbolic.png").write_bytes(b"x")
+    (theme / "64x64" / "mimetypes" / "text-plain.png").write_bytes(b"x")
+    got = {d.name: d for d in read_theme("t", theme)}
+    assert set(got) == {"editor", "small-only"}
+    assert got["editor"].path.endswith("128x128/apps/editor.png")
+    assert got["editor"].tags == ("apps",)
+    assert got["small-only"].path.endswith("16x16/apps/small-only.png")
+
+
+def test_the_two_views_differ_and_repeat_for_a_seed(tmp_path):
+    drawing = rasterise_text(_svg(SHAPES["star"], 'fill="#000"'), tmp_path / "s.svg")
+    assert drawing.size == (128, 128) and drawing.mode == "RGBA"
+    doc = np.asarray(doc_picture(drawing, np.random.default_rng(0), 64), np.float32)
+    photo = np.asarray(photo_of_drawing(drawing, np.random.default_rng(0), 64), np.float32)
+    again = np.asarray(photo_of_drawing(drawing, np.random.default_rng(0), 64), np.float32)
+    other = np.asarray(photo_of_drawing(drawing, np.random.default_rng(1), 64), np.float32)
+    assert doc.shape == photo.shape == (64, 64, 3)
+    assert (doc > 235).mean() > 0.5            # a white ground
+    assert (photo > 235).mean() < (doc > 235).mean()  # a surface, not the ground
+    assert np.array_equal(photo, again) and not np.array_equal(photo, other)
+
+
+def test_an_empty_or_broken_drawing_is_not_rasterised(tmp_path):
+    (tmp_path / "bad.svg").write_text("<svg")
+    assert rasterise(str(tmp_path / "bad.svg")) is None
+    assert rasterise_text('<svg xmlns="http://www.w3.org/2000/svg" width="24" height="24"/>',
+                          tmp_path / "empty.svg") is None
+
+
+def test_make_data_icons_from_the_command_line(icons_dir, tmp_path):
+    """The CLI writes what the function writes, and says so in one JSON line."""
+    root, npm, themes, stats = icons_dir
+    out = tmp_path / "cli"
+    r = cli("make-data", "--source", "icons", "--out", out, "--npm-root", npm, "--theme-root",
+            themes, "--sets", ",".join(SETS), "--quiet")
+    assert r.returncode == 0, r.stderr
+    said = json.loads(r.stdout.splitlines()[-1])
+    assert said["concepts"] == len(SHAPES) and said["docs"] == len(_read(out, "docs.jsonl"))
+    defaults = make_icons(tmp_path / "direct", npm_root=npm, theme_root=themes, sets=SETS,
+                          progress=False)
+    for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
+    assert defaults["docs"] == said["docs"]
+    r = cli("make-data", "--source", "icons", "--out", tmp_path / "x", "--npm-root", npm,
+            "--theme-root", themes, "--sets", "tabler,phosphor", "--quiet")
+    assert r.returncode != 0 and "phosphor" in r.stderr and "npm install" in r.stderr
+    assert "Traceback" not in r.stderr
