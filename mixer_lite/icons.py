@@ -188,11 +188,10 @@ def _title(drawing: Drawing, max_tags: int) -> str:
 @dataclass
 class Concepts:
     names: list
-    members: list          # per concept: its drawings' indices, doc drawings first
-    n_doc_drawings: np.ndarray
+    members: list          # per concept: its drawings' indices, the n_docs doc drawings first
     is_test: np.ndarray
     popularity_rank: np.ndarray
-    n_docs: np.ndarray
+    n_docs: np.ndarray     # one doc per doc drawing
     doc_offset: np.ndarray
     n_queries: np.ndarray
     query_offset: np.ndarray
@@ -242,6 +241,8 @@ def drop_near_duplicates(idx: list[int], ink: dict[int, np.ndarray], threshold: 
 
 def build_concepts(names: list[str], members: list[list[int]], cfg: IconsConfig,
                    seed: int) -> Concepts:
+    """Each concept's split, popularity, doc drawings (1 to ``max_doc_sets``, in a random order
+    of its sets, at least one set left for the photos) and number of photos."""
     rng = np.random.default_rng([seed, 0])
     n = len(names)
     is_test = rng.random(n) < cfg.test_concept_share
@@ -254,7 +255,7 @@ def build_concepts(names: list[str], members: list[list[int]], cfg: IconsConfig,
     n_queries = rng.multinomial(int(round(cfg.queries_per_concept * n)), weights / weights.sum())
     n_queries = np.where(is_test, np.clip(n_queries, 1, cfg.max_test_queries_per_concept),
                          n_queries)
-    return Concepts(names=names, members=ordered, n_doc_drawings=n_doc, is_test=is_test,
+    return Concepts(names=names, members=ordered, is_test=is_test,
                     popularity_rank=popularity_rank, n_docs=n_doc,
                     doc_offset=np.concatenate([[0], np.cumsum(n_doc)[:-1]]),
                     n_queries=n_queries,
@@ -284,7 +285,7 @@ def _render_chunk(chunk: int) -> dict:
     stats = {"click_events": 0, "noise_events": 0, "images": 0}
     lo, hi = chunk * cfg.chunk_concepts, min((chunk + 1) * cfg.chunk_concepts, len(con.names))
     for c in range(lo, hi):
-        name, members, n_doc = con.names[c], con.members[c], int(con.n_doc_drawings[c])
+        name, members, n_doc = con.names[c], con.members[c], int(con.n_docs[c])
         docs = [int(con.doc_offset[c]) + j for j in range(n_doc)]
         for d, m in zip(docs, members[:n_doc]):
             rel = f"images/docs/{doc_id(d)}.png"
@@ -413,7 +414,7 @@ def _write_icons(out: Path, cfg: IconsConfig, drawings: list[Drawing], npm_root:
 def _statistics(cfg: IconsConfig, con: Concepts, drawings: list[Drawing], failed: list,
                 duplicates: int, totals: dict, seed: int) -> dict:
     used = defaultdict(lambda: {"doc_drawings": 0, "query_drawings": 0})
-    for members, n_doc in zip(con.members, con.n_doc_drawings):
+    for members, n_doc in zip(con.members, con.n_docs):
         for j, m in enumerate(members):
             used[drawings[m].set_name]["doc_drawings" if j < n_doc else "query_drawings"] += 1
     return {

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mixer_lite.dataset import load_dataset
 from mixer_lite.icon_sources import ICON_SETS, read_theme
-from mixer_lite.icons import doc_picture, make_icons, photo_of_drawing, rasterise
+from mixer_lite.icons import doc_picture, make_icons, match_sheet, photo_of_drawing, rasterise
 
 SHAPES = {  # concept name -> the SVG body each set draws in its own style
     "circle": '<circle cx="12" cy="12" r="8"/>',
@@ -223,3 +223,13 @@ def test_make_data_icons_from_the_command_line(icons_dir, tmp_path):
             "--theme-root", themes, "--sets", "tabler,phosphor", "--quiet")
     assert r.returncode != 0 and "phosphor" in r.stderr and "npm install" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_match_sheet_shows_every_set_of_each_picked_concept(icons_dir):
+    root, npm, themes, _ = icons_dir
+    sheet = match_sheet(root / "data", 4, seed=1, npm_root=npm, theme_root=themes, cell=20)
+    assert sheet.size == (170 + 20 * len(SETS), 4 * 20)
+    cells = np.asarray(sheet)[:, 170:]
+    drawn = [(cells[r * 20:(r + 1) * 20, c * 20:(c + 1) * 20] < 200).any()
+             for r in range(4) for c in range(len(SETS))]
+    assert all(drawn)  # every concept here is drawn by all five sets

@@ -191,13 +191,15 @@ def test_a_committed_record_is_what_the_code_measures_again(tmp_path, monkeypatc
             assert abs(new["metrics"][m] - old["metrics"][m]) <= tol, (name, m)
 
 
-def test_the_readme_tables_are_what_the_records_give():
-    """Every table the README quotes from ``make reproduce`` is rebuilt from the records."""
-    readme = (ROOT / "README.md").read_text()
+@pytest.mark.parametrize("document", ["README.md", "docs/EXPERIMENTS.md"])
+def test_the_quoted_tables_are_what_the_records_give(document):
+    """Every table the README and the experiment log quote from ``make reproduce`` is rebuilt
+    from the records."""
+    text = (ROOT / document).read_text()
     quoted = re.findall(r"<!-- make reproduce PRESET=(\w+) SEEDS=([\d,]+)(?: ROWS=([\w,]+))? -->"
-                        r"\n(.*?)\n\n", readme, re.S)
-    assert quoted, "the README quotes no table of make reproduce"
+                        r"\n(.*?)\n\n", text, re.S)
+    assert quoted, f"{document} quotes no table of make reproduce"
     for preset, seeds, rows, table in quoted:
         result = rp.collect(preset, [int(s) for s in seeds.split(",")],
                             rows=rp.select_rows(rows or None))
-        assert table == rp.markdown(result), f"README's {preset} table is not the records'"
+        assert table == rp.markdown(result), f"{document}'s {preset} table is not the records'"
