@@ -59,8 +59,9 @@ data-icons: $(STAMP)
 
 # The README's reproduction table on SynthShop small, built from the records in
 # results/reproduce/ (a missing one is trained and written, so an interrupted table resumes).
-# PRESET=tiny for a quick version, PRESET=icons for the icons dataset (after make data-icons); SEEDS=0,1,2 for three seeds; ROWS=mixer,infonce for some
-# rows (default: all); RETRAIN=1 to measure every run again instead of reading the records.
+# PRESET=tiny for a quick version, PRESET=icons for the icons dataset (after make data-icons);
+# SEEDS=0,1,2 for three seeds; ROWS=mixer,infonce for some rows (default: all); RETRAIN=1 to
+# measure every run again instead of reading the records.
 PRESET ?= small
 SEEDS ?= 0
 ROWS ?=

@@ -69,6 +69,7 @@ class IconsConfig:
     chunk_concepts: int = 100
 
     def __post_init__(self):
+        object.__setattr__(self, "sets", tuple(self.sets))  # a list (from JSON, the CLI) too
         unknown = set(self.sets) - set(ICON_SETS)
         if unknown:
             raise ValueError(f"IconsConfig.sets: unknown set(s) {sorted(unknown)}; "
@@ -346,7 +347,7 @@ def make_icons(out, npm_root="data/.icon-packages/node_modules", theme_root="/us
         raise ValueError(f"unknown IconsConfig field(s): {sorted(unknown)}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed must be a whole number >= 0, got {seed!r}")
-    cfg = IconsConfig(**{k: tuple(v) if k == "sets" else v for k, v in overrides.items()})
+    cfg = IconsConfig(**overrides)
     if shutil.which("rsvg-convert") is None:
         raise FileNotFoundError(f"rsvg-convert not found: the SVG drawings are rendered with "
                                 f"librsvg (`apt-get install {RENDERER_PACKAGE}`)")
@@ -467,7 +468,7 @@ def match_sheet(data_dir, n_concepts: int, seed: int, npm_root="data/.icon-packa
 
     data_dir = Path(data_dir)
     card = json.loads((data_dir / "_truth" / "card.json").read_text())
-    cfg = IconsConfig(**{k: tuple(v) if k == "sets" else v for k, v in card["config"].items()})
+    cfg = IconsConfig(**card["config"])
     drawings = {(d.name, d.set_name): d for d in read_drawings(cfg, Path(npm_root),
                                                                Path(theme_root))}
     concepts = [json.loads(line) for line in

@@ -343,13 +343,11 @@ def evaluate_frozen_backbone(data, image_weights: str = "openclipart-cnn", seed:
     """Test metrics of the image encoder alone, frozen: docs and photos embedded by its pooled
     features (no transform, no text, no training), searched by cosine.  The floor fine-tuning
     must beat: what the pretrained weights already know of the data."""
-    from .retrieval import evaluate_embeddings, judged_query_rows
+    from .retrieval import evaluate_image_features
 
     encoder = image_encoder_from(image_weights, seed)
-    rows = judged_query_rows(data)
-    docs = pooled_features(encoder, ImageTable(image_paths(data, "docs"), size))
-    queries = pooled_features(encoder, ImageTable(image_paths(data, "queries", rows), size))
-    return evaluate_embeddings(data, unit_rows(docs), unit_rows(queries), rows)
+    return evaluate_image_features(data, lambda images: unit_rows(pooled_features(encoder, images)),
+                                   size)
 
 
 @torch.no_grad()

@@ -300,18 +300,25 @@ def evaluate_model(model, data, device="cpu", batch_size: int = 256, index_kind:
     return evaluate_embeddings(data, doc_emb, query_emb, rows, index_kind)
 
 
-def evaluate_raw_pixels(data, size: int = 64, side: int = 16, index_kind: str = "flat",
-                        mean_image: bool = False) -> dict:
-    """The no-learning baseline in the same evaluator: raw pixels for queries and docs alike;
-    with ``mean_image``, docs centred on the docs' mean image and queries on the queries'."""
+def evaluate_image_features(data, features, size: int = 64, index_kind: str = "flat") -> dict:
+    """A baseline that sees images only, in the same evaluator: docs and judged photos embedded
+    by ``features`` (an :class:`~mixer_lite.dataset.ImageTable` -> unit-norm rows, each side
+    computed on its own), searched and scored against qrels."""
     from .dataset import ImageTable, image_paths
 
     rows = judged_query_rows(data)
-    docs = raw_pixel_embeddings(ImageTable(image_paths(data, "docs"), size), side,
-                                mean_image=mean_image)
-    queries = raw_pixel_embeddings(ImageTable(image_paths(data, "queries", rows), size), side,
-                                   mean_image=mean_image)
+    docs = features(ImageTable(image_paths(data, "docs"), size))
+    queries = features(ImageTable(image_paths(data, "queries", rows), size))
     return evaluate_embeddings(data, docs, queries, rows, index_kind)
+
+
+def evaluate_raw_pixels(data, size: int = 64, side: int = 16, index_kind: str = "flat",
+                        mean_image: bool = False) -> dict:
+    """The no-learning baseline: raw pixels for queries and docs alike; with ``mean_image``,
+    docs centred on the docs' mean image and queries on the queries'."""
+    return evaluate_image_features(
+        data, lambda images: raw_pixel_embeddings(images, side, mean_image=mean_image), size,
+        index_kind)
 
 
 def recall_curve(ranked: np.ndarray, relevant: list[set[int]], max_k: int = 50) -> np.ndarray:
