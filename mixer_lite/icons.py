@@ -44,7 +44,8 @@ from .files import build_new_folder
 from .icon_sources import (ICON_SETS, RENDERER_PACKAGE, Drawing, install_commands,
                            installed_version, package_folder)
 from .shop_images import CANVAS, perspective_coeffs
-from .synthshop import click_counts, click_log_stats, doc_id, query_id, write_chunks
+from .synthshop import (click_counts, click_log_stats, doc_id, generator_config, query_id,
+                        write_chunks)
 
 
 @dataclass(frozen=True)
@@ -342,12 +343,7 @@ def make_icons(out, npm_root="data/.icon-packages/node_modules", theme_root="/us
 
     ``overrides`` replace :class:`IconsConfig` fields (``max_concepts=40`` for a slice).  The
     folder must be new or empty."""
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(IconsConfig)}
-    if unknown:
-        raise ValueError(f"unknown IconsConfig field(s): {sorted(unknown)}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"--seed must be a whole number >= 0, got {seed!r}")
-    cfg = IconsConfig(**overrides)
+    cfg = generator_config(IconsConfig(), overrides, seed)
     if shutil.which("rsvg-convert") is None:
         raise FileNotFoundError(f"rsvg-convert not found: the SVG drawings are rendered with "
                                 f"librsvg (`apt-get install {RENDERER_PACKAGE}`)")

@@ -356,6 +356,17 @@ _OUTPUTS = {"docs": "docs.jsonl", "queries": "queries.jsonl", "clicks": "clicks.
             "truth_queries": "_truth/queries.jsonl", "truth_products": "_truth/products.jsonl"}
 
 
+def generator_config(base, overrides: dict, seed):
+    """``base`` (a generator's config dataclass) with ``overrides``; an unknown field or a seed
+    that is not a whole number >= 0 is an error naming it."""
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(base)}
+    if unknown:
+        raise ValueError(f"unknown {type(base).__name__} field(s): {sorted(unknown)}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be a whole number >= 0, got {seed!r}")
+    return dataclasses.replace(base, **overrides)
+
+
 def make_synthshop(out: str | os.PathLike, preset: str = "small", seed: int = 0,
                    workers: int = 1, progress: bool = True, **overrides) -> dict:
     """Write a SynthShop dataset folder and return its measured statistics.
@@ -365,12 +376,7 @@ def make_synthshop(out: str | os.PathLike, preset: str = "small", seed: int = 0,
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(SynthConfig)}
-    if unknown:
-        raise ValueError(f"unknown SynthConfig field(s): {sorted(unknown)}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"--seed must be a whole number >= 0, got {seed!r}")
-    cfg = dataclasses.replace(PRESETS[preset], **overrides)
+    cfg = generator_config(PRESETS[preset], overrides, seed)
     return build_new_folder(out, "make-data",
                             lambda partial: _write_synthshop(partial, cfg, preset, seed, workers,
                                                              progress))
