@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(PY) -m mixer_lite.cli demo --config $(CONFIG) --data data/synth-small \
 		--reports reports$(DEMO_SUFFIX) --run runs/demo$(DEMO_SUFFIX)
 
-# The suite on TEST_WORKERS processes (pytest-xdist); the notebooks one after another, since
-# they share the cached runs in runs/experiments/.
+# The suite on TEST_WORKERS processes (pytest-xdist); the notebooks one after another (they
+# share the cached runs in runs/experiments/: two notebooks on 2 cores at once took longer).
 TEST_WORKERS ?= 2
 test: $(STAMP) renderer
 	$(PY) -m pytest -q -n $(TEST_WORKERS)

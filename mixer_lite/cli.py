@@ -20,8 +20,9 @@ def _cmd_make_data(args) -> int:
     else:
         from .synthshop import make_synthshop
 
+        extra = {"scene_share": args.scene_share} if args.scene_share is not None else {}
         stats = make_synthshop(args.out, preset=args.preset, seed=args.seed,
-                               workers=args.workers, progress=not args.quiet)
+                               workers=args.workers, progress=not args.quiet, **extra)
     print(json.dumps(stats))
     return 0
 
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", default="synthshop", choices=["synthshop", "icons"])
     s.add_argument("--preset", default="small", choices=["tiny", "small", "large"],
                    help="SynthShop's size")
+    s.add_argument("--scene-share", type=float, default=None,
+                   help="SynthShop: share of docs shot among 1-3 other products, the title "
+                        "naming one (default: the preset's)")
     s.add_argument("--npm-root", default="data/.icon-packages/node_modules",
                    help="icons: where the npm icon sets are installed")
     s.add_argument("--theme-root", default="/usr/share/icons",

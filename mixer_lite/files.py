@@ -138,18 +138,20 @@ class FolderBusy(FileExistsError):
 
 
 @contextmanager
-def folder_lock(folder: str | Path, what: str, wait: bool = False):
+def folder_lock(folder: str | Path, what: str, wait: bool = False, lock_file: str = LOCK_FILE):
     """Hold ``folder``'s lock for the block, or fail at once naming the process that holds it
     (:class:`FolderBusy`); with ``wait``, say so on stderr and block until the holder ends.
 
     One writer per run folder: two ``train`` (or ``demo``, or ``index``) into one folder would
     interleave their files.  The lock is an ``flock`` on ``folder/.lock``, so the system frees it
     when its holder dies, even by ``kill -9``: a stale lock never blocks a rerun.  The file
-    itself says who holds it (process id, command, start time), for the message.
+    itself says who holds it (process id, command, start time), for the message.  Another
+    ``lock_file`` is another lock on the same folder, for a caller whose block spans work that
+    takes the folder's own lock (:func:`runcache.ensure_run` around ``train``).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_FILE
+    path = folder / lock_file
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -183,6 +185,9 @@ def build_new_folder(out: str | Path, what: str, write):
     partial = out.parent / f".{out.name}.partial"
     check_writable(partial, "folder")
     with folder_lock(partial, what):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            shutil.rmtree(partial)  # the process that held the lock a moment ago wrote it
+            raise FolderBusy(f"{out} was written by another process meanwhile")
         for stale in partial.iterdir():
             if stale.name != LOCK_FILE:
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()

@@ -17,7 +17,7 @@ from .dataset import ImageTable, image_paths, load_dataset, load_images
 from .encoders import build_image_encoder, normalise_pixels
 from .model import ModelConfig
 from .weights import load_image_weights
-from .synthshop import load_truth
+from .synthshop import doc_object_masks, doc_objects, doc_scene_masks, load_truth
 
 
 def claim(text: str, holds: bool, **values: float) -> str:
@@ -273,6 +273,9 @@ def classifier_step_seconds(num_classes: int, sample_rate: float, dim: int = 128
 @torch.no_grad()
 def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
     """Every doc's image weight (the fusion gate's mean; 1 = image only), in doc-row order."""
+    if model.cfg.fusion not in ("concept", "direct") or not model.cfg.fusion_gate:
+        raise ValueError(f"fusion={model.cfg.fusion!r}, fusion_gate={model.cfg.fusion_gate}: "
+                         f"this model has no image/text gate")
     images = ImageTable(image_paths(data, "docs"), model.cfg.image_size)
     model.eval()
     out = []
@@ -297,8 +300,6 @@ def attention_on_objects(model, data, data_dir: str | Path, n_docs: int = 256,
     mean Pearson correlation between two concepts' maps of one doc: 1.0 is every concept
     looking at the same place, below 0.5 concepts that look at different things.
     """
-    from .synthshop import doc_object_masks
-
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(data.docs), min(n_docs, len(data.docs)), replace=False))
     size = model.cfg.image_size
@@ -323,6 +324,111 @@ def attention_on_objects(model, data, data_dir: str | Path, n_docs: int = 256,
     return {"object_lift": float(lift.mean()),
             "concept_correlation": float(corr[:, off].mean()) if k > 1 else float("nan"),
             "object_share": float(share.mean()), "docs": int(len(rows))}
+
+
+def scene_doc_rows(data, data_dir: str | Path) -> np.ndarray:
+    """Rows of ``data.docs`` that are scene docs: more than one object in the shot (SynthShop's
+    ``scene_share``, from ``_truth/``)."""
+    objects = doc_objects(data_dir)
+    return np.array([r for r, d in enumerate(data.doc_ids) if len(objects.get(d) or ()) > 1],
+                    dtype=np.int64)
+
+
+@torch.no_grad()
+def scene_attention(model, data, data_dir: str | Path, n_docs: int = 256,
+                    seed: int = 0) -> dict:
+    """Whether the title decides where a scene doc's concepts look (SynthShop scene docs,
+    whose ``_truth/`` holds every object's mask).
+
+    The map measured is the concepts' text-to-image attention averaged over the concepts.
+    ``product_lift``: the attention mass on the product the title names over its share of the
+    image (1.0: blind to it); ``other_lift``: the same for the other objects in the scene;
+    ``product_above_others``: the share of docs where the product's lift exceeds every other
+    object's.  **The title swap**: each doc's title is replaced by the title of one of the other
+    objects' products (its first doc's, at random among the others), the image unchanged;
+    ``swap_moved`` is the share of docs where that object then holds more attention mass than
+    any other object *and* more than under the original title; ``named_mass_before`` and
+    ``named_mass_after`` its mean mass under each title.  ``per_doc`` keeps, per doc measured,
+    its row, the product's lift, the swapped-in object and whether the attention moved.
+    """
+    objects_of = doc_objects(data_dir)
+    scenes = scene_doc_rows(data, data_dir)
+    if not len(scenes):
+        raise ValueError(f"{data_dir} has no scene docs: make it with scene_share > 0")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(scenes, min(n_docs, len(scenes)), replace=False))
+    size = model.cfg.image_size
+    masks, objects = doc_scene_masks(data_dir, [data.doc_ids[int(r)] for r in rows], size)
+    first_doc: dict[str, str] = {}
+    for d, objs in objects_of.items():
+        if objs:
+            first_doc.setdefault(objs[0]["product_id"], d)
+    swap = np.array([1 + int(rng.integers(len(objs) - 1)) for objs in objects])
+    swapped = [data.doc_texts[data.doc_row[first_doc[objs[j]["product_id"]]]]
+               for objs, j in zip(objects, swap)]
+    images = load_images(data, "docs", rows, size)
+    model.eval()
+
+    def mean_map(texts):
+        _, info = model.embed_docs(images, model.tokenize(texts), return_attention=True)
+        if "text_to_image" not in info:
+            raise ValueError(f"fusion={model.cfg.fusion!r} has no text-to-image attention")
+        return info["text_to_image"].float().mean(dim=1), info["grid"]   # [B, P]
+
+    att, g = mean_map([data.doc_texts[int(r)] for r in rows])
+    att_swap, _ = mean_map(swapped)
+    b, o = masks.shape[:2]
+    cover = torch.from_numpy(masks).reshape(b, o, g, size // g, g, size // g).mean((3, 5))
+    cover = cover.flatten(2)                                         # [B, O, P]
+    share = cover.mean(-1)
+    present = torch.tensor([[i < len(objs) for i in range(o)] for objs in objects]) & (share > 0)
+    mass = torch.where(present, (att[:, None, :] * cover).sum(-1), torch.nan)
+    mass_swap = torch.where(present, (att_swap[:, None, :] * cover).sum(-1), torch.nan)
+    lift = mass / share
+    other = lift[:, 1:]
+    idx = torch.arange(b)
+    top_after = torch.nan_to_num(mass_swap, nan=-1.0).argmax(-1).numpy()
+    moved = (top_after == swap) & (mass_swap[idx, swap] > mass[idx, swap]).numpy()
+    return {"product_lift": float(lift[:, 0].nanmean()),
+            "other_lift": float(other.nanmean()),
+            "product_above_others": float(
+                (lift[:, 0] > torch.nan_to_num(other, nan=-1.0).amax(-1)).float().mean()),
+            "swap_moved": float(moved.mean()),
+            "named_mass_before": float(mass[idx, swap].nanmean()),
+            "named_mass_after": float(mass_swap[idx, swap].nanmean()),
+            "product_share": float(share[:, 0].mean()), "docs": int(b),
+            "per_doc": {"rows": rows, "product_lift": lift[:, 0].numpy(), "swap": swap,
+                        "moved": moved, "swapped_titles": swapped}}
+
+
+@torch.no_grad()
+def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None) -> dict:
+    """Metrics (Recall@1, Recall@10, mAP@10) of the judged test queries, or of the held-out
+    photos of a :class:`~mixer_lite.sampling.Validation`, grouped by their relevant docs:
+    ``scene`` (at least one is a scene doc), ``single`` (all show the product alone), and
+    ``all``.  Where fusion should help (a scene doc's image holds other objects a photo of the
+    product does not) and where it has nothing to choose."""
+    from .retrieval import (embed_docs, embed_queries, exact_search, judged_query_rows,
+                            ranking_metrics, relevance)
+
+    objects = doc_objects(data_dir)
+    if validation is None:
+        rows = judged_query_rows(data)
+        relevant = relevance(data, rows)
+    else:
+        rows, relevant = validation.query_rows, validation.relevant
+    size = model.cfg.image_size
+    doc_emb = embed_docs(model, ImageTable(image_paths(data, "docs"), size), data.doc_texts)
+    query_emb = embed_queries(model, ImageTable(image_paths(data, "queries", rows), size))
+    _, ranked = exact_search(doc_emb, query_emb, 10)
+    scene = np.array([any(len(objects[data.doc_ids[d]] or ()) > 1 for d in rel)
+                      for rel in relevant])
+    out = {}
+    for name, chosen in (("all", np.ones_like(scene)), ("scene", scene), ("single", ~scene)):
+        if chosen.any():
+            out[name] = ranking_metrics(ranked[chosen], [relevant[i] for i in
+                                                         np.flatnonzero(chosen)], ks=(1, 10))
+    return out
 
 
 def evaluate_untrained(data, seed: int = 0, overrides: list[str] = ()) -> dict:

@@ -26,7 +26,9 @@ Where the paper is silent, we chose (and say so):
   learned temperature, whose maps fall on the object and differ between concepts, at a small
   cost in validation recall (``docs/EXPERIMENTS.md``, notebook 02).
 * The gate is per dimension, ``doc = g * image + (1 - g) * fused``; its mean is the doc's
-  "image weight" that the notebooks plot.
+  "image weight" that the notebooks plot.  ``fusion_gate=False`` drops it: the doc is its
+  fused concepts alone, so everything of the image it keeps passes through the title's
+  attention (``docs/EXPERIMENTS.md``, "Scene docs").
 * Optional modality dropout (``text_dropout``): in training, that share of docs skips the text
   and is embedded from its image vector alone.
 * Encoders by config (:mod:`mixer_lite.encoders`): a small BatchNorm CNN (the ``tiny-cpu``
@@ -83,6 +85,8 @@ class ModelConfig:
     concept_text: str = "residual"      # what of the text a fused concept keeps: CONCEPT_TEXT
     concept_attention: str = "softmax"  # how concepts attend over image regions: CONCEPT_ATTENTION
     concept_temperature: float = 10.0   # cosine / slots: the attention temperature's start value
+    fusion_gate: bool = True            # doc = g * image + (1 - g) * fused; False: doc = fused
+    concept_keeps_slot: bool = True     # concept = slot + what it read; False: what it read
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
@@ -252,11 +256,14 @@ class ConceptMemory(nn.Module):
 
     Each slot attends over the text tokens (padding masked to exactly zero weight) and writes
     what it read into itself: ``concept_k = slot_k + Attn(slot_k, tokens)``, then a feed-forward
-    layer.  Returns the concept vectors [B, K, d] and the token-to-concept weights [B, K, T].
+    layer.  With ``keep_slot=False`` the concept is what the slot read alone, so it carries
+    nothing that is the same for every title.  Returns the concept vectors [B, K, d] and the
+    token-to-concept weights [B, K, T].
     """
 
-    def __init__(self, dim: int, n_concepts: int, dropout: float):
+    def __init__(self, dim: int, n_concepts: int, dropout: float, keep_slot: bool = True):
         super().__init__()
+        self.keep_slot = keep_slot
         self.slots = nn.Parameter(torch.randn(n_concepts, dim) * dim ** -0.5)
         self.read = SingleHeadAttention(dim, dropout)
         self.norm = nn.LayerNorm(dim)
@@ -265,7 +272,7 @@ class ConceptMemory(nn.Module):
     def forward(self, tokens, mask):
         slots = self.slots.expand(len(tokens), -1, -1)
         read, weights = self.read(slots, tokens, mask)
-        concepts = self.norm(slots + read)
+        concepts = self.norm(slots + read if self.keep_slot else read)
         return concepts + self.ff(concepts), weights
 
 
@@ -275,7 +282,8 @@ class ConceptFusion(nn.Module):
     ``queries`` (concepts, or raw text tokens in the ``direct`` ablation) attend over the doc
     image's patch tokens (:class:`ConceptImageAttention`, of the kind ``attention`` names),
     and the results are averaged (masked) into one fused vector.  A per-dimension sigmoid gate
-    of [image; fused] decides how much each doc relies on its image.
+    of [image; fused] decides how much each doc relies on its image (``gate=False``: none; the
+    fused vector is the doc).  Returns (doc vector, attention weights, gate or None).
 
     ``text`` says what of the text itself a fused concept keeps (our choice; measured in
     ``docs/EXPERIMENTS.md``):
@@ -290,13 +298,13 @@ class ConceptFusion(nn.Module):
     """
 
     def __init__(self, dim: int, dropout: float, text: str = "residual",
-                 attention: str = "softmax", temperature: float = 10.0):
+                 attention: str = "softmax", temperature: float = 10.0, gate: bool = True):
         super().__init__()
         self.text = text
         self.attend = ConceptImageAttention(dim, dropout, attention, temperature)
         self.norm = nn.LayerNorm(dim)
         self.ff = _feed_forward(dim, dropout)
-        self.gate = nn.Linear(2 * dim, dim)
+        self.gate = nn.Linear(2 * dim, dim) if gate else None
         if text == "gated":
             self.text_scale = nn.Parameter(torch.zeros(()))
 
@@ -313,6 +321,8 @@ class ConceptFusion(nn.Module):
         else:
             m = query_mask[..., None].to(fused.dtype)
             text_vec = (fused * m).sum(1) / m.sum(1)
+        if self.gate is None:
+            return text_vec, weights, None
         gate = torch.sigmoid(self.gate(torch.cat([image_vec, text_vec], dim=-1)))
         return gate * image_vec + (1 - gate) * text_vec, weights, gate
 
@@ -347,10 +357,11 @@ class MixerModel(nn.Module):
                 self.text_encoder = HFTextEncoder(path, cfg.text_trainable)
             self.text_proj = nn.Linear(self.text_encoder.out_dim, d)
         if cfg.fusion in ("concept", "text_only"):
-            self.concept_memory = ConceptMemory(d, cfg.n_concepts, cfg.dropout)
+            self.concept_memory = ConceptMemory(d, cfg.n_concepts, cfg.dropout,
+                                                cfg.concept_keeps_slot)
         if cfg.fusion in ("concept", "direct"):
             self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text, cfg.concept_attention,
-                                        cfg.concept_temperature)
+                                        cfg.concept_temperature, cfg.fusion_gate)
         if cfg.fusion == "concat":
             self.concat_proj = nn.Linear(2 * d, d)
         self.out_proj = nn.Linear(d, d)
@@ -434,7 +445,8 @@ class MixerModel(nn.Module):
     def _attend_to_image(self, queries, query_mask, patches, image_vec, info):
         out, info["text_to_image"], gate = self.fusion(queries, self.doc_transform(patches),
                                                        image_vec, query_mask)
-        info["image_weight"] = gate.mean(dim=-1)
+        if gate is not None:
+            info["image_weight"] = gate.mean(dim=-1)
         info["grid"] = int(round(math.sqrt(patches.shape[1])))
         return out
 

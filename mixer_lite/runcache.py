@@ -22,6 +22,7 @@ from .train import config_from, train
 
 
 ICONS = "icons"  # the preset name of the icons dataset (:mod:`mixer_lite.icons`)
+ENSURE_LOCK = ".ensure.lock"  # held by ensure_run from its check of a run to its seconds.json
 
 
 def repo_root() -> Path:
@@ -30,19 +31,30 @@ def repo_root() -> Path:
     return here.parent if here.name == "notebooks" else here
 
 
-def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None) -> Path:
+def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None,
+                scene_share: float = 0.0) -> Path:
     """The dataset folder of ``preset``, made once; every later call reads the same folder:
-    ``data/synth-<preset>`` for a SynthShop preset, ``data/icons`` for ``icons`` (built from
-    the icon sets installed as ``make data-icons`` does)."""
+    ``data/synth-<preset>`` for a SynthShop preset (``data/synth-<preset>-scenes<percent>``
+    with ``scene_share`` of scene docs), ``data/icons`` for ``icons`` (built from the icon sets
+    installed as ``make data-icons`` does).  A folder another process is writing (two notebooks
+    at once) is waited for, then read."""
     base = Path(root or repo_root() / "data")
-    out = base / ("icons" if preset == ICONS else f"synth-{preset}")
+    if preset == ICONS:
+        out = base / "icons"
+    else:
+        out = base / (f"synth-{preset}" + (f"-scenes{round(100 * scene_share)}"
+                                           if scene_share else ""))
     workers = min(2, os.cpu_count() or 1)
-    if not (out / "docs.jsonl").exists():
-        if preset == ICONS:
-            make_icons(out, npm_root=base / ".icon-packages" / "node_modules", seed=seed,
-                       workers=workers)
-        else:
-            make_synthshop(out, preset=preset, seed=seed, workers=workers)
+    while not (out / "docs.jsonl").exists():
+        try:
+            if preset == ICONS:
+                make_icons(out, npm_root=base / ".icon-packages" / "node_modules", seed=seed,
+                           workers=workers)
+            else:
+                extra = {"scene_share": scene_share} if scene_share else {}
+                make_synthshop(out, preset=preset, seed=seed, workers=workers, **extra)
+        except FolderBusy:  # another process writes it: look again in a while (and build it
+            time.sleep(2)   # if that process died)
     return out
 
 
@@ -62,16 +74,14 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     run = Path(runs or repo_root() / "runs" / "experiments") / name
     cfg = config_from("tiny-cpu", list(overrides))
     refuse_other_run(run, cfg, "delete it or choose another name")
-    while not (run / ("eval.json" if cfg.eval_at_end else "model.pt")).exists():
-        resume = (run / "checkpoints" / "last.pt").exists()
-        t0 = time.time()
-        try:
+    # One process trains a run and writes its time; another asking for it meanwhile (two
+    # notebooks at once) waits for both, then reads them.
+    with folder_lock(run, "ensure_run", wait=True, lock_file=ENSURE_LOCK):
+        if not (run / ("eval.json" if cfg.eval_at_end else "model.pt")).exists():
+            resume = (run / "checkpoints" / "last.pt").exists()
+            t0 = time.time()
             train(data_dir, run, cfg, resume=resume, progress=False, preset="tiny-cpu")
-        except FolderBusy:  # another process trains it: wait for it to end, then look again
-            with folder_lock(run, "waiting for the run", wait=True):
-                pass
-            continue
-        (run / "seconds.json").write_text(json.dumps(round(time.time() - t0, 1)))
+            (run / "seconds.json").write_text(json.dumps(round(time.time() - t0, 1)))
     out = json.loads((run / "eval.json").read_text()) if cfg.eval_at_end else {}
     if (run / "val.json").exists():
         out["validation"] = json.loads((run / "val.json").read_text())

@@ -17,8 +17,8 @@ CANVAS = 128  # objects are drawn at 128 px and downsampled, for anti-aliasing
 def studio_shot(obj: Image.Image, rng: np.random.Generator, size: int) -> tuple[Image.Image, list]:
     """A seller's clean shot: light plain background, object centred, small framing changes.
 
-    Also returns where the object went, ``[x, y, side]`` on the 128 px canvas, so its mask can
-    be rebuilt for analysis (:func:`synthshop.doc_object_masks`)."""
+    Also returns where the object went, ``[x, y, side]`` on the 128 px canvas, for its mask
+    (:func:`object_labels`)."""
     bg = int(rng.integers(235, 256))
     canvas = Image.new("RGB", (CANVAS, CANVAS), (bg, bg, bg - int(rng.integers(0, 6))))
     scale = rng.uniform(0.82, 0.98)
@@ -31,6 +31,61 @@ def studio_shot(obj: Image.Image, rng: np.random.Generator, size: int) -> tuple[
     arr = np.asarray(canvas, dtype=np.float32) * rng.uniform(0.96, 1.04)
     canvas = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return canvas.resize((size, size), Image.BOX), box
+
+
+def scene_shot(objs: list[Image.Image], rng: np.random.Generator, size: int,
+               max_overlap: float = 0.2) -> tuple[Image.Image, list, Image.Image]:
+    """A seller's styled shot of several objects (a model wearing a hat with a bag, a bundle, a
+    shelf): the same light studio as :func:`studio_shot`, each object at its own size (36-62%
+    of the side) and place, so neither the largest nor the most central object is the one
+    sold: only the title tells.  Boxes are drawn until no two overlap by more than
+    ``max_overlap`` of the smaller one (the best of 50 tries otherwise); objects are pasted in a
+    random order, so one may hide a little of another.
+
+    Returns the image, each object's ``[x, y, side]`` on the 128 px canvas (in ``objs``'
+    order) and the order they were pasted in (for :func:`object_labels`).
+    """
+    bg = int(rng.integers(235, 256))
+    canvas = Image.new("RGB", (CANVAS, CANVAS), (bg, bg, bg - int(rng.integers(0, 6))))
+    sides = (CANVAS * rng.uniform(0.36, 0.62, size=len(objs))).astype(int)
+    best, best_overlap = None, np.inf
+    for _ in range(50):
+        corners = [rng.integers(0, CANVAS - s + 1, size=2) for s in sides]
+        overlap = max((_box_overlap(corners[i], sides[i], corners[j], sides[j])
+                       for i in range(len(objs)) for j in range(i)), default=0.0)
+        if overlap < best_overlap:
+            best, best_overlap = corners, overlap
+        if overlap <= max_overlap:
+            break
+    boxes = [[int(c[0]), int(c[1]), int(s)] for c, s in zip(best, sides)]
+    order = [int(i) for i in rng.permutation(len(objs))]
+    for i in order:
+        x, y, s = boxes[i]
+        o = objs[i].resize((s, s), Image.BILINEAR)
+        canvas.paste(o, (x, y), o)
+    arr = np.asarray(canvas, dtype=np.float32) * rng.uniform(0.96, 1.04)
+    canvas = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return canvas.resize((size, size), Image.BOX), boxes, order
+
+
+def object_labels(objs: list[Image.Image], boxes: list, order: list[int]) -> Image.Image:
+    """Where each object of a shot is seen: a 128 px label map (mode ``L``), ``i + 1`` on the
+    pixels object ``i`` touches at all (its anti-aliased rim included) and no object pasted
+    after it touches, 0 on the plain background.  ``boxes`` and ``order`` are what :func:`studio_shot` or
+    :func:`scene_shot` returned."""
+    labels = Image.new("L", (CANVAS, CANVAS), 0)
+    for i in order:
+        x, y, s = boxes[i]
+        alpha = objs[i].getchannel("A").resize((s, s), Image.BILINEAR)
+        labels.paste(i + 1, (x, y), alpha.point(lambda a: 255 if a else 0))
+    return labels
+
+
+def _box_overlap(a, sa: int, b, sb: int) -> float:
+    """The overlap of two squares as a share of the smaller one's area."""
+    w = min(a[0] + sa, b[0] + sb) - max(a[0], b[0])
+    h = min(a[1] + sa, b[1] + sb) - max(a[1], b[1])
+    return max(0, w) * max(0, h) / min(sa, sb) ** 2
 
 
 def _cluttered_background(rng: np.random.Generator) -> Image.Image:

@@ -19,6 +19,11 @@ knob per difficulty the paper names:
 4. **Unseen products at test time** (``test_product_share``): test queries are of products that
    no training click touches; ``docs.jsonl`` indexes every product.
 
+One more knob gives the paper's concept-aware fusion something to choose: **scene docs**
+(``scene_share``, ``scene_objects``): that share of docs is a styled shot of the product among
+1-3 products of other categories, placed and sized alike, whose title names only the product;
+query photos stay of the product alone.  Only the title tells which object is sold.
+
 The truth (product of every doc and query, product attributes) goes to ``_truth/``, which readers
 ignore: only analysis and tests use it, never training.
 
@@ -40,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .files import build_new_folder
-from .shop_images import CANVAS, encode_image, studio_shot, user_photo
+from .shop_images import encode_image, object_labels, scene_shot, studio_shot, user_photo
 from .synth_products import (ACCENT_NAMES, ACCENTS, BRANDS, CATEGORIES, CATEGORY_NAMES,
                              COLOUR_NAMES, COLOURS, PATTERN_NAMES, PATTERNS, SPAM_WORDS,
                              render_product)
@@ -70,6 +75,8 @@ class SynthConfig:
     p_accent_in_title: float = 0.4
     p_spam: float = 0.5
     p_shuffle: float = 0.5
+    scene_share: float = 0.0                     # share of docs shot among other products
+    scene_objects: tuple[int, int] = (1, 3)      # other products in a scene doc, inclusive range
     image_size: int = 64
     chunk_products: int = 500
 
@@ -85,6 +92,9 @@ class SynthConfig:
             "zipf_exponent": self.zipf_exponent >= 0,
             "gap": 0 <= self.gap <= 1.5,
             "image_size": 16 <= self.image_size <= 512,
+            "scene_share": 0 <= self.scene_share <= 1,
+            "scene_objects": 1 <= self.scene_objects[0] <= self.scene_objects[1]
+            <= len(CATEGORIES) - 1,
             "chunk_products": self.chunk_products >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -216,7 +226,8 @@ _STATE: dict = {}
 
 
 def _init_worker(cfg: SynthConfig, cat: Catalogue, seed: int, out: str) -> None:
-    _STATE.update(cfg=cfg, cat=cat, seed=seed, out=Path(out), confusable=_confusable_index(cat))
+    _STATE.update(cfg=cfg, cat=cat, seed=seed, out=Path(out), confusable=_confusable_index(cat),
+                  by_category=[np.flatnonzero(cat.category == c) for c in range(len(CATEGORIES))])
 
 
 def _confusable_index(cat: Catalogue) -> dict[int, np.ndarray]:
@@ -235,6 +246,9 @@ def _render_chunk(chunk: int) -> dict:
     cfg, cat, seed, out = _STATE["cfg"], _STATE["cat"], _STATE["seed"], _STATE["out"]
     confusable = _STATE["confusable"]
     rng = np.random.default_rng([seed, 1, chunk])
+    # Scenes draw from their own stream: with scene_share=0 the folder is what it was before
+    # scene docs existed, byte for byte.
+    scene_rng = np.random.default_rng([seed, 2, chunk])
     lo = chunk * cfg.chunk_products
     hi = min(lo + cfg.chunk_products, cfg.n_products)
     lines = {k: [] for k in ("docs", "queries", "clicks", "qrels", "truth_docs", "truth_queries",
@@ -247,12 +261,23 @@ def _render_chunk(chunk: int) -> dict:
         docs = [int(cat.doc_offset[p]) + j for j in range(int(cat.n_docs[p]))]
         for j, d in enumerate(docs):
             rel = f"images/docs/{doc_id(d)}.png"
-            shot, box = studio_shot(obj, rng, cfg.image_size)
+            if scene_rng.random() < cfg.scene_share:
+                shown = [p] + scene_companions(cat, p, cfg, scene_rng, _STATE["by_category"])
+                objs = [obj] + [render_product(cat, o) for o in shown[1:]]
+                shot, boxes, order = scene_shot(objs, scene_rng, cfg.image_size)
+            else:
+                shown, objs, order = [p], [obj], [0]
+                shot, box = studio_shot(obj, rng, cfg.image_size)
+                boxes = [box]
             _write(out / rel, encode_image(shot, "PNG", rng, 0))
+            object_labels(objs, boxes, order).save(out / "_truth" / "masks" / f"{doc_id(d)}.png")
             lines["docs"].append({"doc_id": doc_id(d), "image": rel,
                                   "text": make_title(cat, p, cfg, rng), "category": category})
-            lines["truth_docs"].append({"doc_id": doc_id(d), "product_id": product_id(p),
-                                        "seller_rank": j + 1, "object_box": box})
+            lines["truth_docs"].append({
+                "doc_id": doc_id(d), "product_id": product_id(p), "seller_rank": j + 1,
+                "objects": [{"product_id": product_id(o),
+                             "category": CATEGORY_NAMES[cat.category[o]], "box": b}
+                            for o, b in zip(shown, boxes)]})
         split = "test" if cat.is_test[p] else "train"
         seller_w = np.arange(1, len(docs) + 1, dtype=np.float64) ** -cfg.seller_zipf_exponent
         seller_w /= seller_w.sum()
@@ -286,6 +311,17 @@ def _render_chunk(chunk: int) -> dict:
             "popularity_rank": int(cat.popularity_rank[p]), "split": split})
     return {"lines": {k: "".join(json.dumps(r, separators=(", ", ": ")) + "\n" for r in v)
                       for k, v in lines.items()}, "stats": stats}
+
+
+def scene_companions(cat: Catalogue, p: int, cfg: SynthConfig, rng: np.random.Generator,
+                     by_category: list[np.ndarray]) -> list[int]:
+    """The products shown beside product ``p`` in a scene doc: ``cfg.scene_objects`` of them,
+    each of a different category and none of ``p``'s, so the title's category word names one
+    object in the scene."""
+    n = int(rng.integers(cfg.scene_objects[0], cfg.scene_objects[1] + 1))
+    others = [c for c in range(len(CATEGORIES)) if c != cat.category[p]]
+    chosen = rng.choice(others, size=n, replace=False)
+    return [int(by_category[c][rng.integers(len(by_category[c]))]) for c in chosen]
 
 
 def click_counts(rng: np.random.Generator, cfg, docs: list[int], seller_w: np.ndarray,
@@ -384,7 +420,7 @@ def make_synthshop(out: str | os.PathLike, preset: str = "small", seed: int = 0,
 
 def _write_synthshop(out: Path, cfg: SynthConfig, preset: str, seed: int, workers: int,
                      progress: bool) -> dict:
-    for sub in ("images/docs", "images/queries", "_truth"):
+    for sub in ("images/docs", "images/queries", "_truth/masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     cat = build_catalogue(cfg, seed)
     totals = write_chunks(out, _OUTPUTS, _render_chunk, math.ceil(cfg.n_products /
@@ -444,32 +480,44 @@ def zipf_exponent_mle(ranks: np.ndarray, support: np.ndarray) -> float:
 
 
 def doc_object_masks(root: str | os.PathLike, doc_ids: list[str], size: int) -> np.ndarray:
-    """Each doc's object mask [N, size, size] (share of each pixel the object covers, 0-1),
-    rebuilt from ``_truth/`` (the generator's config and each doc's ``object_box``) by drawing
-    the product again: analysis only, as every ``_truth`` reader."""
+    """Each doc's product mask [N, size, size] (share of each pixel the product covers, 0-1),
+    from ``_truth/masks/`` (analysis only, as every ``_truth`` reader)."""
+    return doc_scene_masks(root, doc_ids, size)[0][:, 0]
+
+
+def doc_scene_masks(root: str | os.PathLike, doc_ids: list[str],
+                    size: int) -> tuple[np.ndarray, list[list[dict]]]:
+    """Every object's mask in each doc, from ``_truth/masks/`` and ``_truth/docs.jsonl``:
+    ``[N, O, size, size]`` (share of each pixel object ``o`` covers; ``O`` the most objects any
+    of these docs shows, absent objects all zero) and each doc's ``objects`` records (product
+    id, category, box), the product first (analysis only)."""
     root = Path(root)
-    conf = json.loads((root / "_truth" / "config.json").read_text())
-    seed = conf.pop("seed")
-    conf.pop("preset")
-    cfg = SynthConfig(**{**conf, "docs_per_product": tuple(conf["docs_per_product"])})
-    truth = {}
-    for line in open(root / "_truth" / "docs.jsonl"):
-        r = json.loads(line)
-        truth[r["doc_id"]] = r
-    missing = [d for d in doc_ids if "object_box" not in truth.get(d, {})]
+    objects = doc_objects(root)
+    missing = [d for d in doc_ids if not objects.get(d)
+               or not (root / "_truth" / "masks" / f"{d}.png").exists()]
     if missing:
-        raise ValueError(f"{root}/_truth/docs.jsonl has no object_box for {missing[:3]}: "
-                         f"a folder from an older generator; make it again")
-    cat = build_catalogue(cfg, seed)
-    out = np.zeros((len(doc_ids), size, size), dtype=np.float32)
+        raise ValueError(f"{root}/_truth has no object masks for {missing[:3]}: a folder from an "
+                         f"older generator (or not a SynthShop folder); make it again")
+    n_obj = max(len(objects[d]) for d in doc_ids) if doc_ids else 1
+    out = np.zeros((len(doc_ids), n_obj, size, size), dtype=np.float32)
     for i, d in enumerate(doc_ids):
-        p = int(truth[d]["product_id"].lstrip("p"))
-        x, y, s = truth[d]["object_box"]
-        alpha = render_product(cat, p).getchannel("A").resize((s, s), Image.BILINEAR)
-        canvas = Image.new("L", (CANVAS, CANVAS), 0)
-        canvas.paste(alpha, (x, y))
-        out[i] = np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
-    return out
+        labels = np.asarray(Image.open(root / "_truth" / "masks" / f"{d}.png"))
+        for o in range(len(objects[d])):
+            one = Image.fromarray((labels == o + 1).astype(np.float32))  # mode F
+            out[i, o] = np.asarray(one.resize((size, size), Image.BOX))
+    return out, [objects[d] for d in doc_ids]
+
+
+def doc_objects(root: str | os.PathLike) -> dict[str, list[dict] | None]:
+    """``{doc id: its objects}`` from a SynthShop folder's ``_truth/docs.jsonl``: each object's
+    product id, category and box, the product the title names first; None for a folder from a
+    generator before object records (analysis only)."""
+    path = Path(root) / "_truth" / "docs.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no truth here; truth-based analysis needs a "
+                                f"SynthShop folder")
+    with open(path) as f:
+        return {r["doc_id"]: r.get("objects") for r in map(json.loads, f)}
 
 
 def load_truth(root: str | os.PathLike) -> dict[str, str]:

@@ -46,6 +46,15 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def scene_dir(tmp_path_factory):
+    """A small SynthShop folder with scene docs: 40% of docs shot among other products."""
+    out = tmp_path_factory.mktemp("scenes") / "scenes"
+    make_synthshop(out, preset="tiny", seed=0, progress=False, n_products=120, n_queries=600,
+                   scene_share=0.4)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tiny_dir):
     from mixer_lite.dataset import load_dataset
 

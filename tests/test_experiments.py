@@ -309,18 +309,20 @@ def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypa
 def test_ensure_run_waits_for_a_run_another_process_is_training(tmp_path, tiny_dir):
     """Two notebooks asking for one run at once: the second waits for the first's lock, then
     reads the finished run instead of failing or training it again.  Here the test holds the
-    lock as the first trainer would, and finishes the run once a subprocess says it waits."""
+    lock as the first ``ensure_run`` would, and finishes the run (its time written last, after
+    its evaluation) once a subprocess says it waits."""
     import subprocess
     import sys
 
     from mixer_lite.files import folder_lock
+    from mixer_lite.runcache import ENSURE_LOCK
     from mixer_lite.train import config_from
 
     run = tmp_path / "r"
     code = ("import json, sys; from mixer_lite.runcache import ensure_run; "
             f"print(json.dumps(ensure_run({str(tiny_dir[0])!r}, 'r', ['--seed=2'], "
             f"runs={str(tmp_path)!r})))")
-    with folder_lock(run, "train"):
+    with folder_lock(run, "ensure_run", lock_file=ENSURE_LOCK):
         waiting = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         seen = []
@@ -336,6 +338,37 @@ def test_ensure_run_waits_for_a_run_another_process_is_training(tmp_path, tiny_d
     got = json.loads(out.strip().splitlines()[-1])
     assert got["recall@10"] == 0.25 and got["steps"] == 7 and got["seconds"] == 12.5
     assert not (run / "checkpoints").exists()  # it never trained
+
+
+def test_ensure_data_waits_for_a_folder_another_process_is_writing(tmp_path, monkeypatch):
+    """Two notebooks asking for one dataset at once: the second finds the first's partial
+    folder locked, waits, and returns the folder the first wrote, without writing it again."""
+    import threading
+
+    from mixer_lite.files import folder_lock
+
+    out, partial = tmp_path / "synth-tiny", tmp_path / ".synth-tiny.partial"
+    sleeps = []
+    monkeypatch.setattr(runcache.time, "sleep", lambda s: sleeps.append(s) or finish.wait(5))
+    finish, holding = threading.Event(), threading.Event()
+
+    def first_writer():
+        with folder_lock(partial, "make-data"):
+            holding.set()
+            finish.wait(5)
+            (partial / "docs.jsonl").write_text("written by the first\n")
+            (partial / ".lock").unlink()
+            partial.rename(out)
+
+    writer = threading.Thread(target=first_writer)
+    writer.start()
+    holding.wait(5)
+    timer = threading.Timer(0.5, finish.set)
+    timer.start()
+    got = runcache.ensure_data("tiny", root=tmp_path)
+    writer.join()
+    assert got == out and (out / "docs.jsonl").read_text() == "written by the first\n"
+    assert sleeps  # it waited instead of failing
 
 
 def test_frozen_backbone_floor_matches_brute_force_over_qrels(tiny_dir, tiny_data):
@@ -365,3 +398,108 @@ def test_frozen_backbone_floor_matches_brute_force_over_qrels(tiny_dir, tiny_dat
     assert got["queries"] == len(qrels)
     assert got["recall@10"] == pytest.approx(np.mean(hits), abs=1.5 / len(qrels))
     assert got["map@10"] == pytest.approx(np.mean(aps), abs=0.01)
+
+
+class _TitleFollowingModel:
+    """A model whose attention follows the title perfectly: all concepts' weight spread over
+    the regions of the object whose product the title names (read from the truth), in
+    proportion to how much of each region it covers; uniform where the title names none."""
+
+    def __init__(self, data, root, cover, title_product, grid=8):
+        self.cfg = type("Cfg", (), {"image_size": 64, "fusion": "concept"})()
+        self.cover, self.title_product, self.grid = cover, title_product, grid
+        images = load_images_of_all(data)
+        self.doc_of_image = {images[r].numpy().tobytes(): data.doc_ids[r]
+                             for r in range(len(images))}
+
+    def eval(self):
+        return self
+
+    def tokenize(self, texts):
+        return {"texts": texts}
+
+    def embed_docs(self, images, tokens, return_attention=False):
+        maps = []
+        for image, text in zip(images, tokens["texts"]):
+            regions = self.cover[self.doc_of_image[image.numpy().tobytes()]]
+            named = regions.get(self.title_product[text])
+            maps.append(named / named.sum() if named is not None
+                        else np.full(self.grid ** 2, self.grid ** -2))
+        att = torch.tensor(np.array(maps), dtype=torch.float32)[:, None, :].repeat(1, 3, 1)
+        return torch.zeros(len(images), 4), {"text_to_image": att, "grid": self.grid}
+
+
+def load_images_of_all(data):
+    from mixer_lite.dataset import load_images
+
+    return load_images(data, "docs", np.arange(len(data.docs)), 64)
+
+
+def test_scene_attention_against_a_naive_loop_over_the_label_maps(scene_dir):
+    """A model that attends exactly where the title points scores what a loop over the label
+    PNGs computes (lift, the other objects' lift, the swap), and a blind one scores lift 1 and
+    no swap."""
+    from PIL import Image
+
+    from mixer_lite.dataset import load_dataset
+
+    data = load_dataset(scene_dir)
+    truth = [json.loads(line) for line in open(scene_dir / "_truth" / "docs.jsonl")]
+    title_product = {data.doc_texts[data.doc_row[t["doc_id"]]]: t["product_id"] for t in truth}
+    cover = {}  # doc -> {product: share of each of the 8x8 regions it covers}
+    for t in truth:
+        labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{t['doc_id']}.png"))
+        cover[t["doc_id"]] = {o["product_id"]: (labels == i + 1).reshape(8, 16, 8, 16)
+                              .mean((1, 3)).reshape(64) for i, o in enumerate(t["objects"])}
+    model = _TitleFollowingModel(data, scene_dir, cover, title_product)
+    r = measures.scene_attention(model, data, scene_dir, n_docs=40, seed=3)
+    per = r["per_doc"]
+    lifts, others, above, moved = [], [], [], []
+    for row, swap, new_title in zip(per["rows"], per["swap"], per["swapped_titles"]):
+        t = truth[int(row)]
+        regions = [cover[t["doc_id"]][o["product_id"]] for o in t["objects"]]
+        att = regions[0] / regions[0].sum()
+        lift = [float(att @ c) / c.mean() for c in regions]
+        lifts.append(lift[0])
+        others.extend(lift[1:])
+        above.append(lift[0] > max(lift[1:]))
+        assert title_product[new_title] == t["objects"][swap]["product_id"] != t["product_id"]
+        after = regions[swap] / regions[swap].sum()
+        mass_after = [float(after @ c) for c in regions]
+        moved.append(int(np.argmax(mass_after)) == swap and mass_after[swap] > att @ regions[swap])
+    assert r["docs"] == 40 and len(set(per["rows"])) == 40
+    assert r["product_lift"] == pytest.approx(np.mean(lifts), rel=1e-4)
+    assert r["other_lift"] == pytest.approx(np.mean(others), rel=1e-4)
+    assert r["product_above_others"] == pytest.approx(np.mean(above))
+    assert r["swap_moved"] == pytest.approx(np.mean(moved))
+    assert r["product_lift"] > 3 and r["swap_moved"] > 0.9  # the title decides, as built
+
+    blind = measures.scene_attention(_StubModel(torch.full((40, 3, 64), 1 / 64)), data,
+                                     scene_dir, n_docs=40, seed=3)
+    assert blind["product_lift"] == pytest.approx(1.0, abs=1e-5)
+    assert blind["other_lift"] == pytest.approx(1.0, abs=1e-5)
+    assert blind["swap_moved"] == 0.0
+
+
+def test_recall_by_doc_kind_splits_the_test_queries_by_their_docs(scene_dir):
+    """The groups partition the judged queries by whether a relevant doc is a scene (checked
+    against the truth file), and ``all`` is what the project's evaluator reports."""
+    from mixer_lite.dataset import load_dataset
+    from mixer_lite.retrieval import evaluate_model
+    from mixer_lite.train import build_model, config_from
+    from mixer_lite.sampling import make_samples
+
+    data = load_dataset(scene_dir)
+    cfg = config_from("tiny-cpu", ["--model.image_weights=none"])
+    model = build_model(data, make_samples(data, cfg)[0], cfg)
+    r = measures.recall_by_doc_kind(model, data, scene_dir)
+    whole = evaluate_model(model, data)
+    for m in ("recall@1", "recall@10", "map@10", "queries"):
+        assert r["all"][m] == pytest.approx(whole[m], abs=1e-9)
+    scene_docs = {json.loads(line)["doc_id"] for line in open(scene_dir / "_truth" / "docs.jsonl")
+                  if len(json.loads(line)["objects"]) > 1}
+    n_scene = sum(any(d in scene_docs for d in q["doc_ids"]) for q in data.qrels)
+    assert r["scene"]["queries"] == n_scene and r["single"]["queries"] == len(data.qrels) - n_scene
+    for m in ("recall@10", "map@10"):
+        assert r["all"][m] == pytest.approx((r["scene"][m] * n_scene + r["single"][m] *
+                                             (len(data.qrels) - n_scene)) / len(data.qrels))

@@ -278,6 +278,24 @@ def assert_refused(r, *named):
 
 
 @pytest.mark.parametrize("fault", DATA_FAULTS, ids=lambda f: f.__name__.strip("_"))
+def test_every_fault_is_named_by_file_and_line_when_the_folder_is_read(fault, tiny_dir,
+                                                                       tmp_path):
+    """What every command reads a folder with (``load_dataset``, images opened) refuses each
+    fault, naming its file and line; the commands themselves are run on a sample below."""
+    from mixer_lite.dataset import DatasetError, load_dataset
+
+    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    where = fault(data)
+    with pytest.raises(DatasetError) as refused:
+        load_dataset(data)
+    assert where in str(refused.value)
+
+
+# One fault of each kind, through the whole command: a line that is not JSON, a reference to
+# nothing, a missing and a hostile image, a link out of the folder, a missing file.
+@pytest.mark.parametrize("fault", [_malformed, _unknown_doc_in_clicks, _missing_image, _bomb_image,
+                                   _symlink_outside, _missing_qrels],
+                         ids=lambda f: f.__name__.strip("_"))
 def test_evaluate_refuses_a_broken_folder_and_leaves_the_run_alone(fault, tiny_dir, trained,
                                                                    tmp_path):
     data = copy_dataset(tiny_dir[0], tmp_path / "data")

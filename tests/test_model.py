@@ -100,6 +100,33 @@ def test_every_variant_builds_runs_and_normalises(fusion):
     assert not torch.allclose(q[0], q[1], atol=1e-3)
 
 
+def test_without_the_gate_the_doc_is_its_fused_concepts_computed_by_hand():
+    """``fusion_gate=False``: the doc vector is the mean of the fused concepts, step by step
+    from the model's own parts, with no gate and no image vector in it."""
+    model = make(fusion_gate=False, concept_text="none", concept_attention="cosine").eval()
+    assert model.fusion.gate is None
+    x, tokens = images(), model.tokenize(TEXTS)
+    got, info = model.embed_docs(x, tokens, return_attention=True)
+    assert "image_weight" not in info
+    with torch.no_grad():
+        patches, _ = model.encode_images(x)
+        mask = tokens["attention_mask"]
+        text = model.text_proj(model.text_encoder(tokens["input_ids"], mask))
+        concepts, _ = model.concept_memory(text, mask)
+        f = model.fusion
+        keys = model.doc_transform(patches)
+        weights = torch.softmax(f.attend.log_temperature.exp() * (
+            torch.nn.functional.normalize(f.attend.q(concepts), dim=-1)
+            @ torch.nn.functional.normalize(f.attend.k(keys), dim=-1).transpose(1, 2)), dim=-1)
+        seen = f.norm(f.attend.out(weights @ f.attend.v(keys)))
+        doc = (seen + f.ff(seen)).mean(dim=1)
+        want = torch.nn.functional.normalize(model.doc_norm(model.out_proj(doc)), dim=-1)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="no image/text gate"):
+        from mixer_lite.measures import doc_image_weights
+        doc_image_weights(model, None)
+
+
 @pytest.mark.parametrize("fusion", ["concept", "text_only"])
 def test_attention_rows_sum_to_one_and_padding_gets_zero(fusion):
     model = make(fusion).eval()

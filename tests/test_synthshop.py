@@ -155,3 +155,66 @@ def test_doc_object_masks_cover_the_object_and_not_the_studio_background(tiny_di
     assert 0.05 < masks.mean() < 0.6
     assert background.min() > 200 and background.std() < 12
     assert (np.abs(obj - 243).max(axis=1) > 30).mean() > 0.6
+
+
+def test_scene_docs_show_the_product_among_other_categories_and_the_title_names_it(scene_dir):
+    docs = {r["doc_id"]: r for r in _read(scene_dir, "docs.jsonl")}
+    products = {r["product_id"]: r for r in _read(scene_dir, "_truth/products.jsonl")}
+    truth = _read(scene_dir, "_truth/docs.jsonl")
+    scenes = [t for t in truth if len(t["objects"]) > 1]
+    # 40% asked; the binomial standard error at ~360 docs is ~0.026: 0.1 is four of them.
+    assert abs(len(scenes) / len(truth) - 0.4) < 0.1
+    assert {len(t["objects"]) for t in scenes} == {2, 3, 4}  # 1-3 others, each seen
+    for t in truth:
+        objects = t["objects"]
+        categories = [o["category"] for o in objects]
+        assert objects[0]["product_id"] == t["product_id"]
+        assert len(set(categories)) == len(categories)  # one object of each category shown
+        assert categories[0] == docs[t["doc_id"]]["category"]
+        assert all(products[o["product_id"]]["category"] == o["category"] for o in objects)
+        assert any(name in docs[t["doc_id"]]["text"] for name in CATEGORIES[categories[0]][0])
+
+
+def test_scene_masks_lie_in_their_boxes_and_match_the_pixels(scene_dir):
+    """Independent check against the pixels: each object's label lies inside its recorded box
+    and is seen; away from every object the doc image is the plain light studio; where one
+    object covers a pixel fully, most such pixels are not studio white."""
+    from PIL import Image
+
+    scenes = [t for t in _read(scene_dir, "_truth/docs.jsonl") if len(t["objects"]) > 1][:30]
+    ink = []
+    for t in scenes:
+        labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{t['doc_id']}.png"))
+        assert labels.shape == (128, 128) and labels.max() <= len(t["objects"])
+        for i, o in enumerate(t["objects"]):
+            ys, xs = np.nonzero(labels == i + 1)
+            x, y, side = o["box"]
+            assert len(xs) > 0
+            assert x <= xs.min() and xs.max() < x + side and y <= ys.min() and ys.max() < y + side
+        image = np.asarray(Image.open(scene_dir / "images" / "docs" / f"{t['doc_id']}.png")
+                           .convert("RGB"), dtype=float)                  # 64 px
+        background = (labels == 0).reshape(64, 2, 64, 2).all((1, 3))
+        assert image[background].min() > 200 and image[background].std() < 12
+        for i in range(len(t["objects"])):
+            full = (labels == i + 1).reshape(64, 2, 64, 2).all((1, 3))
+            ink.extend(np.abs(image[full] - 243).max(axis=1) > 30)
+    assert np.mean(ink) > 0.6
+
+
+def test_scene_docs_are_byte_identical_whatever_the_workers(scene_dir, tmp_path):
+    again = tmp_path / "again"
+    make_synthshop(again, preset="tiny", seed=0, workers=2, progress=False, n_products=120,
+                   n_queries=600, scene_share=0.4)
+    for name in JSONL:
+        assert (scene_dir / name).read_bytes() == (again / name).read_bytes(), name
+    for sub in ("images/docs", "_truth/masks"):
+        files = sorted((scene_dir / sub).iterdir())
+        assert [p.name for p in files] == sorted(p.name for p in (again / sub).iterdir())
+        assert all(p.read_bytes() == (again / sub / p.name).read_bytes() for p in files)
+
+
+def test_scene_share_is_checked():
+    with pytest.raises(ValueError, match="scene_share"):
+        SynthConfig(scene_share=1.5)
+    with pytest.raises(ValueError, match="scene_objects"):
+        SynthConfig(scene_objects=(1, len(CATEGORIES)))

@@ -1,0 +1,96 @@
+"""Concept fusion on scene docs, chosen on validation photos: the runs behind
+docs/EXPERIMENTS.md, "Scene docs: where the title chooses the region".
+
+    python bench/scene_fusion.py --preset tiny --variants mixer,image_only [--seed 0]
+
+SynthShop ``--preset`` with ``--scene-share`` of scene docs (default 0.3: the product shot among
+1-3 products of other categories, the title naming it) is made once as
+``data/synth-<preset>-scenes<percent>``.  Each variant is ``tiny-cpu`` plus its overrides, run
+with validation only (``runs/experiments/<preset>-scenes<percent>-<variant>-s<seed>``; the test
+queries are never read), and prints its validation Recall@10 on all held-out photos, on those
+whose class has a scene doc, and on the others, then where its concepts look on 256 scene docs
+(:func:`mixer_lite.measures.scene_attention`; fusions without attention print none).
+
+``--test`` (once a variant is chosen) also reads each finished run's test queries, once, and
+writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and mAP@10 on all test
+queries, on those whose product has a scene doc and on the others, and the attention measures.
+About 10 minutes a run on ``small``, 1 on ``tiny``, on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+
+from mixer_lite.ablations import VALIDATION
+from mixer_lite.dataset import data_fingerprint, load_dataset
+from mixer_lite.measures import recall_by_doc_kind, scene_attention
+from mixer_lite.reproduce import recorded
+from mixer_lite.runcache import ensure_data, ensure_run, repo_root
+from mixer_lite.runs import load_run_model
+from mixer_lite.sampling import make_samples
+from mixer_lite.train import config_from
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "mixer": (),
+    "image_only": ("--model.fusion=image_only",),
+    "text_only": ("--model.fusion=text_only",),
+    "concat": ("--model.fusion=concat",),
+    "residual": ("--model.concept_text=residual",),
+    "softmax": ("--model.concept_attention=softmax",),
+    "no_gate": ("--model.fusion_gate=false",),
+    "direct": ("--model.fusion=direct",),
+    "read_only": ("--model.concept_keeps_slot=false",),
+    "read_only_no_gate": ("--model.concept_keeps_slot=false", "--model.fusion_gate=false"),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--scene-share", type=float, default=0.3)
+    p.add_argument("--variants", default="mixer,image_only",
+                   help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test", action="store_true",
+                   help="also read the test queries once and write results/scenes/<run>.json")
+    args = p.parse_args()
+    data_dir = ensure_data(args.preset, scene_share=args.scene_share)
+    data = load_dataset(data_dir, check_images=False)
+    print("| variant | val R@10 all | scene | single | product lift | other lift | "
+          "swap moved |\n|---|---|---|---|---|---|---|")
+    for name in args.variants.split(","):
+        overrides = [*VALIDATION, f"--seed={args.seed}", *VARIANTS[name]]
+        run_name = f"{data_dir.name.removeprefix('synth-')}-{name}-s{args.seed}"
+        run = ensure_run(data_dir, run_name, overrides)["run"]
+        model = load_run_model(run)
+        cfg = config_from("tiny-cpu", overrides)
+        r = recall_by_doc_kind(model, data, data_dir, make_samples(data, cfg)[0].validation)
+        cells = [f"{100 * r[k]['recall@10']:.1f} ({r[k]['queries']})"
+                 for k in ("all", "scene", "single")]
+        attention = {}
+        if model.cfg.fusion in ("concept", "direct"):
+            a = scene_attention(model, data, data_dir, seed=args.seed)
+            attention = {k: v for k, v in a.items() if k != "per_doc"}
+            cells += [f"{a['product_lift']:.2f}", f"{a['other_lift']:.2f}",
+                      f"{100 * a['swap_moved']:.0f}%"]
+        else:
+            cells += ["-", "-", "-"]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        if args.test:
+            def measure(model=model, attention=attention):
+                test = recall_by_doc_kind(model, data, data_dir)
+                return {"metrics": {**{k: test["all"][k] for k in ("recall@1", "recall@10",
+                                                                    "map@10", "queries")},
+                                    "by_doc_kind": test, "attention": attention}}
+
+            want = {"row": name, "seed": args.seed, "overrides": overrides, "config": cfg,
+                    "data": data_fingerprint(data_dir)}
+            rec = recorded(repo_root() / "results" / "scenes" / f"{run_name}.json", want,
+                           measure)
+            t = rec["metrics"]["by_doc_kind"]
+            print(f"  test R@10 all {100 * t['all']['recall@10']:.1f}, scene "
+                  f"{100 * t['scene']['recall@10']:.1f}, single "
+                  f"{100 * t['single']['recall@10']:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
