@@ -406,8 +406,10 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None) -> di
     """Metrics (Recall@1, Recall@10, mAP@10) of the judged test queries, or of the held-out
     photos of a :class:`~mixer_lite.sampling.Validation`, grouped by their relevant docs:
     ``scene`` (at least one is a scene doc), ``single`` (all show the product alone), and
-    ``all``.  Where fusion should help (a scene doc's image holds other objects a photo of the
-    product does not) and where it has nothing to choose."""
+    ``all``; and ``scene_docs``: the ``scene`` queries with only their scene docs counted as
+    hits, so a single-object doc of the same product cannot answer for them.  Where fusion
+    should help (a scene doc's image holds other objects a photo of the product does not) and
+    where it has nothing to choose."""
     from .retrieval import (embed_docs, embed_queries, exact_search, judged_query_rows,
                             ranking_metrics, relevance)
 
@@ -421,13 +423,15 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None) -> di
     doc_emb = embed_docs(model, ImageTable(image_paths(data, "docs"), size), data.doc_texts)
     query_emb = embed_queries(model, ImageTable(image_paths(data, "queries", rows), size))
     _, ranked = exact_search(doc_emb, query_emb, 10)
-    scene = np.array([any(len(objects[data.doc_ids[d]] or ()) > 1 for d in rel)
-                      for rel in relevant])
+    scene_docs = [{d for d in rel if len(objects[data.doc_ids[d]] or ()) > 1} for rel in relevant]
+    scene = np.array([bool(s) for s in scene_docs])
     out = {}
-    for name, chosen in (("all", np.ones_like(scene)), ("scene", scene), ("single", ~scene)):
+    for name, chosen, hits in (("all", np.ones_like(scene), relevant),
+                               ("scene", scene, relevant), ("single", ~scene, relevant),
+                               ("scene_docs", scene, scene_docs)):
         if chosen.any():
-            out[name] = ranking_metrics(ranked[chosen], [relevant[i] for i in
-                                                         np.flatnonzero(chosen)], ks=(1, 10))
+            out[name] = ranking_metrics(ranked[chosen], [hits[i] for i in np.flatnonzero(chosen)],
+                                        ks=(1, 10))
     return out
 
 

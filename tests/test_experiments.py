@@ -503,3 +503,19 @@ def test_recall_by_doc_kind_splits_the_test_queries_by_their_docs(scene_dir):
     for m in ("recall@10", "map@10"):
         assert r["all"][m] == pytest.approx((r["scene"][m] * n_scene + r["single"][m] *
                                              (len(data.qrels) - n_scene)) / len(data.qrels))
+    # Only scene docs count as hits: brute force over the same embeddings' top 10.
+    from mixer_lite.dataset import ImageTable, image_paths
+    from mixer_lite.retrieval import embed_docs, embed_queries, judged_query_rows
+
+    rows = judged_query_rows(data)
+    docs = embed_docs(model, ImageTable(image_paths(data, "docs"), 64), data.doc_texts)
+    queries = embed_queries(model, ImageTable(image_paths(data, "queries", rows), 64))
+    qrels = {q["query_id"]: q["doc_ids"] for q in data.qrels}
+    found = []
+    for i, row in enumerate(rows):
+        wanted = {d for d in qrels[data.query_ids[row]] if d in scene_docs}
+        if wanted:
+            top = np.argsort(-(docs @ queries[i]), kind="stable")[:10]
+            found.append(bool(wanted & {data.doc_ids[j] for j in top}))
+    assert r["scene_docs"]["queries"] == n_scene
+    assert r["scene_docs"]["recall@10"] == pytest.approx(np.mean(found))
