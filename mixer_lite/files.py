@@ -74,14 +74,17 @@ def check_writable(path: str | Path, kind: str = "file") -> None:
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(p))
     if kind == "folder" and p.exists() and not p.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(p))
-    existing = p if kind == "folder" and p.is_dir() else p.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "a part of the path is a file, not a folder",
-                                 str(existing))
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "permission denied", str(existing))
+    while True:  # again if the folder checked vanished meanwhile (another process renamed it)
+        existing = p if kind == "folder" and p.is_dir() else p.parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a part of the path is a file, not a folder",
+                                     str(existing))
+        if os.access(existing, os.W_OK | os.X_OK):
+            return
+        if existing.exists():
+            raise PermissionError(errno.EACCES, "permission denied", str(existing))
 
 
 def strict_json(obj, **kwargs) -> str:
