@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install renderer demo test test-kernels reproduce data-icons clean
+.PHONY: install renderer browser demo serve test test-kernels reproduce data-icons clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ renderer:
 	@command -v rsvg-convert >/dev/null || $(APT_RSVG) || \
 		($(SUDO) apt-get update -qq && $(APT_RSVG))
 
+# Headless Chromium and its driver, for the search page's browser test (Debian's packages).
+APT_BROWSER := $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver
+browser:
+	@(command -v chromium && command -v chromedriver) >/dev/null || $(APT_BROWSER) || \
+		($(SUDO) apt-get update -qq && $(APT_BROWSER))
+
 # CONFIG=scratch-cpu: the same job with the image encoder trained from random weights, into
 # its own run and reports folders.
 CONFIG ?= tiny-cpu
@@ -30,10 +36,14 @@ demo: $(STAMP)
 	$(PY) -m mixer_lite.cli demo --config $(CONFIG) --data data/synth-small \
 		--reports reports$(DEMO_SUFFIX) --run runs/demo$(DEMO_SUFFIX)
 
+# The search service and page over the demo's run (after make demo): http://127.0.0.1:8000/
+serve: $(STAMP)
+	$(PY) -m mixer_lite.cli serve --run runs/demo$(DEMO_SUFFIX) --data data/synth-small
+
 # The suite on TEST_WORKERS processes (pytest-xdist); the notebooks one after another (they
 # share the cached runs in runs/experiments/: two notebooks on 2 cores at once took longer).
 TEST_WORKERS ?= 2
-test: $(STAMP) renderer
+test: $(STAMP) renderer browser
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 	MIXER_LITE_FAST=1 $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
 

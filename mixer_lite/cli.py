@@ -150,51 +150,20 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_index(args) -> int:
-    from pathlib import Path
+    from .service import build_run_index
 
-    from .dataset import ImageTable, data_fingerprint, image_paths, load_dataset
-    from .files import check_writable, file_sha256, folder_lock
-    from .retrieval import build_index, check_index_kind, embed_docs, save_index
-    from .runs import load_run_model
-
-    model = load_run_model(args.run)
-    model_sha = file_sha256(Path(args.run) / "model.pt")
-    check_writable(Path(args.run) / "index", "folder")
-    data = load_dataset(args.data)
-    check_index_kind(args.index, len(data.docs))
-    images = ImageTable(image_paths(data, "docs"), model.cfg.image_size, preload=False,
-                        threads=4)
-    with folder_lock(args.run, "index"):  # not while a train or another index writes there
-        emb = embed_docs(model, images, data.doc_texts, progress=not args.quiet)
-        index = build_index(emb, args.index)
-        out = Path(args.run) / "index"
-        save_index(index, out, {"data": str(Path(args.data).resolve()),
-                                "data_fingerprint": data_fingerprint(args.data),
-                                "model_sha256": model_sha, "kind": args.index,
-                                "doc_ids": data.doc_ids})
-    print(json.dumps({"index": str(out / "docs.faiss"), "kind": args.index, "docs": len(emb)}))
+    print(json.dumps(build_run_index(args.run, args.data, args.index, not args.quiet)))
     return 0
 
 
 def _cmd_search(args) -> int:
-    from pathlib import Path
-
     from .dataset import ImageTable, load_dataset
-    from .files import file_sha256
-    from .retrieval import embed_queries, load_index, search
-    from .runs import load_run_model
+    from .retrieval import embed_queries, search
+    from .service import open_run_index
 
     photos = _photo_paths(args.image)
-    index, meta = load_index(Path(args.run) / "index")
     data = load_dataset(args.data, check_images=False)  # only the doc ids and texts are read
-    if meta["doc_ids"] != data.doc_ids:
-        raise ValueError(f"the index in {args.run} was built from {meta.get('data')}, whose docs "
-                         f"differ from {args.data}/docs.jsonl; rebuild it with mixer-lite index")
-    model = load_run_model(args.run)  # a damaged or crafted file is named as such first
-    model_path = Path(args.run) / "model.pt"
-    if meta.get("model_sha256") != file_sha256(model_path):
-        raise ValueError(f"the index in {args.run} was built from another {model_path} (the run "
-                         f"was trained again since); rebuild it with mixer-lite index")
+    model, index, _ = open_run_index(args.run, data)
     images = ImageTable(photos, model.cfg.image_size, preload=False, threads=2)
     q = embed_queries(model, images, batch_size=64)  # a bad photo is named before any result
     scores, rows = search(index, q, args.k)
@@ -250,6 +219,20 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _cmd_serve(args) -> int:
+    from .server import serve
+    from .service import Limits
+
+    if args.batch_window_ms < 0 or args.max_upload_mb <= 0:
+        raise ValueError("--batch-window-ms must be >= 0 and --max-upload-mb > 0")
+    limits = Limits(max_k=args.max_k, max_pixels=args.max_pixels,
+                    max_upload_bytes=int(args.max_upload_mb * 2 ** 20),
+                    max_photos=args.max_photos)
+    serve(args.run, args.data, args.host, args.port, args.batch_window_ms, args.max_batch,
+          args.threads, limits, args.access_log)
+    return 0
 
 
 def _cmd_demo(args) -> int:
@@ -350,6 +333,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photo files or folders of photos (one model load for all)")
     s.add_argument("--k", type=_positive_int, default=10)
     s.set_defaults(func=_cmd_search)
+
+    s = sub.add_parser("serve", help="a search service and page over a run's index (built "
+                                     "first when the run has none)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="how long the first waiting search waits for others to share its "
+                        "forward pass (bench/serve.py measured the choice)")
+    s.add_argument("--max-batch", type=_positive_int, default=64, help="photos per forward pass")
+    s.add_argument("--max-k", type=_positive_int, default=100)
+    s.add_argument("--max-pixels", type=_positive_int, default=40_000_000,
+                   help="largest photo accepted, from its header (width x height)")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
+    s.add_argument("--max-photos", type=_positive_int, default=16, help="photos per request")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--access-log", action="store_true", help="log every request")
+    s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("demo", help="the main job on the built-in data (what `make demo` runs)")
     s.add_argument("--data", default="data/synth-small")

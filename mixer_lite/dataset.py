@@ -424,6 +424,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def fit_image(im: Image.Image, size: int) -> np.ndarray:
+    """An opened image as the model reads it: uint8 [size, size, 3], RGB and upright (JPEG
+    decoded at reduced size where it can be: a phone photo costs a fraction of its pixels)."""
+    im.draft("RGB", (size, size))
+    im = to_rgb(im)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
 class ImageError(ValueError):
     """An image that cannot be decoded; the message names its file."""
 
@@ -465,11 +475,7 @@ class ImageTable:
     def _decode_one(self, i: int) -> np.ndarray:
         try:
             with Image.open(self.paths[i]) as im:
-                im.draft("RGB", (self.size, self.size))  # JPEG: decode at reduced size
-                im = to_rgb(im)
-                if im.size != (self.size, self.size):
-                    im = im.resize((self.size, self.size), Image.BILINEAR)
-                return np.asarray(im, dtype=np.uint8)
+                return fit_image(im, self.size)
         except IMAGE_ERRORS as e:
             raise ImageError(f"{self.paths[i]}: cannot read the image ({e}); "
                              f"`mixer-lite validate` checks every image of a folder") from None

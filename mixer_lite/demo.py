@@ -84,4 +84,6 @@ def _demo_steps(data_dir: Path, reports: Path, preset: str, seed: int, workers: 
               f"{m['recall@10']:.3f}  mAP@10 {m['map@10']:.3f}")
     print(f"[demo] wrote {reports}/: query_doc_grid.png, class_sizes.png, recall_curves.png, "
           f"attention_gallery.png, metrics.json, classes.jsonl")
+    print(f"[demo] to search it in a browser: mixer-lite serve --run {run} --data {data_dir}, "
+          f"then open http://127.0.0.1:8000/")
     return metrics

@@ -471,9 +471,17 @@ def doc_attention(model, data, n_docs: int = 4, seed: int = 0) -> dict:
             for i in rng.choice(len(rel), size=min(n_docs, len(rel)), replace=False)]
     images = load_images(data, "docs", rows, model.cfg.image_size)
     titles = [data.doc_texts[r] for r in rows]
+    return {"images": images, **attention_of_docs(model, images, titles), "titles": titles}
+
+
+def attention_of_docs(model, images, titles: list[str]) -> dict:
+    """The model's attention on docs (``embed_docs(..., return_attention=True)``, in eval mode,
+    without gradients) and each doc's tokens as strings: ``{"info", "token_strings"}``."""
     tokens = model.tokenize(titles)
     model.eval()
-    _, info = model.embed_docs(images, tokens, return_attention=True)
+    with torch.no_grad():
+        _, info = model.embed_docs(images, tokens, return_attention=True)
     strings = [model.tokenizer.convert_ids_to_tokens(ids[m]) for ids, m in
-               zip(tokens["input_ids"], tokens["attention_mask"])]
-    return {"images": images, "info": info, "token_strings": strings, "titles": titles}
+               zip(tokens["input_ids"], tokens["attention_mask"])] if tokens else \
+        [[] for _ in titles]
+    return {"info": info, "token_strings": strings}

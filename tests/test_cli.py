@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _cli import TINY_MODEL, cli
+from _cli import TINY_MODEL, cli, run_embeddings
 
 from mixer_lite.dataset import ImageTable, image_paths, load_dataset
-from mixer_lite.retrieval import embed_docs, embed_queries, evaluate_raw_pixels
+from mixer_lite.retrieval import embed_queries, evaluate_raw_pixels
 from mixer_lite.runs import load_run_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -47,14 +47,11 @@ def run(tiny_dir, tmp_path_factory):
 def reference(run, tiny_dir):
     """The run's embeddings computed in this process, and the judged queries' relevant docs."""
     data = load_dataset(tiny_dir[0])
-    model = load_run_model(run)
-    size = model.cfg.image_size
-    docs = embed_docs(model, ImageTable(image_paths(data, "docs"), size), data.doc_texts)
     doc_ids = [d["doc_id"] for d in jsonl(tiny_dir[0] / "docs.jsonl")]
     qrels = {q["query_id"]: set(q["doc_ids"]) for q in jsonl(tiny_dir[0] / "qrels.jsonl")}
     judged = sorted(qrels, key=data.query_row.__getitem__)
-    rows = np.array([data.query_row[q] for q in judged])
-    queries = embed_queries(model, ImageTable(image_paths(data, "queries", rows), size))
+    ref = run_embeddings(run, tiny_dir[0], [data.query_row[q] for q in judged])
+    model, docs, queries = ref["model"], ref["docs"], ref["queries"]
     return {"model": model, "docs": docs, "doc_ids": doc_ids, "queries": queries,
             "relevant": [qrels[q] for q in judged]}
 
