@@ -12,7 +12,7 @@
    and the share of server time in decode, queue, embed and search (from ``/metrics``).
 3. Soak: ``--soak`` seconds at 32 clients; the server's resident memory at start and end.
 
-The clients (httpx, asyncio) run in this process on the same cores as the server: what they
+The clients (aiohttp, asyncio) run in this process on the same cores as the server: what they
 spend is taken from the server, so served QPS is a lower bound on a machine of its own.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import psutil
@@ -58,20 +59,24 @@ async def closed_loop(url: str, photos: list[bytes], clients: int, seconds: floa
     """``clients`` concurrent posters, each waiting for its answer before the next post."""
     latencies, errors, sent = [], 0, 0
     stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
 
         async def one_client(i: int):
             nonlocal errors, sent
             while time.perf_counter() < stop_at and sent < max_requests:
-                photo = photos[(sent + i) % len(photos)]
+                form = aiohttp.FormData()
+                form.add_field("k", str(k))
+                form.add_field("image", photos[(sent + i) % len(photos)], filename="photo.jpg",
+                               content_type="image/jpeg")
                 sent += 1
                 t = time.perf_counter()
                 try:
-                    r = await client.post("/search", data={"k": str(k)},
-                                          files={"image": ("photo.jpg", photo, "image/jpeg")})
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
+                    async with session.post("/search", data=form) as r:
+                        await r.read()
+                        ok = r.status == 200
+                except aiohttp.ClientError:
                     ok = False
                 latencies.append(time.perf_counter() - t)
                 errors += not ok
@@ -111,7 +116,8 @@ def main() -> None:
     ap.add_argument("--soak", type=float, default=60.0, help="seconds at 32 clients (0: none)")
     ap.add_argument("--batch", type=int, default=32, help="in-process batch size")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in-process")
+    ap.add_argument("--server-threads", type=int, default=2, help="torch threads of the server")
     ap.add_argument("--window-ms", type=float, default=2.0, help="the server's batch window")
     ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args()
@@ -126,7 +132,8 @@ def main() -> None:
               f"{p} {s / total:.0%}" for p, s in base["spent"].items()) + ")")
     del service
 
-    proc, url = start_server(args.run, args.data, args.port, args.threads, args.window_ms)
+    proc, url = start_server(args.run, args.data, args.port, args.server_threads,
+                             args.window_ms)
     try:
         with httpx.Client(base_url=url) as client:
             asyncio.run(closed_loop(url, photos, 8, 2.0, 200, args.k))  # warm-up
