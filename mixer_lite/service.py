@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .dataset import IMAGE_ERRORS, ImageTable, data_fingerprint, fit_image, image_paths, \
     load_dataset, load_images
@@ -159,6 +159,9 @@ class SearchService:
                 return fit_image(im, self.size)
         except Image.DecompressionBombError as e:
             raise Rejected(413, f"{name}: {e}") from None
+        except UnidentifiedImageError:
+            raise Rejected(400, f"{name}: not an image this server reads (JPEG, PNG, WebP, "
+                                f"GIF, BMP, TIFF)") from None
         except IMAGE_ERRORS as e:
             raise Rejected(400, f"{name}: not an image this server reads ({e})") from None
 
