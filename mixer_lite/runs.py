@@ -29,9 +29,10 @@ from .files import atomic_path, check_writable
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """The device ``--device`` names; ``auto``: this rank's GPU when torch sees one, else the
-    CPU.  A name torch cannot parse or a GPU torch does not see is an error saying so."""
+    CPU; ``cuda`` without an index: this rank's GPU (``cuda:LOCAL_RANK``), so ranks never share
+    GPU 0.  A name torch cannot parse or a GPU torch does not see is an error saying so."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -40,13 +41,24 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device={name}: torch sees no CUDA GPU (torch.cuda.is_available() "
                          f"is False); use --device=cpu (or auto)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device={name}: this rank's GPU is cuda:{device.index}, and torch "
+                         f"sees {torch.cuda.device_count()} (more processes than GPUs?)")
     return device
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, this rank's device); under torchrun, joins the process group."""
+    """(rank, world size, this rank's device); under torchrun, joins the process group.
+
+    The rank's GPU becomes the current CUDA device before the group is made: NCCL collectives
+    that allocate (``all_gather_object`` in checkpointing) use the current device, which would
+    otherwise be GPU 0 on every rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         # By the device, not by what the machine has: --device=cpu on a GPU machine needs gloo.
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -403,3 +403,25 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(tmp_path):
                                              r"resumed with 1.*--nproc_per_node=2"):
             restore_checkpoint(ck, path, None, None, None, None, rank=0, world=1,
                                device=torch.device("cpu"))
+
+
+def test_each_rank_takes_its_own_gpu_and_makes_it_current(monkeypatch):
+    """On a machine torch says has 4 GPUs (patched: the code path, not the hardware): ``cuda``
+    and ``auto`` mean this rank's GPU (LOCAL_RANK), which becomes the current device before any
+    collective; a rank past the last GPU is an error naming the count."""
+    from mixer_lite.runs import resolve_device, setup_distributed
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert resolve_device("cuda", 2) == torch.device("cuda", 2)
+    assert resolve_device("auto", 3) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1", 3) == torch.device("cuda", 1)  # named: as named
+    assert resolve_device("cpu", 3) == torch.device("cpu")
+    with pytest.raises(ValueError, match="cuda:5, and torch sees 4"):
+        resolve_device("cuda", 5)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert setup_distributed("cuda") == (0, 1, torch.device("cuda", 1))
+    assert current == [torch.device("cuda", 1)]
