@@ -402,14 +402,34 @@ def scene_attention(model, data, data_dir: str | Path, n_docs: int = 256,
 
 
 @torch.no_grad()
-def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None) -> dict:
+def scenes_without_others(data, data_dir: str | Path, size: int) -> torch.Tensor:
+    """Every doc image at ``size`` (uint8 [N, 3, size, size]), each scene doc's other objects
+    painted over with its own background (the median colour of the pixels no object covers, from
+    the ``_truth`` masks): the shot as it would be with the product alone, where it stands."""
+    images = ImageTable(image_paths(data, "docs"), size)[np.arange(len(data.docs))]
+    rows = scene_doc_rows(data, data_dir)
+    if not len(rows):
+        return images
+    masks, _ = doc_scene_masks(data_dir, [data.doc_ids[r] for r in rows], size)
+    x = images[rows].float()
+    others = torch.from_numpy(masks[:, 1:].sum(1).clip(0, 1))[:, None]
+    free = torch.from_numpy(masks.sum(1) < 1e-6)
+    ground = torch.stack([x[i][:, free[i]].median(dim=1).values for i in range(len(rows))])
+    images[rows] = (x * (1 - others) + ground[:, :, None, None] * others).round().to(torch.uint8)
+    return images
+
+
+def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
+                       others_removed: bool = False) -> dict:
     """Metrics (Recall@1, Recall@10, mAP@10) of the judged test queries, or of the held-out
     photos of a :class:`~mixer_lite.sampling.Validation`, grouped by their relevant docs:
     ``scene`` (at least one is a scene doc), ``single`` (all show the product alone), and
     ``all``; and ``scene_docs``: the ``scene`` queries with only their scene docs counted as
     hits, so a single-object doc of the same product cannot answer for them.  Where fusion
     should help (a scene doc's image holds other objects a photo of the product does not) and
-    where it has nothing to choose."""
+    where it has nothing to choose.  ``others_removed``: the scene docs embedded from
+    :func:`scenes_without_others`, what a doc tower that ignored every object but the product
+    could reach (the ceiling of choosing the region; ``docs/EXPERIMENTS.md``, "Scene docs")."""
     from .retrieval import (embed_docs, embed_queries, exact_search, judged_query_rows,
                             ranking_metrics, relevance)
 
@@ -420,7 +440,9 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None) -> di
     else:
         rows, relevant = validation.query_rows, validation.relevant
     size = model.cfg.image_size
-    doc_emb = embed_docs(model, ImageTable(image_paths(data, "docs"), size), data.doc_texts)
+    docs = scenes_without_others(data, data_dir, size) if others_removed else \
+        ImageTable(image_paths(data, "docs"), size)
+    doc_emb = embed_docs(model, docs, data.doc_texts)
     query_emb = embed_queries(model, ImageTable(image_paths(data, "queries", rows), size))
     _, ranked = exact_search(doc_emb, query_emb, 10)
     scene_docs = [{d for d in rel if len(objects[data.doc_ids[d]] or ()) > 1} for rel in relevant]

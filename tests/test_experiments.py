@@ -519,3 +519,56 @@ def test_recall_by_doc_kind_splits_the_test_queries_by_their_docs(scene_dir):
             found.append(bool(wanted & {data.doc_ids[j] for j in top}))
     assert r["scene_docs"]["queries"] == n_scene
     assert r["scene_docs"]["recall@10"] == pytest.approx(np.mean(found))
+
+
+def test_scenes_without_others_paints_only_the_other_objects(scene_dir):
+    """Single-object docs untouched; in a scene doc, the pixels only other objects cover take the
+    background's median colour (computed here from the label PNG, by numpy), the pixels no other
+    object covers are unchanged; the ceiling measure embeds exactly these images."""
+    from PIL import Image
+
+    from mixer_lite.dataset import ImageTable, image_paths, load_dataset
+
+    data = load_dataset(scene_dir)
+    size = 64
+    painted = measures.scenes_without_others(data, scene_dir, size).numpy()
+    original = ImageTable(image_paths(data, "docs"), size)[np.arange(len(data.docs))].numpy()
+    objects = {json.loads(line)["doc_id"]: json.loads(line)["objects"]
+               for line in open(scene_dir / "_truth" / "docs.jsonl")}
+    scenes = [r for r, d in enumerate(data.doc_ids) if len(objects[d]) > 1]
+    singles = [r for r, d in enumerate(data.doc_ids) if len(objects[d]) == 1]
+    assert scenes and singles
+    assert (painted[singles] == original[singles]).all()
+    for r in scenes[:10]:
+        labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{data.doc_ids[r]}.png"))
+        step = labels.shape[0] // size  # the label map is a whole multiple of the image side
+        blocks = labels.reshape(size, step, size, step).transpose(0, 2, 1, 3).reshape(size, size, -1)
+        free = (blocks == 0).all(-1)
+        only_others = (blocks >= 2).all(-1)
+        no_others = (blocks < 2).all(-1)
+        ground = np.median(original[r][:, free], axis=1)
+        assert np.abs(painted[r][:, only_others] - np.round(ground)[:, None]).max() <= 1
+        assert (painted[r][:, no_others] == original[r][:, no_others]).all()
+        assert only_others.sum() > 20  # the scene has other objects to paint
+
+
+def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
+    """``recall_by_doc_kind(others_removed=True)`` is the brute-force recall over embeddings of
+    :func:`scenes_without_others`' images."""
+    from mixer_lite.dataset import ImageTable, image_paths, load_dataset
+    from mixer_lite.retrieval import embed_docs, embed_queries, judged_query_rows
+    from mixer_lite.sampling import make_samples
+    from mixer_lite.train import build_model, config_from
+
+    data = load_dataset(scene_dir)
+    cfg = config_from("tiny-cpu", ["--model.image_weights=none"])
+    model = build_model(data, make_samples(data, cfg)[0], cfg)
+    r = measures.recall_by_doc_kind(model, data, scene_dir, others_removed=True)
+    docs = embed_docs(model, measures.scenes_without_others(data, scene_dir, 64), data.doc_texts)
+    rows = judged_query_rows(data)
+    queries = embed_queries(model, ImageTable(image_paths(data, "queries", rows), 64))
+    qrels = {q["query_id"]: set(q["doc_ids"]) for q in data.qrels}
+    hits = [bool(qrels[data.query_ids[row]] & {data.doc_ids[j] for j in
+                                               np.argsort(-(docs @ queries[i]), kind="stable")[:10]})
+            for i, row in enumerate(rows)]
+    assert r["all"]["recall@10"] == pytest.approx(np.mean(hits))
