@@ -49,8 +49,9 @@ class MicroBatcher:
     was busy: no added wait at low load.
     """
 
-    def __init__(self, run, window_s: float = 0.002, max_photos: int = 64):
+    def __init__(self, run, window_s: float = 0.002, max_photos: int = 64, on_batch=None):
         self.run, self.window_s, self.max_photos = run, window_s, max_photos
+        self.on_batch = on_batch  # called with each batch's photo count, on the event loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.task: asyncio.Task | None = None
@@ -106,6 +107,8 @@ class MicroBatcher:
                     if not future.done():
                         future.set_exception(e)
                 continue
+            if self.on_batch:
+                self.on_batch(len(photos))
             lo = 0
             for part, k, future, queued in batch:
                 hi = lo + len(part)
@@ -130,6 +133,9 @@ class Metrics:
 
     def count(self, route: str, status: int) -> None:
         self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+
+    def count_batch(self, photos: int) -> None:
+        self.batches[photos] = self.batches.get(photos, 0) + 1
 
     def observe_search(self, seconds: float, phases: dict, photos: int) -> None:
         ms = seconds * 1000
@@ -170,14 +176,8 @@ def create_app(service: SearchService, window_s: float = 0.002, max_batch: int =
     """The ASGI app over ``service``: Starlette's routes, counted (the batcher starts and stops
     with the app)."""
     limits = service.limits
-    metrics = Metrics()
-
-    def run_batch(photos, k):
-        out = service.search_batch(photos, k)
-        metrics.batches[len(photos)] = metrics.batches.get(len(photos), 0) + 1
-        return out
-
-    batcher = MicroBatcher(run_batch, window_s, max_batch)
+    metrics = Metrics()  # read and written on the event loop only
+    batcher = MicroBatcher(service.search_batch, window_s, max_batch, metrics.count_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

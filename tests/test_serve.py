@@ -277,6 +277,9 @@ def test_metrics_count_requests_by_route_and_status(service):
     phases = dict(re.findall(r'phase="(\w+)"\} ([\d.]+)', text))
     assert set(phases) == {"decode", "queue", "embed", "search"}
     assert float(phases["embed"]) > 0
+    batches = {int(n): int(c) for n, c in
+               re.findall(r'mixer_model_batches_total\{photos="(\d+)"\} (\d+)', text)}
+    assert sum(n * c for n, c in batches.items()) == 3  # three one-photo searches
 
 
 def test_serving_an_index_of_other_data_or_another_model_is_refused(run, tiny_dir, tmp_path):
