@@ -542,7 +542,8 @@ def test_scenes_without_others_paints_only_the_other_objects(scene_dir):
     for r in scenes[:10]:
         labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{data.doc_ids[r]}.png"))
         step = labels.shape[0] // size  # the label map is a whole multiple of the image side
-        blocks = labels.reshape(size, step, size, step).transpose(0, 2, 1, 3).reshape(size, size, -1)
+        blocks = labels.reshape(size, step, size, step).transpose(0, 2, 1, 3)
+        blocks = blocks.reshape(size, size, -1)
         free = (blocks == 0).all(-1)
         only_others = (blocks >= 2).all(-1)
         no_others = (blocks < 2).all(-1)
@@ -568,7 +569,7 @@ def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
     rows = judged_query_rows(data)
     queries = embed_queries(model, ImageTable(image_paths(data, "queries", rows), 64))
     qrels = {q["query_id"]: set(q["doc_ids"]) for q in data.qrels}
-    hits = [bool(qrels[data.query_ids[row]] & {data.doc_ids[j] for j in
-                                               np.argsort(-(docs @ queries[i]), kind="stable")[:10]})
+    top = np.argsort(-(queries @ docs.T), axis=1, kind="stable")[:, :10]
+    hits = [bool(qrels[data.query_ids[row]] & {data.doc_ids[j] for j in top[i]})
             for i, row in enumerate(rows)]
     assert r["all"]["recall@10"] == pytest.approx(np.mean(hits))

@@ -178,7 +178,8 @@ def test_a_doc_attention_is_the_models_attention(client, service, reference):
         _, info = model.embed_docs(image, tokens, return_attention=True)
     assert out["title"] == data.doc_texts[3] and out["grid"] == info["grid"]
     assert len(out["concepts"]) == model.cfg.n_concepts
-    words = model.tokenizer.convert_ids_to_tokens(tokens["input_ids"][0][tokens["attention_mask"][0]])
+    ids = tokens["input_ids"][0][tokens["attention_mask"][0]]
+    words = model.tokenizer.convert_ids_to_tokens(ids)
     for c in out["concepts"]:
         want = info["text_to_image"][0, c["concept"]].numpy()
         np.testing.assert_allclose(c["map"], want, atol=1e-4)
