@@ -28,10 +28,10 @@ def _cmd_make_data(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from .dataset import DatasetError, load_dataset
+    from .dataset import DatasetError, load_dataset, write_valid_stamp
 
-    try:
-        data = load_dataset(args.dir, check_images=not args.no_image_check)
+    try:  # every image decoded, whatever an earlier stamp says
+        data = load_dataset(args.dir, check_images=not args.no_image_check, trust_stamp=False)
     except DatasetError as e:
         for p in e.problems:
             print(str(p), file=sys.stderr)
@@ -41,6 +41,14 @@ def _cmd_validate(args) -> int:
     print(f"{args.dir}: valid: {s['docs']} docs, {s['train_queries']} train queries, "
           f"{s['test_queries']} test queries, {s['clicks']} click rows "
           f"({s['click_events']} click events), {s['qrels']} qrels")
+    if not args.no_image_check:
+        try:
+            stamp = write_valid_stamp(args.dir)
+            print(f"({stamp} written: other commands decode no image of this folder while "
+                  f"its JSONL files stay as they are)", file=sys.stderr)
+        except OSError as e:  # a read-only dataset is valid all the same
+            print(f"(no stamp written: {os_error_message(e)}; every process will decode every "
+                  f"image again)", file=sys.stderr)
     return 0
 
 

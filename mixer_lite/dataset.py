@@ -327,7 +327,9 @@ class ShopData:
     def column(self, table: str, name: str) -> list:
         key = (table, name)
         if key not in self._columns:
-            self._columns[key] = list(getattr(self, table)[name])
+            # From the Arrow column in one call: iterating the table's column reads row by row
+            # through the formatter, seconds on a few hundred thousand rows.
+            self._columns[key] = getattr(self, table).data.column(name).to_pylist()
         return self._columns[key]
 
     @property
@@ -376,16 +378,48 @@ def _with_images(ds, root: Path):
     """Replace the relative ``image`` column by a lazily decoded ``datasets.Image`` column."""
     import datasets
 
-    paths = [str(root / p) for p in ds["image"]]
+    paths = [str(root / p) for p in ds.data.column("image").to_pylist()]
     ds = ds.remove_columns("image").add_column("image_path", paths).add_column("image", paths)
     return ds.cast_column("image", datasets.Image())
 
 
-def load_dataset(root: str | os.PathLike, check_images: bool = True) -> ShopData:
-    """Validate ``root`` and load it; raises :class:`DatasetError` listing every problem."""
+VALID_STAMP = ".mixer-lite-valid.json"
+
+
+def write_valid_stamp(root: str | os.PathLike) -> Path:
+    """Record that every image of ``root`` decoded, for the JSONL files as they are now
+    (``mixer-lite validate`` writes it): :func:`load_dataset` then checks the lines and paths
+    but opens no image, so each process of a large job does not decode millions of files."""
+    from .files import write_json
+
+    path = Path(root) / VALID_STAMP
+    write_json(path, {"fingerprint": data_fingerprint(root), "images": "every one decoded",
+                      "by": "mixer-lite validate"})
+    return path
+
+
+def images_validated(root: Path) -> bool:
+    """Whether ``root`` holds a stamp of :func:`write_valid_stamp` for its JSONL files as they
+    are now (a damaged stamp, or one of other files, counts as none)."""
+    try:
+        stamp = json.loads((root / VALID_STAMP).read_text())
+        return isinstance(stamp, dict) and stamp.get("fingerprint") == data_fingerprint(root)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def load_dataset(root: str | os.PathLike, check_images: bool = True,
+                 trust_stamp: bool = True) -> ShopData:
+    """Validate ``root`` and load it; raises :class:`DatasetError` listing every problem.
+
+    ``check_images``: every image is decoded once, unless (``trust_stamp``) a stamp of
+    ``mixer-lite validate`` says so for these JSONL files (:func:`write_valid_stamp`); paths
+    are always checked."""
     import datasets
 
     root = Path(root)
+    if check_images and trust_stamp and root.is_dir() and images_validated(root):
+        check_images = False
     problems, records = _validate(root, check_images)
     if problems:
         raise DatasetError(root, problems)

@@ -282,3 +282,39 @@ def test_images_are_upright_8_bit_rgb_whatever_their_depth_or_orientation(tmp_pa
         upright = np.asarray(to_rgb(im))
     assert upright.shape == (4, 8, 3)                          # rotated: 4 high, 8 wide
     assert upright[:2].mean() > 200 and upright[2:].mean() < 50  # the white half is on top
+
+
+def test_a_validate_stamp_spares_later_loads_every_decode_until_the_files_change(tmp_path,
+                                                                                 monkeypatch):
+    """``mixer-lite validate`` decodes every image and stamps the folder; ``load_dataset`` then
+    opens no image (PIL's open made to fail proves it), but still checks every path. A JSONL
+    change, a damaged stamp or ``trust_stamp=False`` brings the full check back."""
+    import mixer_lite.dataset as ds
+    from mixer_lite.cli import main
+
+    root = make_folder(tmp_path / "ds")
+    assert main(["validate", str(root)]) == 0
+    assert (root / ds.VALID_STAMP).exists()
+
+    def no_decoding(*args, **kwargs):
+        raise OSError("an image was opened")
+
+    monkeypatch.setattr(ds.Image, "open", no_decoding)
+    assert ds.load_dataset(root).summary["docs"] == 2  # trusted: nothing opened
+    with pytest.raises(ds.DatasetError, match="an image was opened"):
+        ds.load_dataset(root, trust_stamp=False)
+    os.remove(root / "images" / "d1.png")  # paths are still checked under a stamp
+    with pytest.raises(ds.DatasetError, match="'images/d1.png' does not exist"):
+        ds.load_dataset(root)
+    monkeypatch.undo()
+    make_folder(tmp_path / "ds2")
+    root = tmp_path / "ds2"
+    ds.write_valid_stamp(root)
+    with open(root / "clicks.jsonl", "a") as f:  # the files changed since the stamp
+        f.write("\n")
+    monkeypatch.setattr(ds.Image, "open", no_decoding)
+    with pytest.raises(ds.DatasetError, match="an image was opened"):
+        ds.load_dataset(root)
+    (root / ds.VALID_STAMP).write_text("{damaged")
+    with pytest.raises(ds.DatasetError, match="an image was opened"):
+        ds.load_dataset(root)
