@@ -124,14 +124,15 @@ def _cmd_evaluate(args) -> int:
     from .dataset import load_dataset
     from .files import check_writable, write_json
     from .retrieval import check_index_kind, evaluate_model, evaluate_raw_pixels
-    from .runs import eval_name, load_run_model
+    from .runs import eval_name, load_run_model, resolve_device
     from .viz import recall_curves
 
     if not args.run and not args.baseline:
         raise ValueError("give --run RUN (one or more) or --baseline raw-pixel")
     if args.compare_out:
         check_writable(args.compare_out)
-    models = {run: load_run_model(run) for run in args.run}  # a damaged one fails before work
+    device = resolve_device(args.device)
+    models = {run: load_run_model(run, device) for run in args.run}  # a damaged one fails first
     for run in models:
         check_writable(run, "folder")
     data = load_dataset(args.data)
@@ -139,7 +140,8 @@ def _cmd_evaluate(args) -> int:
     names = {run: eval_name(run, data, args.index) for run in models}
     results = {}
     for run, model in models.items():
-        metrics = evaluate_model(model, data, index_kind=args.index, progress=not args.quiet)
+        metrics = evaluate_model(model, data, device, index_kind=args.index,
+                                 progress=not args.quiet)
         name = names[run]
         write_json(Path(run) / f"{name}.json", metrics)
         recall_curves({Path(run).name: metrics["recall_curve"]},
@@ -160,20 +162,23 @@ def _cmd_evaluate(args) -> int:
 def _cmd_index(args) -> int:
     from .service import build_run_index
 
-    print(json.dumps(build_run_index(args.run, args.data, args.index, not args.quiet)))
+    print(json.dumps(build_run_index(args.run, args.data, args.index, not args.quiet,
+                                     args.device)))
     return 0
 
 
 def _cmd_search(args) -> int:
     from .dataset import ImageTable, load_dataset
     from .retrieval import embed_queries, search
+    from .runs import resolve_device
     from .service import open_run_index
 
     photos = _photo_paths(args.image)
+    device = resolve_device(args.device)
     data = load_dataset(args.data, check_images=False)  # only the doc ids and texts are read
-    model, index, _ = open_run_index(args.run, data)
+    model, index, _ = open_run_index(args.run, data, device)
     images = ImageTable(photos, model.cfg.image_size, preload=False, threads=2)
-    q = embed_queries(model, images, batch_size=64)  # a bad photo is named before any result
+    q = embed_queries(model, images, 64, device)  # a bad photo is named before any result
     scores, rows = search(index, q, args.k)
     texts = data.doc_texts
     for photo, sc, rw in zip(photos, scores, rows):
@@ -239,7 +244,7 @@ def _cmd_serve(args) -> int:
                     max_upload_bytes=int(args.max_upload_mb * 2 ** 20),
                     max_photos=args.max_photos)
     serve(args.run, args.data, args.host, args.port, args.batch_window_ms, args.max_batch,
-          args.threads, limits, args.access_log)
+          args.threads, limits, args.access_log, args.device)
     return 0
 
 
@@ -323,12 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw", "ivfpq"])
     s.add_argument("--baseline", choices=["raw-pixel"], help="add the no-learning baseline")
     s.add_argument("--compare-out", help="PNG with every run's recall curve")
+    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one) | cpu | "
+                                                     "cuda | cuda:N")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("index", help="embed a run's docs offline and save a FAISS index")
     s.add_argument("--run", required=True)
     s.add_argument("--data", required=True)
+    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one) | cpu | "
+                                                     "cuda | cuda:N")
     s.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw", "ivfpq"])
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_index)
@@ -340,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", required=True, nargs="+", action="extend",
                    help="photo files or folders of photos (one model load for all)")
     s.add_argument("--k", type=_positive_int, default=10)
+    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one) | cpu | "
+                                                     "cuda | cuda:N")
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("serve", help="a search service and page over a run's index (built "
@@ -360,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-photos", type=_positive_int, default=16, help="photos per request")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--access-log", action="store_true", help="log every request")
+    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one) | cpu | "
+                                                     "cuda | cuda:N")
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("demo", help="the main job on the built-in data (what `make demo` runs)")

@@ -342,13 +342,13 @@ class CountRequests:
 
 def serve(run: str, data: str, host: str = "127.0.0.1", port: int = 8000,
           window_ms: float = 2.0, max_batch: int = 64, threads: int = 0, limits=None,
-          access_log: bool = False) -> None:
+          access_log: bool = False, device: str = "cpu") -> None:
     """Load the run and its index once, then serve until interrupted."""
     import uvicorn
 
     from .service import Limits
 
-    service = SearchService(run, data, limits or Limits(), threads=threads)
+    service = SearchService(run, data, limits or Limits(), threads=threads, device=device)
     app = create_app(service, window_ms / 1000, max_batch)
     print(f"[serve] {service.info()['docs']} docs of {data}; http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=access_log)

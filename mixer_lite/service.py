@@ -25,7 +25,7 @@ from .files import check_writable, file_sha256, folder_lock
 from .measures import attention_of_docs
 from .retrieval import build_index, check_index_kind, embed_docs, embed_queries, load_index, \
     save_index, search
-from .runs import load_run_model
+from .runs import load_run_model, resolve_device
 
 REBUILD = "rebuild it with `mixer-lite index --run RUN --data DATA`"
 
@@ -34,10 +34,12 @@ REBUILD = "rebuild it with `mixer-lite index --run RUN --data DATA`"
 # A run's index: built once, offline; opened only when it belongs to the run and the data
 # --------------------------------------------------------------------------------------------
 def build_run_index(run: str | Path, data_dir: str | Path, kind: str = "flat",
-                    progress: bool = True) -> dict:
-    """Embed every doc of ``data_dir`` with the run's model and save the index in ``RUN/index``
-    (its metadata names the data, the doc ids and the sha256 of the model that embedded them)."""
-    run, model = Path(run), load_run_model(run)
+                    progress: bool = True, device="cpu") -> dict:
+    """Embed every doc of ``data_dir`` with the run's model (on ``device``) and save the index
+    in ``RUN/index`` (its metadata names the data, the doc ids and the sha256 of the model that
+    embedded them)."""
+    device = resolve_device(str(device))
+    run, model = Path(run), load_run_model(run, device)
     model_sha = file_sha256(run / "model.pt")
     check_writable(run / "index", "folder")
     data = load_dataset(data_dir)
@@ -45,7 +47,7 @@ def build_run_index(run: str | Path, data_dir: str | Path, kind: str = "flat",
     images = ImageTable(image_paths(data, "docs"), model.cfg.image_size, preload=False,
                         threads=4)
     with folder_lock(run, "index"):  # not while a train or another index writes there
-        emb = embed_docs(model, images, data.doc_texts, progress=progress)
+        emb = embed_docs(model, images, data.doc_texts, device=device, progress=progress)
         save_index(build_index(emb, kind), run / "index",
                    {"data": str(Path(data_dir).resolve()),
                     "data_fingerprint": data_fingerprint(data_dir), "model_sha256": model_sha,
@@ -53,15 +55,15 @@ def build_run_index(run: str | Path, data_dir: str | Path, kind: str = "flat",
     return {"index": str(run / "index" / "docs.faiss"), "kind": kind, "docs": len(emb)}
 
 
-def open_run_index(run: str | Path, data):
-    """(model, index, metadata) of a run, refused when the index was built from other docs than
-    ``data``'s or by another ``model.pt`` than the run's (trained again since)."""
+def open_run_index(run: str | Path, data, device="cpu"):
+    """(model on ``device``, index, metadata) of a run, refused when the index was built from
+    other docs than ``data``'s or by another ``model.pt`` than the run's (trained again since)."""
     run = Path(run)
     index, meta = load_index(run / "index")
     if meta["doc_ids"] != data.doc_ids:
         raise ValueError(f"the index in {run} was built from {meta.get('data')}, whose docs "
                          f"differ from {data.root}/docs.jsonl; {REBUILD}")
-    model = load_run_model(run)  # a damaged or crafted file is named as such first
+    model = load_run_model(run, device)  # a damaged or crafted file is named as such first
     if meta.get("model_sha256") != file_sha256(run / "model.pt"):
         raise ValueError(f"the index in {run} was built from another {run / 'model.pt'} (the "
                          f"run was trained again since); {REBUILD}")
@@ -98,15 +100,17 @@ class SearchService:
     """
 
     def __init__(self, run: str | Path, data_dir: str | Path, limits: Limits = Limits(),
-                 threads: int = 0, index_kind: str = "flat", progress: bool = True):
+                 threads: int = 0, index_kind: str = "flat", progress: bool = True,
+                 device: str = "cpu"):
         self.run, self.limits = Path(run), limits
+        self.device = resolve_device(device)
         if threads:
             torch.set_num_threads(threads)
         if not (self.run / "index" / "meta.json").exists():
             print(f"[serve] {self.run}/index: none yet; embedding the docs of {data_dir} once")
-            build_run_index(self.run, data_dir, index_kind, progress)
+            build_run_index(self.run, data_dir, index_kind, progress, self.device)
         self.data = load_dataset(data_dir, check_images=False)  # a bad image is named on use
-        self.model, self.index, self.meta = open_run_index(self.run, self.data)
+        self.model, self.index, self.meta = open_run_index(self.run, self.data, self.device)
         self.size = self.model.cfg.image_size
         self.doc_paths = image_paths(self.data, "docs")
         self.query_paths = image_paths(self.data, "queries")
@@ -175,7 +179,7 @@ class SearchService:
         pass of the query tower, one index search; scores, doc rows and the phases' times."""
         t0 = time.perf_counter()
         pixels = torch.from_numpy(np.ascontiguousarray(photos)).permute(0, 3, 1, 2)
-        q = embed_queries(self.model, pixels, batch_size=max(1, len(photos)))
+        q = embed_queries(self.model, pixels, max(1, len(photos)), self.device)
         t1 = time.perf_counter()
         scores, rows = search(self.index, q, k)
         t2 = time.perf_counter()
@@ -199,7 +203,7 @@ class SearchService:
         """One doc's concept maps: per concept, its weights over the image regions (a grid x grid
         map, summing to 1) and the title words it read most; the gate's image weight."""
         row = self.doc_row(doc_id)
-        images = load_images(self.data, "docs", [row], self.size)
+        images = load_images(self.data, "docs", [row], self.size).to(self.device)
         title = self.data.doc_texts[row]
         shown = attention_of_docs(self.model, images, [title])
         info, tokens = shown["info"], shown["token_strings"][0]
@@ -209,11 +213,11 @@ class SearchService:
             out["image_weight"] = round(float(info["image_weight"][0]), 4)
         if "text_to_image" not in info:
             return out
-        maps = info["text_to_image"][0].float().numpy()
+        maps = info["text_to_image"][0].float().cpu().numpy()
         reads = info.get("token_to_concept")
         for k, m in enumerate(maps):
             if reads is not None:  # concepts read the title; rank its tokens by weight
-                w = reads[0, k, : len(tokens)].float().numpy()
+                w = reads[0, k, : len(tokens)].float().cpu().numpy()
                 words = [[tokens[i], round(float(w[i]), 4)] for i in np.argsort(-w)[:top_words]]
             else:  # each query of the attention is one title token
                 words = [[tokens[k], 1.0]] if k < len(tokens) else []

@@ -709,3 +709,22 @@ def test_an_oversized_batch_is_refused_with_an_estimate(tiny_dir, tmp_path):
     r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run",
             "--batch_size=50000000", "--steps=1", *TINY_MODEL[:-2])
     assert_refused(r, "batch_size=50000000", "GiB")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "index", "search", "serve"])
+def test_the_other_commands_on_cuda_without_a_gpu_are_refused(tiny_dir, trained, tmp_path,
+                                                              command):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: --device=cuda is valid here")
+    extra = {"search": ["--image", tmp_path]}.get(command, [])
+    if command == "search":
+        (tmp_path / "p.png").write_bytes((tiny_dir[0] / jsonl_first_image(tiny_dir[0]))
+                                         .read_bytes())
+    before = snapshot(trained)
+    r = cli(command, "--run", trained, "--data", tiny_dir[0], "--device=cuda", *extra)
+    assert_refused(r, "--device=cuda", "no CUDA GPU")
+    assert snapshot(trained) == before
+
+
+def jsonl_first_image(data) -> str:
+    return json.loads((data / "queries.jsonl").read_text().splitlines()[0])["image"]
