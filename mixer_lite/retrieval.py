@@ -285,18 +285,51 @@ def judged_query_rows(data) -> np.ndarray:
     return rows
 
 
+def shard_rows(n: int, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous share of ``range(n)``, in rank order (the first ``n % world``
+    ranks take one more)."""
+    per, extra = divmod(n, world)
+    lo = rank * per + min(rank, extra)
+    return np.arange(lo, lo + per + (rank < extra), dtype=np.int64)
+
+
+def gather_rows(part: np.ndarray, n: int, world: int, device="cpu") -> np.ndarray:
+    """Every rank's ``part`` (the rows :func:`shard_rows` gave it) stacked in rank order into
+    [n, d], on every rank (``torch.distributed``'s all_gather, padded to the largest share)."""
+    if world == 1:
+        return part
+    size = len(shard_rows(n, 0, world))
+    padded = torch.zeros(size, part.shape[1], device=device)
+    padded[: len(part)] = torch.from_numpy(part).to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    return torch.cat([g[: len(shard_rows(n, r, world))] for r, g in enumerate(gathered)]) \
+        .cpu().numpy()
+
+
 def evaluate_model(model, data, device="cpu", batch_size: int = 256, index_kind: str = "flat",
-                   progress: bool = False, preload: bool = True) -> dict:
-    """Embed every doc and every judged query with ``model``, search, and score."""
+                   progress: bool = False, preload: bool = True, rank: int = 0,
+                   world: int = 1) -> dict:
+    """Embed every doc and every judged query with ``model``, search, and score.
+
+    Under ``world`` processes (torchrun), each embeds its share of the docs and of the queries
+    (:func:`shard_rows`), decoding only those images, and every process gets all embeddings
+    (:func:`gather_rows`) and the same metrics."""
     from .dataset import ImageTable, image_paths
 
     size = model.cfg.image_size
     rows = judged_query_rows(data)
-    docs = ImageTable(image_paths(data, "docs"), size, preload, progress=progress, desc="docs")
-    doc_emb = embed_docs(model, docs, data.doc_texts, batch_size, device, progress)
-    queries = ImageTable(image_paths(data, "queries", rows), size, preload, progress=progress,
+    mine = shard_rows(len(data.docs), rank, world)
+    docs = ImageTable(image_paths(data, "docs", mine), size, preload, progress=progress,
+                      desc="docs")
+    doc_emb = embed_docs(model, docs, [data.doc_texts[i] for i in mine], batch_size, device,
+                         progress)
+    doc_emb = gather_rows(doc_emb, len(data.docs), world, device)
+    mine = rows[shard_rows(len(rows), rank, world)]
+    queries = ImageTable(image_paths(data, "queries", mine), size, preload, progress=progress,
                          desc="queries")
     query_emb = embed_queries(model, queries, batch_size, device, progress)
+    query_emb = gather_rows(query_emb, len(rows), world, device)
     return evaluate_embeddings(data, doc_emb, query_emb, rows, index_kind)
 
 

@@ -324,12 +324,19 @@ def _train(data_dir, out: Path, cfg: TrainConfig, resume: bool, progress, preset
             run.objective.initialise(run.model, run.images, samples, device)
         # 5. The steps.
         step, last_ckpt = _loop(run, start, show_progress)
-        # 6. What a finished run leaves: val.json, model.pt, eval.json.
+        # 6. What a finished run leaves: val.json, model.pt, then eval.json, every rank
+        #    embedding its share of the docs and photos.
         finished = step >= run.total and last_ckpt == run.total
         result = {"run": str(out), "steps": run.total, "stopped_at": step,
                   "finished": finished, "labels": label_stats}
         if finished and rank == 0:
-            result.update(_finish(run, data, progress))
+            result.update(_finish(run))
+        if finished and cfg.eval_at_end and len(data.qrels):
+            result["eval"] = evaluate_model(run.model, data, device=device, batch_size=256,
+                                            progress=rank == 0 and bool(progress), rank=rank,
+                                            world=world)
+            if rank == 0:
+                write_json(out / "eval.json", result["eval"])
         if world > 1:
             torch.distributed.barrier()
         return result
@@ -464,8 +471,8 @@ def validate(model, val: Validation, query_images, doc_images, doc_texts, device
     return {"val_recall@1": m["recall@1"], "val_recall@10": m["recall@10"]}
 
 
-def _finish(run: Run, data: ShopData, progress) -> dict:
-    """Rank 0's end of a finished run: ``val.json``, ``model.pt``, then ``eval.json``."""
+def _finish(run: Run) -> dict:
+    """Rank 0's end of a finished run: ``val.json``, then ``model.pt``."""
     result = {}
     if run.samples.validation is not None:
         result["validation"] = {k: v for k, v in read_log(run.out / "metrics.jsonl")[-1].items()
@@ -473,8 +480,4 @@ def _finish(run: Run, data: ShopData, progress) -> dict:
         write_json(run.out / "val.json", result["validation"])
     save_torch({"export": run.model.export_config(), "state_dict": run.model.state_dict()},
                run.out / "model.pt")
-    if run.cfg.eval_at_end and len(data.qrels):
-        result["eval"] = evaluate_model(run.model, data, device=run.device, batch_size=256,
-                                        progress=bool(progress))
-        write_json(run.out / "eval.json", result["eval"])
     return result

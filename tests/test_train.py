@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from mixer_lite.dataset import data_fingerprint
+from mixer_lite.dataset import data_fingerprint, load_dataset
+from mixer_lite.retrieval import evaluate_model
+from mixer_lite.runs import load_run_model
 from mixer_lite.sampling import EpochSampler, augment, make_samples, total_steps
 from mixer_lite.train import config_from, train
 
@@ -221,7 +223,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     the gradients of a step (weights after several Adam steps differ by float order: by up to
     7e-5 on AVX-512 kernels, where the two runs sum in different orders)."""
     args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=1",
-            "--model.dropout=0", "--augment=false", "--eval_at_end=false", "--clip_grad=0",
+            "--model.dropout=0", "--augment=false", "--clip_grad=0",
             "--val_share=0", "--centre_init=random",
             "--device=cpu",  # gloo, also on a machine with one GPU
             # BatchNorm statistics are per rank under DDP (as everywhere without SyncBatchNorm),
@@ -229,7 +231,8 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
             # process exactly.
             "--model.image_encoder=vit", "--model.embed_norm=none"]
     one = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--out",
-                          str(tmp_path / "one"), *args], capture_output=True, text=True)
+                          str(tmp_path / "one"), *args, "--eval_at_end=false"],
+                         capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -237,6 +240,13 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
                           str(tmp_path / "two"), *args], capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_first_step(tmp_path / "one", tmp_path / "two")
+    # The end-of-run evaluation, each rank embedding half the docs and photos, equals one
+    # process evaluating the same model.pt (an odd doc count: the shares differ by one).
+    sharded = json.loads((tmp_path / "two" / "eval.json").read_text())
+    whole = evaluate_model(load_run_model(tmp_path / "two"), load_dataset(tiny_dir[0]))
+    assert sharded["docs"] == whole["docs"] and whole["docs"] % 2 == 1
+    for k in ("recall@1", "recall@10", "recall@50", "map@10", "mrr", "queries"):
+        assert sharded[k] == pytest.approx(whole[k], abs=1e-9), k
 
 
 @pytest.mark.long
@@ -403,6 +413,18 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(tmp_path):
                                              r"resumed with 1.*--nproc_per_node=2"):
             restore_checkpoint(ck, path, None, None, None, None, rank=0, world=1,
                                device=torch.device("cpu"))
+
+
+def test_shard_rows_cover_every_row_once_in_rank_order():
+    from mixer_lite.retrieval import gather_rows, shard_rows
+
+    for n in (0, 1, 5, 907):
+        for world in (1, 2, 3, 8):
+            parts = [shard_rows(n, r, world) for r in range(world)]
+            assert np.array_equal(np.concatenate(parts), np.arange(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    x = np.random.default_rng(0).standard_normal((7, 3)).astype(np.float32)
+    assert gather_rows(x, 7, 1) is x
 
 
 def test_each_rank_takes_its_own_gpu_and_makes_it_current(monkeypatch):
