@@ -17,6 +17,7 @@ from .dataset import ImageTable, image_paths, load_dataset, load_images
 from .encoders import build_image_encoder, normalise_pixels
 from .model import ModelConfig
 from .weights import load_image_weights
+from .shop_images import CANVAS
 from .synthshop import doc_object_masks, doc_objects, doc_scene_masks, load_truth
 
 
@@ -402,25 +403,38 @@ def scene_attention(model, data, data_dir: str | Path, n_docs: int = 256,
 
 
 @torch.no_grad()
-def scenes_without_others(data, data_dir: str | Path, size: int) -> torch.Tensor:
+def scenes_without_others(data, data_dir: str | Path, size: int, crop: bool = False) -> \
+        torch.Tensor:
     """Every doc image at ``size`` (uint8 [N, 3, size, size]), each scene doc's other objects
     painted over with its own background (the median colour of the pixels no object covers, from
-    the ``_truth`` masks): the shot as it would be with the product alone, where it stands."""
+    the ``_truth`` masks): the shot as it would be with the product alone, where it stands.
+    ``crop``: then cut to the product's box and a margin of 5% of its side on each side (where
+    the canvas allows), framed as a single-product studio shot is."""
     images = ImageTable(image_paths(data, "docs"), size)[np.arange(len(data.docs))]
     rows = scene_doc_rows(data, data_dir)
     if not len(rows):
         return images
-    masks, _ = doc_scene_masks(data_dir, [data.doc_ids[r] for r in rows], size)
-    x = images[rows].float()
+    side = CANVAS if crop else size  # the boxes are on the canvas: cut there, then shrink
+    masks, objects = doc_scene_masks(data_dir, [data.doc_ids[r] for r in rows], side)
+    x = ImageTable(image_paths(data, "docs", rows), side)[np.arange(len(rows))].float()
     others = torch.from_numpy(masks[:, 1:].sum(1).clip(0, 1))[:, None]
     free = torch.from_numpy(masks.sum(1) < 1e-6)
     ground = torch.stack([x[i][:, free[i]].median(dim=1).values for i in range(len(rows))])
-    images[rows] = (x * (1 - others) + ground[:, :, None, None] * others).round().to(torch.uint8)
+    x = x * (1 - others) + ground[:, :, None, None] * others
+    if crop:
+        cut = []
+        for i, objs in enumerate(objects):
+            bx, by, s = objs[0]["box"]
+            m = round(0.05 * s)
+            piece = x[i:i + 1, :, max(0, by - m):by + s + m, max(0, bx - m):bx + s + m]
+            cut.append(torch.nn.functional.interpolate(piece, size=(size, size), mode="area"))
+        x = torch.cat(cut)
+    images[rows] = x.round().clamp(0, 255).to(torch.uint8)
     return images
 
 
 def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
-                       others_removed: bool = False) -> dict:
+                       others_removed: str | None = None) -> dict:
     """Metrics (Recall@1, Recall@10, mAP@10) of the judged test queries, or of the held-out
     photos of a :class:`~mixer_lite.sampling.Validation`, grouped by their relevant docs:
     ``scene`` (at least one is a scene doc), ``single`` (all show the product alone), and
@@ -428,7 +442,8 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     hits, so a single-object doc of the same product cannot answer for them.  Where fusion
     should help (a scene doc's image holds other objects a photo of the product does not) and
     where it has nothing to choose.  ``others_removed``: the scene docs embedded from
-    :func:`scenes_without_others`, what a doc tower that ignored every object but the product
+    :func:`scenes_without_others`, the product where it stands (``"painted"``) or cut out and
+    framed as a single shot (``"cropped"``): what a doc tower that ignored every other object
     could reach (the ceiling of choosing the region; ``docs/EXPERIMENTS.md``, "Scene docs")."""
     from .retrieval import (embed_docs, embed_queries, exact_search, judged_query_rows,
                             ranking_metrics, relevance)
@@ -440,8 +455,11 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     else:
         rows, relevant = validation.query_rows, validation.relevant
     size = model.cfg.image_size
-    docs = scenes_without_others(data, data_dir, size) if others_removed else \
-        ImageTable(image_paths(data, "docs"), size)
+    if others_removed not in (None, "painted", "cropped"):
+        raise ValueError(f"others_removed must be None, 'painted' or 'cropped', got "
+                         f"{others_removed!r}")
+    docs = ImageTable(image_paths(data, "docs"), size) if others_removed is None else \
+        scenes_without_others(data, data_dir, size, crop=others_removed == "cropped")
     doc_emb = embed_docs(model, docs, data.doc_texts)
     query_emb = embed_queries(model, ImageTable(image_paths(data, "queries", rows), size))
     _, ranked = exact_search(doc_emb, query_emb, 10)

@@ -564,7 +564,7 @@ def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
     data = load_dataset(scene_dir)
     cfg = config_from("tiny-cpu", ["--model.image_weights=none"])
     model = build_model(data, make_samples(data, cfg)[0], cfg)
-    r = measures.recall_by_doc_kind(model, data, scene_dir, others_removed=True)
+    r = measures.recall_by_doc_kind(model, data, scene_dir, others_removed="painted")
     docs = embed_docs(model, measures.scenes_without_others(data, scene_dir, 64), data.doc_texts)
     rows = judged_query_rows(data)
     queries = embed_queries(model, ImageTable(image_paths(data, "queries", rows), 64))
@@ -573,3 +573,36 @@ def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
     hits = [bool(qrels[data.query_ids[row]] & {data.doc_ids[j] for j in top[i]})
             for i, row in enumerate(rows)]
     assert r["all"]["recall@10"] == pytest.approx(np.mean(hits))
+
+
+def test_a_cropped_scene_doc_is_its_product_cut_out_and_framed(scene_dir):
+    """``crop=True``: against PIL doing the same by hand on the 128 px file and label map (the
+    other objects filled with the background median, the box plus 5% cut, shrunk by box
+    averaging); single-object docs unchanged."""
+    from PIL import Image
+
+    from mixer_lite.dataset import ImageTable, image_paths, load_dataset
+
+    data = load_dataset(scene_dir)
+    size = 32
+    cropped = measures.scenes_without_others(data, scene_dir, size, crop=True).numpy()
+    plain = ImageTable(image_paths(data, "docs"), size)[np.arange(len(data.docs))].numpy()
+    objects = {json.loads(line)["doc_id"]: json.loads(line)["objects"]
+               for line in open(scene_dir / "_truth" / "docs.jsonl")}
+    singles = [r for r, d in enumerate(data.doc_ids) if len(objects[d]) == 1]
+    assert (cropped[singles] == plain[singles]).all()
+    scenes = [r for r, d in enumerate(data.doc_ids) if len(objects[d]) > 1]
+    for r in scenes[:8]:
+        doc = data.doc_ids[r]
+        img = np.asarray(Image.open(image_paths(data, "docs")[r]).convert("RGB")
+                         .resize((128, 128), Image.BILINEAR), dtype=np.float64)
+        labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{doc}.png"))
+        ground = np.median(img[labels == 0], axis=0)
+        img[labels >= 2] = ground
+        x, y, s = objects[doc][0]["box"]
+        m = round(0.05 * s)
+        piece = Image.fromarray(img[max(0, y - m):y + s + m, max(0, x - m):x + s + m]
+                                .round().astype(np.uint8))
+        want = np.asarray(piece.resize((size, size), Image.BOX), dtype=np.float64)
+        got = cropped[r].transpose(1, 2, 0).astype(np.float64)
+        assert np.abs(got - want).mean() < 4, doc  # torch's and PIL's resampling differ a little
