@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "read_only": ("--model.concept_keeps_slot=false",),
     "read_only_no_gate": ("--model.concept_keeps_slot=false", "--model.fusion_gate=false"),
     "long": ("--epochs=7",),
+    "zoom_out": ("--doc_zoom_out=0.4",),
+    "image_only_zoom_out": ("--model.fusion=image_only", "--doc_zoom_out=0.4"),
 }
 
 

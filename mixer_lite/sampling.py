@@ -190,6 +190,30 @@ def augment(x: torch.Tensor, step: int, seed: int, pad: int = 4) -> torch.Tensor
     return out.to(x.dtype)
 
 
+def zoom_out(x: torch.Tensor, step: int, seed: int, min_scale: float) -> torch.Tensor:
+    """Half the images, at random, shrunk to a side of ``min_scale``-1 of theirs and placed
+    anywhere on their own background (the median colour of their border), seeded by (seed,
+    step): products at the scale a shot of several shows them (``docs/EXPERIMENTS.md``, "Scene
+    docs", the region ceilings)."""
+    n, _, h, w = x.shape
+    if n == 0 or min_scale >= 1:
+        return x
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009)
+    shrink = torch.rand(n, generator=g) < 0.5
+    sides = (h * (min_scale + (1 - min_scale) * torch.rand(n, generator=g))).round().long()
+    corners = torch.rand(n, 2, generator=g)
+    xf = x.float()
+    border = torch.cat([xf[:, :, 0], xf[:, :, -1], xf[:, :, :, 0], xf[:, :, :, -1]], dim=2)
+    ground = border.median(dim=2).values
+    out = xf.clone()
+    for i in torch.nonzero(shrink).flatten().tolist():
+        s = max(1, min(h, w, int(sides[i])))
+        y, x0 = int(corners[i, 0] * (h - s + 1)), int(corners[i, 1] * (w - s + 1))
+        out[i] = ground[i][:, None, None]
+        out[i, :, y:y + s, x0:x0 + s] = F.interpolate(xf[i:i + 1], size=(s, s), mode="area")[0]
+    return out.round().to(x.dtype)
+
+
 @dataclass
 class TrainingImages:
     """The images a run reads, decoded once (or per batch with ``preload_images=False``):

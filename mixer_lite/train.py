@@ -54,7 +54,7 @@ from .retrieval import embed_docs, embed_queries, evaluate_model, exact_search, 
 from .runs import (check_run_folder, check_same_data, restore_checkpoint, save_checkpoint,
                    setup_distributed, save_torch, torch_threads)
 from .sampling import (EpochSampler, Samples, TrainingImages, Validation, augment, make_samples,
-                       total_steps, training_images)
+                       total_steps, training_images, zoom_out)
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class TrainConfig:
     clip_grad: float = 5.0
     clip_centres: bool = True         # False: clip the encoder's gradients only (Partial FC)
     augment: bool = True
+    doc_zoom_out: float = 1.0         # < 1: half the doc images shrunk to this-1 of their side
     amp: bool = True                  # bf16 autocast on CUDA (no effect on CPU)
     device: str = "auto"              # "auto" | "cpu" | "cuda" | "cuda:1" ...
     preload_images: bool = True       # False: decode per batch (real, large datasets)
@@ -121,6 +122,8 @@ class TrainConfig:
             problems.append(f"val_share must be in [0, 1), got {self.val_share}")
         if self.val_every < 0:
             problems.append(f"val_every must be >= 0, got {self.val_every}")
+        if not 0 < self.doc_zoom_out <= 1:
+            problems.append(f"doc_zoom_out must be in (0, 1] (1: off), got {self.doc_zoom_out}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             problems.append("checkpoint_every and log_every must be >= 1")
         if self.clip_grad < 0 or self.weight_decay < 0 or self.centre_weight_decay < 0:
@@ -449,6 +452,7 @@ def _micro_batch_loss(run: Run, idx: np.ndarray, micro_step: int) -> torch.Tenso
     if cfg.augment:
         q_img = augment(q_img, 2 * micro_step, cfg.seed)
         d_img = augment(d_img, 2 * micro_step + 1, cfg.seed)
+    d_img = zoom_out(d_img, micro_step, cfg.seed, cfg.doc_zoom_out)
     tokens = run.model.tokenize(images.titles(doc_rows)) if len(doc_rows) else None
     amp = cfg.amp and run.device.type == "cuda"
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):

@@ -447,3 +447,39 @@ def test_each_rank_takes_its_own_gpu_and_makes_it_current(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert setup_distributed("cuda") == (0, 1, torch.device("cuda", 1))
     assert current == [torch.device("cuda", 1)]
+
+
+def test_zoom_out_shrinks_half_the_images_onto_their_own_background():
+    """Each output is its input untouched, or the input shrunk (checked against a naive numpy
+    area average: output pixel i averages input rows floor(i H / s) to ceil((i + 1) H / s))
+    into a square at some place, on the (lower) median colour of its border; the same (seed,
+    step) gives the same batch; min_scale 1 is the identity."""
+    from mixer_lite.sampling import zoom_out
+
+    def shrink(img, s):
+        h = img.shape[1]
+        spans = [(i * h // s, -(-(i + 1) * h // s)) for i in range(s)]
+        return np.array([[[img[c, y0:y1, x0:x1].mean() for x0, x1 in spans] for y0, y1 in spans]
+                         for c in range(img.shape[0])])
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (24, 3, 16, 16), dtype=np.uint8))
+    x[:, :, :2] = 240  # a light border, as a studio shot's
+    out = zoom_out(x, 3, 0, 0.5)
+    assert torch.equal(out, zoom_out(x, 3, 0, 0.5)) and not torch.equal(out, zoom_out(x, 4, 0, 0.5))
+    assert torch.equal(zoom_out(x, 3, 0, 1.0), x)
+    shrunk = 0
+    for img, o in zip(x.numpy().astype(np.float64), out.numpy().astype(np.float64)):
+        if np.array_equal(img, o):
+            continue
+        shrunk += 1
+        border = np.sort(np.concatenate([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]],
+                                        axis=1), axis=1)
+        ground = border[:, (border.shape[1] - 1) // 2]
+        fits = [(s, y, x0) for s in range(8, 17) for y in range(17 - s) for x0 in range(17 - s)
+                if np.abs(o[:, y:y + s, x0:x0 + s] - shrink(img, s)).max() <= 0.5001
+                and np.abs(np.delete(o.reshape(3, -1), [r * 16 + c for r in range(y, y + s)
+                                                        for c in range(x0, x0 + s)], axis=1)
+                           - ground[:, None]).max() == 0]
+        assert fits
+    assert 6 <= shrunk <= 18  # about half of 24
