@@ -319,15 +319,15 @@ def evaluate_model(model, data, device="cpu", batch_size: int = 256, index_kind:
 
     size = model.cfg.image_size
     rows = judged_query_rows(data)
-    mine = shard_rows(len(data.docs), rank, world)
-    docs = ImageTable(image_paths(data, "docs", mine), size, preload, progress=progress,
+    my_docs = shard_rows(len(data.docs), rank, world)
+    docs = ImageTable(image_paths(data, "docs", my_docs), size, preload, progress=progress,
                       desc="docs")
-    doc_emb = embed_docs(model, docs, [data.doc_texts[i] for i in mine], batch_size, device,
+    doc_emb = embed_docs(model, docs, [data.doc_texts[i] for i in my_docs], batch_size, device,
                          progress)
     doc_emb = gather_rows(doc_emb, len(data.docs), world, device)
-    mine = rows[shard_rows(len(rows), rank, world)]
-    queries = ImageTable(image_paths(data, "queries", mine), size, preload, progress=progress,
-                         desc="queries")
+    my_queries = rows[shard_rows(len(rows), rank, world)]
+    queries = ImageTable(image_paths(data, "queries", my_queries), size, preload,
+                         progress=progress, desc="queries")
     query_emb = embed_queries(model, queries, batch_size, device, progress)
     query_emb = gather_rows(query_emb, len(rows), world, device)
     return evaluate_embeddings(data, doc_emb, query_emb, rows, index_kind)

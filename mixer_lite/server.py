@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from .service import Rejected, SearchService
+from .service import Limits, Rejected, SearchService
 
 LATENCY_BUCKETS_MS = (2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
 PHASES = ("decode", "queue", "embed", "search")
@@ -345,8 +345,6 @@ def serve(run: str, data: str, host: str = "127.0.0.1", port: int = 8000,
           access_log: bool = False, device: str = "cpu") -> None:
     """Load the run and its index once, then serve until interrupted."""
     import uvicorn
-
-    from .service import Limits
 
     service = SearchService(run, data, limits or Limits(), threads=threads, device=device)
     app = create_app(service, window_ms / 1000, max_batch)
