@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install renderer browser demo serve test test-kernels reproduce data-icons clean
+.PHONY: install renderer browser demo serve test test-kernels reproduce notebooks data-icons clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,13 @@ reproduce: $(STAMP)
 	$(PY) -m mixer_lite.reproduce --preset $(PRESET) --seeds $(SEEDS) \
 		$(if $(ROWS),--rows $(ROWS)) --out reports/reproduce-$(PRESET).json \
 		$(if $(RETRAIN),--retrain)
+
+# The committed notebooks: every notebook executed in full mode on SynthShop small, written to
+# its .ipynb (prints the runs it will train and an estimate of their time first; runs are
+# cached in runs/experiments/, so a second call only re-executes).  ONLY=02,05 for some.
+ONLY ?=
+notebooks: $(STAMP)
+	$(PY) -m mixer_lite.notebooks $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf reports reports-* runs data/synth-* data/icons

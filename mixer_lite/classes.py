@@ -113,8 +113,10 @@ def filter_edges(g: ClickGraph, min_count: int, min_share: float) -> np.ndarray:
     return (g.count >= min_count) & (share >= min_share)
 
 
-def _doc_components(g: ClickGraph, keep: np.ndarray, cfg: ClassConfig):
-    """Doc class labels (-1 = doc without kept edges) from the co-click graph."""
+def co_click_doc_classes(g: ClickGraph, keep: np.ndarray, cfg: ClassConfig):
+    """Doc class labels (-1 = doc without kept edges) from the co-click graph: two docs are
+    linked when at least ``min_support`` queries click both and those are ``min_association``
+    of the queries of either doc; linked groups are the classes, an oversized one is split."""
     n_q, n_d = len(g.query_ids), len(g.doc_ids)
     b = sp.csr_matrix((np.ones(int(keep.sum())), (g.q[keep], g.d[keep])), shape=(n_q, n_d))
     co = (b.T @ b).tocoo()                      # docs x docs: queries clicking both
@@ -210,7 +212,7 @@ def build_classes_from_clicks(query_ids, doc_ids, counts, cfg: ClassConfig = Cla
     g = click_graph(query_ids, doc_ids, counts, known_queries, known_docs)
     by_count = g.count >= cfg.min_count
     keep = filter_edges(g, cfg.min_count, cfg.min_share)
-    doc_label = _doc_components(g, keep, cfg)
+    doc_label = co_click_doc_classes(g, keep, cfg)
     n_classes = int(doc_label.max()) + 1 if len(doc_label) else 0
 
     # A query joins the class holding the largest share of *all* its click events.

@@ -115,6 +115,14 @@ def _row_record(folder: Path, data_dir: Path, fingerprint: str, preset: str, slu
     return recorded(folder / f"{run_name(preset, slug, seed)}.json", want, measure, retrain)
 
 
+def recorded_metrics(preset: str, slug: str, seeds=(0, 1, 2),
+                     records: str | Path | None = None) -> list[dict]:
+    """The test metrics of row ``slug`` for each of ``seeds`` from its committed records (the
+    validation photos' under ``validation``): what a notebook quotes beyond the seed it runs."""
+    folder = records_dir(preset, records)
+    return [read_record(folder / f"{run_name(preset, slug, s)}.json")["metrics"] for s in seeds]
+
+
 def select_rows(slugs: str | None) -> list[str]:
     """The slugs of :data:`ROWS` a comma-separated list names (``"mixer,image_only"``), all of
     them for None; an unknown one is an error listing the rows."""

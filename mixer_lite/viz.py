@@ -130,15 +130,94 @@ def concept_attention(images, info: dict, token_strings: list[list[str]], n_docs
                                                 f"{1 / grid ** 2:.3f})"))
 
 
-def recall_curves(curves: dict[str, list[float]], title: str = "Recall@K on test queries",
+def weak_label_class(data, members: dict, truth: dict[str, str], max_per_row: int = 6,
+                     path: str | os.PathLike | None = None):
+    """One weak-label class as a classifier sees it: its query photos (top row) and its docs
+    (bottom row, with titles); a member whose true product is not the class's majority product
+    (label noise) is framed red.
+
+    ``members`` is a class of :func:`classes.build_classes_from_clicks` (``query_ids``,
+    ``doc_ids``); ``truth`` maps every id to its product (:func:`synthshop.load_truth`).
+    """
+    ids = {"query photos": list(members["query_ids"]), "docs": list(members["doc_ids"])}
+    products = [truth[i] for side in ids.values() for i in side]
+    majority = max(set(products), key=products.count)
+    fig, axes = plt.subplots(2, max_per_row, figsize=(2.0 * max_per_row, 4.9), squeeze=False)
+    for r, (side, side_ids) in enumerate(ids.items()):
+        table, row_of = ((data.queries, data.query_row) if side == "query photos" else
+                         (data.docs, data.doc_row))
+        for c in range(max_per_row):
+            ax = axes[r, c]
+            if c >= len(side_ids):
+                ax.axis("off")
+                continue
+            item = table[row_of[side_ids[c]]]
+            ax.imshow(item["image"])
+            noisy = truth[side_ids[c]] != majority
+            for edge in ax.spines.values():
+                edge.set_edgecolor("tab:red" if noisy else "0.6")
+                edge.set_linewidth(4 if noisy else 1)
+            label = "\n".join(textwrap.wrap(item["text"], 24)[:2]) if side == "docs" else \
+                side_ids[c]
+            ax.set_title(("OTHER PRODUCT\n" if noisy else "") + label, fontsize=7,
+                         color="tab:red" if noisy else "0.2")
+        axes[r, 0].set_ylabel(f"{side}\n({len(side_ids)} in class)", fontsize=9)
+    shown = sum(min(len(v), max_per_row) for v in ids.values())
+    return _finish_image_grid(fig, axes, f"One weak-label class: {len(products)} samples "
+                              f"({shown} shown), red frame = not the majority product "
+                              f"(label noise)", 10, path)
+
+
+def concept_map_change(image, before: np.ndarray, after: np.ndarray, titles: tuple[str, str],
+                       concept: int, path: str | os.PathLike | None = None):
+    """One concept's attention on one doc image under two titles, and the difference: where
+    editing the title moved the concept's weight (red: gained, blue: lost).
+
+    ``before`` and ``after`` are the concept's weights over the grid x grid regions."""
+    img = np.asarray(image, dtype=float)
+    img = (img / 255.0 if img.max() > 1.5 else img).transpose(1, 2, 0)
+    grid = int(round(len(before) ** 0.5))
+    extent = (0, img.shape[1], img.shape[0], 0)
+    top = float(max(before.max(), after.max()))
+    change = (after - before).reshape(grid, grid)
+    span = float(np.abs(change).max()) or 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.9), squeeze=False)
+    for ax, weights, title in zip(axes[0, :2], (before, after), titles):
+        ax.imshow(img)
+        heat = ax.imshow(weights.reshape(grid, grid), cmap="magma", alpha=0.6, vmin=0, vmax=top,
+                         extent=extent, interpolation="bilinear")
+        ax.set_title("\n".join(textwrap.wrap(title, 34)[:3]), fontsize=8)
+    fig.colorbar(heat, ax=axes[0, 1], fraction=0.046, label="attention weight")
+    ax = axes[0, 2]
+    ax.imshow(img, alpha=0.35)
+    moved = ax.imshow(change, cmap="RdBu_r", vmin=-span, vmax=span, alpha=0.8, extent=extent,
+                      interpolation="bilinear")
+    ax.set_title(f"change (after - before); {0.5 * np.abs(change).sum():.0%} of the weight moved",
+                 fontsize=8)
+    fig.colorbar(moved, ax=ax, fraction=0.046, label="weight gained (red) or lost (blue)")
+    return _finish_image_grid(fig, axes, f"Concept {concept}: where it looks under each title",
+                              10, path)
+
+
+def recall_curves(curves: dict, title: str = "Recall@K on test queries",
                   path: str | os.PathLike | None = None):
-    """Recall@K (K = 1..len) of several runs on one axis, Recall@10 marked in the legend."""
+    """Recall@K (K = 1..len) of several runs on one axis, Recall@10 marked in the legend.
+
+    A curve is one run's list of recalls, or one list per seed: then the line is the seeds'
+    mean, the band spans their lowest to highest value, and the legend gives mean ± std."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    top = max((max(c) for c in curves.values() if len(c)), default=1.0) * 100
+    top = max((np.max(c) for c in curves.values() if np.size(c)), default=1.0) * 100
     for name, curve in curves.items():
-        k = np.arange(1, len(curve) + 1)
-        r10 = curve[9] if len(curve) >= 10 else float("nan")
-        ax.plot(k, np.asarray(curve) * 100, label=f"{name}: R@10 {r10 * 100:.1f}%", lw=2)
+        runs = np.atleast_2d(np.asarray(curve, dtype=float)) * 100
+        k = np.arange(1, runs.shape[1] + 1)
+        mean = runs.mean(axis=0)
+        r10 = runs[:, 9] if runs.shape[1] >= 10 else np.full(len(runs), np.nan)
+        label = (f"{name}: R@10 {r10.mean():.1f}% ± {r10.std():.1f} ({len(runs)} seeds)"
+                 if len(runs) > 1 else f"{name}: R@10 {r10[0]:.1f}%")
+        line, = ax.plot(k, mean, label=label, lw=2)
+        if len(runs) > 1:
+            ax.fill_between(k, runs.min(axis=0), runs.max(axis=0), color=line.get_color(),
+                            alpha=0.2, lw=0)
     ax.set_xscale("log")
     ax.set_xlabel("K (docs returned, log scale)")
     ax.set_ylabel("Recall@K (% of test queries)")
@@ -274,36 +353,68 @@ def pretraining_curves(card: dict, path: str | os.PathLike | None = None):
     return _finish(fig, path)
 
 
+def _doc_panel(ax, image, title: str, relevant: bool) -> None:
+    """A doc image in a results grid: framed green when relevant, grey when not."""
+    ax.imshow(np.asarray(image).transpose(1, 2, 0))
+    for side in ax.spines.values():
+        side.set_edgecolor("tab:green" if relevant else "0.6")
+        side.set_linewidth(4 if relevant else 1)
+    ax.set_title(title, fontsize=7, color="tab:green" if relevant else "0.2")
+
+
+def _short(text: str, width: int = 22) -> str:
+    return "\n".join(textwrap.wrap(text, width)[:2])
+
+
 def search_grid(query_images, doc_images, hits: np.ndarray, relevant: list[set[int]],
                 titles: list[str] | None = None, index: str = "flat",
-                path: str | os.PathLike | None = None):
+                doc_texts: list[str] | None = None, path: str | os.PathLike | None = None):
     """Each row: a query photo, then its top-k docs; relevant hits framed green, others grey.
 
-    ``doc_images[i]`` is the image of doc row ``i``; ``hits[r]`` the ranked doc rows of query r;
-    ``index`` names the FAISS index kind that answered (the title says it, and how many
-    queries found their product).
+    ``doc_images[i]`` is the image of doc row ``i`` and ``doc_texts[i]`` its title (shown under
+    the rank when given, so look-alike docs can be told apart); ``hits[r]`` the ranked doc rows
+    of query r; ``index`` names the FAISS index kind that answered (the title says it, and how
+    many queries found their product).
     """
     n, k = hits.shape
-    fig, axes = plt.subplots(n, k + 1, figsize=(1.9 * (k + 1), 2.1 * n), squeeze=False)
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.9 * (k + 1), (2.5 if doc_texts else 2.1) * n),
+                             squeeze=False)
     for r in range(n):
         axes[r, 0].imshow(np.asarray(query_images[r]).transpose(1, 2, 0))
         axes[r, 0].set_title(titles[r] if titles else "query photo", fontsize=8,
                              color="tab:red")
         for c in range(k):
-            ax = axes[r, c + 1]
             doc = int(hits[r, c])
-            ax.imshow(np.asarray(doc_images[doc]).transpose(1, 2, 0))
             good = doc in relevant[r]
-            for side in ax.spines.values():
-                side.set_edgecolor("tab:green" if good else "0.6")
-                side.set_linewidth(4 if good else 1)
-            ax.set_title(f"#{c + 1}" + (" relevant" if good else ""), fontsize=8,
-                         color="tab:green" if good else "0.3")
+            _doc_panel(axes[r, c + 1], doc_images[doc],
+                       f"#{c + 1}" + (" relevant" if good else "") +
+                       (f"\n{_short(doc_texts[doc])}" if doc_texts else ""), good)
     found = sum(bool(set(map(int, hits[r])) & relevant[r]) for r in range(n))
     kind = "exact (flat) index" if index == "flat" else f"{index} ANN index"
     return _finish_image_grid(fig, axes, f"Search path: query photo -> {kind} -> top {k} docs "
-                              f"(green frame = same product; {found} of {n} queries found "
+                              f"(green frame = same product; {found} of {n} rows found "
                               f"theirs)", 10, path)
+
+
+def missed_queries(query_images, doc_images, hits: np.ndarray, relevant: list[set[int]],
+                   doc_texts: list[str], path: str | os.PathLike | None = None):
+    """Queries a model misses: each row a query photo, its top-k docs (none relevant), then a
+    doc of its own product in the last column, framed green, so what the model confused it with
+    is seen beside what it should have found."""
+    n, k = hits.shape
+    fig, axes = plt.subplots(n, k + 2, figsize=(1.9 * (k + 2), 2.5 * n), squeeze=False)
+    for r in range(n):
+        axes[r, 0].imshow(np.asarray(query_images[r]).transpose(1, 2, 0))
+        axes[r, 0].set_title("query photo", fontsize=8, color="tab:red")
+        for c in range(k):
+            doc = int(hits[r, c])
+            _doc_panel(axes[r, c + 1], doc_images[doc], f"#{c + 1}\n{_short(doc_texts[doc])}",
+                       doc in relevant[r])
+        own = min(relevant[r])
+        _doc_panel(axes[r, k + 1], doc_images[own], f"its product\n{_short(doc_texts[own])}",
+                   True)
+    return _finish_image_grid(fig, axes, f"Missed queries: the top {k} docs returned, and a doc "
+                              f"of the query's own product (right, green)", 10, path)
 
 
 def bars(values: dict[str, float], xlabel: str, title: str,

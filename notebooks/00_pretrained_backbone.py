@@ -28,7 +28,9 @@
 # name, never SynthShop images). Each drawing is cut out along its alpha channel and rendered as a
 # shop would see it: a seller's studio shot and a user's photo (clutter, rotation, perspective,
 # occlusion, colour cast, blur, noise). The encoder learns to find each photo's own drawing among
-# the studio shots of a batch (InfoNCE). One command rebuilds the weights:
+# the studio shots of a batch with **InfoNCE**: for a batch of B pairs, the loss is the
+# cross-entropy of picking the right studio view among the B, with logits the cosines divided
+# by a temperature (a contrastive loss, as in CLIP). One command rebuilds the weights:
 #
 # ```
 # apt-get install openclipart-png
@@ -45,12 +47,15 @@ fast = os.environ.get("MIXER_LITE_FAST", "0") == "1"  # CI sets MIXER_LITE_FAST=
 preset = "tiny" if fast else "small"  # SynthShop size
 seed = 0
 n_train = 1000 if fast else 3000  # query photos of training products that fit the probes
+rows = ["mixer"]  # the runs this notebook reads (slugs of mixer_lite.ablations.ROWS)
 
 # %%
 if fast:
     os.environ["TQDM_DISABLE"] = "1"  # quiet progress bars in CI
+from IPython.display import Markdown, display
+from mixer_lite.notebooks import made_with
+display(Markdown(made_with(preset, fast, seed)))
 import torch
-from IPython.display import Markdown
 from mixer_lite.measures import backbone_probe, claim, image_encoder_from
 from mixer_lite.weights import weights_card
 from mixer_lite.runcache import ensure_data, ensure_row
@@ -79,10 +84,16 @@ fig = pretraining_curves(card)
 # * **pretrained + fine-tuned**: the encoder of the Mixer model trained on this data
 #   (notebooks 01 and 05 use the same run).
 #
-# For each: linear probes for the product's **category** and **colour**, fitted on query
-# photos of training products and tested on photos of products no training photo shows;
-# **photo-to-doc Recall@10** with the raw pooled features (no transform, no text); and the
-# **domain probe** of notebook 01 (0.5: photos and shop images are indistinguishable).
+# For each:
+#
+# * **linear probes** for the product's **category** and **colour**: a logistic-regression
+#   classifier trained on the frozen features of query photos of training products, scored on
+#   photos of products no training photo shows. Its accuracy says what the features already
+#   encode in a form a single linear layer can read;
+# * **photo-to-doc Recall@10**: the share of test photos whose product has a doc among the 10
+#   docs nearest in cosine, with the raw pooled features (no transform, no text);
+# * the **domain probe** of notebook 01: a linear probe that tells query photos from shop
+#   images (0.5: indistinguishable, 1.0: fully separable).
 
 # %%
 data_dir = ensure_data(preset, seed)

@@ -26,8 +26,9 @@
 #
 # * **domain probe accuracy**: held-out accuracy of a logistic-regression classifier that
 #   tells query photos from docs (0.5 = indistinguishable, 1.0 = fully separable);
-# * **MMD**: the maximum mean discrepancy between the two feature clouds (RBF kernel, 0 =
-#   same distribution).
+# * **MMD** (maximum mean discrepancy) between the two feature clouds A and B: with an RBF
+#   kernel k(x, y) = exp(-|x - y|² / 2σ²), MMD² = mean k(a, a') + mean k(b, b') - 2 mean k(a, b),
+#   0 when the two clouds have the same distribution (`mixer_lite.measures.mmd_rbf`).
 #
 # and compare the default model (separate transforms) with the ablation that shares one
 # transform for both domains (`--model.shared_transform=true`).
@@ -39,12 +40,15 @@ fast = os.environ.get("MIXER_LITE_FAST", "0") == "1"  # CI sets MIXER_LITE_FAST=
 preset = "tiny" if fast else "small"  # SynthShop size
 seed = 0
 n_images = 300  # query photos and docs sampled for the measurements
+rows = ["mixer", "shared"]  # the runs this notebook trains (slugs of mixer_lite.ablations.ROWS)
 
 # %%
 if fast:
     os.environ["TQDM_DISABLE"] = "1"  # quiet progress bars in CI
+from IPython.display import Markdown, display
+from mixer_lite.notebooks import made_with
+display(Markdown(made_with(preset, fast, seed)))
 import torch
-from IPython.display import Markdown
 from mixer_lite.dataset import load_dataset
 from mixer_lite.measures import claim, domain_features, domain_probe_accuracy, mmd_rbf, pca_2d
 from mixer_lite.runcache import ensure_data, ensure_row
@@ -62,7 +66,13 @@ fig = query_doc_grid(data, n_queries=3, n_docs=2)
 #
 # ## Train the model and its shared-transform ablation
 # Both are the `tiny-cpu` preset on the same classes and the same seed; only the transform
-# differs. Runs are cached under `runs/experiments/` (notebook 05 reuses them).
+# differs. Runs are cached under `runs/experiments/` (notebook 05 reuses them); a run that is
+# not there is trained first, about 5 to 10 minutes each on `small` with 2 cores.
+#
+# Two retrieval measures, over the test query photos: **Recall@K**, the share of queries with
+# a doc of their product among the K docs ranked first, and **mAP@10**, the mean over queries of
+# the average precision in the top 10 (the precision at each rank where a relevant doc
+# appears, averaged), which also rewards ranking the right docs higher.
 
 # %%
 runs = {"separate transforms (Mixer)": ensure_row(data_dir, preset, "mixer", seed),
@@ -94,7 +104,10 @@ fig = domain_projections({f"Mixer: {d}": pca_2d(f[d]) for d in ("encoder", "embe
 # %% [markdown]
 # *Figure: the first two principal components of each image's features, query photos red,
 # shop docs blue. Left: the shared encoder's output; middle and right: the final embeddings of
-# the model with separate transforms and of the shared-transform ablation.*
+# the model with separate transforms and of the shared-transform ablation.* The two principal
+# directions are those of the largest spread, which is between products (colour, category),
+# so the domains can overlap in this picture while a probe, free to pick any direction,
+# separates them: the probe and MMD, not the picture, measure the gap.
 #
 # ## What the numbers say
 # The claims below are checked when the notebook runs; their margins are wide enough for the
@@ -109,6 +122,7 @@ claim("the final space is closer across domains than the shared encoder's output
       gap[sep, "embedding"][1] < gap[sep, "encoder"][1],
       mmd_encoder=gap[sep, "encoder"][1], mmd_embedding=gap[sep, "embedding"][1])
 r10 = {name: r["recall@10"] for name, r in runs.items()}
+n_test = runs[sep]["queries"]
 Markdown(f"""
 * The shared encoder's features separate the two domains almost perfectly (probe accuracy
   {enc_probe:.2f}): the gap is real and large, as the paper says.
@@ -116,8 +130,8 @@ Markdown(f"""
   (MMD {gap[sep, 'embedding'][1]:.2f}) and is {gap[shared, 'embedding'][0]:.2f} with one shared
   transform (MMD {gap[shared, 'embedding'][1]:.2f}).
 * Retrieval: Recall@10 {r10[sep]:.3f} with separate transforms against {r10[shared]:.3f} with
-  the shared one, on one seed ({'`tiny`, 144 test queries: one query is 0.007' if fast else
-  '`small`, 1,261 test queries'}). The README's table compares them over seeds.
+  the shared one, on one seed (`{preset}`, {n_test:,} test queries: one query is
+  {1 / n_test:.4f}). The README's table compares them over seeds.
 * After the transform itself the probe reads {gap[sep, 'transform'][0]:.2f}: each domain gets
   its own mapping, and the gap closes in the final space the loss shapes.
 """)

@@ -21,9 +21,11 @@
 # fusion, classification on weak-label classes) should show up as better retrieval than the
 # version without it.
 #
-# Every row below is the `tiny-cpu` preset with one override (`mixer_lite.ablations.ROWS`),
+# Every row below is the `tiny-cpu` preset with one change (`mixer_lite.ablations.ROWS`),
 # trained on the same clicks and evaluated on the same test queries, whose products never
-# appear in a training click. `make reproduce` runs the same rows over three seeds.
+# appear in a training click. `make reproduce` runs the same rows over three seeds. A row not
+# cached in `runs/experiments/` is trained first: about 5 to 10 minutes each on `small` with
+# 2 cores (`make notebooks` prints the estimate before it starts).
 
 # %% tags=["parameters"]
 import os
@@ -38,16 +40,21 @@ if not fast:  # left out of CI's fast mode for time
 # %%
 if fast:
     os.environ["TQDM_DISABLE"] = "1"
+from IPython.display import Markdown, display
+from mixer_lite.notebooks import made_with
+display(Markdown(made_with(preset, fast, seed)))
+import matplotlib.pyplot as plt
+import numpy as np
 import torch
-from IPython.display import Markdown
 from mixer_lite.ablations import ROWS
 from mixer_lite.dataset import ImageTable, image_paths, load_dataset, load_images
 from mixer_lite.measures import claim
+from mixer_lite.reproduce import recorded_metrics
 from mixer_lite.retrieval import (build_index, embed_docs, embed_queries, evaluate_raw_pixels,
                                   judged_query_rows, relevance, search)
 from mixer_lite.runcache import ensure_data, ensure_row
 from mixer_lite.runs import load_run_model
-from mixer_lite.viz import bars, recall_curves, search_grid
+from mixer_lite.viz import bars, missed_queries, recall_curves, search_grid
 
 torch.set_num_threads(2)
 data_dir = ensure_data(preset, seed)
@@ -75,10 +82,29 @@ fig = bars({n: r["recall@10"] * 100 for n, r in results.items()},
 # %% [markdown]
 # *Figure: the same Recall@10 as bars, one seed; the README's table has three seeds.*
 #
+# ## Over three seeds
+# One seed moves with the order of the batches and the initial weights. The committed records
+# of `make reproduce` hold every seed's curve for the rows run on three seeds on `small`:
+
+# %%
+seeds = (0, 1, 2)
+banded = {ROWS[slug].label: [m["recall_curve"] for m in recorded_metrics("small", slug, seeds)]
+          for slug in ("mixer", "scratch", "image_only", "infonce")}
+fig = recall_curves(banded, title=f"Recall@K, SynthShop small test queries, seeds {seeds} "
+                                  "(records)")
+
+# %% [markdown]
+# *Figure: Recall@K of four rows on `small`, the line the mean of three seeds and the band their
+# lowest to highest; from the committed records whatever data this notebook ran on.*
+#
 # ## The search path
-# Offline: embed every doc and build a FAISS index (here the exact `flat` index; `ivf`, `hnsw`
-# and `ivfpq` are the approximate ones a large catalogue needs, `bench/README.md`). Online:
-# embed a query photo and search.
+# Offline: embed every doc and build a FAISS index; online: embed a query photo and search it.
+# Here the exact `flat` index compares the query with every doc. A large catalogue needs an
+# approximate (ANN) index, which compares it with a few: **IVF** clusters the docs and searches
+# only the clusters nearest the query; **HNSW** walks a graph that links each doc to near
+# neighbours; **PQ** (product quantization) stores each vector as a few bytes of codebook
+# indices, trading exactness for memory. `--index ivf|hnsw|ivfpq` chooses one;
+# `bench/README.md` measures their recall against speed.
 
 # %%
 model = load_run_model(runs["mixer"]["run"])
@@ -88,12 +114,62 @@ q_rows = judged_query_rows(data)[:4]
 q_images = load_images(data, "queries", q_rows, model.cfg.image_size)
 _, hits = search(index, embed_queries(model, q_images, progress=False), 5)
 relevant = relevance(data, q_rows)
-fig = search_grid(q_images.numpy(), doc_images, hits, relevant, index="flat")
+fig = search_grid(q_images.numpy(), doc_images, hits, relevant, index="flat",
+                  doc_texts=data.doc_texts)
+plt.show()  # the figure, then its caption
 found = sum(bool(set(map(int, h)) & rel) for h, rel in zip(hits, relevant))
 Markdown(f"*Figure: the first four test query photos (left) and the top five docs the exact "
-         f"index returns; a green frame marks a doc of the query's product. {found} of the 4 "
-         f"queries find their product in the top 5 (Recall@5 over all test queries: "
-         f"{runs['mixer']['recall@5']:.2f}).*")
+         f"index returns, each with its title; a green frame marks a doc of the query's "
+         f"product. {found} of the 4 queries find their product in the top 5 (Recall@5 over all "
+         f"test queries: {runs['mixer']['recall@5']:.2f}).*")
+
+# %% [markdown]
+# ## The same query, two models
+# Each pair of rows: one query photo answered by Mixer (docs embedded from image and title)
+# and by the image-only ablation (docs embedded from their image alone).
+
+# %%
+image_only = load_run_model(runs["image_only"]["run"])
+only_index = build_index(embed_docs(image_only, doc_images, data.doc_texts, progress=False),
+                         "flat")
+_, only_hits = search(only_index, embed_queries(image_only, q_images, progress=False), 5)
+pair = slice(0, 3)
+fig = search_grid(np.repeat(q_images.numpy()[pair], 2, axis=0), doc_images,
+                  np.stack([h for m, o in zip(hits[pair], only_hits[pair]) for h in (m, o)]),
+                  [rel for rel in relevant[pair] for _ in range(2)],
+                  titles=["Mixer", "image-only docs"] * 3, doc_texts=data.doc_texts)
+
+# %% [markdown]
+# *Figure: three test photos, each answered by Mixer (first row of a pair) and by the model
+# whose docs are their image alone (second row).*
+#
+# ## Where Mixer fails
+# Every test query whose product has no doc among Mixer's top 10, and what those queries share.
+
+# %%
+all_rows = judged_query_rows(data)
+all_images = load_images(data, "queries", all_rows, model.cfg.image_size)
+_, ranked = search(index, embed_queries(model, all_images, progress=False), 10)
+all_relevant = relevance(data, all_rows)
+missed = [i for i, (h, rel) in enumerate(zip(ranked, all_relevant)) if not set(map(int, h)) & rel]
+category = data.column("docs", "category")
+same_category = np.mean([category[int(ranked[i][0])] == category[min(all_relevant[i])]
+                         for i in missed])
+fig = missed_queries(all_images[missed[:4]].numpy(), doc_images, ranked[missed[:4], :4],
+                     [all_relevant[i] for i in missed[:4]], data.doc_texts)
+plt.show()
+per_cat = runs["mixer"]["per_category"]
+worst = sorted(per_cat, key=lambda c: per_cat[c]["recall@10"])[:3]
+Markdown(f"*Figure: four of the {len(missed):,} test queries ({len(missed) / len(all_rows):.0%}) "
+         f"whose product is not in Mixer's top 10, with their top four docs and a doc of their "
+         f"own product.* For {same_category:.0%} of the missed queries the first doc returned "
+         f"is of the right category: " + (
+             "most misses are look-alikes of another product of the same kind, not a wrong "
+             "kind of object" if same_category > 0.5 else
+             "most misses return another kind of object first") +
+         ". The categories Mixer finds least: "
+         + ", ".join(f"{c} (Recall@10 {per_cat[c]['recall@10']:.2f}, {per_cat[c]['queries']} "
+                     f"queries)" for c in worst) + ".")
 
 # %% [markdown]
 # ## What the numbers say
@@ -103,6 +179,7 @@ Markdown(f"*Figure: the first four test query photos (left) and the top five doc
 # %%
 r10 = {slug: r["recall@10"] for slug, r in runs.items()}
 mixer, raw = r10["mixer"], results["raw pixels (no learning)"]["recall@10"]
+n_test = runs["mixer"]["queries"]
 claim("Mixer retrieves well above raw pixels", mixer > 2 * raw, mixer=mixer, raw_pixels=raw)
 
 
@@ -111,7 +188,7 @@ def versus(slug):
 
 
 Markdown(f"""
-Recall@10 on {'`tiny` (144 test queries; one query is 0.007)' if fast else '`small`'}, seed {seed}:
+Recall@10 on `{preset}` ({n_test:,} test queries; one query is {1 / n_test:.4f}), seed {seed}:
 * **Separate transforms**: Mixer {mixer:.3f} vs shared transform
   {versus('shared')}.
 * **Concept fusion**: Mixer {mixer:.3f} vs image-only {versus('image_only')}, text-only

@@ -9,7 +9,8 @@ import torch
 
 from mixer_lite import ablations, measures, runcache
 from mixer_lite.reproduce import markdown
-from mixer_lite.viz import bars, domain_projections, search_grid, training_curves
+from mixer_lite.viz import (bars, concept_map_change, domain_projections, missed_queries,
+                            recall_curves, search_grid, training_curves, weak_label_class)
 
 
 def test_domain_probe_separable_vs_identical():
@@ -606,3 +607,71 @@ def test_a_cropped_scene_doc_is_its_product_cut_out_and_framed(scene_dir):
         want = np.asarray(piece.resize((size, size), Image.BOX), dtype=np.float64)
         got = cropped[r].transpose(1, 2, 0).astype(np.float64)
         assert np.abs(got - want).mean() < 4, doc  # torch's and PIL's resampling differ a little
+
+
+def frame(ax) -> tuple:
+    edge = ax.spines["left"]
+    return matplotlib.colors.to_hex(edge.get_edgecolor()), edge.get_linewidth()
+
+
+GREEN, RED, GREY = (matplotlib.colors.to_hex(c) for c in ("tab:green", "tab:red", "0.6"))
+
+
+def test_result_grids_title_every_doc_and_frame_the_right_ones():
+    rng = np.random.default_rng(0)
+    queries = rng.integers(0, 255, (2, 3, 8, 8), dtype=np.uint8)
+    docs = torch.zeros(5, 3, 8, 8, dtype=torch.uint8)
+    texts = [f"doc title {i}" for i in range(5)]
+    fig = search_grid(queries, docs, np.array([[0, 1], [2, 3]]), [{1}, set()], doc_texts=texts)
+    axes = np.array(fig.axes).reshape(2, 3)
+    assert [axes[0, c].get_title() for c in (1, 2)] == ["#1\ndoc title 0",
+                                                        "#2 relevant\ndoc title 1"]
+    assert [frame(axes[0, c])[0] for c in (1, 2)] == [GREY, GREEN]
+    assert "1 of 2 rows found theirs" in fig._suptitle.get_text()
+    missed = missed_queries(queries, docs, np.array([[0, 1], [2, 3]]), [{4}, {3, 2}], texts)
+    axes = np.array(missed.axes).reshape(2, 4)
+    assert axes[0, 3].get_title() == "its product\ndoc title 4" and frame(axes[0, 3])[0] == GREEN
+    assert axes[1, 3].get_title() == "its product\ndoc title 2"  # the first of its docs
+    assert frame(axes[1, 2])[0] == GREEN  # a relevant doc among the hits is framed too
+    matplotlib.pyplot.close("all")
+
+
+def test_weak_label_class_marks_the_members_of_another_product():
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    data = dataclasses.make_dataclass("Data", ["queries", "docs", "query_row", "doc_row"])(
+        [{"image": image, "text": ""}] * 3, [{"image": image, "text": "a doc"}] * 2,
+        {"q1": 0, "q2": 1, "q3": 2}, {"d1": 0, "d2": 1})
+    truth = {"q1": "p", "q2": "p", "q3": "x", "d1": "p", "d2": "p"}
+    fig = weak_label_class(data, {"query_ids": ["q1", "q2", "q3"], "doc_ids": ["d1", "d2"]},
+                           truth, max_per_row=3)
+    axes = np.array(fig.axes).reshape(2, 3)
+    assert [frame(axes[0, c])[0] for c in range(3)] == [GREY, GREY, RED]
+    assert axes[0, 2].get_title().startswith("OTHER PRODUCT")
+    assert not axes[1, 2].axison  # two docs in three panels: the last is blank
+    assert "5 samples (5 shown)" in fig._suptitle.get_text()
+    matplotlib.pyplot.close(fig)
+
+
+def test_recall_curves_draw_the_seeds_mean_and_their_range():
+    seeds = [[0.1, 0.2] * 5, [0.3, 0.4] * 5, [0.2, 0.3] * 5]
+    fig = recall_curves({"three seeds": seeds, "one run": [0.5] * 10})
+    ax = fig.axes[0]
+    mean, single = ax.get_lines()
+    assert np.allclose(mean.get_ydata(), [20, 30] * 5)
+    band = ax.collections[0].get_paths()[0].vertices
+    assert np.isclose(band[:, 1].min(), 10) and np.isclose(band[:, 1].max(), 40)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["three seeds: R@10 30.0% ± 8.2 (3 seeds)", "one run: R@10 50.0%"]
+    matplotlib.pyplot.close(fig)
+
+
+def test_concept_map_change_draws_both_maps_and_what_moved():
+    before, after = np.array([0.5, 0.5, 0.0, 0.0]), np.array([0.0, 0.5, 0.5, 0.0])
+    fig = concept_map_change(np.zeros((3, 8, 8), np.uint8), before, after, ("own", "yours"), 3)
+    own, yours, change = (ax for ax in fig.axes if ax.get_title() != "")
+    assert np.allclose(own.get_images()[1].get_array(), [[0.5, 0.5], [0, 0]])
+    assert np.allclose(change.get_images()[1].get_array(), [[-0.5, 0], [0.5, 0]])
+    assert change.get_title().endswith("50% of the weight moved")  # half of |0.5| + |0.5|
+    assert change.get_images()[1].get_clim() == (-0.5, 0.5)  # symmetric: no change is white
+    assert fig._suptitle.get_text().startswith("Concept 3")
+    matplotlib.pyplot.close(fig)

@@ -205,3 +205,17 @@ def test_the_quoted_tables_are_what_the_records_give(document):
         result = rp.collect(preset, [int(s) for s in seeds.split(",")],
                             rows=rp.select_rows(rows or None))
         assert table == rp.markdown(result), f"{document}'s {preset} table is not the records'"
+
+
+def test_recorded_metrics_reads_each_seed_and_names_a_missing_record(tmp_path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for seed, r10 in ((0, 0.5), (2, 0.25)):
+        (folder / f"small-mixer-s{seed}.json").write_text(json.dumps(
+            {"row": "Mixer", "metrics": {"recall@1": 0.1, "recall@10": r10, "map@10": 0.2,
+                                         "validation": {"val_recall@10": r10 / 2}}}))
+    got = rp.recorded_metrics("small", "mixer", (2, 0), records=tmp_path)
+    assert [m["recall@10"] for m in got] == [0.25, 0.5]
+    assert got[0]["validation"]["val_recall@10"] == 0.125
+    with pytest.raises(FileNotFoundError, match="small-mixer-s1.json"):
+        rp.recorded_metrics("small", "mixer", (0, 1), records=tmp_path)
