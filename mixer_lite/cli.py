@@ -198,6 +198,7 @@ def _printable(text: str) -> str:
                    .decode("ascii") for c in text)
 
 
+DEVICE_HELP = "auto (a GPU when torch sees one) | cpu | cuda | cuda:N"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -328,16 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw", "ivfpq"])
     s.add_argument("--baseline", choices=["raw-pixel"], help="add the no-learning baseline")
     s.add_argument("--compare-out", help="PNG with every run's recall curve")
-    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one) | cpu | "
-                                                     "cuda | cuda:N")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("index", help="embed a run's docs offline and save a FAISS index")
     s.add_argument("--run", required=True)
     s.add_argument("--data", required=True)
-    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one) | cpu | "
-                                                     "cuda | cuda:N")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw", "ivfpq"])
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_index)
@@ -349,8 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", required=True, nargs="+", action="extend",
                    help="photo files or folders of photos (one model load for all)")
     s.add_argument("--k", type=_positive_int, default=10)
-    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one) | cpu | "
-                                                     "cuda | cuda:N")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("serve", help="a search service and page over a run's index (built "
@@ -371,8 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-photos", type=_positive_int, default=16, help="photos per request")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--access-log", action="store_true", help="log every request")
-    s.add_argument("--device", default="auto", help="auto (a GPU when torch sees one) | cpu | "
-                                                     "cuda | cuda:N")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("demo", help="the main job on the built-in data (what `make demo` runs)")

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .ablations import run_name
+from .reproduce import records_dir
 from .runcache import repo_root
 from .runs import environment
 
@@ -142,9 +143,9 @@ def parameters(source: str | Path, fast: bool = False) -> dict:
     return values
 
 
-def runs_needed(source: str | Path, fast: bool = False) -> list[str]:
-    """The run names (``runs/experiments/<name>``) a notebook trains or reads."""
-    p = parameters(source, fast)
+def runs_needed(p: dict) -> list[str]:
+    """The run names (``runs/experiments/<name>``) a notebook with :func:`parameters` ``p``
+    trains or reads."""
     return ([run_name(p["preset"], slug, p["seed"]) for slug in p["rows"]] +
             list(p.get("named_runs", [])))
 
@@ -169,10 +170,9 @@ def plan(sources: list[Path], fast: bool = False, runs: str | Path | None = None
     out = []
     for source in sources:
         p = parameters(source, fast)
-        folder = Path(records or repo_root() / "results" / "reproduce") / p["preset"]
-        known = recorded_seconds(folder)
+        known = recorded_seconds(records_dir(p["preset"], records))
         typical = statistics.median(known.values()) if known else None
-        needed = runs_needed(source, fast)
+        needed = runs_needed(p)
         missing = [n for n in needed if n not in seen and not (runs / n / "seconds.json").exists()]
         seen.update(needed)
         guesses = [known.get(n, typical) for n in missing]
