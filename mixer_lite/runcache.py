@@ -55,6 +55,9 @@ def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None,
                 make_synthshop(out, preset=preset, seed=seed, workers=workers, **extra)
         except FolderBusy:  # another process writes it: look again in a while (and build it
             time.sleep(2)   # if that process died)
+        except FileExistsError:  # another process renamed its whole folder into place between
+            if not (out / "docs.jsonl").exists():  # the look above and this build
+                raise
     return out
 
 

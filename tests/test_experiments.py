@@ -350,7 +350,9 @@ def test_ensure_data_waits_for_a_folder_another_process_is_writing(tmp_path, mon
 
     out, partial = tmp_path / "synth-tiny", tmp_path / ".synth-tiny.partial"
     sleeps = []
-    monkeypatch.setattr(runcache.time, "sleep", lambda s: sleeps.append(s) or finish.wait(5))
+    # The first writer finishes only once the second has found the lock and gone to sleep.
+    monkeypatch.setattr(runcache.time, "sleep",
+                        lambda s: sleeps.append(s) or finish.set() or writer.join(5))
     finish, holding = threading.Event(), threading.Event()
 
     def first_writer():
@@ -364,12 +366,35 @@ def test_ensure_data_waits_for_a_folder_another_process_is_writing(tmp_path, mon
     writer = threading.Thread(target=first_writer)
     writer.start()
     holding.wait(5)
-    timer = threading.Timer(0.5, finish.set)
-    timer.start()
     got = runcache.ensure_data("tiny", root=tmp_path)
     writer.join()
     assert got == out and (out / "docs.jsonl").read_text() == "written by the first\n"
     assert sleeps  # it waited instead of failing
+
+
+def test_ensure_data_reads_a_folder_renamed_into_place_between_its_look_and_its_build(
+        tmp_path, monkeypatch):
+    """Another process finishes the dataset after ``ensure_data`` saw none and before its own
+    build starts: the build refuses the now-whole folder and ``ensure_data`` returns it."""
+    out = tmp_path / "synth-tiny"
+    real_make = runcache.make_synthshop
+
+    def other_process_finishes_first(folder, **kw):
+        out.mkdir()
+        (out / "docs.jsonl").write_text("written by the other\n")
+        return real_make(folder, **kw)
+
+    monkeypatch.setattr(runcache, "make_synthshop", other_process_finishes_first)
+    assert runcache.ensure_data("tiny", root=tmp_path) == out
+    assert (out / "docs.jsonl").read_text() == "written by the other\n"
+
+
+def test_ensure_data_refuses_a_foreign_folder_in_its_place(tmp_path):
+    """A folder of something else under the dataset's name is never overwritten."""
+    (tmp_path / "synth-tiny").mkdir()
+    (tmp_path / "synth-tiny" / "notes.txt").write_text("mine\n")
+    with pytest.raises(FileExistsError, match="synth-tiny"):
+        runcache.ensure_data("tiny", root=tmp_path)
 
 
 def test_frozen_backbone_floor_matches_brute_force_over_qrels(tiny_dir, tiny_data):
