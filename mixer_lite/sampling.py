@@ -13,6 +13,9 @@ held out for validation, the order of batches, augmentation, and the images behi
   is a function of (seed, epoch) alone, so a resumed run sees the same batches.
 * **Augmentation** (our choice; the paper names none): a random flip and a shift of up to 4
   pixels, for both domains, seeded by the step (``docs/EXPERIMENTS.md``, the recipe table).
+* **Micro-batches.**  What a step encodes (:class:`MicroBatches`), read through a torch
+  ``DataLoader``: with ``loader_workers`` > 0 worker processes decode and augment the next
+  batches while the model trains on this one, and the batches are the same whatever the count.
 """
 from __future__ import annotations
 
@@ -186,8 +189,11 @@ def augment(x: torch.Tensor, step: int, seed: int, pad: int = 4) -> torch.Tensor
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
     dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
-    out = torch.stack([padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w] for i in range(n)])
-    return out.to(x.dtype)
+    # Every image's own crop in one gather: rows dy..dy+h and columns dx..dx+w of each.
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    out = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols]
+    return out.permute(0, 3, 1, 2).contiguous().to(x.dtype)
 
 
 def zoom_out(x: torch.Tensor, step: int, seed: int, min_scale: float) -> torch.Tensor:
@@ -251,3 +257,58 @@ def training_images(data: ShopData, samples: Samples, cfg: TrainConfig,
         None if val is None else table("queries", val.query_rows, "validation photos"),
         {int(r): i for i, r in enumerate(q_rows)}, {int(r): i for i, r in enumerate(d_rows)},
         [data.doc_texts[int(r)] for r in d_rows])
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch ``i`` of a run (step ``i // grad_accum``, part ``i % grad_accum``) as this
+    rank encodes it: the sample indices, their doc rows, and the augmented pixels of their query
+    photos and doc images.
+
+    A function of ``i`` alone (the sampler's order and the augmentation are seeded by the step),
+    so a ``DataLoader`` with any number of workers returns the same batches in the same order,
+    and a resumed run starts at its step's first micro-batch."""
+
+    def __init__(self, sampler: EpochSampler, samples: Samples, images: TrainingImages,
+                 cfg: TrainConfig, total_steps: int, rank: int = 0, world: int = 1):
+        self.sampler, self.samples, self.images, self.cfg = sampler, samples, images, cfg
+        self.total, self.rank, self.world = total_steps * cfg.grad_accum, rank, world
+
+    def __len__(self) -> int:
+        return self.total
+
+    def indices(self, i: int) -> np.ndarray:
+        """The samples of micro-batch ``i``: this rank's slice of its step's global batch."""
+        step, part = divmod(i, self.cfg.grad_accum)
+        local = self.cfg.batch_size // self.world
+        micro = local // self.cfg.grad_accum
+        batch = self.sampler.batch(step)[self.rank * local: (self.rank + 1) * local]
+        return batch[part * micro: (part + 1) * micro]
+
+    def __getitem__(self, i: int):
+        cfg, idx = self.cfg, self.indices(i)
+        query_rows, doc_rows = self.samples.images_of(idx)
+        q_img, d_img = self.images.batch(query_rows, doc_rows)
+        if cfg.augment:
+            q_img = augment(q_img, 2 * i, cfg.seed)
+            d_img = augment(d_img, 2 * i + 1, cfg.seed)
+        d_img = zoom_out(d_img, i, cfg.seed, cfg.doc_zoom_out)
+        return idx, doc_rows, q_img, d_img
+
+
+def _unchanged(item):
+    """The DataLoader's collate function: a micro-batch is already a batch (the default
+    would turn its numpy indices into tensors)."""
+    return item
+
+
+def micro_batch_loader(batches: MicroBatches, start: int, workers: int,
+                       pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Micro-batches ``start`` to the end, in order; ``workers`` > 0 processes prepare up to 4
+    each ahead of the step that needs them (0: each is made in this process when asked for).
+
+    The loader draws its workers' seeds from a generator of its own: one from torch's global
+    generator would shift every later draw (dropout, sampled centres) of a resumed run."""
+    return torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(start, len(batches)), num_workers=workers,
+        collate_fn=_unchanged, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(batches.cfg.seed))

@@ -53,8 +53,8 @@ from .optim import clip_global_norm, sum_gradients_hook, warmup_cosine
 from .retrieval import embed_docs, embed_queries, evaluate_model, exact_search, ranking_metrics
 from .runs import (check_run_folder, check_same_data, restore_checkpoint, save_checkpoint,
                    setup_distributed, save_torch, torch_threads)
-from .sampling import (EpochSampler, Samples, TrainingImages, Validation, augment, make_samples,
-                       total_steps, training_images, zoom_out)
+from .sampling import (EpochSampler, MicroBatches, Samples, TrainingImages, Validation,
+                       make_samples, micro_batch_loader, total_steps, training_images)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ class TrainConfig:
     amp: bool = True                  # bf16 autocast on CUDA (no effect on CPU)
     device: str = "auto"              # "auto" | "cpu" | "cuda" | "cuda:1" ...
     preload_images: bool = True       # False: decode per batch (real, large datasets)
-    loader_threads: int = 4
+    loader_threads: int = 4           # decoding threads of each process that decodes
+    loader_workers: int = 0           # processes preparing the next batches (0: in the loop)
     threads: int = 0                  # torch CPU threads (0 = torch's default)
     checkpoint_every: int = 200
     log_every: int = 10
@@ -140,9 +141,10 @@ class TrainConfig:
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
             problems.append(f"--device={self.device}: not a device mixer-lite trains on (auto, "
                             f"cpu, cuda, cuda:N)")
-        if self.threads < 0 or self.loader_threads < 1:
-            problems.append(f"threads must be >= 0 (0: torch's default) and loader_threads >= 1, "
-                            f"got {self.threads} and {self.loader_threads}")
+        if self.threads < 0 or self.loader_threads < 1 or self.loader_workers < 0:
+            problems.append(f"threads must be >= 0 (0: torch's default), loader_threads >= 1 "
+                            f"and loader_workers >= 0, got {self.threads}, "
+                            f"{self.loader_threads} and {self.loader_workers}")
         if self.steps < 0:
             problems.append(f"steps must be >= 0 (0: epochs decide), got {self.steps}")
         if problems:
@@ -172,7 +174,8 @@ PRESETS = {
                           max_text_len=48, n_concepts=16, embed_dim=256, dropout=0.1),
         classes=ClassConfig(max_queries_per_class=500),
         batch_size=1024, epochs=20, lr=3e-4, warmup_frac=0.02, sample_rate=0.1,
-        max_per_class=32, preload_images=False, loader_threads=16, checkpoint_every=1000,
+        max_per_class=32, preload_images=False, loader_threads=2, loader_workers=8,
+        checkpoint_every=1000,
         log_every=50),
 }
 
@@ -378,13 +381,18 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
     t0, step, last_ckpt = time.time(), start, start
     if log and val is not None and cfg.val_every and start == 0:  # the initial weights
         log.write(strict_json({"step": 0, **_validate(run)}) + "\n")
+    batches = iter(micro_batch_loader(
+        MicroBatches(run.sampler, run.samples, run.images, cfg, run.total, run.rank, run.world),
+        start * cfg.grad_accum, cfg.loader_workers, pin_memory=run.device.type == "cuda"))
+    speed = Throughput(cfg.batch_size * images_per_sample(cfg.loss), run.device)
     run.model.train()
     try:
         for step in range(start, run.total):
             if cfg.stop_after is not None and step >= cfg.stop_after:
                 break
             done = step + 1
-            loss = _forward_backward(run, step)
+            began = time.perf_counter()
+            loss, waited = _forward_backward(run, step, batches)
             if not math.isfinite(loss):
                 raise ValueError(diverged_message(done, loss, cfg, last_ckpt, out))
             log_now = log is not None and (done % cfg.log_every == 0 or done == run.total)
@@ -394,11 +402,13 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
             run.opt.step()
             run.objective.step_extra(run.sched.get_last_lr()[0])  # this step's rate
             run.sched.step()
+            speed.add(time.perf_counter() - began, waited)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
             record = {"step": done, "epoch": done / run.sampler.steps_per_epoch, "loss": loss,
-                      "lr": run.sched.get_last_lr()[0], **health} if log_now else {}
+                      "lr": run.sched.get_last_lr()[0], **health, **speed.report()} \
+                if log_now else {}
             if val is not None and run.rank == 0 and (
                     done == run.total or cfg.val_every and done % cfg.val_every == 0):
                 record.update(step=done, **_validate(run))
@@ -414,6 +424,7 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
         else:
             step = run.total
     finally:
+        del batches  # its worker processes end with it
         if bar is not None:
             bar.close()
         if log:
@@ -421,39 +432,64 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
     return step, last_ckpt
 
 
-def _forward_backward(run: Run, step: int) -> float:
-    """This rank's share of the step's batch, in ``grad_accum`` micro-batches, forward and
-    backward; returns the step's mean loss."""
+class Throughput:
+    """What the steps since the last log cost: images encoded per second, the share of the
+    step time spent waiting for the next batch, and the peak memory so far (CUDA's allocated
+    memory on a GPU, the process's resident set on a CPU).  Step time runs from asking for
+    the step's first batch to the optimiser's update; validation and checkpoints are outside."""
+
+    def __init__(self, images_per_step: int, device: torch.device):
+        self.images_per_step, self.device = images_per_step, device
+        self.steps, self.seconds, self.waited = 0, 0.0, 0.0
+
+    def add(self, seconds: float, waited: float) -> None:
+        self.steps, self.seconds, self.waited = (self.steps + 1, self.seconds + seconds,
+                                                 self.waited + waited)
+
+    def report(self) -> dict:
+        """The figures of the steps added since the last report, which starts a new window."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        out = {"images_per_s": round(self.steps * self.images_per_step / self.seconds, 1),
+               "data_wait_share": round(self.waited / self.seconds, 4),
+               "peak_mem_mib": round(peak / 2**20, 1)}
+        self.steps, self.seconds, self.waited = 0, 0.0, 0.0
+        return out
+
+
+def _forward_backward(run: Run, step: int, batches) -> tuple[float, float]:
+    """This rank's share of the step's batch, in ``grad_accum`` micro-batches read from
+    ``batches`` (a :class:`MicroBatches` loader's iterator), forward and backward; returns the
+    step's mean loss and the seconds spent waiting for the batches."""
     cfg = run.cfg
-    local_bs = cfg.batch_size // run.world
-    micro = local_bs // cfg.grad_accum
-    batch = run.sampler.batch(step)[run.rank * local_bs: (run.rank + 1) * local_bs]
     run.opt.zero_grad(set_to_none=True)
     run.objective.begin_step(step, run.total)
-    loss_sum = 0.0
+    loss_sum, waited = 0.0, 0.0
     for m in range(cfg.grad_accum):
-        idx = batch[m * micro: (m + 1) * micro]
+        asked = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - asked
         # DDP reduces gradients once, on the last micro-batch of the step.
         sync = run.net.no_sync() if run.world > 1 and m < cfg.grad_accum - 1 \
             else contextlib.nullcontext()
         with sync:
-            loss = _micro_batch_loss(run, idx, step * cfg.grad_accum + m)
+            loss = _micro_batch_loss(run, *batch, step * cfg.grad_accum + m)
             (loss / cfg.grad_accum).backward()
         loss_sum += float(loss.detach()) / cfg.grad_accum
-    return loss_sum
+    return loss_sum, waited
 
 
-def _micro_batch_loss(run: Run, idx: np.ndarray, micro_step: int) -> torch.Tensor:
-    """The objective's loss on the samples ``idx``: their images (augmented), the docs' titles,
-    one forward of both paths (bf16 autocast on CUDA)."""
-    cfg, images = run.cfg, run.images
-    query_rows, doc_rows = run.samples.images_of(idx)
-    q_img, d_img = images.batch(query_rows, doc_rows)
-    if cfg.augment:
-        q_img = augment(q_img, 2 * micro_step, cfg.seed)
-        d_img = augment(d_img, 2 * micro_step + 1, cfg.seed)
-    d_img = zoom_out(d_img, micro_step, cfg.seed, cfg.doc_zoom_out)
-    tokens = run.model.tokenize(images.titles(doc_rows)) if len(doc_rows) else None
+def _micro_batch_loss(run: Run, idx: np.ndarray, doc_rows: np.ndarray, q_img: torch.Tensor,
+                      d_img: torch.Tensor, micro_step: int) -> torch.Tensor:
+    """The objective's loss on the samples ``idx`` of one micro-batch (:class:`MicroBatches`:
+    their augmented images): the docs' titles, one forward of both paths (bf16 autocast on
+    CUDA)."""
+    cfg = run.cfg
+    tokens = run.model.tokenize(run.images.titles(doc_rows)) if len(doc_rows) else None
     amp = cfg.amp and run.device.type == "cuda"
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
         q_emb, d_emb = run.net(q_img.to(run.device, non_blocking=True),

@@ -33,17 +33,22 @@ def weights(run):
 
 
 def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
+    """The run killed after step 3 and resumed ends with the uninterrupted run's weights.  Its
+    batches come from 2 loader worker processes before the kill and 1 after, the uninterrupted
+    run's from none: the batches are the same whatever the worker count."""
     data = tiny_dir[0]
     c = cfg("--epochs=0.12", "--checkpoint_every=2", "--log_every=1", "--eval_at_end=false")
     full = train(data, tmp_path / "full", c, progress=False)
     assert full["finished"] and full["steps"] >= 5
-    killed = train(data, tmp_path / "cut", dataclasses.replace(c, stop_after=3), progress=False)
+    killed = train(data, tmp_path / "cut", dataclasses.replace(c, stop_after=3, loader_workers=2),
+                   progress=False)
     assert not killed["finished"] and not (tmp_path / "cut" / "model.pt").exists()
     ck = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] == 2  # the last checkpoint before the "kill"
     stale = tmp_path / "cut" / "checkpoints" / ".last.pt.x1y2.tmp"  # as a kill -9 mid-save
     stale.write_bytes(b"")
-    resumed = train(data, tmp_path / "cut", c, resume=True, progress=False)
+    resumed = train(data, tmp_path / "cut", dataclasses.replace(c, loader_workers=1),
+                    resume=True, progress=False)
     assert not stale.exists()
     assert resumed["finished"]
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
@@ -51,8 +56,85 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # Step 3 was logged before the kill and again after the resume: the log keeps it once.
-    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").open()]
-    assert steps == list(range(1, full["steps"] + 1))
+    log = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert [x["step"] for x in log] == list(range(1, full["steps"] + 1))
+    # Every record says what its steps cost (images per second, the share spent waiting for
+    # data, the peak memory so far).
+    assert all(x["images_per_s"] > 0 and 0 <= x["data_wait_share"] <= 1 and
+               x["peak_mem_mib"] > 0 for x in log)
+
+
+def test_throughput_reports_each_window_from_its_own_steps():
+    """Hand-computed: 2 steps of 2 s, 0.5 s of each waiting, 64 images a step."""
+    from mixer_lite.train import Throughput
+
+    speed = Throughput(64, torch.device("cpu"))
+    speed.add(2.0, 0.5), speed.add(2.0, 0.5)
+    first = speed.report()
+    assert first["images_per_s"] == 32.0 and first["data_wait_share"] == 0.25
+    speed.add(1.0, 0.0)  # the next window starts empty
+    second = speed.report()
+    assert second["images_per_s"] == 64.0 and second["data_wait_share"] == 0.0
+    assert second["peak_mem_mib"] >= first["peak_mem_mib"] > 0
+
+
+class RowPixels:
+    """A stand-in for TrainingImages whose top-left pixel is its image's row, and the others
+    that plus a ramp (so a flip or a shift shows): a batch's pixels say which images were read
+    and how they were augmented."""
+
+    @staticmethod
+    def batch(query_rows, doc_rows):
+        ramp = 16 * torch.arange(8)[:, None] + torch.arange(8)
+        return tuple(((torch.as_tensor(np.asarray(rows, np.int64))[:, None, None, None] + ramp)
+                      % 256).to(torch.uint8).expand(-1, 3, 8, 8).contiguous()
+                     for rows in (query_rows, doc_rows))
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_micro_batches_split_each_step_over_ranks_and_parts(grad_accum):
+    """Micro-batch i of rank r holds the r-th share, part i % grad_accum, of step
+    i // grad_accum's batch, and reads exactly its samples' images (query photos, then docs)."""
+    from mixer_lite.sampling import MicroBatches, Samples
+
+    rng = np.random.default_rng(0)
+    samples = Samples(kind=rng.integers(0, 2, 60).astype(np.int8),
+                      row=rng.integers(0, 200, 60), label=rng.integers(0, 9, 60), num_classes=9)
+    c = dataclasses.replace(cfg(), batch_size=8, grad_accum=grad_accum, augment=False)
+    sampler = EpochSampler(samples.label, cap=16, batch_size=8, seed=0)
+    for world in (1, 2):
+        per = 8 // world // grad_accum
+        for rank in range(world):
+            mb = MicroBatches(sampler, samples, RowPixels, c, total_steps=5, rank=rank,
+                              world=world)
+            assert len(mb) == 5 * grad_accum
+            for i in range(len(mb)):
+                step, part = divmod(i, grad_accum)
+                lo = rank * (8 // world) + part * per
+                idx, doc_rows, q, d = mb[i]
+                assert np.array_equal(idx, sampler.batch(step)[lo: lo + per])
+                kind, row = samples.kind[idx], samples.row[idx]
+                assert np.array_equal(doc_rows, row[kind == 1])
+                assert q[:, 0, 0, 0].tolist() == row[kind == 0].tolist()
+                assert d[:, 0, 0, 0].tolist() == row[kind == 1].tolist()
+
+
+def test_loader_workers_return_the_batches_the_loop_would_make():
+    """2 worker processes, from micro-batch 3 on, return what the dataset makes in this
+    process, in order, augmentation included."""
+    from mixer_lite.sampling import MicroBatches, Samples, micro_batch_loader
+
+    rng = np.random.default_rng(1)
+    samples = Samples(kind=rng.integers(0, 2, 60).astype(np.int8),
+                      row=rng.integers(0, 200, 60), label=rng.integers(0, 9, 60), num_classes=9)
+    c = dataclasses.replace(cfg(), batch_size=8, augment=True)
+    mb = MicroBatches(EpochSampler(samples.label, 16, 8, 0), samples, RowPixels, c, 9)
+    got = list(micro_batch_loader(mb, start=3, workers=2))
+    assert len(got) == len(mb) - 3
+    for i, (idx, doc_rows, q, d) in enumerate(got, start=3):
+        want = mb[i]
+        assert np.array_equal(idx, want[0]) and np.array_equal(doc_rows, want[1])
+        assert torch.equal(q, want[2]) and torch.equal(d, want[3])
 
 
 def test_existing_run_is_not_overwritten(tiny_dir, tmp_path):
@@ -197,6 +279,22 @@ def test_augment_is_seeded_and_shape_preserving():
         assert any(np.array_equal(out, v) for v in views)
     empty = x[:0]  # a batch with no docs (raw-click labels) or no photos
     assert augment(empty, 3, 0).shape == empty.shape
+
+
+def test_augment_equals_a_loop_over_the_images():
+    """The batched crop against one crop per image, from the same draws."""
+    import torch.nn.functional as F
+
+    x = torch.randint(0, 255, (7, 3, 12, 10), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(5 * 1_000_003 + 11)  # augment's seed for (seed 5, step 11)
+    flip = torch.rand(7, generator=g) < 0.5
+    dx, dy = torch.randint(0, 9, (2, 7), generator=g)
+    want = []
+    for i in range(7):
+        img = x[i].flip(2) if flip[i] else x[i]
+        padded = F.pad(img[None].float(), (4, 4, 4, 4), mode="reflect")[0]
+        want.append(padded[:, dy[i]: dy[i] + 12, dx[i]: dx[i] + 10].to(torch.uint8))
+    assert torch.equal(augment(x, 11, 5), torch.stack(want))
 
 
 def assert_same_first_step(one: Path, two: Path) -> None:

@@ -1,0 +1,64 @@
+"""Training throughput with images decoded per batch in the training loop against DataLoader
+worker processes preparing the next batches, side by side in one run.
+
+    python bench/data_loader.py [--data data/synth-small] [--workers 1,2] [--steps 60]
+
+Each setting trains the same ``tiny-cpu`` steps on ``--data`` with ``preload_images=False`` (what
+a dataset too large for memory needs: every batch decoded from its files) at ``--threads`` torch
+threads, and reads its own ``metrics.jsonl``: images encoded per second and the share of the step
+time spent waiting for the next batch (:class:`mixer_lite.train.Throughput`), over the steps
+after the first logging window (the workers' start).  The preloaded run (every image decoded
+before step 1) is the ceiling: a step that never waits.  Centres start at random and no class
+is held out, so no setting decodes anything before its first step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from mixer_lite.train import config_from, train
+
+
+def steady_state(run: Path) -> tuple[float, float]:
+    """Images/s and data-wait share of a run's log records after the first one (each record
+    covers ``log_every`` steps)."""
+    log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    seconds = [1 / r["images_per_s"] for r in log]  # each window's time, per image it encoded
+    wait = sum(r["data_wait_share"] * s for r, s in zip(log, seconds))
+    return len(log) / sum(seconds), wait / sum(seconds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="data/synth-small")
+    ap.add_argument("--workers", default="1,2", help="worker counts to compare with 0")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch_size", type=int, default=128)
+    args = ap.parse_args()
+    common = [f"--steps={args.steps}", "--log_every=10", "--eval_at_end=false", "--val_share=0",
+              "--centre_init=random", f"--threads={args.threads}",
+              f"--batch_size={args.batch_size}", f"--checkpoint_every={args.steps}"]
+    settings = [("decoded in the loop", ["--preload_images=false", "--loader_workers=0"])]
+    settings += [(f"{w} loader worker{'s' * (w > 1)}",
+                  ["--preload_images=false", f"--loader_workers={w}"])
+                 for w in map(int, args.workers.split(","))]
+    settings.append(("preloaded (ceiling)", ["--preload_images=true", "--loader_workers=0"]))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, extra) in enumerate(settings):
+            run = Path(tmp) / f"run{i}"
+            train(args.data, run, config_from("tiny-cpu", common + extra), progress=False)
+            rows.append((name, *steady_state(run)))
+    base = rows[0][1]
+    print(f"{args.data}: {args.steps} steps of {args.batch_size} images at "
+          f"{args.threads} torch threads, images decoded at 64 px")
+    print("| images | images/s | x decoded in the loop | data-wait share |\n|---|---|---|---|")
+    for name, speed, wait in rows:
+        print(f"| {name} | {speed:.0f} | {speed / base:.2f} | {wait:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
