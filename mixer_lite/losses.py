@@ -117,6 +117,32 @@ class MarginClassifier(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._used: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def load_shards(self, shards: list[dict]) -> None:
+        """This rank's centres and their optimiser state, cut from the ``state_dict`` of every
+        shard of a classifier over any number of ranks (in rank order): a run resumed on
+        another number of GPUs continues with the same centres."""
+        sizes = [len(s["weight"]) for s in shards]
+        if sum(sizes) != self.num_classes:
+            raise ValueError(f"the saved shards hold {sum(sizes)} class centres "
+                             f"({' + '.join(map(str, sizes))}), this classifier has "
+                             f"{self.num_classes}")
+        own = {}
+        for key, mine in self.state_dict().items():
+            if mine.dim() == 0:  # a step count: the same on every rank
+                values = {float(s[key]) for s in shards}
+                if len(values) > 1:
+                    raise ValueError(f"the saved shards disagree on {key} ({sorted(values)})")
+                own[key] = shards[0][key]
+                continue
+            parts, lo = [], 0
+            for s, n in zip(shards, sizes):  # the rows of [start, start + shard) each holds
+                a, b = max(lo, self.start), min(lo + n, self.start + self.shard)
+                if a < b:
+                    parts.append(s[key][a - lo: b - lo])
+                lo += n
+            own[key] = torch.cat(parts)
+        self.load_state_dict(own)
+
     # ---- class-centre sampling ----------------------------------------------------------
     def sample_centres(self, local_labels: torch.Tensor, step: int) -> torch.Tensor:
         """Indices (into this shard, sorted) of the centres used this step.

@@ -76,8 +76,9 @@ class Objective(nn.Module):
         """What a checkpoint keeps of the objective (None: nothing)."""
         return None
 
-    def load(self, state) -> None:
-        """Restore :meth:`state`."""
+    def load(self, shards: list) -> None:
+        """Restore :meth:`state` from every rank's, in rank order (one entry for one process),
+        whatever the number of ranks that saved them."""
 
 
 class Classification(Objective):
@@ -141,8 +142,8 @@ class Classification(Objective):
     def state(self):
         return self.classifier.state_dict()
 
-    def load(self, state) -> None:
-        self.classifier.load_state_dict(state)
+    def load(self, shards: list) -> None:
+        self.classifier.load_shards(shards)
 
 
 class Pairwise(Objective):

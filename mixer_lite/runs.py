@@ -155,21 +155,26 @@ def save_checkpoint(path: Path, model, objective, opt, sched, step: int, rank: i
 
 def restore_checkpoint(ck: dict, path: Path, model, objective, opt, sched, rank: int, world: int,
                        device: torch.device) -> int:
-    """Load a checkpoint of :func:`save_checkpoint` into a fresh run; returns its step.  The
-    run must have as many processes as the one that wrote it (its classifier is sharded)."""
+    """Load a checkpoint of :func:`save_checkpoint` into a fresh run; returns its step.
+
+    The run may have another number of processes than the one that wrote it: each rank takes
+    its rows of the class centres from the saved shards (:meth:`MarginClassifier.load_shards`)
+    and the random state of the saved rank ``rank % saved``.  It then continues with the same
+    weights and centres, though not with the draws an unchanged run would make (dropout and
+    sampled centres are drawn per rank)."""
     made_by = ck.get("world", len(ck["classifier"]) if isinstance(ck.get("classifier"), list)
                      else 1)
-    if made_by != world:
-        raise ValueError(f"{path}: written by a run of {made_by} process(es), resumed with "
-                         f"{world}; resume with as many (torchrun --nproc_per_node={made_by})")
     model.load_state_dict(ck["model"])
     if ck.get("classifier") is not None:
-        objective.load(ck["classifier"][rank] if world > 1 else ck["classifier"])
+        try:
+            objective.load(ck["classifier"] if made_by > 1 else [ck["classifier"]])
+        except ValueError as e:
+            raise ValueError(f"{path}: its class centres do not fit this run: {e}") from None
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
     rng = ck["torch_rng"]
     if isinstance(rng, list):  # one per rank
-        cpu, cuda = rng[rank]["cpu"], rng[rank]["cuda"]
+        cpu, cuda = rng[rank % made_by]["cpu"], rng[rank % made_by]["cuda"]
     else:
         cpu, cuda = rng, ck.get("cuda_rng")
     torch.set_rng_state(cpu)

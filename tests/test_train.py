@@ -500,17 +500,88 @@ def test_sampled_centres_with_adamw_touch_only_the_rows_they_used(tiny_dir, tmp_
     assert int(state["steps"]) == 3
 
 
-def test_a_checkpoint_resumes_only_with_as_many_processes(tmp_path):
-    """A 2-rank checkpoint holds one classifier shard and one RNG state per rank: resuming it in
-    one process is refused naming the file and the process count, before any state is loaded."""
-    from mixer_lite.runs import restore_checkpoint
+def test_centres_saved_by_any_number_of_ranks_load_into_any_other(monkeypatch):
+    """10 class centres with their AdamW state, saved by 1, 2, 3 or 4 ranks, load into 1, 2, 3
+    or 4: each rank holds its rows of the global state (10 over 3 ranks: rows 0-3, 4-6, 7-9),
+    whatever the sharding they were saved with."""
+    from mixer_lite import losses
 
-    path = tmp_path / "last.pt"
-    for ck in ({"world": 2, "classifier": [{}, {}]}, {"classifier": [{}, {}]}):  # old: no key
-        with pytest.raises(ValueError, match=r"last.pt: written by a run of 2 process\(es\), "
-                                             r"resumed with 1.*--nproc_per_node=2"):
-            restore_checkpoint(ck, path, None, None, None, None, rank=0, world=1,
-                               device=torch.device("cpu"))
+    full = losses.MarginClassifier(10, 4, seed=0)
+    g = torch.Generator().manual_seed(1)
+    for name in ("exp_avg", "exp_avg_sq"):
+        getattr(full, name).copy_(torch.rand(10, 4, generator=g))
+    full.steps.fill_(7)
+    state = {k: v.clone() for k, v in full.state_dict().items()}
+    rows = {1: [range(0, 10)], 2: [range(0, 5), range(5, 10)],
+            3: [range(0, 4), range(4, 7), range(7, 10)],
+            4: [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]}
+
+    def load_into(world, shards):
+        out = []
+        for r in range(world):
+            monkeypatch.setattr(losses, "_world", lambda r=r: (r, world))
+            c = losses.MarginClassifier(10, 4, model_parallel=True, seed=5)
+            c.load_shards(shards)
+            out.append({k: v.clone() for k, v in c.state_dict().items()})
+        return out
+
+    for saved in rows:
+        shards = [{k: (v if v.dim() == 0 else v[list(rr)]) for k, v in state.items()}
+                  for rr in rows[saved]]
+        for world in rows:
+            for rank, got in enumerate(load_into(world, shards)):
+                for key in ("weight", "exp_avg", "exp_avg_sq"):
+                    assert torch.equal(got[key], state[key][list(rows[world][rank])]), \
+                        (saved, world, rank, key)
+                assert int(got["steps"]) == 7
+    monkeypatch.setattr(losses, "_world", lambda: (0, 1))
+    with pytest.raises(ValueError, match=r"hold 9 class centres \(5 \+ 4\), this classifier has 10"):
+        losses.MarginClassifier(10, 4, model_parallel=True).load_shards(
+            [{k: v[:5] if v.dim() else v for k, v in state.items()},
+             {k: v[5:9] if v.dim() else v for k, v in state.items()}])
+    other = {**state, "steps": torch.tensor(6)}
+    with pytest.raises(ValueError, match="disagree on steps"):
+        losses.MarginClassifier(10, 4, model_parallel=True).load_shards(
+            [{k: v[:5] if v.dim() else v for k, v in state.items()},
+             {k: v[5:] if v.dim() else v for k, v in other.items()}])
+
+
+@pytest.mark.long
+def test_resuming_on_another_number_of_ranks_continues_the_run(tiny_dir, tmp_path):
+    """2 gloo ranks stopped after step 3 and resumed in 1 process, and 1 process resumed on 2
+    ranks, each from the checkpoint of step 2, end where 1 process that never stopped ends (up
+    to float order: the settings make 2 ranks compute what 1 does, as in the test above)."""
+    args = ["--steps=4", "--checkpoint_every=2", "--model.dropout=0", "--augment=false",
+            "--clip_grad=0", "--val_share=0", "--centre_init=random", "--device=cpu",
+            "--eval_at_end=false", "--model.image_encoder=vit", "--model.embed_norm=none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, *extra):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                               "--nproc_per_node=2", "--standalone", "-m", "mixer_lite.cli",
+                               "train", "--data", str(tiny_dir[0]), "--config", "tiny-cpu",
+                               *SMALL, *args, "--out", str(tmp_path / out), *extra],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    train(tiny_dir[0], tmp_path / "one", cfg(*args), progress=False)
+    torchrun("two-then-one", "--stop_after=3")
+    train(tiny_dir[0], tmp_path / "two-then-one", cfg(*args), resume=True, progress=False)
+    train(tiny_dir[0], tmp_path / "one-then-two", cfg(*args, "--stop_after=3"), progress=False)
+    torchrun("one-then-two", "--resume")
+    want = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
+    for run in ("two-then-one", "one-then-two"):
+        got = torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
+        assert got["step"] == 4 and got["world"] == (1 if run == "two-then-one" else 2)
+        centres = got["classifier"] if got["world"] == 1 else {
+            k: torch.cat([s[k] for s in got["classifier"]]) for k in ("weight", "exp_avg")}
+        for key in ("weight", "exp_avg"):
+            torch.testing.assert_close(centres[key], want["classifier"][key], rtol=1e-3,
+                                       atol=1e-4, msg=lambda m, k=key, r=run: f"{r} {k}: {m}")
+        a, b = weights(tmp_path / "one"), weights(tmp_path / run)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3,
+                                       msg=lambda m, k=k, r=run: f"{r} {k}: {m}")
 
 
 def test_shard_rows_cover_every_row_once_in_rank_order():
