@@ -535,7 +535,8 @@ def test_centres_saved_by_any_number_of_ranks_load_into_any_other(monkeypatch):
                         (saved, world, rank, key)
                 assert int(got["steps"]) == 7
     monkeypatch.setattr(losses, "_world", lambda: (0, 1))
-    with pytest.raises(ValueError, match=r"hold 9 class centres \(5 \+ 4\), this classifier has 10"):
+    with pytest.raises(ValueError, match=r"hold 9 class centres \(5 \+ 4\), this classifier "
+                                         r"has 10"):
         losses.MarginClassifier(10, 4, model_parallel=True).load_shards(
             [{k: v[:5] if v.dim() else v for k, v in state.items()},
              {k: v[5:9] if v.dim() else v for k, v in state.items()}])
