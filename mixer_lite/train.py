@@ -10,9 +10,13 @@ and the run folder with its checkpoints (:mod:`mixer_lite.runs`).
 
 * **Optimiser.**  AdamW, linear warm-up then cosine decay, gradient clipping over the encoder
   and the centres, gradient accumulation; bf16 autocast on CUDA.
+* **Speed.**  Batches prepared by ``loader_workers`` processes ahead of the step
+  (:class:`sampling.MicroBatches`); ``channels_last`` and ``compile`` for the image encoder.
+  None of them changes what is computed beyond float order (``bench/train_speed.py``).
 * **Health.**  ``metrics.jsonl`` logs the loss and the objective's health figures (for
   classification: the centres' mean norm, the mean cosine of a sample to its own and to other
-  centres, the mean cosine within a batch), so a failing recipe shows why.
+  centres, the mean cosine within a batch), so a failing recipe shows why, and what the steps
+  cost (:class:`Throughput`: images/s, the share spent waiting for data, peak memory).
 * **Parallelism.**  Under ``torchrun`` the encoders are data-parallel (DDP) and the classifier
   model-parallel (each rank holds a shard of the centres; see :mod:`mixer_lite.losses`).  The
   classifier loss is already the global-batch mean, so encoder gradients are summed, not
@@ -89,6 +93,8 @@ class TrainConfig:
     augment: bool = True
     doc_zoom_out: float = 1.0         # < 1: half the doc images shrunk to this-1 of their side
     amp: bool = True                  # bf16 autocast on CUDA (no effect on CPU)
+    channels_last: bool = False       # the image encoder's tensors in NHWC (convolutions)
+    compile: bool = False             # torch.compile the image encoder (inductor)
     device: str = "auto"              # "auto" | "cpu" | "cuda" | "cuda:1" ...
     preload_images: bool = True       # False: decode per batch (real, large datasets)
     loader_threads: int = 4           # decoding threads of each process that decodes
@@ -352,6 +358,10 @@ def _build(cfg: TrainConfig, out: Path, samples: Samples, model: MixerModel, ran
            world: int, device: torch.device) -> Run:
     """The objective, optimiser, sampler and schedule of a run, and the model's DDP wrapper."""
     check_batch_memory(model, cfg, world, device)
+    if cfg.channels_last:
+        model.image_encoder.to(memory_format=torch.channels_last)
+    if cfg.compile:  # in place: the state dict keeps its keys
+        model.image_encoder.compile()
     objective = make_objective(cfg, samples.num_classes, world).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -491,9 +501,11 @@ def _micro_batch_loss(run: Run, idx: np.ndarray, doc_rows: np.ndarray, q_img: to
     cfg = run.cfg
     tokens = run.model.tokenize(run.images.titles(doc_rows)) if len(doc_rows) else None
     amp = cfg.amp and run.device.type == "cuda"
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
-        q_emb, d_emb = run.net(q_img.to(run.device, non_blocking=True),
-                               d_img.to(run.device, non_blocking=True), tokens)
+        q_emb, d_emb = run.net(q_img.to(run.device, non_blocking=True, memory_format=layout),
+                               d_img.to(run.device, non_blocking=True, memory_format=layout),
+                               tokens)
     return run.objective(q_emb, d_emb, run.samples, idx, micro_step)
 
 
