@@ -1,15 +1,17 @@
-"""Training throughput with images decoded per batch in the training loop against DataLoader
-worker processes preparing the next batches, side by side in one run.
+"""Training throughput under each speed setting, side by side in one run: the data path
+(images decoded per batch in the training loop, DataLoader worker processes preparing the next
+batches, every image preloaded) and the image encoder's switches (channels_last, compile).
 
-    python bench/data_loader.py [--data data/synth-small] [--workers 1,2] [--steps 60]
+    python bench/train_speed.py [--data data/synth-small] [--workers 1,2] [--steps 60]
 
 Each setting trains the same ``tiny-cpu`` steps on ``--data`` with ``preload_images=False`` (what
 a dataset too large for memory needs: every batch decoded from its files) at ``--threads`` torch
 threads, and reads its own ``metrics.jsonl``: images encoded per second and the share of the step
 time spent waiting for the next batch (:class:`mixer_lite.train.Throughput`), over the steps
 after the first logging window (the workers' start).  The preloaded run (every image decoded
-before step 1) is the ceiling: a step that never waits.  Centres start at random and no class
-is held out, so no setting decodes anything before its first step.
+before step 1) is the ceiling: a step that never waits; the switches are measured on it.
+Centres start at random and no class is held out, so no setting decodes anything before its
+first step.
 """
 from __future__ import annotations
 
@@ -45,19 +47,25 @@ def main() -> None:
     settings += [(f"{w} loader worker{'s' * (w > 1)}",
                   ["--preload_images=false", f"--loader_workers={w}"])
                  for w in map(int, args.workers.split(","))]
-    settings.append(("preloaded (ceiling)", ["--preload_images=true", "--loader_workers=0"]))
-    rows = []
+    preloaded = ["--preload_images=true", "--loader_workers=0"]
+    settings.append(("preloaded", preloaded))
+    switches = [("preloaded", preloaded),
+                ("+ channels_last", preloaded + ["--channels_last=true"]),
+                ("+ compile", preloaded + ["--compile=true"])]
+    measured = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, extra) in enumerate(settings):
+        for i, (name, extra) in enumerate(settings + switches[1:]):
             run = Path(tmp) / f"run{i}"
             train(args.data, run, config_from("tiny-cpu", common + extra), progress=False)
-            rows.append((name, *steady_state(run)))
-    base = rows[0][1]
+            measured[name] = steady_state(run)
     print(f"{args.data}: {args.steps} steps of {args.batch_size} images at "
           f"{args.threads} torch threads, images decoded at 64 px")
-    print("| images | images/s | x decoded in the loop | data-wait share |\n|---|---|---|---|")
-    for name, speed, wait in rows:
-        print(f"| {name} | {speed:.0f} | {speed / base:.2f} | {wait:.1%} |")
+    for title, rows in (("images", settings), ("image encoder", switches)):
+        base = measured[rows[0][0]][0]
+        print(f"\n| {title} | images/s | x {rows[0][0]} | data-wait share |\n|---|---|---|---|")
+        for name, _ in rows:
+            speed, wait = measured[name]
+            print(f"| {name} | {speed:.0f} | {speed / base:.2f} | {wait:.1%} |")
 
 
 if __name__ == "__main__":
