@@ -347,8 +347,8 @@ def _train(data_dir, out: Path, cfg: TrainConfig, resume: bool, progress, preset
             result.update(_finish(run))
         if finished and cfg.eval_at_end and len(data.qrels):
             result["eval"] = evaluate_model(run.model, data, device=device, batch_size=256,
-                                            progress=rank == 0 and bool(progress), rank=rank,
-                                            world=world)
+                                            progress=rank == 0 and bool(progress),
+                                            preload=cfg.preload_images, rank=rank, world=world)
             if rank == 0:
                 write_json(out / "eval.json", result["eval"])
         if world > 1:

@@ -672,3 +672,26 @@ def test_zoom_out_shrinks_half_the_images_onto_their_own_background():
                            - ground[:, None]).max() == 0]
         assert fits
     assert 6 <= shrunk <= 18  # about half of 24
+
+
+def test_a_run_without_preloading_never_decodes_a_whole_table(tiny_dir, tmp_path, monkeypatch):
+    """preload_images=false (data larger than memory): no table of images is decoded whole,
+    in training or in the end-of-run evaluation, and the evaluation equals one over preloaded
+    images of the same model."""
+    from mixer_lite import dataset
+
+    tables = []
+    real_init = dataset.ImageTable.__init__
+
+    def spy(self, paths, size, preload=True, *args, **kw):
+        tables.append(preload)
+        real_init(self, paths, size, preload, *args, **kw)
+
+    monkeypatch.setattr(dataset.ImageTable, "__init__", spy)
+    r = train(tiny_dir[0], tmp_path / "run", cfg("--steps=2", "--preload_images=false"),
+              progress=False)
+    assert len(tables) >= 5 and not any(tables)  # train, validation and docs; eval docs, photos
+    monkeypatch.setattr(dataset.ImageTable, "__init__", real_init)
+    again = evaluate_model(load_run_model(tmp_path / "run"), load_dataset(tiny_dir[0]))
+    for k in ("recall@1", "recall@10", "map@10", "queries"):
+        assert r["eval"][k] == pytest.approx(again[k], abs=1e-9), k
