@@ -68,6 +68,10 @@ class Objective(nn.Module):
         """Update parameters the encoder's optimiser does not hold (nothing by default);
         ``lr`` is the encoder's learning rate this step."""
 
+    def centres(self) -> MarginClassifier | None:
+        """The class centres, whose gradients live outside the model (None: there are none)."""
+        return None
+
     def clipped(self) -> MarginClassifier | None:
         """The module whose gradients count in the global-norm clip besides the model's."""
         return None
@@ -135,6 +139,9 @@ class Classification(Objective):
         """The centres' own row-wise optimiser, on the encoder's schedule."""
         self.classifier.step(self.cfg.centre_lr * lr / self.cfg.lr, self.cfg.centre_optimizer,
                              weight_decay=self.cfg.centre_weight_decay)
+
+    def centres(self):
+        return self.classifier
 
     def clipped(self):
         return self.classifier if self.cfg.clip_centres else None

@@ -1,5 +1,6 @@
 """What the training loops share around the optimiser: the learning-rate schedule, the margin
-ramp, and clipping by the norm of all gradients when the classifier is sharded over ranks."""
+ramp, clipping by the norm of all gradients when the classifier is sharded over ranks, and the
+loss scale of fp16 training."""
 from __future__ import annotations
 
 import math
@@ -53,3 +54,56 @@ def sum_gradients_hook(state, bucket):
     the global-batch mean already)."""
     fut = torch.distributed.all_reduce(bucket.buffer(), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
+
+
+class LossScale:
+    """Dynamic loss scaling for fp16 autocast (what ``torch.amp.GradScaler`` does), over the
+    encoder's gradients and the class centres' alike, with one decision for every rank.
+
+    The loss is multiplied by :attr:`value` before backward, so that small gradients survive
+    fp16; :meth:`unscale` divides the gradients back before clipping and says whether all are
+    finite.  A step with an inf or nan gradient is skipped and the scale halved; after
+    ``growth_interval`` finite steps in a row it doubles.  The centres' optimiser is not a
+    ``torch.optim`` optimiser and their gradients are sharded over ranks (each rank sees its
+    own), so ``GradScaler`` would neither unscale them nor skip a step on every rank at once:
+    here the finiteness is reduced over ranks.  Disabled (bf16, fp32), it scales by 1 and never
+    skips.
+    """
+
+    def __init__(self, enabled: bool, init: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.enabled, self.growth_interval = enabled, growth_interval
+        self.value, self.good_steps = (init if enabled else 1.0), 0
+
+    def unscale(self, model, centres, world: int, device: torch.device) -> bool:
+        """Divide this step's gradients (the model's, and ``centres``' rows used this step) by
+        the scale; True when every one is finite on every rank."""
+        if not self.enabled:
+            return True
+        inverse = 1.0 / self.value
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        for g in grads:
+            g.mul_(inverse)
+        checks = [torch.isfinite(g).all() for g in grads]
+        if centres is not None:
+            centres.scale_grad(inverse)
+            checks.append(torch.isfinite(centres.used_rows()[1]).all().to(device))
+        finite = torch.stack(checks).all().float() if checks else torch.ones((), device=device)
+        if world > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite)
+
+    def update(self, finite: bool) -> None:
+        """After a step: halve the scale when it overflowed, double it after a finite run."""
+        if not self.enabled:
+            return
+        self.good_steps = self.good_steps + 1 if finite else 0
+        if not finite:
+            self.value /= 2
+        elif self.good_steps == self.growth_interval:
+            self.value, self.good_steps = self.value * 2, 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.good_steps = float(state["value"]), int(state["good_steps"])

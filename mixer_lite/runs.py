@@ -132,10 +132,11 @@ def check_same_data(out: Path, data_dir: str | Path) -> str:
 
 
 def save_checkpoint(path: Path, model, objective, opt, sched, step: int, rank: int, world: int,
-                    device: torch.device) -> None:
+                    device: torch.device, loss_scale=None) -> None:
     """Everything a resumed run needs, in one file written atomically by rank 0: the model, the
     objective's state and the RNG states of every rank (each rank's classifier shard, and its
-    dropout draws, which differ by rank), optimiser, schedule, step and world size."""
+    dropout draws, which differ by rank), optimiser, schedule, fp16 loss scale, step and world
+    size."""
     clf_state = objective.state()
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -150,11 +151,12 @@ def save_checkpoint(path: Path, model, objective, opt, sched, step: int, rank: i
         save_torch({"model": model.state_dict(), "classifier": clf_state,
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "torch_rng": rng if world > 1 else rng["cpu"], "step": step,
-                    "cuda_rng": None if world > 1 else rng["cuda"], "world": world}, path)
+                    "cuda_rng": None if world > 1 else rng["cuda"], "world": world,
+                    "loss_scale": None if loss_scale is None else loss_scale.state_dict()}, path)
 
 
 def restore_checkpoint(ck: dict, path: Path, model, objective, opt, sched, rank: int, world: int,
-                       device: torch.device) -> int:
+                       device: torch.device, loss_scale=None) -> int:
     """Load a checkpoint of :func:`save_checkpoint` into a fresh run; returns its step.
 
     The run may have another number of processes than the one that wrote it: each rank takes
@@ -172,6 +174,8 @@ def restore_checkpoint(ck: dict, path: Path, model, objective, opt, sched, rank:
             raise ValueError(f"{path}: its class centres do not fit this run: {e}") from None
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
+    if loss_scale is not None and ck.get("loss_scale") is not None:
+        loss_scale.load_state_dict(ck["loss_scale"])
     rng = ck["torch_rng"]
     if isinstance(rng, list):  # one per rank
         cpu, cuda = rng[rank % made_by]["cpu"], rng[rank % made_by]["cuda"]

@@ -9,7 +9,8 @@ classification or pairwise, one interface), the schedule and clipping (:mod:`mix
 and the run folder with its checkpoints (:mod:`mixer_lite.runs`).
 
 * **Optimiser.**  AdamW, linear warm-up then cosine decay, gradient clipping over the encoder
-  and the centres, gradient accumulation; bf16 autocast on CUDA.
+  and the centres, gradient accumulation; bf16 autocast on CUDA, or fp16 with a loss scale
+  (:class:`optim.LossScale`) for GPUs without bf16.
 * **Speed.**  Batches prepared by ``loader_workers`` processes ahead of the step
   (:class:`sampling.MicroBatches`); ``channels_last`` and ``compile`` for the image encoder.
   None of them changes what is computed beyond float order (``bench/train_speed.py``).
@@ -36,6 +37,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,12 +55,15 @@ from .encoders import WordTokenizer
 from .model import MixerModel, ModelConfig
 from .weights import load_image_weights
 from .objectives import DEFAULT_MARGIN, LOSSES, Objective, images_per_sample, make_objective
-from .optim import clip_global_norm, sum_gradients_hook, warmup_cosine
+from .optim import LossScale, clip_global_norm, sum_gradients_hook, warmup_cosine
 from .retrieval import embed_docs, embed_queries, evaluate_model, exact_search, ranking_metrics
 from .runs import (check_run_folder, check_same_data, restore_checkpoint, save_checkpoint,
                    setup_distributed, save_torch, torch_threads)
 from .sampling import (EpochSampler, MicroBatches, Samples, TrainingImages, Validation,
                        make_samples, micro_batch_loader, total_steps, training_images)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,8 @@ class TrainConfig:
     clip_centres: bool = True         # False: clip the encoder's gradients only (Partial FC)
     augment: bool = True
     doc_zoom_out: float = 1.0         # < 1: half the doc images shrunk to this-1 of their side
-    amp: bool = True                  # bf16 autocast on CUDA (no effect on CPU)
+    amp: bool = True                  # autocast to amp_dtype on CUDA (no effect on CPU)
+    amp_dtype: str = "bf16"           # "fp16": for GPUs without bf16, with a loss scale
     channels_last: bool = False       # the image encoder's tensors in NHWC (convolutions)
     compile: bool = False             # torch.compile the image encoder (inductor)
     device: str = "auto"              # "auto" | "cpu" | "cuda" | "cuda:1" ...
@@ -153,6 +159,9 @@ class TrainConfig:
                             f"{self.loader_threads} and {self.loader_workers}")
         if self.steps < 0:
             problems.append(f"steps must be >= 0 (0: epochs decide), got {self.steps}")
+        if self.amp_dtype not in AMP_DTYPES:
+            problems.append(f"amp_dtype must be one of {tuple(AMP_DTYPES)}, got "
+                            f"{self.amp_dtype!r}")
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
 
@@ -297,6 +306,7 @@ class Run:
     sched: torch.optim.lr_scheduler.LambdaLR
     sampler: EpochSampler
     total: int
+    loss_scale: LossScale
     images: TrainingImages | None = None
 
 
@@ -318,7 +328,8 @@ def _train(data_dir, out: Path, cfg: TrainConfig, resume: bool, progress, preset
                 remove_stale_temporaries(folder)
         if resume:
             start = restore_checkpoint(ck, out / "checkpoints" / "last.pt", run.model,
-                                       run.objective, run.opt, run.sched, rank, world, device)
+                                       run.objective, run.opt, run.sched, rank, world, device,
+                                       run.loss_scale)
             if rank == 0:  # steps logged after the checkpoint will be logged again
                 truncate_log(out / "metrics.jsonl", start)
         else:
@@ -379,8 +390,9 @@ def _build(cfg: TrainConfig, out: Path, samples: Samples, model: MixerModel, ran
                   find_unused_parameters=True)
         if objective.global_loss:  # the sharded loss is the global mean already
             net.register_comm_hook(None, sum_gradients_hook)
+    loss_scale = LossScale(autocast_dtype(cfg, device) == torch.float16)
     return Run(cfg, out, rank, world, device, samples, model, net, objective, opt, sched,
-               sampler, total)
+               sampler, total, loss_scale)
 
 
 def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
@@ -409,11 +421,20 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
                 raise ValueError(diverged_message(done, loss, cfg, last_ckpt, out))
             log_now = log is not None and (done % cfg.log_every == 0 or done == run.total)
             health = run.objective.health() if log_now else {}
-            if cfg.clip_grad:
-                clip_global_norm(run.model, run.objective.clipped(), cfg.clip_grad, run.world)
-            run.opt.step()
-            run.objective.step_extra(run.sched.get_last_lr()[0])  # this step's rate
-            run.sched.step()
+            scale = run.loss_scale.value
+            finite = run.loss_scale.unscale(run.model, run.objective.centres(), run.world,
+                                            run.device)
+            if finite:  # else fp16 overflowed: this step is skipped on every rank
+                if cfg.clip_grad:
+                    clip_global_norm(run.model, run.objective.clipped(), cfg.clip_grad,
+                                     run.world)
+                run.opt.step()
+                run.objective.step_extra(run.sched.get_last_lr()[0])  # this step's rate
+            run.loss_scale.update(finite)
+            with warnings.catch_warnings():  # a skipped step's schedule moves on, as with
+                warnings.filterwarnings(      # GradScaler; torch would call that a misuse
+                    "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                run.sched.step()
             speed.add(time.perf_counter() - began, waited)
             if bar is not None:
                 bar.update(1)
@@ -421,6 +442,8 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
             record = {"step": done, "epoch": done / run.sampler.steps_per_epoch, "loss": loss,
                       "lr": run.sched.get_last_lr()[0], **health, **speed.report()} \
                 if log_now else {}
+            if record and run.loss_scale.enabled:
+                record.update(loss_scale=scale, skipped=not finite)
             if val is not None and run.rank == 0 and (
                     done == run.total or cfg.val_every and done % cfg.val_every == 0):
                 record.update(step=done, **_validate(run))
@@ -431,7 +454,8 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
                 log.flush()
             if done % cfg.checkpoint_every == 0 or done == run.total:
                 save_checkpoint(out / "checkpoints" / "last.pt", run.model, run.objective,
-                                run.opt, run.sched, done, run.rank, run.world, run.device)
+                                run.opt, run.sched, done, run.rank, run.world, run.device,
+                                run.loss_scale)
                 last_ckpt = done
         else:
             step = run.total
@@ -442,6 +466,12 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
         if log:
             log.close()
     return step, last_ckpt
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype of the forward under autocast, None for fp32: mixed precision on CUDA only
+    (on a CPU the fp32 kernels are the fast ones)."""
+    return AMP_DTYPES[cfg.amp_dtype] if cfg.amp and device.type == "cuda" else None
 
 
 class Throughput:
@@ -490,7 +520,7 @@ def _forward_backward(run: Run, step: int, batches) -> tuple[float, float]:
             else contextlib.nullcontext()
         with sync:
             loss = _micro_batch_loss(run, *batch, step * cfg.grad_accum + m)
-            (loss / cfg.grad_accum).backward()
+            (loss * (run.loss_scale.value / cfg.grad_accum)).backward()
         loss_sum += float(loss.detach()) / cfg.grad_accum
     return loss_sum, waited
 
@@ -498,13 +528,12 @@ def _forward_backward(run: Run, step: int, batches) -> tuple[float, float]:
 def _micro_batch_loss(run: Run, idx: np.ndarray, doc_rows: np.ndarray, q_img: torch.Tensor,
                       d_img: torch.Tensor, micro_step: int) -> torch.Tensor:
     """The objective's loss on the samples ``idx`` of one micro-batch (:class:`MicroBatches`:
-    their augmented images): the docs' titles, one forward of both paths (bf16 autocast on
-    CUDA)."""
+    their augmented images): the docs' titles, one forward of both paths (autocast on CUDA)."""
     cfg = run.cfg
     tokens = run.model.tokenize(run.images.titles(doc_rows)) if len(doc_rows) else None
-    amp = cfg.amp and run.device.type == "cuda"
+    dtype = autocast_dtype(cfg, run.device)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None):
         q_emb, d_emb = run.net(q_img.to(run.device, non_blocking=True, memory_format=layout),
                                d_img.to(run.device, non_blocking=True, memory_format=layout),
                                tokens)

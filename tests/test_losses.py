@@ -341,3 +341,67 @@ def test_two_process_clipping_sums_the_centre_shards_norms(tmp_path):
     assert abs(r[0]["norm"] - ref_norm) < 1e-4 * ref_norm and r[0]["norm"] == r[1]["norm"]
     torch.testing.assert_close(torch.cat([r[0]["wgrad"], r[1]["wgrad"]]), ref.grad, rtol=1e-4,
                                atol=1e-7)
+
+
+def test_loss_scale_unscales_the_encoder_and_the_centres_exactly_and_skips_on_overflow():
+    """Backward of the loss times 2^16, unscaled, equals backward of the loss (a power of 2:
+    exactly), for the encoder and the sampled centres; an inf anywhere makes the step a skip
+    that halves the scale; after growth_interval finite steps the scale doubles."""
+    from mixer_lite.optim import LossScale
+
+    def step(scale_by):
+        torch.manual_seed(0)
+        enc = torch.nn.Linear(8, 4)
+        clf = MarginClassifier(20, 4, "cosface", 0.35, 30.0, sample_rate=0.5)
+        x, y = torch.randn(6, 8), torch.randint(0, 20, (6,))
+        (clf(enc(x), y, 0) * scale_by).backward()
+        return enc, clf
+
+    enc, clf = step(1.0)
+    scale = LossScale(True, init=2.0 ** 16, growth_interval=3)
+    s_enc, s_clf = step(scale.value)
+    assert scale.unscale(s_enc, s_clf, world=1, device=torch.device("cpu"))
+    for p, q in zip(enc.parameters(), s_enc.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    assert torch.equal(clf.dense_grad(), s_clf.dense_grad())
+    scale.update(True), scale.update(True)
+    assert scale.value == 2.0 ** 16 and scale.good_steps == 2
+    s_clf._used[0][1].grad[0, 0] = float("inf")  # a centre's gradient overflowed
+    assert not scale.unscale(s_enc, s_clf, world=1, device=torch.device("cpu"))
+    scale.update(False)
+    assert scale.value == 2.0 ** 15 and scale.good_steps == 0
+    for _ in range(3):
+        scale.update(True)
+    assert scale.value == 2.0 ** 16 and scale.good_steps == 0
+    off = LossScale(False)
+    assert off.value == 1.0 and off.unscale(s_enc, s_clf, 1, torch.device("cpu"))
+    off.update(False)
+    assert off.value == 1.0
+
+
+def _overflow_rank_main(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from mixer_lite.optim import LossScale
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    x, w, y = data(n=10, c=21, d=8, seed=2)
+    clf = MarginClassifier(21, 8, kind="cosface", margin=0.35, scale=30, model_parallel=True)
+    clf.weight.data.copy_(w[clf.start: clf.start + clf.shard])
+    clf(x[rank * 5: rank * 5 + 5], y[rank * 5: rank * 5 + 5], step=0).backward()
+    if rank == 1:  # only rank 1's shard overflowed
+        clf._used[0][1].grad[0, 0] = float("nan")
+    finite = LossScale(True).unscale(torch.nn.Module(), clf, world, torch.device("cpu"))
+    torch.save({"finite": finite}, os.path.join(out_dir, f"o{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # see _rank_main
+
+
+def test_two_process_loss_scale_skips_on_every_rank_when_one_shard_overflows(tmp_path):
+    """The centres are sharded: rank 0's gradients are finite, rank 1's are not, and both
+    ranks skip the step (a rank that stepped alone would leave the ranks' encoders apart)."""
+    mp.spawn(_overflow_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    assert [torch.load(tmp_path / f"o{i}.pt")["finite"] for i in range(2)] == [False, False]

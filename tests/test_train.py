@@ -695,3 +695,34 @@ def test_a_run_without_preloading_never_decodes_a_whole_table(tiny_dir, tmp_path
     again = evaluate_model(load_run_model(tmp_path / "run"), load_dataset(tiny_dir[0]))
     for k in ("recall@1", "recall@10", "map@10", "queries"):
         assert r["eval"][k] == pytest.approx(again[k], abs=1e-9), k
+
+
+def test_fp16_skips_the_steps_that_overflow_and_trains_on(tiny_dir, tmp_path, monkeypatch):
+    """fp16 autocast with a loss scale started far too high (on the CPU: the GPU's code path,
+    patched in).  The first step overflows and is skipped (no optimiser step, no centre step)
+    and the scale halves at each skip until the gradients fit fp16; then the run trains, its
+    weights finite, and its checkpoint keeps the scale for a resumed run."""
+    import functools
+
+    from mixer_lite import train as train_module
+    from mixer_lite.optim import LossScale
+
+    monkeypatch.setattr(train_module, "autocast_dtype",
+                        lambda cfg, device: train_module.AMP_DTYPES[cfg.amp_dtype])
+    monkeypatch.setattr(train_module, "LossScale", functools.partial(LossScale, init=2.0 ** 20))
+    c = cfg("--amp_dtype=fp16", "--steps=12", "--log_every=1", "--checkpoint_every=1",
+            "--eval_at_end=false", "--val_share=0")
+    train(tiny_dir[0], tmp_path / "run", dataclasses.replace(c, stop_after=1), progress=False)
+    first = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert first["optimizer"]["state"] == {} and int(first["classifier"]["steps"]) == 0
+    assert first["loss_scale"] == {"value": 2.0 ** 19, "good_steps": 0}
+    train(tiny_dir[0], tmp_path / "run", c, resume=True, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    skipped = [x["skipped"] for x in log]
+    k = skipped.index(False)  # steps 1..k overflowed, each at half the scale before it
+    assert 1 <= k < len(log) - 3 and not any(skipped[k:]), skipped
+    assert [x["loss_scale"] for x in log[:k + 1]] == [2.0 ** (20 - i) for i in range(k + 1)]
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert int(last["classifier"]["steps"]) == len(log) - k
+    assert last["loss_scale"]["value"] == 2.0 ** (20 - k)
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
