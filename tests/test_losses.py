@@ -306,10 +306,10 @@ def test_clip_global_norm_equals_clip_grad_norm_over_the_encoder_and_the_centres
     torch.testing.assert_close(clf.dense_grad(), ref[-1].grad, rtol=1e-5, atol=1e-7)
 
 
-def _clip_rank_main(rank, world, init_file, out_dir):
+def _shard_after_backward(rank, world, init_file) -> MarginClassifier:
+    """In a gloo process group of ``world`` ranks: this rank's shard of a 21-class classifier
+    after the backward of its half of a 10-sample batch."""
     import torch.distributed as dist
-
-    from mixer_lite.optim import clip_global_norm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -318,6 +318,15 @@ def _clip_rank_main(rank, world, init_file, out_dir):
     clf = MarginClassifier(21, 8, kind="cosface", margin=0.35, scale=30, model_parallel=True)
     clf.weight.data.copy_(w[clf.start: clf.start + clf.shard])
     clf(x[rank * 5: rank * 5 + 5], y[rank * 5: rank * 5 + 5], step=0).backward()
+    return clf
+
+
+def _clip_rank_main(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from mixer_lite.optim import clip_global_norm
+
+    clf = _shard_after_backward(rank, world, init_file)
     norm = clip_global_norm(torch.nn.Module(), clf, 0.05, world)
     torch.save({"norm": norm, "wgrad": clf.dense_grad()}, os.path.join(out_dir, f"c{rank}.pt"))
     dist.barrier()
@@ -384,13 +393,7 @@ def _overflow_rank_main(rank, world, init_file, out_dir):
 
     from mixer_lite.optim import LossScale
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    x, w, y = data(n=10, c=21, d=8, seed=2)
-    clf = MarginClassifier(21, 8, kind="cosface", margin=0.35, scale=30, model_parallel=True)
-    clf.weight.data.copy_(w[clf.start: clf.start + clf.shard])
-    clf(x[rank * 5: rank * 5 + 5], y[rank * 5: rank * 5 + 5], step=0).backward()
+    clf = _shard_after_backward(rank, world, init_file)
     if rank == 1:  # only rank 1's shard overflowed
         clf._used[0][1].grad[0, 0] = float("nan")
     finite = LossScale(True).unscale(torch.nn.Module(), clf, world, torch.device("cpu"))
