@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install renderer browser demo serve test test-kernels reproduce notebooks data-icons clean
+.PHONY: install renderer browser demo serve test test-kernels reproduce notebooks data-icons \
+	gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -91,6 +92,11 @@ reproduce: $(STAMP)
 ONLY ?=
 notebooks: $(STAMP)
 	$(PY) -m mixer_lite.notebooks $(if $(ONLY),--only $(ONLY))
+
+# On a GPU machine: every command's smoke run, throughput per precision and switch, and the
+# classifier at 1e6-1e7 classes, in at most 10 minutes (bench/gpu_check.py).
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf reports reports-* runs data/synth-* data/icons
