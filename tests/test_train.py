@@ -336,8 +336,9 @@ def test_channels_last_and_compile_take_the_same_first_step(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
-    """Hybrid parallel: DDP encoders + sharded classifier over 2 gloo ranks == 1 process, on
-    the gradients of a step (weights after several Adam steps differ by float order: by up to
+    """Hybrid parallel: DDP encoders + sharded classifier over 2 gloo ranks, each reading its
+    batches through a loader worker process, == 1 process reading them itself, on the
+    gradients of a step (weights after several Adam steps differ by float order: by up to
     7e-5 on AVX-512 kernels, where the two runs sum in different orders)."""
     args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=1",
             "--model.dropout=0", "--augment=false", "--clip_grad=0",
@@ -354,7 +355,8 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           "--standalone", "-m", "mixer_lite.cli", "train", "--out",
-                          str(tmp_path / "two"), *args], capture_output=True, text=True, env=env)
+                          str(tmp_path / "two"), *args, "--loader_workers=1"],
+                         capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_first_step(tmp_path / "one", tmp_path / "two")
     # The end-of-run evaluation, each rank embedding half the docs and photos, equals one
