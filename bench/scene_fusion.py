@@ -45,6 +45,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "long": ("--epochs=7",),
     "zoom_out": ("--doc_zoom_out=0.4",),
     "image_only_zoom_out": ("--model.fusion=image_only", "--doc_zoom_out=0.4"),
+    "zoom": ("--model.fusion=zoom",),
 }
 
 
@@ -77,7 +78,7 @@ def main() -> None:
                  for k in ("all", "scene", "scene_docs", "single")]
         cells += [f"{100 * c['scene_docs']['recall@10']:.1f}" for c in ceiling.values()]
         attention = {}
-        if model.cfg.fusion in ("concept", "direct"):
+        if model.cfg.fusion in ("concept", "direct", "zoom"):
             a = scene_attention(model, data, data_dir, seed=args.seed)
             attention = {k: v for k, v in a.items() if k != "per_doc"}
             cells += [f"{a['product_lift']:.2f}", f"{a['other_lift']:.2f}",

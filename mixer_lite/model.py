@@ -38,6 +38,10 @@ Where the paper is silent, we chose (and say so):
   torchvision backbone, or any Hugging Face model by name or local path.
 * The ablations (``fusion``: image only, text only, concatenation, tokens attending directly)
   are one small doc head each, chosen once at construction; the paper's is ``_concept_head``.
+* ``fusion="zoom"`` (ours, for docs whose image shows more than the product): the concepts'
+  attention picks a region (:func:`attention_box`), which is cut out, resampled to full size
+  and encoded again (:func:`zoom_to`), so the doc is the named product at the scale a photo
+  shows it (``docs/EXPERIMENTS.md``, "Scene docs").
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
@@ -54,7 +58,7 @@ import torch.nn.functional as F
 from .encoders import (HFTextEncoder, ScratchTextEncoder, WordTokenizer, batchnorm_layers,
                        build_image_encoder, normalise_pixels, resolve_text_model)
 
-FUSIONS = ("concept", "image_only", "text_only", "concat", "direct")
+FUSIONS = ("concept", "image_only", "text_only", "concat", "direct", "zoom")
 CONCEPT_TEXT = ("residual", "none", "gated")
 CONCEPT_ATTENTION = ("softmax", "cosine", "slots")
 
@@ -142,22 +146,28 @@ class SingleHeadAttention(nn.Module):
     """softmax(Q K^T / sqrt(d)) V with masked keys given exactly zero weight.
 
     One head, so the weights returned are the weights used: nothing is averaged away.
+    ``values=False`` keeps only the weights (:meth:`weights`; no value or output projection).
     """
 
-    def __init__(self, dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, dropout: float = 0.0, values: bool = True):
         super().__init__()
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim, bias=False)  # a key bias shifts all scores equally: no-op
-        self.v = nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, dim)
+        if values:
+            self.v = nn.Linear(dim, dim)
+            self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, query, keys, key_mask=None):
-        """query [B, Q, d], keys [B, K, d], key_mask [B, K] (True = real) -> (out, weights)."""
+    def weights(self, query, keys, key_mask=None):
+        """query [B, Q, d], keys [B, K, d], key_mask [B, K] (True = real) -> weights [B, Q, K]."""
         scores = self.q(query) @ self.k(keys).transpose(1, 2) / math.sqrt(query.shape[-1])
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
-        weights = scores.softmax(dim=-1)
+        return scores.softmax(dim=-1)
+
+    def forward(self, query, keys, key_mask=None):
+        """(out [B, Q, d], weights [B, Q, K])."""
+        weights = self.weights(query, keys, key_mask)
         return self.out(self.dropout(weights) @ self.v(keys)), weights
 
 
@@ -179,25 +189,65 @@ class ConceptImageAttention(SingleHeadAttention):
     """
 
     def __init__(self, dim: int, dropout: float = 0.0, kind: str = "softmax",
-                 init_temperature: float = 10.0):
-        super().__init__(dim, dropout)
+                 init_temperature: float = 10.0, values: bool = True):
+        super().__init__(dim, dropout, values)
         self.kind = kind
         if kind != "softmax":
             self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
 
-    def forward(self, query, keys, query_mask=None):
+    def weights(self, query, keys, query_mask=None):
         if self.kind == "softmax":
-            return super().forward(query, keys)
+            return super().weights(query, keys)
         scores = self.log_temperature.exp() * (
             F.normalize(self.q(query), dim=-1) @ F.normalize(self.k(keys), dim=-1).transpose(1, 2))
         if self.kind == "cosine":
-            weights = scores.softmax(dim=-1)
-        else:
-            if query_mask is not None:
-                scores = scores.masked_fill(~query_mask[..., None], float("-inf"))
-            share = scores.softmax(dim=1)                    # each region among the concepts
-            weights = share / share.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+            return scores.softmax(dim=-1)
+        if query_mask is not None:
+            scores = scores.masked_fill(~query_mask[..., None], float("-inf"))
+        share = scores.softmax(dim=1)                    # each region among the concepts
+        return share / share.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    def forward(self, query, keys, query_mask=None):
+        weights = self.weights(query, keys, query_mask)
         return self.out(self.dropout(weights) @ self.v(keys)), weights
+
+
+def attention_box(weights: torch.Tensor, grid: int, min_half: float = 0.15) -> torch.Tensor:
+    """The region attention points at: [B, 3] = (centre x, centre y, half side) in
+    ``grid_sample``'s coordinates (the image spans -1..1).
+
+    ``weights`` [B, P] or [B, K, P] (concepts, averaged) over a ``grid`` x ``grid`` of regions
+    in row-major order.  The half side is the map's standard deviation (the larger axis) over
+    that of a uniform map, at least ``min_half`` and bent smoothly below 1 (a softplus): a
+    uniform map gives 0.97 of the image (a product that fills its shot stays whole), a map
+    evenly on one object a third of the side wide a box around it (0.35).  The centre is the
+    map's mean position drawn toward the image's centre as the box grows (by ``1 - half`` over
+    the farthest region centre), so the box stays inside the image.  No clamp at the whole
+    image: it would leave a box there no gradient to shrink by.  Differentiable in the
+    weights."""
+    m = weights.mean(dim=1) if weights.dim() == 3 else weights
+    m = m / m.sum(dim=-1, keepdim=True)
+    centres = (torch.arange(grid, device=m.device, dtype=m.dtype) + 0.5) / grid * 2 - 1
+    ys, xs = centres.repeat_interleave(grid), centres.repeat(grid)
+    cx, cy = m @ xs, m @ ys
+    sx = (m @ xs ** 2 - cx ** 2).clamp_min(1e-8).sqrt()
+    sy = (m @ ys ** 2 - cy ** 2).clamp_min(1e-8).sqrt()
+    uniform = math.sqrt((grid ** 2 - 1) / 3) / grid
+    ratio = torch.maximum(sx, sy) / uniform
+    half = (1 - F.softplus(20 * (1 - ratio)) / 20).clamp_min(min_half)
+    inward = (1 - half) / (1 - 1 / grid)
+    return torch.stack([cx * inward, cy * inward, half], dim=-1)
+
+
+def zoom_to(images: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Each image's ``box`` (:func:`attention_box`) resampled to the image's own size
+    (bilinear; differentiable in the box)."""
+    zero = torch.zeros_like(box[:, 0])
+    theta = torch.stack([torch.stack([box[:, 2], zero, box[:, 0]], dim=-1),
+                         torch.stack([zero, box[:, 2], box[:, 1]], dim=-1)], dim=1)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)
 
 
 def _feed_forward(dim: int, dropout: float) -> nn.Sequential:
@@ -356,9 +406,12 @@ class MixerModel(nn.Module):
                 self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
                 self.text_encoder = HFTextEncoder(path, cfg.text_trainable)
             self.text_proj = nn.Linear(self.text_encoder.out_dim, d)
-        if cfg.fusion in ("concept", "text_only"):
+        if cfg.fusion in ("concept", "text_only", "zoom"):
             self.concept_memory = ConceptMemory(d, cfg.n_concepts, cfg.dropout,
                                                 cfg.concept_keeps_slot)
+        if cfg.fusion == "zoom":
+            self.region_attention = ConceptImageAttention(d, cfg.dropout, cfg.concept_attention,
+                                                          cfg.concept_temperature, values=False)
         if cfg.fusion in ("concept", "direct"):
             self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text, cfg.concept_attention,
                                         cfg.concept_temperature, cfg.fusion_gate)
@@ -404,10 +457,11 @@ class MixerModel(nn.Module):
         absent.
         """
         encoded = self.encode_images(images) if self.cfg.fusion != "text_only" else None
-        return self._doc_head(encoded, tokens, images.device, return_attention)
+        return self._doc_head(images, encoded, tokens, return_attention)
 
-    def _doc_head(self, encoded, tokens, device, return_attention=False):
+    def _doc_head(self, images, encoded, tokens, return_attention=False):
         """The doc path after the image encoder; ``encoded`` = (patches, pooled) or None."""
+        device = images.device
         info: dict = {}
         image_vec = self.doc_transform(encoded[1]) if encoded is not None else None
         text = mask = None
@@ -418,7 +472,7 @@ class MixerModel(nn.Module):
             mask = tokens["attention_mask"].to(device)
             text = self.text_proj(self.text_encoder(tokens["input_ids"].to(device), mask))
             info["token_mask"] = mask
-        out = self.doc_head(encoded, image_vec, text, mask, info)
+        out = self.doc_head(images, encoded, image_vec, text, mask, info)
         if self.training and self.cfg.text_dropout > 0 and image_vec is not None \
                 and text is not None:
             # Modality dropout: these docs must be classified from their image alone, so the
@@ -430,15 +484,16 @@ class MixerModel(nn.Module):
         return (emb, info) if return_attention else emb
 
     # ---- one doc head per fusion mode (cfg.fusion), chosen at construction ------------------
-    # Each takes the encoded image, its transformed pooled vector, the projected text tokens
-    # and their mask, fills ``info`` with what it can show, and returns the doc vector.
-    def _concept_head(self, encoded, image_vec, text, mask, info):
+    # Each takes the images, the encoded image, its transformed pooled vector, the projected
+    # text tokens and their mask, fills ``info`` with what it can show, and returns the doc
+    # vector.
+    def _concept_head(self, images, encoded, image_vec, text, mask, info):
         """The paper's: concepts read the title (:class:`ConceptMemory`), then attend over the
         image regions and are gated against the image vector (:class:`ConceptFusion`)."""
         concepts, info["token_to_concept"] = self.concept_memory(text, mask)
         return self._attend_to_image(concepts, None, encoded[0], image_vec, info)
 
-    def _direct_head(self, encoded, image_vec, text, mask, info):
+    def _direct_head(self, images, encoded, image_vec, text, mask, info):
         """Ablation: the title's tokens attend over the image directly, without the memory."""
         return self._attend_to_image(text, mask, encoded[0], image_vec, info)
 
@@ -450,19 +505,30 @@ class MixerModel(nn.Module):
         info["grid"] = int(round(math.sqrt(patches.shape[1])))
         return out
 
-    def _image_only_head(self, encoded, image_vec, text, mask, info):
+    def _image_only_head(self, images, encoded, image_vec, text, mask, info):
         """Ablation: the doc is its image; the title is never read."""
         return image_vec
 
-    def _text_only_head(self, encoded, image_vec, text, mask, info):
+    def _text_only_head(self, images, encoded, image_vec, text, mask, info):
         """Ablation: the doc is the mean of its concepts; the image is never read."""
         concepts, info["token_to_concept"] = self.concept_memory(text, mask)
         return concepts.mean(dim=1)
 
-    def _concat_head(self, encoded, image_vec, text, mask, info):
+    def _concat_head(self, images, encoded, image_vec, text, mask, info):
         """Ablation: the image vector and the title's mean token, concatenated and projected."""
         m = mask[..., None].to(text.dtype)
         return self.concat_proj(torch.cat([image_vec, (text * m).sum(1) / m.sum(1)], dim=-1))
+
+    def _zoom_head(self, images, encoded, image_vec, text, mask, info):
+        """Concepts read the title and attend over the image's regions; the region they point
+        at is cut out, resampled to full size and encoded again by the shared encoder: the
+        doc is that region, seen at the scale a photo shows its product."""
+        concepts, info["token_to_concept"] = self.concept_memory(text, mask)
+        weights = self.region_attention.weights(concepts, self.doc_transform(encoded[0]))
+        info["text_to_image"], info["grid"] = weights, int(round(math.sqrt(weights.shape[-1])))
+        info["zoom_box"] = box = attention_box(weights, info["grid"])
+        region = zoom_to(normalise_pixels(images), box)
+        return self.doc_transform(self.image_encoder(region)[1])
 
     def forward(self, query_images, doc_images, tokens: dict | None = None):
         """Both paths in one call (what DDP wraps): (query embeddings, doc embeddings).
@@ -477,7 +543,7 @@ class MixerModel(nn.Module):
         if self.encode_domains_together and n_q and n_d and self.cfg.fusion != "text_only":
             patches, pooled = self.encode_images(torch.cat([query_images, doc_images]))
             return (self._query_head(pooled[:n_q]),
-                    self._doc_head((patches[n_q:], pooled[n_q:]), tokens, doc_images.device))
+                    self._doc_head(doc_images, (patches[n_q:], pooled[n_q:]), tokens))
         q = self.embed_queries(query_images) if n_q else None
         d = self.embed_docs(doc_images, tokens) if n_d else None
         return q, d

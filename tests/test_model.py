@@ -77,7 +77,9 @@ def test_concept_image_attention_matches_a_loop_over_scalars(kind):
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_every_variant_builds_runs_and_normalises(fusion):
-    model = make(fusion).eval()
+    # zoom's box is the whole image under a flat map: sharp maps make the title matter
+    sharp = {"concept_attention": "cosine", "concept_temperature": 50.0}
+    model = make(fusion, **(sharp if fusion == "zoom" else {})).eval()
     x = images()
     tokens = model.tokenize(TEXTS)
     q = model.embed_queries(x)
@@ -335,3 +337,80 @@ def test_what_the_text_can_change_in_a_fused_doc(concept_text, depends):
     b = model.embed_docs(img, model.tokenize(["alba green striped tee", "red bag gift"]))
     assert model.image_encoder(img)[0].shape[1] == 1  # one region
     assert (not torch.allclose(a, b, atol=1e-6)) == depends
+
+
+def test_attention_box_hand_computed():
+    """On a 4 x 4 grid (region centres at -0.75, -0.25, 0.25, 0.75 on each axis; a uniform
+    map's standard deviation sqrt(5)/4): a uniform map gives half side 1 - ln(2)/20 (the
+    softplus bend at ratio 1); all mass on one region the smallest box, drawn toward the centre
+    by (1 - 0.15) / 0.75; mass split between two regions of a row half side 0.25 / (sqrt(5)/4)
+    (the bend is 1e-6 there)."""
+    import math
+
+    from mixer_lite.model import attention_box
+
+    uniform = torch.full((1, 16), 1 / 16)
+    torch.testing.assert_close(attention_box(uniform, 4),
+                               torch.tensor([[0.0, 0.0, 1 - math.log(2) / 20]]))
+    one = torch.zeros(1, 16)
+    one[0, 4 * 1 + 2] = 1.0  # row 1, column 2: x 0.25, y -0.25
+    pull = (1 - 0.15) / 0.75
+    torch.testing.assert_close(attention_box(one, 4),
+                               torch.tensor([[0.25 * pull, -0.25 * pull, 0.15]]))
+    two = torch.zeros(1, 16)
+    two[0, [12, 13]] = 0.5  # row 3, columns 0 and 1: x -0.75 and -0.25, y 0.75
+    half = 0.25 / (5 ** 0.5 / 4)
+    pull = (1 - half) / 0.75
+    torch.testing.assert_close(attention_box(two, 4),
+                               torch.tensor([[-0.5 * pull, 0.75 * pull, half]]), atol=1e-5,
+                               rtol=0)
+    # [B, K, P]: the concepts' maps are averaged first
+    torch.testing.assert_close(attention_box(torch.stack([one, two], dim=1), 4),
+                               attention_box((one + two) / 2, 4))
+    # every box lies inside the image
+    maps = torch.rand(64, 16, generator=torch.Generator().manual_seed(0)) ** 8
+    box = attention_box(maps, 4)
+    assert ((box[:, :2].abs() + box[:, 2:]) <= 1 + 1e-6).all()
+
+
+def test_zoom_to_equals_a_crop_resized_by_hand():
+    """A box on whole pixels: the same as cutting those pixels out and resizing them
+    (bilinear, half-pixel centres) with interpolate."""
+    from mixer_lite.model import zoom_to
+
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    box = torch.tensor([[0.0, 0.0, 0.5], [-0.5, 0.5, 0.5]])  # centre 8 x 4 px / lower left
+    got = zoom_to(x, box)
+    want = torch.stack([
+        torch.nn.functional.interpolate(x[:1, :, 4:12, 4:12], size=16, mode="bilinear",
+                                        align_corners=False)[0],
+        torch.nn.functional.interpolate(x[1:, :, 8:16, 0:8], size=16, mode="bilinear",
+                                        align_corners=False)[0]])
+    # interpolate clamps at the crop's edge, grid_sample reads the neighbour pixel beyond it:
+    # they agree away from the outermost ring
+    torch.testing.assert_close(got[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(zoom_to(x, torch.tensor([[0.0, 0.0, 1.0]] * 2)), x)
+
+
+def test_zoom_doc_is_the_region_its_title_points_at_and_learns_where():
+    """The zoom doc equals the doc transform of the encoder on the attended box, computed here
+    from the model's parts; and the loss reaches the concept memory and the region attention
+    (through the box), so training can move where the doc looks."""
+    from mixer_lite.encoders import normalise_pixels
+    from mixer_lite.model import attention_box, zoom_to
+
+    model = make("zoom", concept_attention="cosine", concept_temperature=50.0, dropout=0.0)
+    model.eval()
+    x, tokens = images(), model.tokenize(TEXTS)
+    got, info = model.embed_docs(x, tokens, return_attention=True)
+    with torch.no_grad():
+        box = attention_box(info["text_to_image"], info["grid"])
+        region = zoom_to(normalise_pixels(x), box)
+        vec = model.doc_transform(model.image_encoder(region)[1])
+        want = torch.nn.functional.normalize(model.doc_norm(model.out_proj(vec)), dim=-1)
+    torch.testing.assert_close(got, want)
+    assert (box[:, 2] < 0.99).any()  # sharp maps: some docs zoom in
+    model.train()
+    model.embed_docs(x, tokens).sum().backward()
+    for part in (model.concept_memory, model.region_attention.q, model.region_attention.k):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
