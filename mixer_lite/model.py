@@ -41,7 +41,8 @@ Where the paper is silent, we chose (and say so):
 * ``fusion="zoom"`` (ours, for docs whose image shows more than the product): the concepts'
   attention picks a region (:func:`attention_box`), which is cut out, resampled to full size
   and encoded again (:func:`zoom_to`), so the doc is the named product at the scale a photo
-  shows it (``docs/EXPERIMENTS.md``, "Scene docs").
+  shows it.  Trained through the retrieval loss alone its boxes stay whole and it retrieves
+  worse than image-only docs (``docs/EXPERIMENTS.md``, "Scene docs", "A fusion that zooms").
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.

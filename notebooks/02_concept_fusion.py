@@ -87,7 +87,7 @@ show_code(ConceptMemory.forward)
 # of region j for concept i is softmax_j(t · cos(q_i, k_j)), t a learned temperature:
 
 # %%
-show_code(ConceptImageAttention.forward, ConceptFusion.forward)
+show_code(ConceptImageAttention.weights, ConceptImageAttention.forward, ConceptFusion.forward)
 
 # %% [markdown]
 # `seen` is what each concept found in the image; with the preset's `concept_text=none` the
