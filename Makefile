@@ -8,12 +8,9 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: install renderer browser demo serve test test-kernels reproduce notebooks data-icons \
 	gpu-check clean
 
-# --no-compile: Python compiles each module when first imported instead of pip compiling all
-# 18,000 files of the dependencies at install (46 s on 2 cores).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt \
-		-e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
