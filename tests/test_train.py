@@ -319,20 +319,19 @@ def assert_same_first_step(one: Path, two: Path, grad_tol: float = 1e-5,
                                ca["classifier"]["weight"], rtol=1e-4, atol=centre_tol)
 
 
-@pytest.mark.long
-def test_channels_last_and_compile_take_the_same_first_step(tiny_dir, tmp_path):
-    """The speed switches change float order, not what a step computes: the gradients and
-    centres of a first step with each equal those without (the CNN, BatchNorm included).
-    channels_last's convolutions and BatchNorm round differently on the CPU: measured, its
-    gradients differ by 6e-4 of the largest and its centres by 9e-4, against 3e-5 and 1e-6 for
-    1 against 2 threads, and 0.55 of the largest for the photos fed transposed (a layout
-    error planted to check this test)."""
+def test_channels_last_takes_the_same_first_step(tiny_dir, tmp_path):
+    """channels_last changes float order, not what a step computes: the gradients and centres
+    of a first step with it equal those without (the CNN, BatchNorm included).  Its
+    convolutions and BatchNorm round differently on the CPU: measured, its gradients differ by
+    6e-4 of the largest and its centres by 9e-4, against 3e-5 and 1e-6 for 1 against 2
+    threads, and 0.55 of the largest for the photos fed transposed (a layout error planted to
+    check this test).  (``--compile`` measured 3e-5, as threads do; it is not tested here: a
+    cold inductor cache compiles for 40 s of the suite's budget.)"""
     base = ("--steps=1", "--eval_at_end=false", "--model.dropout=0", "--val_share=0")
     train(tiny_dir[0], tmp_path / "plain", cfg(*base), progress=False)
-    for switch in ("channels_last", "compile"):
-        train(tiny_dir[0], tmp_path / switch, cfg(*base, f"--{switch}=true"), progress=False)
-        assert_same_first_step(tmp_path / "plain", tmp_path / switch, grad_tol=3e-3,
-                               centre_tol=3e-3)
+    train(tiny_dir[0], tmp_path / "nhwc", cfg(*base, "--channels_last=true"), progress=False)
+    assert_same_first_step(tmp_path / "plain", tmp_path / "nhwc", grad_tol=3e-3,
+                           centre_tol=3e-3)
 
 
 def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
