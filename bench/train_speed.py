@@ -3,6 +3,7 @@
 batches, every image preloaded) and the image encoder's switches (channels_last, compile).
 
     python bench/train_speed.py [--data data/synth-small] [--workers 1,2] [--steps 60]
+                                [--pack DIR] [--no-switches]
 
 Each setting trains the same ``tiny-cpu`` steps on ``--data`` with ``preload_images=False`` (what
 a dataset too large for memory needs: every batch decoded from its files) at ``--threads`` torch
@@ -11,7 +12,8 @@ time spent waiting for the next batch (:class:`mixer_lite.train.Throughput`), ov
 after the first logging window (the workers' start).  The preloaded run (every image decoded
 before step 1) is the ceiling: a step that never waits; the switches are measured on it.
 Centres start at random and no class is held out, so no setting decodes anything before its
-first step.
+first step.  ``--pack``: the same data packed (``mixer-lite pack``) read by 1 loader worker, one
+row more; ``--no-switches``: the data path only.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch_size", type=int, default=128)
+    ap.add_argument("--pack", default=None, help="the data's pack: one more row, 1 worker")
+    ap.add_argument("--no-switches", action="store_true", help="skip channels_last, compile")
     args = ap.parse_args()
     common = [f"--steps={args.steps}", "--log_every=10", "--eval_at_end=false", "--val_share=0",
               "--centre_init=random", f"--threads={args.threads}",
@@ -47,6 +51,9 @@ def main() -> None:
     settings += [(f"{w} loader worker{'s' * (w > 1)}",
                   ["--preload_images=false", f"--loader_workers={w}"])
                  for w in map(int, args.workers.split(","))]
+    if args.pack:
+        settings.append(("1 loader worker, from the pack",
+                         ["--preload_images=false", "--loader_workers=1"]))
     preloaded = ["--preload_images=true", "--loader_workers=0"]
     settings.append(("preloaded", preloaded))
     switches = [("preloaded", preloaded),
@@ -54,13 +61,15 @@ def main() -> None:
                 ("+ compile", preloaded + ["--compile=true"])]
     measured = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, extra) in enumerate(settings + switches[1:]):
+        for i, (name, extra) in enumerate(settings + ([] if args.no_switches else switches[1:])):
             run = Path(tmp) / f"run{i}"
-            train(args.data, run, config_from("tiny-cpu", common + extra), progress=False)
+            data = args.pack if name.endswith("from the pack") else args.data
+            train(data, run, config_from("tiny-cpu", common + extra), progress=False)
             measured[name] = steady_state(run)
     print(f"{args.data}: {args.steps} steps of {args.batch_size} images at "
           f"{args.threads} torch threads, images decoded at 64 px")
-    for title, rows in (("images", settings), ("image encoder", switches)):
+    for title, rows in (("images", settings),) + ((("image encoder", switches),)
+                                                  if not args.no_switches else ()):
         base = measured[rows[0][0]][0]
         print(f"\n| {title} | images/s | x {rows[0][0]} | data-wait share |\n|---|---|---|---|")
         for name, _ in rows:

@@ -41,7 +41,7 @@ def _cmd_validate(args) -> int:
     print(f"{args.dir}: valid: {s['docs']} docs, {s['train_queries']} train queries, "
           f"{s['test_queries']} test queries, {s['clicks']} click rows "
           f"({s['click_events']} click events), {s['qrels']} qrels")
-    if not args.no_image_check:
+    if not args.no_image_check and not data.packed:  # a pack's images were checked to pack
         try:
             stamp = write_valid_stamp(args.dir)
             print(f"({stamp} written: other commands decode no image of this folder while "
@@ -49,6 +49,19 @@ def _cmd_validate(args) -> int:
         except OSError as e:  # a read-only dataset is valid all the same
             print(f"(no stamp written: {os_error_message(e)}; every process will decode every "
                   f"image again)", file=sys.stderr)
+    return 0
+
+
+def _cmd_pack(args) -> int:
+    from .pack import pack_dataset
+
+    meta = pack_dataset(args.data, args.out, shard_mb=args.shard_mb, progress=not args.quiet)
+    shards = sum(len(t["shards"]) for t in meta["tables"].values())
+    size = sum(s["bytes"] for t in meta["tables"].values() for s in t["shards"])
+    print(f"{args.out}: {meta['summary']['docs']} docs and "
+          f"{meta['summary']['train_queries'] + meta['summary']['test_queries']} query photos "
+          f"in {shards} shards, {size / 2**20:.1f} MiB; use it as --data wherever the folder "
+          f"was")
     return 0
 
 
@@ -119,19 +132,21 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    """Under torchrun each rank embeds its share of the docs and photos (its own GPU); rank 0
+    writes and prints."""
     from pathlib import Path
 
     from .dataset import load_dataset
     from .files import check_writable, write_json
     from .retrieval import check_index_kind, evaluate_model, evaluate_raw_pixels
-    from .runs import eval_name, load_run_model, resolve_device
+    from .runs import eval_name, load_run_model, setup_distributed
     from .viz import recall_curves
 
     if not args.run and not args.baseline:
         raise ValueError("give --run RUN (one or more) or --baseline raw-pixel")
     if args.compare_out:
         check_writable(args.compare_out)
-    device = resolve_device(args.device)
+    rank, world, device = setup_distributed(args.device)
     models = {run: load_run_model(run, device) for run in args.run}  # a damaged one fails first
     for run in models:
         check_writable(run, "folder")
@@ -141,12 +156,15 @@ def _cmd_evaluate(args) -> int:
     results = {}
     for run, model in models.items():
         metrics = evaluate_model(model, data, device, index_kind=args.index,
-                                 progress=not args.quiet)
-        name = names[run]
-        write_json(Path(run) / f"{name}.json", metrics)
-        recall_curves({Path(run).name: metrics["recall_curve"]},
-                      path=Path(run) / f"{name.replace('eval', 'recall_curve', 1)}.png")
+                                 progress=not args.quiet and rank == 0, rank=rank, world=world)
+        if rank == 0:
+            name = names[run]
+            write_json(Path(run) / f"{name}.json", metrics)
+            recall_curves({Path(run).name: metrics["recall_curve"]},
+                          path=Path(run) / f"{name.replace('eval', 'recall_curve', 1)}.png")
         results[str(run)] = metrics
+    if rank > 0:
+        return 0
     if args.baseline:
         results["raw-pixel baseline"] = evaluate_raw_pixels(data, index_kind=args.index)
     if args.compare_out:
@@ -160,10 +178,13 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_index(args) -> int:
+    import torch
+
     from .service import build_run_index
 
-    print(json.dumps(build_run_index(args.run, args.data, args.index, not args.quiet,
-                                     args.device)))
+    built = build_run_index(args.run, args.data, args.index, not args.quiet, args.device)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(json.dumps(built))
     return 0
 
 
@@ -288,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-image-check", action="store_true",
                    help="check image paths but do not open the files")
     s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("pack", help="a dataset folder as a few Arrow shards (large jobs)",
+                       description="Validates the folder (every image decoded, unless a "
+                                   "`validate` stamp says so) and writes its tables and image "
+                                   "files into memory-mapped Arrow shards; every command reads "
+                                   "the pack as --data, with nothing to parse or check again.")
+    s.add_argument("--data", required=True, help="the dataset folder")
+    s.add_argument("--out", required=True, help="new (or empty) folder to write")
+    s.add_argument("--shard-mb", type=float, default=256.0, help="about this many MiB a shard")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_pack)
 
     s = sub.add_parser("build-classes", help="weak-label classes from a folder's clicks",
                        description="Overrides set ClassConfig fields, e.g. --min_share=0.3.")

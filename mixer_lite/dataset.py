@@ -12,6 +12,7 @@ input never surfaces as a pyarrow, PIL or torch traceback.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import zlib
@@ -298,7 +299,7 @@ def _check_qrels(qrels: list[tuple[int, dict]], split_of: dict[str, str], doc_id
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-_COLUMNS = {
+COLUMNS = {
     "docs.jsonl": ["doc_id", "image", "text", "category"],
     "queries.jsonl": ["query_id", "image", "split"],
     "clicks.jsonl": ["query_id", "doc_id", "count"],
@@ -311,7 +312,8 @@ class ShopData:
     """A validated dataset folder as four Hugging Face ``Dataset`` tables.
 
     ``docs`` and ``queries`` carry an ``image`` column of the ``datasets.Image`` feature that
-    decodes to a PIL image on access; ``image_path`` keeps the absolute path.
+    decodes to a PIL image on access; ``image_path`` keeps the absolute path (a folder's), or
+    the image column holds the file's bytes (``packed``: a pack of ``mixer_lite/pack.py``).
     """
 
     root: Path
@@ -320,6 +322,7 @@ class ShopData:
     clicks: "datasets.Dataset"  # noqa: F821
     qrels: "datasets.Dataset"  # noqa: F821
     summary: dict = field(default_factory=dict)
+    packed: bool = False
     _columns: dict = field(default_factory=dict, repr=False)
 
     # Plain Python lists of the columns the pipeline reads (``datasets`` hands out lazy Column
@@ -370,7 +373,7 @@ def _table(records: list[dict], name: str):
     """
     import datasets
 
-    columns = _COLUMNS[name]
+    columns = COLUMNS[name]
     return datasets.Dataset.from_dict({c: [obj.get(c) for obj in records] for c in columns})
 
 
@@ -384,6 +387,7 @@ def _with_images(ds, root: Path):
 
 
 VALID_STAMP = ".mixer-lite-valid.json"
+PACK_FILE = "pack.json"  # a pack's description (mixer_lite/pack.py)
 
 
 def write_valid_stamp(root: str | os.PathLike) -> Path:
@@ -414,10 +418,15 @@ def load_dataset(root: str | os.PathLike, check_images: bool = True,
 
     ``check_images``: every image is decoded once, unless (``trust_stamp``) a stamp of
     ``mixer-lite validate`` says so for these JSONL files (:func:`write_valid_stamp`); paths
-    are always checked."""
+    are always checked.  A pack (``pack.json``, ``mixer_lite/pack.py``) is read from its shards,
+    its images trusted unless ``check_images`` and not ``trust_stamp``."""
     import datasets
 
     root = Path(root)
+    if (root / PACK_FILE).is_file():
+        from .pack import load_pack
+
+        return load_pack(root, check_images=check_images and not trust_stamp)
     if check_images and trust_stamp and root.is_dir() and images_validated(root):
         check_images = False
     problems, records = _validate(root, check_images)
@@ -433,13 +442,18 @@ def load_dataset(root: str | os.PathLike, check_images: bool = True,
     finally:
         if was:
             datasets.enable_progress_bar()
-    split = np.asarray(queries["split"])
+    return shop_data(root, docs, queries, clicks, qrels)
+
+
+def shop_data(root: Path, docs, queries, clicks, qrels, packed: bool = False) -> ShopData:
+    """The four tables as a :class:`ShopData`, with the counts of its ``summary``."""
+    split = np.asarray(queries.data.column("split").to_pylist())
+    counts = clicks.data.column("count").to_numpy() if len(clicks) else np.zeros(0, np.int64)
     summary = {"docs": len(docs), "train_queries": int((split == "train").sum()),
                "test_queries": int((split == "test").sum()), "clicks": len(clicks),
-               "click_events": int(np.sum(clicks["count"])) if len(clicks) else 0,
-               "qrels": len(qrels)}
+               "click_events": int(np.sum(counts)), "qrels": len(qrels)}
     return ShopData(root=root, docs=docs, queries=queries, clicks=clicks, qrels=qrels,
-                    summary=summary)
+                    summary=summary, packed=packed)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -473,45 +487,68 @@ class ImageError(ValueError):
 
 
 def data_fingerprint(data_dir: str | Path) -> str:
-    """A hash of the dataset's four JSONL files: which data a record or an evaluation scored."""
+    """A hash of the dataset's four JSONL files: which data a record or an evaluation scored
+    (a pack's is the folder's it was made from)."""
+    if (Path(data_dir) / PACK_FILE).is_file():
+        from .pack import read_meta
+
+        return read_meta(data_dir)["fingerprint"]
     h = hashlib.sha256()
     for name in FILES:
         h.update(name.encode() + b"\0" + (Path(data_dir) / name).read_bytes())
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class PackedImage:
+    """An image file as a pack holds it (``mixer_lite/pack.py``): its bytes, its path in the
+    folder it was packed from, and where it is in the pack (for messages)."""
+
+    where: str
+    path: str
+    data: bytes
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+    def __str__(self) -> str:
+        return f"{self.where} ({self.path})"
+
+
 class ImageTable:
     """Images of a dataset as uint8 tensors [N, 3, size, size], by row index.
 
+    ``files``: image paths, or a pack's :class:`PackedImage` items (:func:`image_files`).
     ``preload=True`` decodes everything once (threads; PIL releases the GIL while decoding):
     right for SynthShop-sized data on a laptop.  ``preload=False`` decodes each batch on demand
     with the same threads, so memory stays bounded on real datasets of millions of images.
     """
 
-    def __init__(self, paths: list[str], size: int, preload: bool = True, threads: int = 4,
+    def __init__(self, files, size: int, preload: bool = True, threads: int = 4,
                  progress: bool = False, desc: str = "images"):
-        self.paths, self.size, self.threads = list(paths), size, max(1, threads)
+        self.files, self.size, self.threads = files, size, max(1, threads)
         self.cache = None
         if preload:
             import torch
             from tqdm import tqdm
 
-            self.cache = torch.empty(len(self.paths), 3, size, size, dtype=torch.uint8)
+            self.cache = torch.empty(len(self.files), 3, size, size, dtype=torch.uint8)
             step = 512
-            for lo in tqdm(range(0, len(self.paths), step), desc=f"loading {desc}",
+            for lo in tqdm(range(0, len(self.files), step), desc=f"loading {desc}",
                            disable=not progress, unit_scale=step):
-                idx = np.arange(lo, min(lo + step, len(self.paths)))
+                idx = np.arange(lo, min(lo + step, len(self.files)))
                 self.cache[idx] = self._decode(idx)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
 
     def _decode_one(self, i: int) -> np.ndarray:
+        file = self.files[i]
         try:
-            with Image.open(self.paths[i]) as im:
+            with Image.open(file.open() if isinstance(file, PackedImage) else file) as im:
                 return fit_image(im, self.size)
         except IMAGE_ERRORS as e:
-            raise ImageError(f"{self.paths[i]}: cannot read the image ({e}); "
+            raise ImageError(f"{file}: cannot read the image ({e}); "
                              f"`mixer-lite validate` checks every image of a folder") from None
 
     def _decode(self, idx):
@@ -531,8 +568,13 @@ class ImageTable:
         return self._decode(idx)
 
 
-def image_paths(data: ShopData, table: str, rows=None) -> list[str]:
-    """Absolute image paths of ``rows`` (all by default) of ``data.docs`` or ``data.queries``."""
+def image_files(data: ShopData, table: str, rows=None):
+    """The image files of ``rows`` (all by default) of ``data.docs`` or ``data.queries``, as
+    :class:`ImageTable` reads them: absolute paths, or a pack's images (``PackedImages``)."""
+    if data.packed:
+        from .pack import PackedImages
+
+        return PackedImages(data, table, rows)
     paths = data.column(table, "image_path")
     return paths if rows is None else [paths[int(r)] for r in rows]
 
@@ -540,4 +582,4 @@ def image_paths(data: ShopData, table: str, rows=None) -> list[str]:
 def load_images(data: ShopData, table: str, rows, size: int):
     """The images of ``rows`` of ``data.docs`` or ``data.queries``, decoded now: uint8
     [len(rows), 3, size, size]."""
-    return ImageTable(image_paths(data, table, rows), size)[np.arange(len(rows))]
+    return ImageTable(image_files(data, table, rows), size)[np.arange(len(rows))]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import ImageTable, image_paths, load_dataset, load_images
+from .dataset import ImageTable, image_files, load_dataset, load_images
 from .encoders import build_image_encoder, normalise_pixels
 from .model import ModelConfig
 from .weights import load_image_weights
@@ -92,9 +92,9 @@ def backbone_probe(encoder, data_dir: str | Path, n_train: int = 3000, seed: int
                                                          replace=False))
         fit_rows, eval_rows = fit_rows[~held], fit_rows[held]
     fit_rows = np.sort(rng.choice(fit_rows, min(n_train, len(fit_rows)), replace=False))
-    feats = {name: pooled_features(encoder, ImageTable(image_paths(data, "queries", rows), size))
+    feats = {name: pooled_features(encoder, ImageTable(image_files(data, "queries", rows), size))
              for name, rows in (("fit", fit_rows), ("eval", eval_rows))}
-    docs = pooled_features(encoder, ImageTable(image_paths(data, "docs"), size))
+    docs = pooled_features(encoder, ImageTable(image_files(data, "docs"), size))
     out = {}
     for attr in ("category", "colour"):
         labels = {name: [products[product_of[r]][attr] for r in rows]
@@ -277,7 +277,7 @@ def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
     if model.cfg.fusion not in ("concept", "direct") or not model.cfg.fusion_gate:
         raise ValueError(f"fusion={model.cfg.fusion!r}, fusion_gate={model.cfg.fusion_gate}: "
                          f"this model has no image/text gate")
-    images = ImageTable(image_paths(data, "docs"), model.cfg.image_size)
+    images = ImageTable(image_files(data, "docs"), model.cfg.image_size)
     model.eval()
     out = []
     for lo in range(0, len(data.docs), batch_size):
@@ -410,13 +410,13 @@ def scenes_without_others(data, data_dir: str | Path, size: int, crop: bool = Fa
     the ``_truth`` masks): the shot as it would be with the product alone, where it stands.
     ``crop``: then cut to the product's box and a margin of 5% of its side on each side (where
     the canvas allows), framed as a single-product studio shot is."""
-    images = ImageTable(image_paths(data, "docs"), size)[np.arange(len(data.docs))]
+    images = ImageTable(image_files(data, "docs"), size)[np.arange(len(data.docs))]
     rows = scene_doc_rows(data, data_dir)
     if not len(rows):
         return images
     side = CANVAS if crop else size  # the boxes are on the canvas: cut there, then shrink
     masks, objects = doc_scene_masks(data_dir, [data.doc_ids[r] for r in rows], side)
-    x = ImageTable(image_paths(data, "docs", rows), side)[np.arange(len(rows))].float()
+    x = ImageTable(image_files(data, "docs", rows), side)[np.arange(len(rows))].float()
     others = torch.from_numpy(masks[:, 1:].sum(1).clip(0, 1))[:, None]
     free = torch.from_numpy(masks.sum(1) < 1e-6)
     ground = torch.stack([x[i][:, free[i]].median(dim=1).values for i in range(len(rows))])
@@ -458,10 +458,10 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     if others_removed not in (None, "painted", "cropped"):
         raise ValueError(f"others_removed must be None, 'painted' or 'cropped', got "
                          f"{others_removed!r}")
-    docs = ImageTable(image_paths(data, "docs"), size) if others_removed is None else \
+    docs = ImageTable(image_files(data, "docs"), size) if others_removed is None else \
         scenes_without_others(data, data_dir, size, crop=others_removed == "cropped")
     doc_emb = embed_docs(model, docs, data.doc_texts)
-    query_emb = embed_queries(model, ImageTable(image_paths(data, "queries", rows), size))
+    query_emb = embed_queries(model, ImageTable(image_files(data, "queries", rows), size))
     _, ranked = exact_search(doc_emb, query_emb, 10)
     scene_docs = [{d for d in rel if len(objects[data.doc_ids[d]] or ()) > 1} for rel in relevant]
     scene = np.array([bool(s) for s in scene_docs])

@@ -315,18 +315,18 @@ def evaluate_model(model, data, device="cpu", batch_size: int = 256, index_kind:
     Under ``world`` processes (torchrun), each embeds its share of the docs and of the queries
     (:func:`shard_rows`), decoding only those images, and every process gets all embeddings
     (:func:`gather_rows`) and the same metrics."""
-    from .dataset import ImageTable, image_paths
+    from .dataset import ImageTable, image_files
 
     size = model.cfg.image_size
     rows = judged_query_rows(data)
     my_docs = shard_rows(len(data.docs), rank, world)
-    docs = ImageTable(image_paths(data, "docs", my_docs), size, preload, progress=progress,
+    docs = ImageTable(image_files(data, "docs", my_docs), size, preload, progress=progress,
                       desc="docs")
     doc_emb = embed_docs(model, docs, [data.doc_texts[i] for i in my_docs], batch_size, device,
                          progress)
     doc_emb = gather_rows(doc_emb, len(data.docs), world, device)
     my_queries = rows[shard_rows(len(rows), rank, world)]
-    queries = ImageTable(image_paths(data, "queries", my_queries), size, preload,
+    queries = ImageTable(image_files(data, "queries", my_queries), size, preload,
                          progress=progress, desc="queries")
     query_emb = embed_queries(model, queries, batch_size, device, progress)
     query_emb = gather_rows(query_emb, len(rows), world, device)
@@ -337,11 +337,11 @@ def evaluate_image_features(data, features, size: int = 64, index_kind: str = "f
     """A baseline that sees images only, in the same evaluator: docs and judged photos embedded
     by ``features`` (an :class:`~mixer_lite.dataset.ImageTable` -> unit-norm rows, each side
     computed on its own), searched and scored against qrels."""
-    from .dataset import ImageTable, image_paths
+    from .dataset import ImageTable, image_files
 
     rows = judged_query_rows(data)
-    docs = features(ImageTable(image_paths(data, "docs"), size))
-    queries = features(ImageTable(image_paths(data, "queries", rows), size))
+    docs = features(ImageTable(image_files(data, "docs"), size))
+    queries = features(ImageTable(image_files(data, "queries", rows), size))
     return evaluate_embeddings(data, docs, queries, rows, index_kind)
 
 

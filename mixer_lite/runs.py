@@ -69,7 +69,7 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
 # Training settings that change how a run is executed, not what it computes: a resumed run
 # may differ in them.
 RUNTIME_KEYS = ("device", "threads", "loader_threads", "loader_workers", "preload_images",
-                "channels_last", "compile", "stop_after", "eval_at_end")
+                "channels_last", "compile", "stop_after", "eval_at_end", "tensorboard")
 
 
 # What a finished run leaves beside its checkpoints: a folder holding any of these and no

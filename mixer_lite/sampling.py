@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .classes import build_classes_from_clicks, class_stats, raw_click_classes, stable_rank
-from .dataset import ImageTable, ShopData, image_paths
+from .dataset import ImageTable, ShopData, image_files
 from .objectives import PAIRWISE_LOSSES
 
 if TYPE_CHECKING:  # the config's type only: train imports this module
@@ -251,7 +251,7 @@ def training_images(data: ShopData, samples: Samples, cfg: TrainConfig,
     # Validation searches every doc, so the doc table then holds them all.
     d_rows = np.arange(len(data.docs)) if val is not None else samples.doc_rows()
     table = lambda split, rows, desc: ImageTable(  # noqa: E731
-        image_paths(data, split, rows), size, pre, threads, progress=progress, desc=desc)
+        image_files(data, split, rows), size, pre, threads, progress=progress, desc=desc)
     return TrainingImages(
         table("queries", q_rows, "query photos"), table("docs", d_rows, "doc images"),
         None if val is None else table("queries", val.query_rows, "validation photos"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mimetypes
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -31,9 +32,11 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.responses import (FileResponse, HTMLResponse, JSONResponse, PlainTextResponse,
+                                 Response)
 from starlette.routing import Route
 
+from .dataset import PackedImage
 from .service import Limits, Rejected, SearchService
 
 LATENCY_BUCKETS_MS = (2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
@@ -242,13 +245,18 @@ def create_app(service: SearchService, window_s: float = 0.002, max_batch: int =
         return JSONResponse({"k": k, "results": results, "timings": timings})
 
     async def doc_image(request: Request):
-        return image_file(service.doc_paths[service.doc_row(request.path_params["doc_id"])])
+        return image_file(service.doc_files[service.doc_row(request.path_params["doc_id"])])
 
     async def query_image(request: Request):
-        return image_file(service.query_paths[service.query_row(request.path_params["query_id"])])
+        return image_file(service.query_files[service.query_row(request.path_params["query_id"])])
 
-    def image_file(path: str):
-        return FileResponse(path, headers={"Cache-Control": "max-age=3600"})
+    def image_file(file):
+        """A folder's image file, or a pack's image bytes (its type from its file name)."""
+        headers = {"Cache-Control": "max-age=3600"}
+        if isinstance(file, PackedImage):
+            kind = mimetypes.guess_type(file.path)[0] or "application/octet-stream"
+            return Response(file.data, media_type=kind, headers=headers)
+        return FileResponse(file, headers=headers)
 
     async def doc_attention(request: Request):
         doc_id = request.path_params["doc_id"]

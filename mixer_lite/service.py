@@ -10,6 +10,7 @@ calls it in-process as the throughput the server is measured against.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 from dataclasses import dataclass
@@ -19,13 +20,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .dataset import IMAGE_ERRORS, ImageTable, data_fingerprint, fit_image, image_paths, \
+from .dataset import IMAGE_ERRORS, ImageTable, data_fingerprint, fit_image, image_files, \
     load_dataset, load_images
 from .files import check_writable, file_sha256, folder_lock
 from .measures import attention_of_docs
-from .retrieval import build_index, check_index_kind, embed_docs, embed_queries, load_index, \
-    save_index, search
-from .runs import load_run_model, resolve_device
+from .retrieval import build_index, check_index_kind, embed_docs, embed_queries, gather_rows, \
+    load_index, save_index, search, shard_rows
+from .runs import load_run_model, resolve_device, setup_distributed
 
 REBUILD = "rebuild it with `mixer-lite index --run RUN --data DATA`"
 
@@ -37,21 +38,29 @@ def build_run_index(run: str | Path, data_dir: str | Path, kind: str = "flat",
                     progress: bool = True, device="cpu") -> dict:
     """Embed every doc of ``data_dir`` with the run's model (on ``device``) and save the index
     in ``RUN/index`` (its metadata names the data, the doc ids and the sha256 of the model that
-    embedded them)."""
-    device = resolve_device(str(device))
+    embedded them).  Under torchrun each rank embeds its share of the docs (on its own GPU);
+    rank 0 gathers them and writes the index."""
+    rank, world, device = setup_distributed(str(device))
     run, model = Path(run), load_run_model(run, device)
     model_sha = file_sha256(run / "model.pt")
     check_writable(run / "index", "folder")
     data = load_dataset(data_dir)
     check_index_kind(kind, len(data.docs))
-    images = ImageTable(image_paths(data, "docs"), model.cfg.image_size, preload=False,
+    mine = shard_rows(len(data.docs), rank, world)
+    images = ImageTable(image_files(data, "docs", mine), model.cfg.image_size, preload=False,
                         threads=4)
-    with folder_lock(run, "index"):  # not while a train or another index writes there
-        emb = embed_docs(model, images, data.doc_texts, device=device, progress=progress)
-        save_index(build_index(emb, kind), run / "index",
-                   {"data": str(Path(data_dir).resolve()),
-                    "data_fingerprint": data_fingerprint(data_dir), "model_sha256": model_sha,
-                    "kind": kind, "doc_ids": data.doc_ids})
+    # Not while a train or another index writes the run folder: rank 0 holds its lock.
+    with folder_lock(run, "index") if rank == 0 else contextlib.nullcontext():
+        emb = embed_docs(model, images, [data.doc_texts[i] for i in mine], device=device,
+                         progress=progress and rank == 0)
+        emb = gather_rows(emb, len(data.docs), world, device)
+        if rank == 0:
+            save_index(build_index(emb, kind), run / "index",
+                       {"data": str(Path(data_dir).resolve()),
+                        "data_fingerprint": data_fingerprint(data_dir),
+                        "model_sha256": model_sha, "kind": kind, "doc_ids": data.doc_ids})
+    if world > 1:  # every rank returns once the index is there
+        torch.distributed.barrier()
     return {"index": str(run / "index" / "docs.faiss"), "kind": kind, "docs": len(emb)}
 
 
@@ -112,8 +121,8 @@ class SearchService:
         self.data = load_dataset(data_dir, check_images=False)  # a bad image is named on use
         self.model, self.index, self.meta = open_run_index(self.run, self.data, self.device)
         self.size = self.model.cfg.image_size
-        self.doc_paths = image_paths(self.data, "docs")
-        self.query_paths = image_paths(self.data, "queries")
+        self.doc_files = image_files(self.data, "docs")
+        self.query_files = image_files(self.data, "queries")
         self.relevant = {r["query_id"]: set(r["doc_ids"]) for r in self.data.qrels}
         self.test_queries = [q for q in self.data.query_ids if q in self.relevant]
 
@@ -171,7 +180,7 @@ class SearchService:
 
     def query_photo(self, query_id: str) -> np.ndarray:
         """A dataset query's photo, decoded as :meth:`decode` would an upload of it."""
-        return ImageTable([self.query_paths[self.query_row(query_id)]], self.size,
+        return ImageTable([self.query_files[self.query_row(query_id)]], self.size,
                           preload=False, threads=1)[[0]][0].permute(1, 2, 0).numpy()
 
     def search_batch(self, photos: np.ndarray, k: int) -> dict:

@@ -108,6 +108,7 @@ class TrainConfig:
     threads: int = 0                  # torch CPU threads (0 = torch's default)
     checkpoint_every: int = 200
     log_every: int = 10
+    tensorboard: bool = False         # also log to <out>/tensorboard (pip install tensorboard)
     eval_at_end: bool = True
     seed: int = 0
     stop_after: int | None = None     # stop (as if killed) after this many steps
@@ -313,6 +314,8 @@ class Run:
 def _train(data_dir, out: Path, cfg: TrainConfig, resume: bool, progress, preset: str) -> dict:
     # 1. The run folder may take this run (before any data is read), and the processes join.
     ck = check_run_folder(out, cfg, resume)
+    if cfg.tensorboard:
+        tensorboard_writer_class()  # missing, it fails now rather than after the data's load
     rank, world, device = setup_distributed(cfg.device)
     # 2. Data, samples, model, objective and optimiser.
     data = load_dataset(data_dir)  # every image opened now, not in the end-of-run evaluation
@@ -400,6 +403,10 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
     cfg, out, val = run.cfg, run.out, run.samples.validation
     # A fresh run starts its log anew (a run killed before its first checkpoint left one).
     log = open(out / "metrics.jsonl", "a" if start else "w") if run.rank == 0 else None
+    # TensorBoard's copy of the log; a resumed run drops the events after its checkpoint.
+    board = tensorboard_writer_class()(str(out / "tensorboard"),
+                                       purge_step=start + 1 if start else None) \
+        if log and cfg.tensorboard else None
     bar = tqdm(total=run.total, initial=start, desc="train", mininterval=2.0) \
         if show_progress else None
     t0, step, last_ckpt = time.time(), start, start
@@ -452,6 +459,8 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
                 record["seconds"] = round(time.time() - t0, 2)
                 log.write(strict_json(record) + "\n")
                 log.flush()
+                if board is not None:
+                    log_scalars(board, record)
             if done % cfg.checkpoint_every == 0 or done == run.total:
                 save_checkpoint(out / "checkpoints" / "last.pt", run.model, run.objective,
                                 run.opt, run.sched, done, run.rank, run.world, run.device,
@@ -465,7 +474,30 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
             bar.close()
         if log:
             log.close()
+        if board is not None:
+            board.close()
     return step, last_ckpt
+
+
+def tensorboard_writer_class():
+    """torch's TensorBoard ``SummaryWriter``; without the ``tensorboard`` package, an error
+    that says how to get it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard=true needs the tensorboard package: pip install "
+                         "tensorboard (or mixer-lite[tensorboard])") from None
+    return SummaryWriter
+
+
+def log_scalars(board, record: dict) -> None:
+    """A ``metrics.jsonl`` record's numbers as TensorBoard scalars at its step, under the
+    record's own names (``val_...``, health figures, throughput)."""
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value):
+            board.add_scalar(key, value, record["step"])
+    board.flush()
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -520,7 +552,7 @@ def _forward_backward(run: Run, step: int, batches) -> tuple[float, float]:
             else contextlib.nullcontext()
         with sync:
             loss = _micro_batch_loss(run, *batch, step * cfg.grad_accum + m)
-            (loss * (run.loss_scale.value / cfg.grad_accum)).backward()
+            (loss * run.loss_scale.value / cfg.grad_accum).backward()
         loss_sum += float(loss.detach()) / cfg.grad_accum
     return loss_sum, waited
 

@@ -56,7 +56,7 @@ display(Markdown(made_with(preset, fast, seed)))
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
-from mixer_lite.dataset import ImageTable, image_paths, load_dataset, load_images
+from mixer_lite.dataset import ImageTable, image_files, load_dataset, load_images
 from mixer_lite.measures import (attention_of_docs, attention_on_objects, claim, doc_attention,
                                  doc_image_weights, pair_cosines, variant_pairs)
 from mixer_lite.model import ConceptFusion, ConceptImageAttention, ConceptMemory
@@ -187,7 +187,7 @@ pairs = variant_pairs(data, data_dir, seed=seed)
 variant_gap = {}
 for name, r in (("concept fusion", mixer), ("image only", image_only)):
     m = load_run_model(r["run"])
-    images = ImageTable(image_paths(data, "docs"), m.cfg.image_size)
+    images = ImageTable(image_files(data, "docs"), m.cfg.image_size)
     emb = embed_docs(m, images, data.doc_texts, progress=False)
     same, var = (pair_cosines(emb, pairs[k]).mean() for k in ("same_product", "variant"))
     variant_gap[name] = same - var

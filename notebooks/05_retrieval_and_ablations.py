@@ -47,7 +47,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from mixer_lite.ablations import ROWS
-from mixer_lite.dataset import ImageTable, image_paths, load_dataset, load_images
+from mixer_lite.dataset import ImageTable, image_files, load_dataset, load_images
 from mixer_lite.measures import claim
 from mixer_lite.reproduce import recorded_metrics
 from mixer_lite.retrieval import (build_index, embed_docs, embed_queries, evaluate_raw_pixels,
@@ -108,7 +108,7 @@ fig = recall_curves(banded, title=f"Recall@K, SynthShop small test queries, seed
 
 # %%
 model = load_run_model(runs["mixer"]["run"])
-doc_images = ImageTable(image_paths(data, "docs"), model.cfg.image_size)
+doc_images = ImageTable(image_files(data, "docs"), model.cfg.image_size)
 index = build_index(embed_docs(model, doc_images, data.doc_texts, progress=False), "flat")
 q_rows = judged_query_rows(data)[:4]
 q_images = load_images(data, "queries", q_rows, model.cfg.image_size)

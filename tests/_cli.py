@@ -14,15 +14,15 @@ TINY_MODEL = ["--model.vit_dim=32", "--model.text_dim=32", "--model.text_depth=1
 def run_embeddings(run, data_dir, query_rows=None) -> dict:
     """A run's doc and query embeddings (the queries of ``query_rows``, all by default), computed
     in this process: the reference the served and printed results are checked against."""
-    from mixer_lite.dataset import ImageTable, image_paths, load_dataset
+    from mixer_lite.dataset import ImageTable, image_files, load_dataset
     from mixer_lite.retrieval import embed_docs, embed_queries
     from mixer_lite.runs import load_run_model
 
     data = load_dataset(data_dir)
     model = load_run_model(run)
     size = model.cfg.image_size
-    docs = embed_docs(model, ImageTable(image_paths(data, "docs"), size), data.doc_texts)
-    queries = embed_queries(model, ImageTable(image_paths(data, "queries", query_rows), size))
+    docs = embed_docs(model, ImageTable(image_files(data, "docs"), size), data.doc_texts)
+    queries = embed_queries(model, ImageTable(image_files(data, "queries", query_rows), size))
     return {"data": data, "model": model, "docs": docs, "queries": queries}
 
 

@@ -55,6 +55,17 @@ def scene_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_pack(tiny_dir, tmp_path_factory):
+    """The tiny folder packed (``mixer-lite pack``) into shards of about 0.5 MiB: several per
+    image table."""
+    from mixer_lite.pack import pack_dataset
+
+    out = tmp_path_factory.mktemp("pack") / "tiny.packed"
+    pack_dataset(tiny_dir[0], out, shard_mb=0.5, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tiny_dir):
     from mixer_lite.dataset import load_dataset
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _cli import TINY_MODEL, cli, run_embeddings
 
-from mixer_lite.dataset import ImageTable, image_paths, load_dataset
+from mixer_lite.dataset import ImageTable, image_files, load_dataset
 from mixer_lite.retrieval import embed_queries, evaluate_raw_pixels
 from mixer_lite.runs import load_run_model
 
@@ -115,7 +115,7 @@ def test_evaluate_compares_runs_and_the_baseline_in_one_call(run, tiny_dir, tmp_
 
 def test_search_before_index_says_to_build_it(run, tiny_dir, tmp_path):
     fresh = shutil.copytree(run, tmp_path / "fresh", ignore=shutil.ignore_patterns("index"))
-    photo = image_paths(load_dataset(tiny_dir[0]), "queries", [0])[0]
+    photo = image_files(load_dataset(tiny_dir[0]), "queries", [0])[0]
     r = cli("search", "--run", fresh, "--data", tiny_dir[0], "--image", photo)
     assert r.returncode == 2 and r.stdout == ""
     assert "mixer-lite index" in r.stderr and str(fresh / "index" / "meta.json") in r.stderr
@@ -129,7 +129,7 @@ def test_index_then_search_many_photos_in_one_call(run, tiny_dir, tmp_path, refe
     assert meta["doc_ids"] == reference["doc_ids"]
 
     data = load_dataset(tiny_dir[0])
-    photos = image_paths(data, "queries", [0, 1, 2, 3])
+    photos = image_files(data, "queries", [0, 1, 2, 3])
     folder = tmp_path / "photos"
     folder.mkdir()
     for p in photos[2:]:

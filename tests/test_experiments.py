@@ -260,7 +260,7 @@ def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypa
     """The probe's photo-to-doc Recall@10 on the test photos, against a numpy ranking of the
     same features scored with qrels.jsonl read straight from the file; the validation split
     scores photos of training products the fit photos never show."""
-    from mixer_lite.dataset import image_paths, load_dataset
+    from mixer_lite.dataset import image_files, load_dataset
     from mixer_lite.synthshop import load_truth
 
     data_dir = tiny_dir[0]
@@ -271,19 +271,19 @@ def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypa
 
     def remember(enc, images, batch_size=256):
         out = real_features(enc, images, batch_size)
-        seen[len(seen)] = (images.paths, out)
+        seen[len(seen)] = (images.files, out)
         return out
 
     monkeypatch.setattr(measures, "pooled_features", remember)
     got = measures.backbone_probe(encoder, data_dir, n_train=200, seed=0)
     (fit_paths, _), (test_paths, q), (doc_paths, d) = seen[0], seen[1], seen[2]
-    assert doc_paths == image_paths(data, "docs")
+    assert doc_paths == image_files(data, "docs")
     qrels = {}
     with open(data_dir / "qrels.jsonl") as f:
         for line in f:
             r = json.loads(line)
             qrels[r["query_id"]] = set(r["doc_ids"])
-    by_path = {p: qid for qid, p in zip(data.query_ids, image_paths(data, "queries"))}
+    by_path = {p: qid for qid, p in zip(data.query_ids, image_files(data, "queries"))}
     assert {by_path[p] for p in test_paths} == set(qrels)  # every test photo, and only them
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     d = d / np.linalg.norm(d, axis=1, keepdims=True)
@@ -530,12 +530,12 @@ def test_recall_by_doc_kind_splits_the_test_queries_by_their_docs(scene_dir):
         assert r["all"][m] == pytest.approx((r["scene"][m] * n_scene + r["single"][m] *
                                              (len(data.qrels) - n_scene)) / len(data.qrels))
     # Only scene docs count as hits: brute force over the same embeddings' top 10.
-    from mixer_lite.dataset import ImageTable, image_paths
+    from mixer_lite.dataset import ImageTable, image_files
     from mixer_lite.retrieval import embed_docs, embed_queries, judged_query_rows
 
     rows = judged_query_rows(data)
-    docs = embed_docs(model, ImageTable(image_paths(data, "docs"), 64), data.doc_texts)
-    queries = embed_queries(model, ImageTable(image_paths(data, "queries", rows), 64))
+    docs = embed_docs(model, ImageTable(image_files(data, "docs"), 64), data.doc_texts)
+    queries = embed_queries(model, ImageTable(image_files(data, "queries", rows), 64))
     qrels = {q["query_id"]: q["doc_ids"] for q in data.qrels}
     found = []
     for i, row in enumerate(rows):
@@ -553,12 +553,12 @@ def test_scenes_without_others_paints_only_the_other_objects(scene_dir):
     object covers are unchanged; the ceiling measure embeds exactly these images."""
     from PIL import Image
 
-    from mixer_lite.dataset import ImageTable, image_paths, load_dataset
+    from mixer_lite.dataset import ImageTable, image_files, load_dataset
 
     data = load_dataset(scene_dir)
     size = 64
     painted = measures.scenes_without_others(data, scene_dir, size).numpy()
-    original = ImageTable(image_paths(data, "docs"), size)[np.arange(len(data.docs))].numpy()
+    original = ImageTable(image_files(data, "docs"), size)[np.arange(len(data.docs))].numpy()
     objects = {json.loads(line)["doc_id"]: json.loads(line)["objects"]
                for line in open(scene_dir / "_truth" / "docs.jsonl")}
     scenes = [r for r, d in enumerate(data.doc_ids) if len(objects[d]) > 1]
@@ -582,7 +582,7 @@ def test_scenes_without_others_paints_only_the_other_objects(scene_dir):
 def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
     """``recall_by_doc_kind(others_removed=True)`` is the brute-force recall over embeddings of
     :func:`scenes_without_others`' images."""
-    from mixer_lite.dataset import ImageTable, image_paths, load_dataset
+    from mixer_lite.dataset import ImageTable, image_files, load_dataset
     from mixer_lite.retrieval import embed_docs, embed_queries, judged_query_rows
     from mixer_lite.sampling import make_samples
     from mixer_lite.train import build_model, config_from
@@ -593,7 +593,7 @@ def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
     r = measures.recall_by_doc_kind(model, data, scene_dir, others_removed="painted")
     docs = embed_docs(model, measures.scenes_without_others(data, scene_dir, 64), data.doc_texts)
     rows = judged_query_rows(data)
-    queries = embed_queries(model, ImageTable(image_paths(data, "queries", rows), 64))
+    queries = embed_queries(model, ImageTable(image_files(data, "queries", rows), 64))
     qrels = {q["query_id"]: set(q["doc_ids"]) for q in data.qrels}
     top = np.argsort(-(queries @ docs.T), axis=1, kind="stable")[:, :10]
     hits = [bool(qrels[data.query_ids[row]] & {data.doc_ids[j] for j in top[i]})
@@ -607,12 +607,12 @@ def test_a_cropped_scene_doc_is_its_product_cut_out_and_framed(scene_dir):
     averaging); single-object docs unchanged."""
     from PIL import Image
 
-    from mixer_lite.dataset import ImageTable, image_paths, load_dataset
+    from mixer_lite.dataset import ImageTable, image_files, load_dataset
 
     data = load_dataset(scene_dir)
     size = 32
     cropped = measures.scenes_without_others(data, scene_dir, size, crop=True).numpy()
-    plain = ImageTable(image_paths(data, "docs"), size)[np.arange(len(data.docs))].numpy()
+    plain = ImageTable(image_files(data, "docs"), size)[np.arange(len(data.docs))].numpy()
     objects = {json.loads(line)["doc_id"]: json.loads(line)["objects"]
                for line in open(scene_dir / "_truth" / "docs.jsonl")}
     singles = [r for r, d in enumerate(data.doc_ids) if len(objects[d]) == 1]
@@ -620,7 +620,7 @@ def test_a_cropped_scene_doc_is_its_product_cut_out_and_framed(scene_dir):
     scenes = [r for r, d in enumerate(data.doc_ids) if len(objects[d]) > 1]
     for r in scenes[:8]:
         doc = data.doc_ids[r]
-        img = np.asarray(Image.open(image_paths(data, "docs")[r]).convert("RGB")
+        img = np.asarray(Image.open(image_files(data, "docs")[r]).convert("RGB")
                          .resize((128, 128), Image.BILINEAR), dtype=np.float64)
         labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{doc}.png"))
         ground = np.median(img[labels == 0], axis=0)

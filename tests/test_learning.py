@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixer_lite.dataset import ImageTable, image_paths
+from mixer_lite.dataset import ImageTable, image_files
 from mixer_lite.losses import MarginClassifier, info_nce, triplet_loss
 from mixer_lite.encoders import WordTokenizer
 from mixer_lite.model import MixerModel
@@ -52,8 +52,8 @@ def one_batch(tiny_data, n_classes: int = 12):
         if len(q_rows) == n_classes:
             break
     assert len(q_rows) == n_classes, f"tiny has {len(q_rows)} categories, not {n_classes}"
-    q_img = ImageTable(image_paths(tiny_data, "queries", q_rows), 64)[np.arange(n_classes)]
-    d_img = ImageTable(image_paths(tiny_data, "docs", d_rows), 64)[np.arange(n_classes)]
+    q_img = ImageTable(image_files(tiny_data, "queries", q_rows), 64)[np.arange(n_classes)]
+    d_img = ImageTable(image_files(tiny_data, "docs", d_rows), 64)[np.arange(n_classes)]
     texts = [tiny_data.doc_texts[r] for r in d_rows]
     return q_img, d_img, texts
 
@@ -147,8 +147,8 @@ def test_short_cosface_run_learns_its_training_classes_and_logs_validation(tiny_
     for label, row in zip(samples.label[~photos], samples.row[~photos]):
         docs_of.setdefault(int(label), set()).add(int(row))
     seen = Validation(samples.row[photos], [docs_of[int(c)] for c in samples.label[photos]])
-    q = ImageTable(image_paths(data, "queries", seen.query_rows), 64)
-    d = ImageTable(image_paths(data, "docs"), 64)
+    q = ImageTable(image_files(data, "queries", seen.query_rows), 64)
+    d = ImageTable(image_files(data, "docs"), 64)
     before = validate(build_model(data, samples, cfg), seen, q, d, data.doc_texts, "cpu")
     after = validate(load_run_model(tmp_path / "run"), seen, q, d, data.doc_texts, "cpu")
     b, a = before["val_recall@10"], after["val_recall@10"]

@@ -20,7 +20,7 @@ from _cli import TINY_MODEL, run_embeddings
 from PIL import Image
 from starlette.testclient import TestClient
 
-from mixer_lite.dataset import ImageTable, image_paths
+from mixer_lite.dataset import ImageTable, image_files
 from mixer_lite.server import MicroBatcher, create_app
 from mixer_lite.service import Limits, SearchService, build_run_index
 from mixer_lite.synthshop import make_synthshop
@@ -77,7 +77,7 @@ def same_ranking(hits, ids, scores, tol=1e-4):
 
 
 def photo_bytes(service, query_id: str) -> bytes:
-    return open(service.query_paths[service.query_row(query_id)], "rb").read()
+    return open(service.query_files[service.query_row(query_id)], "rb").read()
 
 
 def test_search_by_query_id_matches_a_brute_force_ranking(client, service, reference):
@@ -110,6 +110,25 @@ def test_an_upload_gets_the_same_hits_as_its_query_id_without_relevance(client, 
     assert [h["doc_id"] for h in res["hits"]] == \
         [h["doc_id"] for h in by_id["results"][0]["hits"]]
     assert all(h["relevant"] is None for h in res["hits"])
+
+
+def test_a_pack_of_the_folder_serves_the_same_hits_and_image_bytes(run, client, service,
+                                                                   tiny_pack):
+    """The service over the folder's pack (``mixer-lite pack``) uses the run's index (same
+    fingerprint), ranks alike, and serves each image's bytes from the shards with its type."""
+    packed = SearchService(run, tiny_pack, LIMITS, progress=False)
+    with TestClient(create_app(packed, window_s=0.001)) as c:
+        for q in service.test_queries[:3]:
+            form = {"query_id": (None, q), "k": (None, "10")}
+            a = client.post("/search", files=form).json()["results"][0]["hits"]
+            b = c.post("/search", files=form).json()["results"][0]["hits"]
+            assert [(h["doc_id"], h["score"], h["relevant"]) for h in b] == \
+                [(h["doc_id"], h["score"], h["relevant"]) for h in a]
+            doc = c.get(b[0]["image_url"])
+            assert doc.status_code == 200 and doc.headers["content-type"] == "image/png"
+            assert doc.content == client.get(a[0]["image_url"]).content
+            photo = c.get(f"/queries/{q}/image")
+            assert photo.content == photo_bytes(service, q)
 
 
 def test_several_photos_in_one_request_each_get_their_own_results(client, service, reference):
@@ -172,7 +191,7 @@ def test_a_doc_attention_is_the_models_attention(client, service, reference):
     data, model = reference["data"], service.model
     doc_id = data.doc_ids[3]
     out = client.get(f"/docs/{doc_id}/attention").json()
-    image = ImageTable([image_paths(data, "docs")[3]], model.cfg.image_size)[[0]]
+    image = ImageTable([image_files(data, "docs")[3]], model.cfg.image_size)[[0]]
     tokens = model.tokenize([data.doc_texts[3]])
     with torch.no_grad():
         _, info = model.embed_docs(image, tokens, return_attention=True)
@@ -189,7 +208,7 @@ def test_a_doc_attention_is_the_models_attention(client, service, reference):
     assert 0 <= out["image_weight"] <= 1
     img = client.get(f"/docs/{doc_id}/image")
     assert img.status_code == 200
-    assert img.content == open(image_paths(data, "docs")[3], "rb").read()
+    assert img.content == open(image_files(data, "docs")[3], "rb").read()
 
 
 def test_pages_and_listings(client, service):

@@ -145,11 +145,11 @@ def test_domain_gap_is_real(tiny_data):
 def test_doc_object_masks_cover_the_object_and_not_the_studio_background(tiny_dir, tiny_data):
     """Independent check against the pixels: where the rebuilt mask is 0 the doc image is the
     plain light studio background; where it is 1 most pixels are something else."""
-    from mixer_lite.dataset import ImageTable, image_paths
+    from mixer_lite.dataset import ImageTable, image_files
     from mixer_lite.synthshop import doc_object_masks
 
     masks = doc_object_masks(tiny_dir[0], tiny_data.doc_ids[:40], 64)
-    img = ImageTable(image_paths(tiny_data, "docs", range(40)), 64)[np.arange(40)]
+    img = ImageTable(image_files(tiny_data, "docs", range(40)), 64)[np.arange(40)]
     pixels = img.numpy().transpose(0, 2, 3, 1).astype(float)
     background, obj = pixels[masks == 0], pixels[masks > 0.99]
     assert 0.05 < masks.mean() < 0.6

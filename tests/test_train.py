@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixer_lite.dataset import data_fingerprint, load_dataset
-from mixer_lite.retrieval import evaluate_model
+from mixer_lite.dataset import ImageTable, data_fingerprint, image_files, load_dataset
+from mixer_lite.retrieval import embed_docs, evaluate_model, load_index
 from mixer_lite.runs import load_run_model
 from mixer_lite.sampling import EpochSampler, augment, make_samples, total_steps
 from mixer_lite.train import config_from, train
@@ -28,27 +28,45 @@ def cfg(*extra):
     return config_from("tiny-cpu", SMALL + list(extra))
 
 
+def torchrun(command, *args) -> str:
+    """``mixer-lite command *args`` on 2 gloo ranks of one torch thread each; its stdout.  The
+    ``--`` keeps torchrun from reading the command's options as its own (``--run``)."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", "-m", "mixer_lite.cli", "--", command,
+                           *map(str, args)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def weights(run):
     return torch.load(run / "model.pt", weights_only=True)["state_dict"]
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
+def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tiny_pack, tmp_path):
     """The run killed after step 3 and resumed ends with the uninterrupted run's weights.  Its
     batches come from 2 loader worker processes before the kill and 1 after, the uninterrupted
-    run's from none: the batches are the same whatever the worker count."""
+    run's from none: the batches are the same whatever the worker count.  It resumes on the
+    folder's pack (the same data, its images read from Arrow shards), and logs to TensorBoard
+    too, whose events after the checkpoint are dropped on resume as the log's lines are."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     data = tiny_dir[0]
     c = cfg("--epochs=0.12", "--checkpoint_every=2", "--log_every=1", "--eval_at_end=false")
     full = train(data, tmp_path / "full", c, progress=False)
     assert full["finished"] and full["steps"] >= 5
-    killed = train(data, tmp_path / "cut", dataclasses.replace(c, stop_after=3, loader_workers=2),
+    killed = train(data, tmp_path / "cut", dataclasses.replace(c, stop_after=3, loader_workers=2,
+                                                                tensorboard=True),
                    progress=False)
     assert not killed["finished"] and not (tmp_path / "cut" / "model.pt").exists()
     ck = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] == 2  # the last checkpoint before the "kill"
     stale = tmp_path / "cut" / "checkpoints" / ".last.pt.x1y2.tmp"  # as a kill -9 mid-save
     stale.write_bytes(b"")
-    resumed = train(data, tmp_path / "cut", dataclasses.replace(c, loader_workers=1),
-                    resume=True, progress=False)
+    resumed = train(tiny_pack, tmp_path / "cut",
+                    dataclasses.replace(c, loader_workers=1, tensorboard=True), resume=True,
+                    progress=False)
     assert not stale.exists()
     assert resumed["finished"]
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
@@ -62,6 +80,12 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     # data, the peak memory so far).
     assert all(x["images_per_s"] > 0 and 0 <= x["data_wait_share"] <= 1 and
                x["peak_mem_mib"] > 0 for x in log)
+    board = EventAccumulator(str(tmp_path / "cut" / "tensorboard"))
+    board.Reload()
+    for key in ("loss", "lr", "images_per_s"):
+        events = board.Scalars(key)
+        assert [e.step for e in events] == [x["step"] for x in log], key
+        np.testing.assert_allclose([e.value for e in events], [x[key] for x in log], rtol=1e-6)
 
 
 def test_throughput_reports_each_window_from_its_own_steps():
@@ -351,12 +375,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
                           str(tmp_path / "one"), *args, "--eval_at_end=false"],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--standalone", "-m", "mixer_lite.cli", "train", "--out",
-                          str(tmp_path / "two"), *args, "--loader_workers=1"],
-                         capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    torchrun("train", "--out", tmp_path / "two", *args, "--loader_workers=1")
     assert_same_first_step(tmp_path / "one", tmp_path / "two")
     # The end-of-run evaluation, each rank embedding half the docs and photos, equals one
     # process evaluating the same model.pt (an odd doc count: the shares differ by one).
@@ -365,6 +384,23 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     assert sharded["docs"] == whole["docs"] and whole["docs"] % 2 == 1
     for k in ("recall@1", "recall@10", "recall@50", "map@10", "mrr", "queries"):
         assert sharded[k] == pytest.approx(whole[k], abs=1e-9), k
+    # `evaluate` and `index` under torchrun: each rank embeds its share, rank 0 writes once.
+    (tmp_path / "two" / "eval.json").unlink()
+    said = torchrun("evaluate", "--run", tmp_path / "two", "--data", tiny_dir[0], "--device=cpu",
+                    "--quiet")
+    again = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert len(said.splitlines()) == 1 and json.loads(said)["recall@10"] == again["recall@10"]
+    for k in ("recall@1", "recall@10", "recall@50", "map@10", "mrr", "queries"):
+        assert again[k] == pytest.approx(whole[k], abs=1e-9), k
+    said = torchrun("index", "--run", tmp_path / "two", "--data", tiny_dir[0], "--device=cpu",
+                    "--quiet")
+    assert len(said.splitlines()) == 1
+    index, meta = load_index(tmp_path / "two" / "index")
+    data = load_dataset(tiny_dir[0])
+    model = load_run_model(tmp_path / "two")
+    docs = embed_docs(model, ImageTable(image_files(data, "docs"), 64), data.doc_texts)
+    assert meta["doc_ids"] == data.doc_ids
+    np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), docs, atol=1e-5)
 
 
 @pytest.mark.long
@@ -376,20 +412,11 @@ def test_torchrun_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=5",
             "--checkpoint_every=2", "--eval_at_end=false", "--val_share=0", "--device=cpu",
             "--sample_rate=0.5", "--clip_grad=1.0", "--centre_optimizer=adamw"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def torchrun(out, *extra):
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                               "--nproc_per_node=2", "--standalone", "-m", "mixer_lite.cli",
-                               "train", "--out", str(tmp_path / out), *args, *extra],
-                              capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    torchrun("full")
-    torchrun("cut", "--stop_after=3")
+    torchrun("train", "--out", tmp_path / "full", *args)
+    torchrun("train", "--out", tmp_path / "cut", *args, "--stop_after=3")
     assert not (tmp_path / "cut" / "model.pt").exists()
     assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
-    torchrun("cut", "--resume")
+    torchrun("train", "--out", tmp_path / "cut", *args, "--resume")
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     for k in a:
@@ -422,12 +449,7 @@ def test_torchrun_grad_accum_reduces_each_gradient_once(tiny_dir, tmp_path, enco
                           str(tmp_path / "one"), *args, "--grad_accum=4"],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--standalone", "-m", "mixer_lite.cli", "train", "--out",
-                          str(tmp_path / "two"), *args, "--grad_accum=2"],
-                         capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    torchrun("train", "--out", tmp_path / "two", *args, "--grad_accum=2")
     assert_same_first_step(tmp_path / "one", tmp_path / "two")
 
 
@@ -575,21 +597,12 @@ def test_resuming_on_another_number_of_ranks_continues_the_run(tiny_dir, tmp_pat
     args = ["--steps=4", "--checkpoint_every=2", "--model.dropout=0", "--augment=false",
             "--clip_grad=0", "--val_share=0", "--centre_init=random", "--device=cpu",
             "--eval_at_end=false", "--model.image_encoder=vit", "--model.embed_norm=none"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def torchrun(out, *extra):
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                               "--nproc_per_node=2", "--standalone", "-m", "mixer_lite.cli",
-                               "train", "--data", str(tiny_dir[0]), "--config", "tiny-cpu",
-                               *SMALL, *args, "--out", str(tmp_path / out), *extra],
-                              capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-
+    cli_args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, *args]
     train(tiny_dir[0], tmp_path / "one", cfg(*args), progress=False)
-    torchrun("two-then-one", "--stop_after=3")
+    torchrun("train", "--out", tmp_path / "two-then-one", *cli_args, "--stop_after=3")
     train(tiny_dir[0], tmp_path / "two-then-one", cfg(*args), resume=True, progress=False)
     train(tiny_dir[0], tmp_path / "one-then-two", cfg(*args, "--stop_after=3"), progress=False)
-    torchrun("one-then-two", "--resume")
+    torchrun("train", "--out", tmp_path / "one-then-two", *cli_args, "--resume")
     want = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
     for run in ("two-then-one", "one-then-two"):
         got = torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
