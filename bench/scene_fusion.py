@@ -9,9 +9,11 @@ SynthShop ``--preset`` with ``--scene-share`` of scene docs (default 0.3: the pr
 with validation only (``runs/experiments/<preset>-scenes<percent>-<variant>-s<seed>``; the test
 queries are never read), and prints its validation Recall@10 on all held-out photos, on those
 whose class has a scene doc (and with only the scene docs counted as hits), and on the others;
-the scene-docs recall again with every other object painted out of the scene docs, and with
-the product cut out and framed as a single shot (ceilings of choosing the region); then where its concepts look on 256 scene docs
-(:func:`mixer_lite.measures.scene_attention`; fusions without attention print none).
+the scene-docs recall again with every other object painted out of the scene docs, with the
+product cut out and framed as a single shot (ceilings of choosing the region), and with each
+scene doc cut where the model's own attention points (a hard pointer, no truth used); then
+where its concepts look on 256 scene docs (:func:`mixer_lite.measures.scene_attention`; fusions
+without attention print none).
 
 ``--test`` (once a variant is chosen) also reads each finished run's test queries, once, and
 writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and mAP@10 by doc kind
@@ -62,8 +64,8 @@ def main() -> None:
     data_dir = ensure_data(args.preset, scene_share=args.scene_share)
     data = load_dataset(data_dir, check_images=False)
     print("| variant | val R@10 all | scene | scene docs | single | scene docs, others painted "
-          "out | product cut out | product lift | other lift | swap moved |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "out | product cut out | cut where its attention points | product lift | other lift "
+          "| swap moved |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         overrides = [*VALIDATION, f"--seed={args.seed}", *VARIANTS[name]]
         run_name = f"{data_dir.name.removeprefix('synth-')}-{name}-s{args.seed}"
@@ -72,11 +74,13 @@ def main() -> None:
         cfg = config_from("tiny-cpu", overrides)
         validation = make_samples(data, cfg)[0].validation
         r = recall_by_doc_kind(model, data, data_dir, validation)
+        pointing = model.cfg.fusion in ("concept", "direct")
         ceiling = {how: recall_by_doc_kind(model, data, data_dir, validation, how)
-                   for how in ("painted", "cropped")}
+                   for how in ("painted", "cropped") + (("pointed",) if pointing else ())}
         cells = [f"{100 * r[k]['recall@10']:.1f} ({r[k]['queries']})"
                  for k in ("all", "scene", "scene_docs", "single")]
         cells += [f"{100 * c['scene_docs']['recall@10']:.1f}" for c in ceiling.values()]
+        cells += [] if pointing else ["-"]
         attention = {}
         if model.cfg.fusion in ("concept", "direct", "zoom"):
             a = scene_attention(model, data, data_dir, seed=args.seed)

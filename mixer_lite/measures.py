@@ -15,7 +15,7 @@ import torch
 
 from .dataset import ImageTable, image_files, load_dataset, load_images
 from .encoders import build_image_encoder, normalise_pixels
-from .model import ModelConfig
+from .model import ModelConfig, zoom_to
 from .weights import load_image_weights
 from .shop_images import CANVAS
 from .synthshop import doc_object_masks, doc_objects, doc_scene_masks, load_truth
@@ -433,6 +433,45 @@ def scenes_without_others(data, data_dir: str | Path, size: int, crop: bool = Fa
     return images
 
 
+def pointed_window(weights: torch.Tensor, grid: int, window: int) -> torch.Tensor:
+    """The square of ``window`` x ``window`` regions that holds the most of each doc's mean
+    attention map (``weights`` [B, K, P] over a ``grid`` x ``grid`` of regions, row-major), as
+    boxes [B, 3] = (centre x, centre y, half side) in ``grid_sample``'s coordinates (-1..1);
+    ties go to the first square in row-major order."""
+    maps = weights.float().mean(dim=1).reshape(-1, 1, grid, grid)
+    mass = torch.nn.functional.avg_pool2d(maps, window, stride=1).flatten(1)
+    best = mass.argmax(dim=1)
+    places = grid - window + 1
+    top, left = best // places, best % places
+    half = window / grid
+    centre = lambda start: (start + window / 2) / grid * 2 - 1  # noqa: E731
+    return torch.stack([centre(left.float()), centre(top.float()),
+                        torch.full_like(left, half, dtype=torch.float32)], dim=-1)
+
+
+def pointed_crops(model, data, rows, size: int, window: int = 5,
+                  batch_size: int = 256) -> torch.Tensor:
+    """The doc images of ``rows`` cut to the window their own concepts' attention points at
+    (:func:`pointed_window`, on the model's map of each doc with its title), from the 128 px
+    canvas, and shrunk to ``size`` (uint8 [len(rows), 3, size, size]): what the model's own
+    attention, used as a hard pointer, would show the doc tower."""
+    rows = np.asarray(rows, dtype=np.int64)
+    model.eval()
+    out = []
+    for lo in range(0, len(rows), batch_size):
+        part = rows[lo: lo + batch_size]
+        images = load_images(data, "docs", part, model.cfg.image_size)
+        with torch.no_grad():
+            _, info = model.embed_docs(images, model.tokenize([data.doc_texts[int(r)]
+                                                               for r in part]),
+                                       return_attention=True)
+        boxes = pointed_window(info["text_to_image"], info["grid"], window)
+        canvas = load_images(data, "docs", part, CANVAS).float()
+        out.append(torch.nn.functional.interpolate(zoom_to(canvas, boxes), size=(size, size),
+                                                   mode="area"))
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
 def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
                        others_removed: str | None = None) -> dict:
     """Metrics (Recall@1, Recall@10, mAP@10) of the judged test queries, or of the held-out
@@ -444,7 +483,9 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     where it has nothing to choose.  ``others_removed``: the scene docs embedded from
     :func:`scenes_without_others`, the product where it stands (``"painted"``) or cut out and
     framed as a single shot (``"cropped"``): what a doc tower that ignored every other object
-    could reach (the ceiling of choosing the region; ``docs/EXPERIMENTS.md``, "Scene docs")."""
+    could reach (the ceiling of choosing the region; ``docs/EXPERIMENTS.md``, "Scene docs");
+    or (``"pointed"``) cut to where the model's own attention points (:func:`pointed_crops`,
+    no truth used): what that attention is worth as a hard pointer."""
     from .retrieval import (embed_docs, embed_queries, exact_search, judged_query_rows,
                             ranking_metrics, relevance)
 
@@ -455,11 +496,17 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     else:
         rows, relevant = validation.query_rows, validation.relevant
     size = model.cfg.image_size
-    if others_removed not in (None, "painted", "cropped"):
-        raise ValueError(f"others_removed must be None, 'painted' or 'cropped', got "
+    if others_removed not in (None, "painted", "cropped", "pointed"):
+        raise ValueError(f"others_removed must be None, 'painted', 'cropped' or 'pointed', got "
                          f"{others_removed!r}")
-    docs = ImageTable(image_files(data, "docs"), size) if others_removed is None else \
-        scenes_without_others(data, data_dir, size, crop=others_removed == "cropped")
+    if others_removed in (None, "pointed"):
+        docs = ImageTable(image_files(data, "docs"), size)
+        if others_removed == "pointed":
+            docs = docs[np.arange(len(data.docs))]
+            scenes = scene_doc_rows(data, data_dir)
+            docs[torch.from_numpy(scenes)] = pointed_crops(model, data, scenes, size)
+    else:
+        docs = scenes_without_others(data, data_dir, size, crop=others_removed == "cropped")
     doc_emb = embed_docs(model, docs, data.doc_texts)
     query_emb = embed_queries(model, ImageTable(image_files(data, "queries", rows), size))
     _, ranked = exact_search(doc_emb, query_emb, 10)

@@ -134,6 +134,27 @@ def build_index(doc_emb: np.ndarray, kind: str = "flat", nlist: int | None = Non
     return index
 
 
+_GPU_RESOURCES: dict[int, object] = {}  # faiss GPU resources by device, kept for the process
+
+
+def index_on_device(index, device="cpu"):
+    """``index`` searched on ``device``'s GPU where faiss has GPU support (the faiss-gpu build:
+    ``StandardGpuResources``), else ``index`` unchanged: faiss-cpu, the package's dependency,
+    has none, and neither has faiss-gpu for HNSW, so those search on the CPU."""
+    import faiss
+
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+        return index
+    gpu = device.index or 0
+    if gpu not in _GPU_RESOURCES:
+        _GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
+    try:
+        return faiss.index_cpu_to_gpu(_GPU_RESOURCES[gpu], gpu, index)
+    except RuntimeError:  # an index kind faiss cannot put on a GPU (HNSW)
+        return index
+
+
 def search(index, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, doc rows) per query; rows of -1 mark fewer than k results."""
     k = min(k, index.ntotal)
@@ -258,14 +279,15 @@ def per_category(ranked: np.ndarray, relevant: list[set[int]], doc_category: lis
 
 
 def evaluate_embeddings(data, doc_emb: np.ndarray, query_emb: np.ndarray,
-                        query_rows: np.ndarray, index_kind: str = "flat",
+                        query_rows: np.ndarray, index_kind: str = "flat", device="cpu",
                         **index_params) -> dict:
-    """Search ``query_emb`` (rows ``query_rows`` of ``data.queries``) and score against qrels."""
+    """Search ``query_emb`` (rows ``query_rows`` of ``data.queries``) and score against qrels
+    (the index on ``device``'s GPU where faiss can: :func:`index_on_device`)."""
     if len(doc_emb) != len(data.docs):
         raise ValueError(f"{len(doc_emb)} doc embeddings for {len(data.docs)} docs in "
                          f"{data.root}/docs.jsonl: the index was built from another dataset")
     relevant = relevance(data, query_rows)
-    index = build_index(doc_emb, index_kind, **index_params)
+    index = index_on_device(build_index(doc_emb, index_kind, **index_params), device)
     _, ranked = search(index, query_emb, max(KS))
     metrics = ranking_metrics(ranked, relevant)
     metrics["docs"] = int(len(doc_emb))
@@ -330,7 +352,7 @@ def evaluate_model(model, data, device="cpu", batch_size: int = 256, index_kind:
                          progress=progress, desc="queries")
     query_emb = embed_queries(model, queries, batch_size, device, progress)
     query_emb = gather_rows(query_emb, len(rows), world, device)
-    return evaluate_embeddings(data, doc_emb, query_emb, rows, index_kind)
+    return evaluate_embeddings(data, doc_emb, query_emb, rows, index_kind, device)
 
 
 def evaluate_image_features(data, features, size: int = 64, index_kind: str = "flat") -> dict:

@@ -25,7 +25,7 @@ from .dataset import IMAGE_ERRORS, ImageTable, data_fingerprint, fit_image, imag
 from .files import check_writable, file_sha256, folder_lock
 from .measures import attention_of_docs
 from .retrieval import build_index, check_index_kind, embed_docs, embed_queries, gather_rows, \
-    load_index, save_index, search, shard_rows
+    index_on_device, load_index, save_index, search, shard_rows
 from .runs import load_run_model, resolve_device, setup_distributed
 
 REBUILD = "rebuild it with `mixer-lite index --run RUN --data DATA`"
@@ -66,7 +66,8 @@ def build_run_index(run: str | Path, data_dir: str | Path, kind: str = "flat",
 
 def open_run_index(run: str | Path, data, device="cpu"):
     """(model on ``device``, index, metadata) of a run, refused when the index was built from
-    other docs than ``data``'s or by another ``model.pt`` than the run's (trained again since)."""
+    other docs than ``data``'s or by another ``model.pt`` than the run's (trained again since);
+    the index on ``device``'s GPU where faiss can (:func:`retrieval.index_on_device`)."""
     run = Path(run)
     index, meta = load_index(run / "index")
     if meta["doc_ids"] != data.doc_ids:
@@ -76,7 +77,7 @@ def open_run_index(run: str | Path, data, device="cpu"):
     if meta.get("model_sha256") != file_sha256(run / "model.pt"):
         raise ValueError(f"the index in {run} was built from another {run / 'model.pt'} (the "
                          f"run was trained again since); {REBUILD}")
-    return model, index, meta
+    return model, index_on_device(index, device), meta
 
 
 # --------------------------------------------------------------------------------------------

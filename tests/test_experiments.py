@@ -461,15 +461,11 @@ def load_images_of_all(data):
     return load_images(data, "docs", np.arange(len(data.docs)), 64)
 
 
-def test_scene_attention_against_a_naive_loop_over_the_label_maps(scene_dir):
-    """A model that attends exactly where the title points scores what a loop over the label
-    PNGs computes (lift, the other objects' lift, the swap), and a blind one scores lift 1 and
-    no swap."""
+def title_following_model(data, scene_dir):
+    """(:class:`_TitleFollowingModel` of the folder, its truth lines, and each doc's products'
+    cover of the 8x8 regions, read from the label PNGs)."""
     from PIL import Image
 
-    from mixer_lite.dataset import load_dataset
-
-    data = load_dataset(scene_dir)
     truth = [json.loads(line) for line in open(scene_dir / "_truth" / "docs.jsonl")]
     title_product = {data.doc_texts[data.doc_row[t["doc_id"]]]: t["product_id"] for t in truth}
     cover = {}  # doc -> {product: share of each of the 8x8 regions it covers}
@@ -477,7 +473,17 @@ def test_scene_attention_against_a_naive_loop_over_the_label_maps(scene_dir):
         labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{t['doc_id']}.png"))
         cover[t["doc_id"]] = {o["product_id"]: (labels == i + 1).reshape(8, 16, 8, 16)
                               .mean((1, 3)).reshape(64) for i, o in enumerate(t["objects"])}
-    model = _TitleFollowingModel(data, scene_dir, cover, title_product)
+    return _TitleFollowingModel(data, scene_dir, cover, title_product), truth, cover
+
+
+def test_scene_attention_against_a_naive_loop_over_the_label_maps(scene_dir):
+    """A model that attends exactly where the title points scores what a loop over the label
+    PNGs computes (lift, the other objects' lift, the swap), and a blind one scores lift 1 and
+    no swap."""
+    from mixer_lite.dataset import load_dataset
+
+    data = load_dataset(scene_dir)
+    model, truth, cover = title_following_model(data, scene_dir)
     r = measures.scene_attention(model, data, scene_dir, n_docs=40, seed=3)
     per = r["per_doc"]
     lifts, others, above, moved = [], [], [], []
@@ -489,7 +495,8 @@ def test_scene_attention_against_a_naive_loop_over_the_label_maps(scene_dir):
         lifts.append(lift[0])
         others.extend(lift[1:])
         above.append(lift[0] > max(lift[1:]))
-        assert title_product[new_title] == t["objects"][swap]["product_id"] != t["product_id"]
+        assert model.title_product[new_title] == t["objects"][swap]["product_id"] \
+            != t["product_id"]
         after = regions[swap] / regions[swap].sum()
         mass_after = [float(after @ c) for c in regions]
         moved.append(int(np.argmax(mass_after)) == swap and mass_after[swap] > att @ regions[swap])
@@ -579,9 +586,11 @@ def test_scenes_without_others_paints_only_the_other_objects(scene_dir):
         assert only_others.sum() > 20  # the scene has other objects to paint
 
 
-def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
-    """``recall_by_doc_kind(others_removed=True)`` is the brute-force recall over embeddings of
-    :func:`scenes_without_others`' images."""
+@pytest.mark.parametrize("how", ["painted", "pointed"])
+def test_the_others_removed_ceiling_ranks_the_doctored_scene_docs(scene_dir, how):
+    """``recall_by_doc_kind(others_removed=...)`` is the brute-force recall over embeddings of
+    :func:`scenes_without_others`' images, or of the docs with their scene docs replaced by
+    :func:`pointed_crops` (the model's own attention)."""
     from mixer_lite.dataset import ImageTable, image_files, load_dataset
     from mixer_lite.retrieval import embed_docs, embed_queries, judged_query_rows
     from mixer_lite.sampling import make_samples
@@ -590,8 +599,14 @@ def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
     data = load_dataset(scene_dir)
     cfg = config_from("tiny-cpu", ["--model.image_weights=none"])
     model = build_model(data, make_samples(data, cfg)[0], cfg)
-    r = measures.recall_by_doc_kind(model, data, scene_dir, others_removed="painted")
-    docs = embed_docs(model, measures.scenes_without_others(data, scene_dir, 64), data.doc_texts)
+    r = measures.recall_by_doc_kind(model, data, scene_dir, others_removed=how)
+    if how == "painted":
+        images = measures.scenes_without_others(data, scene_dir, 64)
+    else:
+        images = ImageTable(image_files(data, "docs"), 64)[np.arange(len(data.docs))]
+        scenes = measures.scene_doc_rows(data, scene_dir)
+        images[scenes] = measures.pointed_crops(model, data, scenes, 64)
+    docs = embed_docs(model, images, data.doc_texts)
     rows = judged_query_rows(data)
     queries = embed_queries(model, ImageTable(image_files(data, "queries", rows), 64))
     qrels = {q["query_id"]: set(q["doc_ids"]) for q in data.qrels}
@@ -632,6 +647,44 @@ def test_a_cropped_scene_doc_is_its_product_cut_out_and_framed(scene_dir):
         want = np.asarray(piece.resize((size, size), Image.BOX), dtype=np.float64)
         got = cropped[r].transpose(1, 2, 0).astype(np.float64)
         assert np.abs(got - want).mean() < 4, doc  # torch's and PIL's resampling differ a little
+
+
+def test_pointed_window_hand_computed():
+    """The 5 x 5 square of an 8 x 8 map with the most mass: (centre x, centre y, half side)."""
+    one = torch.zeros(1, 2, 64)
+    one[0, :, 2 * 8 + 6] = 1.0  # all mass in row 2, column 6: squares with top 0-2, left 2-3
+    box = measures.pointed_window(one, 8, 5)[0].tolist()
+    assert box == pytest.approx([(2 + 2.5) / 4 - 1, (0 + 2.5) / 4 - 1, 0.625])  # first in order
+    split = torch.zeros(1, 1, 64)
+    split[0, 0, [0, 7 * 8 + 7, 7 * 8 + 6]] = torch.tensor([0.4, 0.3, 0.3])  # bottom right wins
+    assert measures.pointed_window(split, 8, 5)[0].tolist() == pytest.approx([0.375, 0.375, 0.625])
+    assert measures.pointed_window(torch.full((1, 3, 64), 1 / 64), 8, 5)[0].tolist() == \
+        pytest.approx([-0.375, -0.375, 0.625])  # uniform: every square ties
+
+
+def test_pointed_crops_cut_where_the_attention_points(scene_dir):
+    """A model whose attention covers the named product: each scene doc is cut to the 5 x 5
+    regions of most mass (a loop over the squares) on the 128 px canvas and shrunk, against PIL
+    doing so by hand."""
+    from PIL import Image
+
+    from mixer_lite.dataset import image_files, load_dataset
+
+    data = load_dataset(scene_dir)
+    model, truth, cover = title_following_model(data, scene_dir)
+    rows = measures.scene_doc_rows(data, scene_dir)[:6]
+    got = measures.pointed_crops(model, data, rows, 32, batch_size=4).numpy()
+    for i, r in enumerate(rows):
+        doc = data.doc_ids[r]
+        named = cover[doc][truth[r]["product_id"]].reshape(8, 8)
+        mass = {(top, left): named[top:top + 5, left:left + 5].sum()
+                for top in range(4) for left in range(4)}
+        top, left = max(mass, key=lambda k: (mass[k], -k[0], -k[1]))
+        img = Image.open(image_files(data, "docs")[r]).convert("RGB").resize((128, 128),
+                                                                            Image.BILINEAR)
+        want = np.asarray(img.crop((16 * left, 16 * top, 16 * left + 80, 16 * top + 80))
+                          .resize((32, 32), Image.BOX), dtype=np.float64)
+        assert np.abs(got[i].transpose(1, 2, 0) - want).mean() < 6, doc  # resampling differs
 
 
 def frame(ax) -> tuple:

@@ -252,3 +252,34 @@ def test_raw_pixel_embeddings_against_numpy_block_means(mean_image):
     x -= x.mean(axis=0, keepdims=True) if mean_image else x.mean(axis=1, keepdims=True)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     np.testing.assert_allclose(got, x, atol=1e-5)
+
+
+def test_an_index_goes_to_the_gpu_only_where_faiss_has_gpu_support(monkeypatch):
+    """faiss-cpu (no ``StandardGpuResources``) or a CPU device: the index itself.  A faiss with
+    GPU support (patched here: the code path, not the hardware) gets the index copied to the
+    device's GPU, one resources object per GPU; an index kind it cannot copy stays on the CPU."""
+    import faiss
+
+    from mixer_lite.retrieval import build_index, index_on_device
+
+    index = build_index(np.eye(4, dtype=np.float32), "flat")
+    assert not hasattr(faiss, "StandardGpuResources")  # the faiss-cpu this suite runs with
+    assert index_on_device(index, "cuda:1") is index and index_on_device(index, "cpu") is index
+    copied = []
+
+    def to_gpu(resources, gpu, cpu_index):
+        if isinstance(cpu_index, faiss.IndexHNSWFlat):
+            raise RuntimeError("not implemented for this type of index")
+        copied.append((resources, gpu, cpu_index))
+        return "gpu index"
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr("mixer_lite.retrieval._GPU_RESOURCES", {})
+    assert index_on_device(index, "cpu") is index and not copied
+    assert index_on_device(index, "cuda:3") == "gpu index"
+    assert index_on_device(index, "cuda:3") == "gpu index"
+    assert [(g, i) for _, g, i in copied] == [(3, index), (3, index)]
+    assert copied[0][0] is copied[1][0]  # one resources object for GPU 3
+    hnsw = build_index(np.eye(4, dtype=np.float32), "hnsw")
+    assert index_on_device(hnsw, "cuda") is hnsw

@@ -28,10 +28,12 @@ def cfg(*extra):
     return config_from("tiny-cpu", SMALL + list(extra))
 
 
-def torchrun(command, *args) -> str:
-    """``mixer-lite command *args`` on 2 gloo ranks of one torch thread each; its stdout.  The
-    ``--`` keeps torchrun from reading the command's options as its own (``--run``)."""
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+def torchrun(command, *args, ranks: int = 2) -> str:
+    """``mixer-lite command *args`` on ``ranks`` gloo ranks of one torch thread each; its
+    stdout.  The ``--`` keeps torchrun from reading the command's options as its own
+    (``--run``)."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                           f"--nproc_per_node={ranks}",
                            "--standalone", "-m", "mixer_lite.cli", "--", command,
                            *map(str, args)],
                           capture_output=True, text=True,
@@ -359,7 +361,7 @@ def test_channels_last_takes_the_same_first_step(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
-    """Hybrid parallel: DDP encoders + sharded classifier over 2 gloo ranks, each reading its
+    """Hybrid parallel: DDP encoders + sharded classifier over 4 gloo ranks, each reading its
     batches through a loader worker process, == 1 process reading them itself, on the
     gradients of a step (weights after several Adam steps differ by float order: by up to
     7e-5 on AVX-512 kernels, where the two runs sum in different orders)."""
@@ -375,29 +377,29 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
                           str(tmp_path / "one"), *args, "--eval_at_end=false"],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    torchrun("train", "--out", tmp_path / "two", *args, "--loader_workers=1")
-    assert_same_first_step(tmp_path / "one", tmp_path / "two")
-    # The end-of-run evaluation, each rank embedding half the docs and photos, equals one
-    # process evaluating the same model.pt (an odd doc count: the shares differ by one).
-    sharded = json.loads((tmp_path / "two" / "eval.json").read_text())
-    whole = evaluate_model(load_run_model(tmp_path / "two"), load_dataset(tiny_dir[0]))
+    torchrun("train", "--out", tmp_path / "four", *args, "--loader_workers=1", ranks=4)
+    assert_same_first_step(tmp_path / "one", tmp_path / "four")
+    # The end-of-run evaluation, each rank embedding a quarter of the docs and photos, equals
+    # one process evaluating the same model.pt (907 docs: the shares differ by one).
+    sharded = json.loads((tmp_path / "four" / "eval.json").read_text())
+    whole = evaluate_model(load_run_model(tmp_path / "four"), load_dataset(tiny_dir[0]))
     assert sharded["docs"] == whole["docs"] and whole["docs"] % 2 == 1
     for k in ("recall@1", "recall@10", "recall@50", "map@10", "mrr", "queries"):
         assert sharded[k] == pytest.approx(whole[k], abs=1e-9), k
     # `evaluate` and `index` under torchrun: each rank embeds its share, rank 0 writes once.
-    (tmp_path / "two" / "eval.json").unlink()
-    said = torchrun("evaluate", "--run", tmp_path / "two", "--data", tiny_dir[0], "--device=cpu",
+    (tmp_path / "four" / "eval.json").unlink()
+    said = torchrun("evaluate", "--run", tmp_path / "four", "--data", tiny_dir[0], "--device=cpu",
                     "--quiet")
-    again = json.loads((tmp_path / "two" / "eval.json").read_text())
+    again = json.loads((tmp_path / "four" / "eval.json").read_text())
     assert len(said.splitlines()) == 1 and json.loads(said)["recall@10"] == again["recall@10"]
     for k in ("recall@1", "recall@10", "recall@50", "map@10", "mrr", "queries"):
         assert again[k] == pytest.approx(whole[k], abs=1e-9), k
-    said = torchrun("index", "--run", tmp_path / "two", "--data", tiny_dir[0], "--device=cpu",
+    said = torchrun("index", "--run", tmp_path / "four", "--data", tiny_dir[0], "--device=cpu",
                     "--quiet")
     assert len(said.splitlines()) == 1
-    index, meta = load_index(tmp_path / "two" / "index")
+    index, meta = load_index(tmp_path / "four" / "index")
     data = load_dataset(tiny_dir[0])
-    model = load_run_model(tmp_path / "two")
+    model = load_run_model(tmp_path / "four")
     docs = embed_docs(model, ImageTable(image_files(data, "docs"), 64), data.doc_texts)
     assert meta["doc_ids"] == data.doc_ids
     np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), docs, atol=1e-5)
