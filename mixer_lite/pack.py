@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import (COLUMNS, DatasetError, PackedImage, Problem, ShopData, data_fingerprint,
-                      load_dataset, shop_data)
+from .dataset import (COLUMNS, PACK_FILE, DatasetError, PackedImage, Problem, ShopData,
+                      data_fingerprint, load_dataset, shop_data)
 
-PACK_FILE = "pack.json"
 FORMAT = "mixer-lite pack"
 VERSION = 1
 TABLES = ("docs", "queries", "clicks", "qrels")
