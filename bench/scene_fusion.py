@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "zoom_out": ("--doc_zoom_out=0.4",),
     "image_only_zoom_out": ("--model.fusion=image_only", "--doc_zoom_out=0.4"),
     "zoom": ("--model.fusion=zoom",),
+    "regions": ("--model.fusion=regions", "--model.fusion_gate=false"),
+    "regions_gate": ("--model.fusion=regions",),
 }
 
 
@@ -74,7 +76,7 @@ def main() -> None:
         cfg = config_from("tiny-cpu", overrides)
         validation = make_samples(data, cfg)[0].validation
         r = recall_by_doc_kind(model, data, data_dir, validation)
-        pointing = model.cfg.fusion in ("concept", "direct")
+        pointing = model.cfg.fusion in ("concept", "direct", "regions")
         ceiling = {how: recall_by_doc_kind(model, data, data_dir, validation, how)
                    for how in ("painted", "cropped") + (("pointed",) if pointing else ())}
         cells = [f"{100 * r[k]['recall@10']:.1f} ({r[k]['queries']})"
@@ -82,7 +84,7 @@ def main() -> None:
         cells += [f"{100 * c['scene_docs']['recall@10']:.1f}" for c in ceiling.values()]
         cells += [] if pointing else ["-"]
         attention = {}
-        if model.cfg.fusion in ("concept", "direct", "zoom"):
+        if model.cfg.fusion in ("concept", "direct", "zoom", "regions"):
             a = scene_attention(model, data, data_dir, seed=args.seed)
             attention = {k: v for k, v in a.items() if k != "per_doc"}
             cells += [f"{a['product_lift']:.2f}", f"{a['other_lift']:.2f}",

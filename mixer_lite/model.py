@@ -43,6 +43,17 @@ Where the paper is silent, we chose (and say so):
   and encoded again (:func:`zoom_to`), so the doc is the named product at the scale a photo
   shows it.  Trained through the retrieval loss alone its boxes stay whole and it retrieves
   worse than image-only docs (``docs/EXPERIMENTS.md``, "Scene docs", "A fusion that zooms").
+* ``fusion="regions"`` (ours, the same need): the regions the concepts attend over are not the
+  encoder's feature-map cells but candidate windows (:func:`candidate_boxes`: the whole image
+  and a 3 x 3 grid of windows ``region_side`` of its side), each cut out, resampled to full
+  size and encoded again, so a product that is half of a scene is seen at the scale a photo
+  shows it; the concepts choose among them by the same :class:`ConceptFusion`, and the loss,
+  not a box's gradient, decides which window pays.  The windows are encoded without gradient
+  and with the encoder's running statistics (the encoder learns from whole images and photos;
+  the choice and the doc transform learn from the windows): a training step costs what a
+  ``concept`` one does, embedding a doc about ten times as much.  On scene docs it beats
+  image-only docs and loses a third of the single docs' recall (``docs/EXPERIMENTS.md``,
+  "Scene docs", "Candidate windows"); an option, off.
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
@@ -59,7 +70,7 @@ import torch.nn.functional as F
 from .encoders import (HFTextEncoder, ScratchTextEncoder, WordTokenizer, batchnorm_layers,
                        build_image_encoder, normalise_pixels, resolve_text_model)
 
-FUSIONS = ("concept", "image_only", "text_only", "concat", "direct", "zoom")
+FUSIONS = ("concept", "image_only", "text_only", "concat", "direct", "zoom", "regions")
 CONCEPT_TEXT = ("residual", "none", "gated")
 CONCEPT_ATTENTION = ("softmax", "cosine", "slots")
 
@@ -92,6 +103,7 @@ class ModelConfig:
     concept_temperature: float = 10.0   # cosine / slots: the attention temperature's start value
     fusion_gate: bool = True            # doc = g * image + (1 - g) * fused; False: doc = fused
     concept_keeps_slot: bool = True     # concept = slot + what it read; False: what it read
+    region_side: float = 0.625          # regions: the candidate windows' side (1 = the image)
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
@@ -117,6 +129,9 @@ class ModelConfig:
         if self.embed_norm not in ("batch", "none"):
             raise ValueError(f"ModelConfig.embed_norm must be 'batch' or 'none', "
                              f"got {self.embed_norm!r}")
+        if not 0 < self.region_side <= 1:
+            raise ValueError(f"ModelConfig.region_side must be in (0, 1], "
+                             f"got {self.region_side}")
         if self.concept_temperature <= 0:
             raise ValueError(f"ModelConfig.concept_temperature must be positive, "
                              f"got {self.concept_temperature}")
@@ -249,6 +264,30 @@ def zoom_to(images: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
                          align_corners=False)
+
+
+def candidate_boxes(side: float) -> torch.Tensor:
+    """The regions of ``fusion="regions"``: [10, 3] boxes (centre x, centre y, half side) in
+    ``grid_sample``'s coordinates, the whole image first, then a 3 x 3 grid of windows
+    ``side`` of the image's side (row-major; corners touching the image's corners)."""
+    at = [-(1 - side), 0.0, 1 - side]
+    return torch.tensor([[0.0, 0.0, 1.0]] + [[x, y, side] for y in at for x in at])
+
+
+def boxes_on_grid(boxes: torch.Tensor, grid: int) -> torch.Tensor:
+    """Each box as weights over a ``grid`` x ``grid`` of cells (row-major), each cell weighed by
+    the share of its area inside the box, summing to 1: [len(boxes), grid * grid].  A map over
+    boxes times this is a map over cells, as the other fusions' maps are."""
+    edges = torch.arange(grid + 1, dtype=torch.float32) / grid * 2 - 1
+    lo, hi = edges[:-1], edges[1:]
+
+    def overlap(centre, half):  # [B, grid]: each cell's share inside the box along one axis
+        return ((torch.minimum(hi, centre + half) - torch.maximum(lo, centre - half))
+                .clamp_min(0) * grid / 2)
+
+    x, y, half = (boxes[:, i, None].float() for i in range(3))
+    inside = (overlap(y, half)[:, :, None] * overlap(x, half)[:, None, :]).flatten(1)
+    return inside / inside.sum(dim=1, keepdim=True)
 
 
 def _feed_forward(dim: int, dropout: float) -> nn.Sequential:
@@ -407,13 +446,15 @@ class MixerModel(nn.Module):
                 self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
                 self.text_encoder = HFTextEncoder(path, cfg.text_trainable)
             self.text_proj = nn.Linear(self.text_encoder.out_dim, d)
-        if cfg.fusion in ("concept", "text_only", "zoom"):
+        if cfg.fusion in ("concept", "text_only", "zoom", "regions"):
             self.concept_memory = ConceptMemory(d, cfg.n_concepts, cfg.dropout,
                                                 cfg.concept_keeps_slot)
         if cfg.fusion == "zoom":
             self.region_attention = ConceptImageAttention(d, cfg.dropout, cfg.concept_attention,
                                                           cfg.concept_temperature, values=False)
-        if cfg.fusion in ("concept", "direct"):
+        if cfg.fusion == "regions":
+            self.register_buffer("regions", candidate_boxes(cfg.region_side), persistent=False)
+        if cfg.fusion in ("concept", "direct", "regions"):
             self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text, cfg.concept_attention,
                                         cfg.concept_temperature, cfg.fusion_gate)
         if cfg.fusion == "concat":
@@ -530,6 +571,30 @@ class MixerModel(nn.Module):
         info["zoom_box"] = box = attention_box(weights, info["grid"])
         region = zoom_to(normalise_pixels(images), box)
         return self.doc_transform(self.image_encoder(region)[1])
+
+    def _regions_head(self, images, encoded, image_vec, text, mask, info):
+        """Concepts read the title and attend over candidate windows of the image
+        (:func:`candidate_boxes`), each encoded again at full size: the doc is what its title
+        chooses among them, gated against the whole image as in :meth:`_concept_head`."""
+        concepts, info["token_to_concept"] = self.concept_memory(text, mask)
+        windows = self.regions[1:]
+        n, k = len(images), len(windows)
+        pixels = normalise_pixels(images)
+        cut = zoom_to(pixels.repeat_interleave(k, dim=0), windows.repeat(n, 1))
+        was_training = self.image_encoder.training
+        self.image_encoder.eval()
+        with torch.no_grad():
+            pooled = self.image_encoder(cut)[1].view(n, k, -1)
+        self.image_encoder.train(was_training)
+        regions = self.doc_transform(torch.cat([encoded[1][:, None], pooled.to(encoded[1].dtype)],
+                                               dim=1))
+        out, weights, gate = self.fusion(concepts, regions, image_vec)
+        if gate is not None:
+            info["image_weight"] = gate.mean(dim=-1)
+        info["region_weights"], info["grid"] = weights, int(round(math.sqrt(encoded[0].shape[1])))
+        cells = boxes_on_grid(self.regions, info["grid"]).to(weights.dtype)
+        info["text_to_image"] = weights @ cells
+        return out
 
     def forward(self, query_images, doc_images, tokens: dict | None = None):
         """Both paths in one call (what DDP wraps): (query embeddings, doc embeddings).

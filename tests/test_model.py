@@ -414,3 +414,67 @@ def test_zoom_doc_is_the_region_its_title_points_at_and_learns_where():
     model.embed_docs(x, tokens).sum().backward()
     for part in (model.concept_memory, model.region_attention.q, model.region_attention.k):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_candidate_windows_on_the_grid_by_hand():
+    """The whole image, then a 3 x 3 grid of 5/8 windows (40 of 64 px, at 0, 12 or 24 px): on
+    an 8 x 8 grid of 8 px cells the first window holds cells 0-4 of each axis, the centre one
+    cells 2-5 and half of cells 1 and 6, the last cells 3-7; each cell weighed by its area
+    inside, summing to 1."""
+    from mixer_lite.model import boxes_on_grid, candidate_boxes
+
+    cells = boxes_on_grid(candidate_boxes(0.625), 8).view(10, 8, 8)
+    axis = {0: torch.ones(8), 1: torch.tensor([1.0] * 5 + [0.0] * 3),
+            2: torch.tensor([0.0, 0.5, 1, 1, 1, 1, 0.5, 0]),
+            3: torch.tensor([0.0] * 3 + [1.0] * 5)}
+    for k, (rows, cols) in {0: (0, 0), 1: (1, 1), 3: (1, 3), 5: (2, 2), 8: (3, 2),
+                            9: (3, 3)}.items():
+        want = axis[rows][:, None] * axis[cols][None, :]
+        torch.testing.assert_close(cells[k], want / want.sum())
+
+
+def test_regions_doc_is_what_its_title_chooses_among_windows_cut_by_hand():
+    """Each 5/8 window of a 64 px image is 40 px at 0, 12 or 24 px: cut out by slicing and
+    resized by ``interpolate`` (each pixel just beyond a window's edge made equal to the edge's,
+    so both resamplings agree), encoded with the running statistics, the whole
+    image first; the concepts' fusion over them is the doc, and its cell map is the window
+    weights spread over each window's cells.  In training the windows leave the encoder's
+    running statistics alone, and the loss reaches the concepts and their attention."""
+    from mixer_lite.encoders import normalise_pixels
+    from mixer_lite.model import boxes_on_grid, candidate_boxes
+
+    model = make("regions", image_encoder="cnn", image_weights="openclipart-cnn",
+                 concept_attention="cosine", dropout=0.0).eval()
+    x = images(n=4, seed=3)
+    for beyond, edge in ((11, 12), (23, 24), (40, 39), (52, 51)):
+        x[..., beyond, :] = x[..., edge, :]
+        x[..., :, beyond] = x[..., :, edge]
+    tokens = model.tokenize(TEXTS)
+    got, info = model.embed_docs(x, tokens, return_attention=True)
+    with torch.no_grad():
+        pixels = normalise_pixels(x)
+        windows = [F.interpolate(pixels[..., top:top + 40, left:left + 40], size=64,
+                                 mode="bilinear", align_corners=False)
+                   for top in (0, 12, 24) for left in (0, 12, 24)]
+        pooled = torch.stack([model.image_encoder(w)[1] for w in [pixels] + windows], dim=1)
+        concepts, _ = model.concept_memory(model.text_proj(model.text_encoder(
+            tokens["input_ids"], tokens["attention_mask"])), tokens["attention_mask"])
+        vec, weights, _ = model.fusion(concepts, model.doc_transform(pooled),
+                                       model.doc_transform(pooled[:, 0]))
+        want = F.normalize(model.doc_norm(model.out_proj(vec)), dim=-1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(info["region_weights"], weights, rtol=0, atol=1e-5)
+    torch.testing.assert_close(info["text_to_image"],
+                               weights @ boxes_on_grid(candidate_boxes(0.625), 8),
+                               rtol=0, atol=1e-5)
+    model.train()
+    whole = make("image_only", image_encoder="cnn", image_weights="openclipart-cnn",
+                 dropout=0.0)
+    whole.image_encoder.load_state_dict(model.image_encoder.state_dict())
+    model.embed_docs(x, tokens).sum().backward()
+    whole.embed_docs(x)
+    for ours, ref in zip(model.image_encoder.buffers(), whole.image_encoder.buffers()):
+        torch.testing.assert_close(ours, ref)
+    assert model.image_encoder.training
+    for part in (model.concept_memory, model.fusion.attend.q, model.fusion.attend.k):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
