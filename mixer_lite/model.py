@@ -495,8 +495,10 @@ class MixerModel(nn.Module):
         With ``return_attention=True`` also returns a dict: ``text_to_image`` [B, K, P] (each
         concept's weights over the image patches), ``token_to_concept`` [B, K, T] (each concept's
         weights over the text tokens), ``image_weight`` [B] (mean gate: 1 = image only),
-        ``token_mask`` [B, T] and ``grid`` (patches per side).  Entries an ablation lacks are
-        absent.
+        ``token_mask`` [B, T] and ``grid`` (patches per side); ``zoom`` adds ``zoom_box`` [B, 3]
+        and ``regions`` adds ``region_weights`` [B, K, 10] (each concept's weights over the
+        candidate windows, whose spread over the patches is ``text_to_image``).  Entries an
+        ablation lacks are absent.
         """
         encoded = self.encode_images(images) if self.cfg.fusion != "text_only" else None
         return self._doc_head(images, encoded, tokens, return_attention)
