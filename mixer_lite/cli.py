@@ -96,14 +96,16 @@ def _cmd_build_classes(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    import torch.distributed as dist
+
     from .train import config_from, train
 
     cfg = config_from(args.config, args.overrides)
     try:
         result = train(args.data, args.out, cfg, resume=args.resume, preset=args.config)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank closes its connections while another still uses them
     finally:
-        import torch.distributed as dist
-
         # Under torchrun, train() joined the process group: torch asks each process to
         # destroy it before exit, while the interpreter is still whole.
         if dist.is_available() and dist.is_initialized():
