@@ -50,6 +50,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "zoom": ("--model.fusion=zoom",),
     "regions": ("--model.fusion=regions", "--model.fusion_gate=false"),
     "regions_gate": ("--model.fusion=regions",),
+    "regions_title": ("--model.fusion=regions", "--model.region_choice=title"),
 }
 
 

@@ -53,7 +53,9 @@ Where the paper is silent, we chose (and say so):
   the choice and the doc transform learn from the windows): a training step costs what a
   ``concept`` one does, embedding a doc about ten times as much.  On scene docs it beats
   image-only docs and loses a third of the single docs' recall (``docs/EXPERIMENTS.md``,
-  "Scene docs", "Candidate windows"); an option, off.
+  "Scene docs", "Candidate windows"); an option, off.  ``region_choice="title"`` lets the
+  title's own embedding choose instead, trained beside its doc as a sample of the doc's class
+  (``docs/EXPERIMENTS.md``, "The title in the photos' space").
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
@@ -73,6 +75,7 @@ from .encoders import (HFTextEncoder, ScratchTextEncoder, WordTokenizer, batchno
 FUSIONS = ("concept", "image_only", "text_only", "concat", "direct", "zoom", "regions")
 CONCEPT_TEXT = ("residual", "none", "gated")
 CONCEPT_ATTENTION = ("softmax", "cosine", "slots")
+REGION_CHOICE = ("concepts", "title")
 
 
 @dataclass
@@ -104,6 +107,7 @@ class ModelConfig:
     fusion_gate: bool = True            # doc = g * image + (1 - g) * fused; False: doc = fused
     concept_keeps_slot: bool = True     # concept = slot + what it read; False: what it read
     region_side: float = 0.625          # regions: the candidate windows' side (1 = the image)
+    region_choice: str = "concepts"     # regions: what chooses the window: REGION_CHOICE
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
@@ -129,6 +133,12 @@ class ModelConfig:
         if self.embed_norm not in ("batch", "none"):
             raise ValueError(f"ModelConfig.embed_norm must be 'batch' or 'none', "
                              f"got {self.embed_norm!r}")
+        if self.region_choice not in REGION_CHOICE:
+            raise ValueError(f"ModelConfig.region_choice must be one of {REGION_CHOICE}, "
+                             f"got {self.region_choice!r}")
+        if self.region_choice != "concepts" and self.fusion != "regions":
+            raise ValueError(f"ModelConfig.region_choice={self.region_choice!r} chooses among "
+                             f"the windows of fusion='regions', not fusion={self.fusion!r}")
         if not 0 < self.region_side <= 1:
             raise ValueError(f"ModelConfig.region_side must be in (0, 1], "
                              f"got {self.region_side}")
@@ -454,7 +464,11 @@ class MixerModel(nn.Module):
                                                           cfg.concept_temperature, values=False)
         if cfg.fusion == "regions":
             self.register_buffer("regions", candidate_boxes(cfg.region_side), persistent=False)
-        if cfg.fusion in ("concept", "direct", "regions"):
+        self.title_chooses = cfg.fusion == "regions" and cfg.region_choice == "title"
+        if self.title_chooses:
+            self.choice_scale = nn.Parameter(torch.tensor(math.log(cfg.concept_temperature)))
+        if cfg.fusion in ("concept", "direct") or \
+                cfg.fusion == "regions" and not self.title_chooses:
             self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text, cfg.concept_attention,
                                         cfg.concept_temperature, cfg.fusion_gate)
         if cfg.fusion == "concat":
@@ -463,6 +477,8 @@ class MixerModel(nn.Module):
         norm = (lambda: EmbeddingNorm(d)) if cfg.embed_norm == "batch" else nn.Identity
         self.doc_norm = norm()
         self.query_norm = self.doc_norm if cfg.shared_transform else norm()
+        if self.title_chooses:
+            self.title_norm = norm()
         self.doc_head = getattr(self, f"_{cfg.fusion}_head")  # one per FUSIONS entry
 
     # ---- inputs -------------------------------------------------------------------------
@@ -500,8 +516,12 @@ class MixerModel(nn.Module):
         candidate windows, whose spread over the patches is ``text_to_image``).  Entries an
         ablation lacks are absent.
         """
-        encoded = self.encode_images(images) if self.cfg.fusion != "text_only" else None
-        return self._doc_head(images, encoded, tokens, return_attention)
+        return self._doc_head(images, self._encode_docs(images), tokens, return_attention)
+
+    def _encode_docs(self, images):
+        """The doc images through the shared encoder; None for text-only docs, which never
+        look at them."""
+        return self.encode_images(images) if self.cfg.fusion != "text_only" else None
 
     def _doc_head(self, images, encoded, tokens, return_attention=False):
         """The doc path after the image encoder; ``encoded`` = (patches, pooled) or None."""
@@ -575,9 +595,15 @@ class MixerModel(nn.Module):
         return self.doc_transform(self.image_encoder(region)[1])
 
     def _regions_head(self, images, encoded, image_vec, text, mask, info):
-        """Concepts read the title and attend over candidate windows of the image
-        (:func:`candidate_boxes`), each encoded again at full size: the doc is what its title
-        chooses among them, gated against the whole image as in :meth:`_concept_head`."""
+        """Candidate windows of the image (:func:`candidate_boxes`), each encoded again at full
+        size; the doc is what its title chooses among them.
+
+        ``region_choice="concepts"``: the concepts attend over the windows and are gated against
+        the whole image as in :meth:`_concept_head`.  ``"title"``: the title's own embedding
+        (the mean concept, as a text-only doc) weighs each window by its cosine with it (softmax
+        at a learned temperature); trained as a sample of the doc's class besides the doc
+        (:meth:`forward`), it lives where photos of the product do, so it picks the window a
+        photo would match (``docs/EXPERIMENTS.md``, "The title in the photos' space")."""
         concepts, info["token_to_concept"] = self.concept_memory(text, mask)
         windows = self.regions[1:]
         n, k = len(images), len(windows)
@@ -590,16 +616,25 @@ class MixerModel(nn.Module):
         self.image_encoder.train(was_training)
         regions = self.doc_transform(torch.cat([encoded[1][:, None], pooled.to(encoded[1].dtype)],
                                                dim=1))
-        out, weights, gate = self.fusion(concepts, regions, image_vec)
-        if gate is not None:
-            info["image_weight"] = gate.mean(dim=-1)
+        if self.title_chooses:
+            title = self.out_proj(concepts.mean(dim=1))
+            info["title_embedding"] = F.normalize(self.title_norm(title), dim=-1)
+            cosine = F.normalize(self.out_proj(regions), dim=-1) @ \
+                F.normalize(title, dim=-1)[:, :, None]
+            weights = torch.softmax(self.choice_scale.exp() * cosine.transpose(1, 2), dim=-1)
+            out = (weights @ regions).squeeze(1)
+        else:
+            out, weights, gate = self.fusion(concepts, regions, image_vec)
+            if gate is not None:
+                info["image_weight"] = gate.mean(dim=-1)
         info["region_weights"], info["grid"] = weights, int(round(math.sqrt(encoded[0].shape[1])))
         cells = boxes_on_grid(self.regions, info["grid"]).to(weights.dtype)
         info["text_to_image"] = weights @ cells
         return out
 
     def forward(self, query_images, doc_images, tokens: dict | None = None):
-        """Both paths in one call (what DDP wraps): (query embeddings, doc embeddings).
+        """Both paths in one call (what DDP wraps): (query embeddings, doc embeddings), the
+        docs as :meth:`_training_docs` returns them.
 
         An encoder with BatchNorm gets query photos and doc images as one batch, so training
         normalises by the statistics of both domains together, as its running statistics (used
@@ -611,10 +646,20 @@ class MixerModel(nn.Module):
         if self.encode_domains_together and n_q and n_d and self.cfg.fusion != "text_only":
             patches, pooled = self.encode_images(torch.cat([query_images, doc_images]))
             return (self._query_head(pooled[:n_q]),
-                    self._doc_head(doc_images, (patches[n_q:], pooled[n_q:]), tokens))
+                    self._training_docs(doc_images, (patches[n_q:], pooled[n_q:]), tokens))
         q = self.embed_queries(query_images) if n_q else None
-        d = self.embed_docs(doc_images, tokens) if n_d else None
+        d = self._training_docs(doc_images, self._encode_docs(doc_images), tokens) \
+            if n_d else None
         return q, d
+
+    def _training_docs(self, images, encoded, tokens):
+        """The docs :meth:`forward` returns: their embeddings [B, D]; when the title chooses
+        the window (``region_choice="title"``) and the model trains, [B, 2, D]: each doc and
+        its title's embedding, which the objective trains as a sample of the doc's class too."""
+        if not (self.title_chooses and self.training):
+            return self._doc_head(images, encoded, tokens)
+        emb, info = self._doc_head(images, encoded, tokens, return_attention=True)
+        return torch.stack([emb, info["title_embedding"].to(emb.dtype)], dim=1)
 
     # ---- persistence --------------------------------------------------------------------
     def export_config(self) -> dict:

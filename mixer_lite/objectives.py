@@ -121,11 +121,14 @@ class Classification(Objective):
         device = self.classifier.weight.device
         emb = torch.empty(len(idx), self.cfg.model.embed_dim, device=device)
         kind = torch.from_numpy(samples.kind[idx]).to(device)
+        labels = torch.from_numpy(samples.label[idx]).to(device)
+        doc_emb, titles = split_titles(doc_emb)
         if query_emb is not None:
             emb[kind == 0] = query_emb.float()
         if doc_emb is not None:
             emb[kind == 1] = doc_emb.float()
-        labels = torch.from_numpy(samples.label[idx]).to(device)
+        if titles is not None:  # each title a sample of its doc's class too
+            emb, labels = torch.cat([emb, titles.float()]), torch.cat([labels, labels[kind == 1]])
         self.last = (emb.detach(), labels)
         return self.classifier(emb, labels, step)
 
@@ -163,9 +166,13 @@ class Pairwise(Objective):
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, query_emb, doc_emb, samples, idx, step):
+        doc_emb, titles = split_titles(doc_emb)
         q, d = query_emb.float(), doc_emb.float()
         self.last = (q.detach(), d.detach())
-        return self.loss(q, d, self.arg)
+        loss = self.loss(q, d, self.arg)
+        if titles is None:
+            return loss
+        return (loss + self.loss(q, titles.float(), self.arg)) / 2  # each title paired too
 
     def health(self) -> dict:
         """The mean cosine of matched and of unmatched pairs, and the batch's mean cosine."""
@@ -175,6 +182,15 @@ class Pairwise(Objective):
         return {"cos_own": float(sim.diagonal().mean()),
                 "cos_other": float(sim[off].mean()) if off.any() else float("nan"),
                 "cos_batch": mean_pairwise_cosine(torch.cat([q, d]))}
+
+
+def split_titles(doc_emb):
+    """(docs, titles or None) of what the model's training forward returns for docs: [B, D],
+    or [B, 2, D] when each doc's title embedding comes beside it (``region_choice="title"``,
+    :meth:`mixer_lite.model.MixerModel.forward`)."""
+    if doc_emb is None or doc_emb.dim() == 2:
+        return doc_emb, None
+    return doc_emb[:, 0], doc_emb[:, 1]
 
 
 def make_objective(cfg: TrainConfig, num_classes: int, world: int) -> Objective:

@@ -408,3 +408,34 @@ def test_two_process_loss_scale_skips_on_every_rank_when_one_shard_overflows(tmp
     ranks skip the step (a rank that stepped alone would leave the ranks' encoders apart)."""
     mp.spawn(_overflow_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     assert [torch.load(tmp_path / f"o{i}.pt")["finite"] for i in range(2)] == [False, False]
+
+
+def test_objectives_train_each_title_beside_its_doc():
+    """Docs handed as [B, 2, D] (each doc and its title's embedding, ``region_choice="title"``):
+    the classification objective classifies the titles as more samples of their docs' classes
+    (against the classifier called on the samples concatenated by hand), and a pairwise one
+    averages the loss of the (photo, doc) pairs and of the (photo, title) pairs."""
+    from types import SimpleNamespace
+
+    from mixer_lite.objectives import Classification, Pairwise
+    from mixer_lite.train import config_from
+
+    torch.manual_seed(0)
+    cfg = config_from("tiny-cpu", ["--model.embed_dim=8"])
+    kind = np.array([0, 1, 1, 0, 1])
+    samples = SimpleNamespace(kind=kind, label=np.array([3, 1, 3, 0, 2]))
+    q, d = F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(3, 2, 8), dim=-1)
+    ours = Classification(cfg, 5, model_parallel=False)
+    ref = Classification(cfg, 5, model_parallel=False)
+    ref.load_state_dict(ours.state_dict())
+    got = ours(q, d, samples, np.arange(5), 0)
+    emb = torch.stack([q[0], d[0, 0], d[1, 0], q[1], d[2, 0], d[0, 1], d[1, 1], d[2, 1]])
+    want = ref.classifier(emb, torch.tensor([3, 1, 3, 0, 2, 1, 3, 2]), 0)
+    torch.testing.assert_close(got, want)
+    pairs = SimpleNamespace(kind=np.zeros(3, dtype=int), label=np.arange(3))
+    q3 = F.normalize(torch.randn(3, 8), dim=-1)
+    for loss, fn, arg in (("infonce", info_nce, cfg.temperature),
+                          ("triplet", triplet_loss, 0.2)):
+        pair = Pairwise(config_from("tiny-cpu", [f"--loss={loss}", "--margin=0.2"]))
+        torch.testing.assert_close(pair(q3, d, pairs, np.arange(3), 0),
+                                   (fn(q3, d[:, 0], arg) + fn(q3, d[:, 1], arg)) / 2)

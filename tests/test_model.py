@@ -433,32 +433,46 @@ def test_candidate_windows_on_the_grid_by_hand():
         torch.testing.assert_close(cells[k], want / want.sum())
 
 
-def test_regions_doc_is_what_its_title_chooses_among_windows_cut_by_hand():
-    """Each 5/8 window of a 64 px image is 40 px at 0, 12 or 24 px: cut out by slicing and
-    resized by ``interpolate`` (each pixel just beyond a window's edge made equal to the edge's,
-    so both resamplings agree), encoded with the running statistics, the whole
-    image first; the concepts' fusion over them is the doc, and its cell map is the window
-    weights spread over each window's cells.  In training the windows leave the encoder's
-    running statistics alone, and the loss reaches the concepts and their attention."""
+def window_images(seed=3):
+    """Four 64 px images whose pixels just beyond each 5/8 window's edges equal the edges', so
+    that slicing plus ``interpolate`` and ``grid_sample``'s windows agree."""
+    x = images(n=4, seed=seed)
+    for beyond, edge in ((11, 12), (23, 24), (40, 39), (52, 51)):
+        x[..., beyond, :] = x[..., edge, :]
+        x[..., :, beyond] = x[..., :, edge]
+    return x
+
+
+def windows_and_concepts_by_hand(model, x, tokens):
+    """Each 5/8 window of a 64 px image is 40 px at 0, 12 or 24 px: cut out by slicing,
+    resized by ``interpolate`` and encoded with the running statistics, the whole image
+    first ([B, 10, D] pooled); and the concepts the title gives."""
     from mixer_lite.encoders import normalise_pixels
+
+    pixels = normalise_pixels(x)
+    windows = [F.interpolate(pixels[..., top:top + 40, left:left + 40], size=64,
+                             mode="bilinear", align_corners=False)
+               for top in (0, 12, 24) for left in (0, 12, 24)]
+    pooled = torch.stack([model.image_encoder(w)[1] for w in [pixels] + windows], dim=1)
+    concepts, _ = model.concept_memory(model.text_proj(model.text_encoder(
+        tokens["input_ids"], tokens["attention_mask"])), tokens["attention_mask"])
+    return pooled, concepts
+
+
+def test_regions_doc_is_what_its_title_chooses_among_windows_cut_by_hand():
+    """The windows cut by hand (:func:`windows_and_concepts_by_hand`); the concepts' fusion
+    over them is the doc, and its cell map is the window weights spread over each window's
+    cells.  In training the windows leave the encoder's running statistics alone, and the loss
+    reaches the concepts and their attention."""
     from mixer_lite.model import boxes_on_grid, candidate_boxes
 
     model = make("regions", image_encoder="cnn", image_weights="openclipart-cnn",
                  concept_attention="cosine", dropout=0.0).eval()
-    x = images(n=4, seed=3)
-    for beyond, edge in ((11, 12), (23, 24), (40, 39), (52, 51)):
-        x[..., beyond, :] = x[..., edge, :]
-        x[..., :, beyond] = x[..., :, edge]
+    x = window_images()
     tokens = model.tokenize(TEXTS)
     got, info = model.embed_docs(x, tokens, return_attention=True)
     with torch.no_grad():
-        pixels = normalise_pixels(x)
-        windows = [F.interpolate(pixels[..., top:top + 40, left:left + 40], size=64,
-                                 mode="bilinear", align_corners=False)
-                   for top in (0, 12, 24) for left in (0, 12, 24)]
-        pooled = torch.stack([model.image_encoder(w)[1] for w in [pixels] + windows], dim=1)
-        concepts, _ = model.concept_memory(model.text_proj(model.text_encoder(
-            tokens["input_ids"], tokens["attention_mask"])), tokens["attention_mask"])
+        pooled, concepts = windows_and_concepts_by_hand(model, x, tokens)
         vec, weights, _ = model.fusion(concepts, model.doc_transform(pooled),
                                        model.doc_transform(pooled[:, 0]))
         want = F.normalize(model.doc_norm(model.out_proj(vec)), dim=-1)
@@ -478,3 +492,47 @@ def test_regions_doc_is_what_its_title_chooses_among_windows_cut_by_hand():
     assert model.image_encoder.training
     for part in (model.concept_memory, model.fusion.attend.q, model.fusion.attend.k):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_title_chosen_window_by_hand_and_the_title_trained_beside_its_doc():
+    """``region_choice="title"``: each window's weight is the softmax, at the learned
+    temperature, of the cosine (a loop over scalars here) between its projected vector and the
+    projected mean concept; the doc is the weighted sum of the windows.  In training the model
+    returns each doc with its title's embedding (the mean concept through the title's own
+    norm), and the loss reaches the concepts through both the title and the choice."""
+    model = make("regions", region_choice="title", image_encoder="cnn",
+                 image_weights="openclipart-cnn", dropout=0.0).eval()
+    assert not hasattr(model, "fusion")
+    x, tokens = window_images(), model.tokenize(TEXTS)
+    got, info = model.embed_docs(x, tokens, return_attention=True)
+    with torch.no_grad():
+        pooled, concepts = windows_and_concepts_by_hand(model, x, tokens)
+        regions = model.doc_transform(pooled)
+        title, projected = model.out_proj(concepts.mean(dim=1)), model.out_proj(regions)
+        scale = math.exp(float(model.choice_scale))
+        weights = torch.tensor([[scale * float(projected[b, k] @ title[b])
+                                 / float(projected[b, k].norm() * title[b].norm())
+                                 for k in range(10)] for b in range(4)]).softmax(dim=-1)
+        vec = sum(weights[:, k, None] * regions[:, k] for k in range(10))
+        want = F.normalize(model.doc_norm(model.out_proj(vec)), dim=-1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(info["region_weights"][:, 0], weights, rtol=0, atol=1e-5)
+    model.train()
+    q, d = model(images(n=3, seed=5), x, tokens)
+    assert q.shape == (3, 32) and d.shape == (4, 2, 32)
+    with torch.no_grad():
+        want_title = F.normalize(model.title_norm(model.out_proj(concepts.mean(dim=1))), dim=-1)
+    torch.testing.assert_close(d[:, 1], want_title, rtol=0, atol=1e-5)
+    d[:, 1].sum().backward()
+    assert not model.choice_scale.grad  # None or 0: the title alone involves no choice
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.concept_memory.parameters())
+    model.zero_grad()
+    model(images(n=3, seed=5), x, tokens)[1][:, 0].sum().backward()
+    assert model.choice_scale.grad is not None and model.choice_scale.grad.abs() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.concept_memory.parameters())
+    with pytest.raises(ValueError, match="region_choice"):
+        ModelConfig(fusion="regions", region_choice="words")
+    with pytest.raises(ValueError, match="fusion='regions', not fusion='concept'"):
+        ModelConfig(region_choice="title")
