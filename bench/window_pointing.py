@@ -4,7 +4,8 @@ docs/EXPERIMENTS.md, "The title in the photos' space".
     python bench/window_pointing.py RUN [RUN ...] [--data data/synth-small-scenes30]
 
 For 256 scene docs of a SynthShop folder with scene docs (``bench/scene_fusion.py`` makes
-one), each of the 3 x 3 candidate windows of ``fusion="regions"`` (:func:`candidate_boxes`)
+one; the docs and title swaps of :func:`mixer_lite.measures.scene_doc_sample`, seed 0),
+each of the 3 x 3 candidate windows of ``fusion="regions"`` (:func:`candidate_boxes`)
 is given to the object that covers most of it (the truth masks).  A run picks one window per
 doc: a ``regions`` run the window its weights favour most (the whole image left out), a
 ``text_only`` run the window whose photo embedding (the query tower) is nearest its title's
@@ -17,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from mixer_lite.dataset import load_dataset, load_images
-from mixer_lite.measures import scene_doc_rows
+from mixer_lite.measures import scene_doc_sample
 from mixer_lite.model import candidate_boxes, zoom_to
 from mixer_lite.runs import load_run_model
-from mixer_lite.synthshop import doc_objects, doc_scene_masks
 
 
 @torch.no_grad()
@@ -51,28 +50,18 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     data = load_dataset(args.data, check_images=False)
-    rng = np.random.default_rng(0)
-    rows = np.sort(rng.choice(scene_doc_rows(data, args.data), args.docs, replace=False))
-    ids = [data.doc_ids[int(r)] for r in rows]
-    first_doc: dict[str, str] = {}
-    for d, objs in doc_objects(args.data).items():
-        if objs:
-            first_doc.setdefault(objs[0]["product_id"], d)
     windows = candidate_boxes(0.625)[1:]
     print("| run | product's window | swapped title: that object's window | random window "
           "| some window the product's |\n|---|---|---|---|---|")
     for run in args.runs:
         model = load_run_model(run).eval()
         size = model.cfg.image_size
-        masks, objects = doc_scene_masks(args.data, ids, size)
+        rows, masks, _, swap, swapped = scene_doc_sample(data, args.data, size, args.docs)
         b, o = masks.shape[:2]
         m = torch.from_numpy(masks).float().reshape(b * o, 1, size, size)
         share = zoom_to(m.repeat_interleave(len(windows), dim=0), windows.repeat(b * o, 1))
         owner = share.reshape(b, o, len(windows), -1).mean(-1).argmax(dim=1)  # [B, windows]
-        swap = torch.tensor([1 + int(np.random.default_rng(i).integers(len(objs) - 1))
-                             for i, objs in enumerate(objects)])
-        swapped = [data.doc_texts[data.doc_row[first_doc[objs[j]["product_id"]]]]
-                   for objs, j in zip(objects, swap.tolist())]
+        swap = torch.from_numpy(swap)
         images = load_images(data, "docs", rows, size)
         at = torch.arange(b)
         title = picked_windows(model, images, [data.doc_texts[int(r)] for r in rows], windows)

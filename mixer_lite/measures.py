@@ -335,6 +335,27 @@ def scene_doc_rows(data, data_dir: str | Path) -> np.ndarray:
                     dtype=np.int64)
 
 
+def scene_doc_sample(data, data_dir: str | Path, size: int, n_docs: int = 256,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, list, np.ndarray, list]:
+    """``n_docs`` scene docs drawn with ``seed`` (sorted rows), their object masks and records
+    at ``size`` (:func:`doc_scene_masks`), and a title swap for each: one of its other objects
+    (its index among the doc's objects) and the title of that object's product's first doc."""
+    scenes = scene_doc_rows(data, data_dir)
+    if not len(scenes):
+        raise ValueError(f"{data_dir} has no scene docs: make it with scene_share > 0")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(scenes, min(n_docs, len(scenes)), replace=False))
+    masks, objects = doc_scene_masks(data_dir, [data.doc_ids[int(r)] for r in rows], size)
+    first_doc: dict[str, str] = {}
+    for d, objs in doc_objects(data_dir).items():
+        if objs:
+            first_doc.setdefault(objs[0]["product_id"], d)
+    swap = np.array([1 + int(rng.integers(len(objs) - 1)) for objs in objects])
+    swapped = [data.doc_texts[data.doc_row[first_doc[objs[j]["product_id"]]]]
+               for objs, j in zip(objects, swap)]
+    return rows, masks, objects, swap, swapped
+
+
 @torch.no_grad()
 def scene_attention(model, data, data_dir: str | Path, n_docs: int = 256,
                     seed: int = 0) -> dict:
@@ -352,21 +373,8 @@ def scene_attention(model, data, data_dir: str | Path, n_docs: int = 256,
     ``named_mass_after`` its mean mass under each title.  ``per_doc`` keeps, per doc measured,
     its row, the product's lift, the swapped-in object and whether the attention moved.
     """
-    objects_of = doc_objects(data_dir)
-    scenes = scene_doc_rows(data, data_dir)
-    if not len(scenes):
-        raise ValueError(f"{data_dir} has no scene docs: make it with scene_share > 0")
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(scenes, min(n_docs, len(scenes)), replace=False))
     size = model.cfg.image_size
-    masks, objects = doc_scene_masks(data_dir, [data.doc_ids[int(r)] for r in rows], size)
-    first_doc: dict[str, str] = {}
-    for d, objs in objects_of.items():
-        if objs:
-            first_doc.setdefault(objs[0]["product_id"], d)
-    swap = np.array([1 + int(rng.integers(len(objs) - 1)) for objs in objects])
-    swapped = [data.doc_texts[data.doc_row[first_doc[objs[j]["product_id"]]]]
-               for objs, j in zip(objects, swap)]
+    rows, masks, objects, swap, swapped = scene_doc_sample(data, data_dir, size, n_docs, seed)
     images = load_images(data, "docs", rows, size)
     model.eval()
 
