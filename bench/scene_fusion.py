@@ -51,6 +51,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "regions": ("--model.fusion=regions", "--model.fusion_gate=false"),
     "regions_gate": ("--model.fusion=regions",),
     "regions_title": ("--model.fusion=regions", "--model.region_choice=title"),
+    "regions_title_whole2": ("--model.fusion=regions", "--model.region_choice=title",
+                             "--model.region_whole_bias=2"),
+    "regions_title_whole3": ("--model.fusion=regions", "--model.region_choice=title",
+                             "--model.region_whole_bias=3"),
 }
 
 

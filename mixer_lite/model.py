@@ -55,7 +55,10 @@ Where the paper is silent, we chose (and say so):
   image-only docs and loses a third of the single docs' recall (``docs/EXPERIMENTS.md``,
   "Scene docs", "Candidate windows"); an option, off.  ``region_choice="title"`` lets the
   title's own embedding choose instead, trained beside its doc as a sample of the doc's class
-  (``docs/EXPERIMENTS.md``, "The title in the photos' space").
+  (``docs/EXPERIMENTS.md``, "The title in the photos' space"), and ``region_whole_bias``
+  favours the whole image in that choice, so that a window must match the title clearly better
+  to replace it and the encoder keeps learning from whole doc images (``docs/EXPERIMENTS.md``,
+  "The whole image unless a window beats it").
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
@@ -108,6 +111,7 @@ class ModelConfig:
     concept_keeps_slot: bool = True     # concept = slot + what it read; False: what it read
     region_side: float = 0.625          # regions: the candidate windows' side (1 = the image)
     region_choice: str = "concepts"     # regions: what chooses the window: REGION_CHOICE
+    region_whole_bias: float = 0.0      # regions, title: added to the whole image's choice logit
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
@@ -139,6 +143,13 @@ class ModelConfig:
         if self.region_choice != "concepts" and self.fusion != "regions":
             raise ValueError(f"ModelConfig.region_choice={self.region_choice!r} chooses among "
                              f"the windows of fusion='regions', not fusion={self.fusion!r}")
+        if self.region_whole_bias and self.region_choice != "title":
+            raise ValueError(f"ModelConfig.region_whole_bias={self.region_whole_bias} favours "
+                             f"the whole image in the title's choice: it needs "
+                             f"region_choice='title', not {self.region_choice!r}")
+        if not math.isfinite(self.region_whole_bias):
+            raise ValueError(f"ModelConfig.region_whole_bias must be finite, "
+                             f"got {self.region_whole_bias}")
         if not 0 < self.region_side <= 1:
             raise ValueError(f"ModelConfig.region_side must be in (0, 1], "
                              f"got {self.region_side}")
@@ -603,7 +614,8 @@ class MixerModel(nn.Module):
         (the mean concept, as a text-only doc) weighs each window by its cosine with it (softmax
         at a learned temperature); trained as a sample of the doc's class besides the doc
         (:meth:`forward`), it lives where photos of the product do, so it picks the window a
-        photo would match (``docs/EXPERIMENTS.md``, "The title in the photos' space")."""
+        photo would match (``docs/EXPERIMENTS.md``, "The title in the photos' space");
+        ``region_whole_bias`` is added to the whole image's logit."""
         concepts, info["token_to_concept"] = self.concept_memory(text, mask)
         windows = self.regions[1:]
         n, k = len(images), len(windows)
@@ -621,7 +633,9 @@ class MixerModel(nn.Module):
             info["title_embedding"] = F.normalize(self.title_norm(title), dim=-1)
             cosine = F.normalize(self.out_proj(regions), dim=-1) @ \
                 F.normalize(title, dim=-1)[:, :, None]
-            weights = torch.softmax(self.choice_scale.exp() * cosine.transpose(1, 2), dim=-1)
+            logits = self.choice_scale.exp() * cosine.transpose(1, 2)
+            logits[..., 0] += self.cfg.region_whole_bias  # a window must beat the whole image
+            weights = torch.softmax(logits, dim=-1)
             out = (weights @ regions).squeeze(1)
         else:
             out, weights, gate = self.fusion(concepts, regions, image_vec)

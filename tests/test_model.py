@@ -517,6 +517,14 @@ def test_title_chosen_window_by_hand_and_the_title_trained_beside_its_doc():
         want = F.normalize(model.doc_norm(model.out_proj(vec)), dim=-1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(info["region_weights"][:, 0], weights, rtol=0, atol=1e-5)
+    # region_whole_bias: added to the whole image's logit (the first), by hand
+    favoured = make("regions", region_choice="title", region_whole_bias=1.5,
+                    image_encoder="cnn", image_weights="openclipart-cnn", dropout=0.0)
+    favoured.load_state_dict(model.state_dict())
+    got = favoured.eval().embed_docs(x, tokens, return_attention=True)[1]["region_weights"]
+    logits = weights.log() + torch.tensor([1.5] + [0.0] * 9)  # log-softmax + a constant
+    torch.testing.assert_close(got[:, 0], logits.softmax(dim=-1), rtol=0, atol=1e-5)
+    assert (got[:, 0, 0] > weights[:, 0]).all()
     model.train()
     q, d = model(images(n=3, seed=5), x, tokens)
     assert q.shape == (3, 32) and d.shape == (4, 2, 32)
@@ -536,3 +544,7 @@ def test_title_chosen_window_by_hand_and_the_title_trained_beside_its_doc():
         ModelConfig(fusion="regions", region_choice="words")
     with pytest.raises(ValueError, match="fusion='regions', not fusion='concept'"):
         ModelConfig(region_choice="title")
+    with pytest.raises(ValueError, match="region_whole_bias=1.0 .* not 'concepts'"):
+        ModelConfig(fusion="regions", region_whole_bias=1.0)
+    with pytest.raises(ValueError, match="region_whole_bias must be finite"):
+        ModelConfig(fusion="regions", region_choice="title", region_whole_bias=math.inf)
