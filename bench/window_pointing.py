@@ -5,11 +5,11 @@ docs/EXPERIMENTS.md, "The title in the photos' space".
 
 For 256 scene docs of a SynthShop folder with scene docs (``bench/scene_fusion.py`` makes
 one; the docs and title swaps of :func:`mixer_lite.measures.scene_doc_sample`, seed 0),
-each of the 3 x 3 candidate windows of ``fusion="regions"`` (:func:`candidate_boxes`)
-is given to the object that covers most of it (the truth masks).  A run picks one window per
-doc: a ``regions`` run the window its weights favour most (the whole image left out), a
-``text_only`` run the window whose photo embedding (the query tower) is nearest its title's
-doc embedding.  Printed: the share of docs whose picked window belongs to the product the
+each of the 3 x 3 candidate windows of ``fusion="regions"`` (:func:`candidate_boxes`, at the
+run's ``region_side``) is given to the object that covers most of it (the truth masks).  A run
+picks one window per doc: a ``regions`` run the window its weights favour most (the whole
+image left out), a ``text_only`` run the window whose photo embedding (the query tower) is
+nearest its title's doc embedding.  Printed: the share of docs whose picked window belongs to the product the
 title names; the same with each title swapped for one of another object in the scene (the
 picked window should then belong to that object); what a window drawn at random reaches; and
 the share of docs where some window belongs to the product (the ceiling).  Reads no query.
@@ -50,12 +50,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     data = load_dataset(args.data, check_images=False)
-    windows = candidate_boxes(0.625)[1:]
     print("| run | product's window | swapped title: that object's window | random window "
           "| some window the product's |\n|---|---|---|---|---|")
     for run in args.runs:
         model = load_run_model(run).eval()
         size = model.cfg.image_size
+        windows = candidate_boxes(model.cfg.region_side)[1:]  # the run's own windows
         rows, masks, _, swap, swapped = scene_doc_sample(data, args.data, size, args.docs)
         b, o = masks.shape[:2]
         m = torch.from_numpy(masks).float().reshape(b * o, 1, size, size)
