@@ -3,16 +3,16 @@ docs/EXPERIMENTS.md, "The title in the photos' space".
 
     python bench/window_pointing.py RUN [RUN ...] [--data data/synth-small-scenes30]
 
-For 256 scene docs of a SynthShop folder with scene docs (``bench/scene_fusion.py`` makes
-one; the docs and title swaps of :func:`mixer_lite.measures.scene_doc_sample`, seed 0),
-each of the 3 x 3 candidate windows of ``fusion="regions"`` (:func:`candidate_boxes`, at the
-run's ``region_side``) is given to the object that covers most of it (the truth masks).  A run
-picks one window per doc: a ``regions`` run the window its weights favour most (the whole
-image left out), a ``text_only`` run the window whose photo embedding (the query tower) is
-nearest its title's doc embedding.  Printed: the share of docs whose picked window belongs to the product the
-title names; the same with each title swapped for one of another object in the scene (the
-picked window should then belong to that object); what a window drawn at random reaches; and
-the share of docs where some window belongs to the product (the ceiling).  Reads no query.
+For 256 scene docs of a SynthShop folder with scene docs (``bench/scene_fusion.py`` makes one;
+the docs and title swaps of :func:`mixer_lite.measures.scene_doc_sample`, seed 0), each of the
+3 x 3 candidate windows of ``fusion="regions"`` (:func:`candidate_boxes`, at the run's
+``region_side``) is given to the object that covers most of it (the truth masks). A run picks
+one window per doc: a ``regions`` run the window its weights favour most (the whole image left
+out), a ``text_only`` run the window whose photo embedding (the query tower) is nearest its
+title's doc embedding. Printed: the share of docs whose picked window belongs to the product the
+title names; the same with each title swapped for one of another object in the scene (the picked
+window should then belong to that object); what a window drawn at random reaches; and the share
+of docs where some window belongs to the product (the ceiling). Reads no query.
 """
 from __future__ import annotations
 
