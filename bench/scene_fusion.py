@@ -15,9 +15,10 @@ scene doc cut where the model's own attention points (a hard pointer, no truth u
 where its concepts look on 256 scene docs (:func:`mixer_lite.measures.scene_attention`; fusions
 without attention print none).
 
-``--test`` (once a variant is chosen) also reads each finished run's test queries, once, and
-writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and mAP@10 by doc kind
-(:func:`mixer_lite.measures.recall_by_doc_kind`) and the attention measures.
+``--no-ceilings`` skips the three re-embedded scene-doc columns (for more seeds of a chosen
+variant).  ``--test`` (once a variant is chosen) also reads each finished run's test queries,
+once, and writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and mAP@10 by doc
+kind (:func:`mixer_lite.measures.recall_by_doc_kind`) and the attention measures.
 About 10 minutes a run on ``small``, 1 on ``tiny``, on 2 cores.
 """
 from __future__ import annotations
@@ -55,6 +56,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
                              "--model.region_whole_bias=2"),
     "regions_title_whole3": ("--model.fusion=regions", "--model.region_choice=title",
                              "--model.region_whole_bias=3"),
+    "mixer_title": ("--model.title_sample=true",),
+    "regions_title_fused2": ("--model.fusion=regions", "--model.region_choice=title",
+                             "--model.region_whole_bias=2", "--model.region_whole=concepts"),
 }
 
 
@@ -67,6 +71,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test", action="store_true",
                    help="also read the test queries once and write results/scenes/<run>.json")
+    p.add_argument("--no-ceilings", action="store_true",
+                   help="skip the three re-embeddings of the scene docs (painted out, cut out, "
+                        "cut where attention points): for more seeds of a chosen variant")
     args = p.parse_args()
     data_dir = ensure_data(args.preset, scene_share=args.scene_share)
     data = load_dataset(data_dir, check_images=False)
@@ -82,12 +89,14 @@ def main() -> None:
         validation = make_samples(data, cfg)[0].validation
         r = recall_by_doc_kind(model, data, data_dir, validation)
         pointing = model.cfg.fusion in ("concept", "direct", "regions")
+        ceilings = () if args.no_ceilings else \
+            ("painted", "cropped") + (("pointed",) if pointing else ())
         ceiling = {how: recall_by_doc_kind(model, data, data_dir, validation, how)
-                   for how in ("painted", "cropped") + (("pointed",) if pointing else ())}
+                   for how in ceilings}
         cells = [f"{100 * r[k]['recall@10']:.1f} ({r[k]['queries']})"
                  for k in ("all", "scene", "scene_docs", "single")]
         cells += [f"{100 * c['scene_docs']['recall@10']:.1f}" for c in ceiling.values()]
-        cells += [] if pointing else ["-"]
+        cells += ["-"] * (3 - len(ceiling))
         attention = {}
         if model.cfg.fusion in ("concept", "direct", "zoom", "regions"):
             a = scene_attention(model, data, data_dir, seed=args.seed)

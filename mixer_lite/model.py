@@ -58,7 +58,11 @@ Where the paper is silent, we chose (and say so):
   (``docs/EXPERIMENTS.md``, "The title in the photos' space"), and ``region_whole_bias``
   favours the whole image in that choice, so that a window must match the title clearly better
   to replace it and the encoder keeps learning from whole doc images (``docs/EXPERIMENTS.md``,
-  "The whole image unless a window beats it").
+  "The whole image unless a window beats it"); ``region_whole="concepts"`` makes that whole
+  candidate the paper's fused doc, so single-product docs keep what concept fusion gives them
+  (``docs/EXPERIMENTS.md``, "The fused doc unless a window beats it").  ``title_sample``
+  trains the concept head's title embedding beside its doc the same way, with no windows: what
+  that training alone does to Mixer's docs.
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
@@ -79,6 +83,7 @@ FUSIONS = ("concept", "image_only", "text_only", "concat", "direct", "zoom", "re
 CONCEPT_TEXT = ("residual", "none", "gated")
 CONCEPT_ATTENTION = ("softmax", "cosine", "slots")
 REGION_CHOICE = ("concepts", "title")
+REGION_WHOLE = ("image", "concepts")
 
 
 @dataclass
@@ -112,6 +117,8 @@ class ModelConfig:
     region_side: float = 0.625          # regions: the candidate windows' side (1 = the image)
     region_choice: str = "concepts"     # regions: what chooses the window: REGION_CHOICE
     region_whole_bias: float = 0.0      # regions, title: added to the whole image's choice logit
+    region_whole: str = "image"         # regions, title: the whole-image candidate: REGION_WHOLE
+    title_sample: bool = False          # concept: the title's embedding trains beside its doc
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
@@ -147,6 +154,17 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.region_whole_bias={self.region_whole_bias} favours "
                              f"the whole image in the title's choice: it needs "
                              f"region_choice='title', not {self.region_choice!r}")
+        if self.region_whole not in REGION_WHOLE:
+            raise ValueError(f"ModelConfig.region_whole must be one of {REGION_WHOLE}, "
+                             f"got {self.region_whole!r}")
+        if self.region_whole != "image" and self.region_choice != "title":
+            raise ValueError(f"ModelConfig.region_whole={self.region_whole!r} is a candidate of "
+                             f"the title's choice: it needs region_choice='title', "
+                             f"not {self.region_choice!r}")
+        if self.title_sample and self.fusion != "concept":
+            raise ValueError(f"ModelConfig.title_sample trains the concept head's title beside "
+                             f"its doc: it needs fusion='concept', not {self.fusion!r} (with "
+                             f"fusion='regions', region_choice='title' trains the title already)")
         if not math.isfinite(self.region_whole_bias):
             raise ValueError(f"ModelConfig.region_whole_bias must be finite, "
                              f"got {self.region_whole_bias}")
@@ -476,10 +494,11 @@ class MixerModel(nn.Module):
         if cfg.fusion == "regions":
             self.register_buffer("regions", candidate_boxes(cfg.region_side), persistent=False)
         self.title_chooses = cfg.fusion == "regions" and cfg.region_choice == "title"
+        self.trains_title = self.title_chooses or cfg.title_sample
         if self.title_chooses:
             self.choice_scale = nn.Parameter(torch.tensor(math.log(cfg.concept_temperature)))
-        if cfg.fusion in ("concept", "direct") or \
-                cfg.fusion == "regions" and not self.title_chooses:
+        if cfg.fusion in ("concept", "direct") or cfg.fusion == "regions" and \
+                (not self.title_chooses or cfg.region_whole == "concepts"):
             self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text, cfg.concept_attention,
                                         cfg.concept_temperature, cfg.fusion_gate)
         if cfg.fusion == "concat":
@@ -488,7 +507,7 @@ class MixerModel(nn.Module):
         norm = (lambda: EmbeddingNorm(d)) if cfg.embed_norm == "batch" else nn.Identity
         self.doc_norm = norm()
         self.query_norm = self.doc_norm if cfg.shared_transform else norm()
-        if self.title_chooses:
+        if self.trains_title:
             self.title_norm = norm()
         self.doc_head = getattr(self, f"_{cfg.fusion}_head")  # one per FUSIONS entry
 
@@ -566,7 +585,17 @@ class MixerModel(nn.Module):
         """The paper's: concepts read the title (:class:`ConceptMemory`), then attend over the
         image regions and are gated against the image vector (:class:`ConceptFusion`)."""
         concepts, info["token_to_concept"] = self.concept_memory(text, mask)
+        if self.trains_title:
+            self._title_embedding(concepts, info)
         return self._attend_to_image(concepts, None, encoded[0], image_vec, info)
+
+    def _title_embedding(self, concepts, info):
+        """The title's own embedding (the mean concept, as a text-only doc, through its own
+        norm) into ``info``, where :meth:`_training_docs` finds it; returns it projected and
+        not yet normalised."""
+        title = self.out_proj(concepts.mean(dim=1))
+        info["title_embedding"] = F.normalize(self.title_norm(title), dim=-1)
+        return title
 
     def _direct_head(self, images, encoded, image_vec, text, mask, info):
         """Ablation: the title's tokens attend over the image directly, without the memory."""
@@ -615,7 +644,9 @@ class MixerModel(nn.Module):
         at a learned temperature); trained as a sample of the doc's class besides the doc
         (:meth:`forward`), it lives where photos of the product do, so it picks the window a
         photo would match (``docs/EXPERIMENTS.md``, "The title in the photos' space");
-        ``region_whole_bias`` is added to the whole image's logit."""
+        ``region_whole_bias`` is added to the whole image's logit, and ``region_whole="concepts"``
+        makes the whole-image candidate :meth:`_concept_head`'s doc vector (the concepts attend
+        over its patches), so a doc no window wins is the paper's fused doc."""
         concepts, info["token_to_concept"] = self.concept_memory(text, mask)
         windows = self.regions[1:]
         n, k = len(images), len(windows)
@@ -628,9 +659,15 @@ class MixerModel(nn.Module):
         self.image_encoder.train(was_training)
         regions = self.doc_transform(torch.cat([encoded[1][:, None], pooled.to(encoded[1].dtype)],
                                                dim=1))
+        whole_map = None  # where the whole-image candidate looks: None = everywhere alike
+        if self.title_chooses and self.cfg.region_whole == "concepts":
+            fused, whole_map, gate = self.fusion(concepts, self.doc_transform(encoded[0]),
+                                                 image_vec)
+            regions = torch.cat([fused[:, None], regions[:, 1:]], dim=1)
+            if gate is not None:
+                info["image_weight"] = gate.mean(dim=-1)
         if self.title_chooses:
-            title = self.out_proj(concepts.mean(dim=1))
-            info["title_embedding"] = F.normalize(self.title_norm(title), dim=-1)
+            title = self._title_embedding(concepts, info)
             cosine = F.normalize(self.out_proj(regions), dim=-1) @ \
                 F.normalize(title, dim=-1)[:, :, None]
             logits = self.choice_scale.exp() * cosine.transpose(1, 2)
@@ -643,7 +680,11 @@ class MixerModel(nn.Module):
                 info["image_weight"] = gate.mean(dim=-1)
         info["region_weights"], info["grid"] = weights, int(round(math.sqrt(encoded[0].shape[1])))
         cells = boxes_on_grid(self.regions, info["grid"]).to(weights.dtype)
-        info["text_to_image"] = weights @ cells
+        if whole_map is None:
+            info["text_to_image"] = weights @ cells
+        else:  # the whole image's share spread where its concepts look
+            info["text_to_image"] = weights[..., 1:] @ cells[1:] + \
+                weights[..., :1] * whole_map.mean(dim=1, keepdim=True)
         return out
 
     def forward(self, query_images, doc_images, tokens: dict | None = None):
@@ -668,9 +709,10 @@ class MixerModel(nn.Module):
 
     def _training_docs(self, images, encoded, tokens):
         """The docs :meth:`forward` returns: their embeddings [B, D]; when the title chooses
-        the window (``region_choice="title"``) and the model trains, [B, 2, D]: each doc and
-        its title's embedding, which the objective trains as a sample of the doc's class too."""
-        if not (self.title_chooses and self.training):
+        the window (``region_choice="title"``) or ``title_sample`` is on, and the model trains,
+        [B, 2, D]: each doc and its title's embedding, which the objective trains as a sample of
+        the doc's class too."""
+        if not (self.trains_title and self.training):
             return self._doc_head(images, encoded, tokens)
         emb, info = self._doc_head(images, encoded, tokens, return_attention=True)
         return torch.stack([emb, info["title_embedding"].to(emb.dtype)], dim=1)

@@ -186,8 +186,8 @@ class Pairwise(Objective):
 
 def split_titles(doc_emb):
     """(docs, titles or None) of what the model's training forward returns for docs: [B, D],
-    or [B, 2, D] when each doc's title embedding comes beside it (``region_choice="title"``,
-    :meth:`mixer_lite.model.MixerModel.forward`)."""
+    or [B, 2, D] when each doc's title embedding comes beside it (``region_choice="title"`` or
+    ``title_sample``, :meth:`mixer_lite.model.MixerModel.forward`)."""
     if doc_emb is None or doc_emb.dim() == 2:
         return doc_emb, None
     return doc_emb[:, 0], doc_emb[:, 1]

@@ -459,6 +459,19 @@ def windows_and_concepts_by_hand(model, x, tokens):
     return pooled, concepts
 
 
+def title_choice_by_hand(model, regions, concepts):
+    """The title's choice among ``regions`` [B, 10, D], a loop over scalars: each candidate's
+    weight is the softmax, at the learned temperature, of the cosine between its projected
+    vector and the projected mean concept; returns (weights [B, 10], the chosen vector)."""
+    title, projected = model.out_proj(concepts.mean(dim=1)), model.out_proj(regions)
+    scale = math.exp(float(model.choice_scale))
+    weights = torch.tensor([[scale * float(projected[b, k] @ title[b])
+                             / float(projected[b, k].norm() * title[b].norm())
+                             for k in range(regions.shape[1])] for b in range(len(regions))])
+    weights = weights.softmax(dim=-1)
+    return weights, sum(weights[:, k, None] * regions[:, k] for k in range(regions.shape[1]))
+
+
 def test_regions_doc_is_what_its_title_chooses_among_windows_cut_by_hand():
     """The windows cut by hand (:func:`windows_and_concepts_by_hand`); the concepts' fusion
     over them is the doc, and its cell map is the window weights spread over each window's
@@ -507,13 +520,7 @@ def test_title_chosen_window_by_hand_and_the_title_trained_beside_its_doc():
     got, info = model.embed_docs(x, tokens, return_attention=True)
     with torch.no_grad():
         pooled, concepts = windows_and_concepts_by_hand(model, x, tokens)
-        regions = model.doc_transform(pooled)
-        title, projected = model.out_proj(concepts.mean(dim=1)), model.out_proj(regions)
-        scale = math.exp(float(model.choice_scale))
-        weights = torch.tensor([[scale * float(projected[b, k] @ title[b])
-                                 / float(projected[b, k].norm() * title[b].norm())
-                                 for k in range(10)] for b in range(4)]).softmax(dim=-1)
-        vec = sum(weights[:, k, None] * regions[:, k] for k in range(10))
+        weights, vec = title_choice_by_hand(model, model.doc_transform(pooled), concepts)
         want = F.normalize(model.doc_norm(model.out_proj(vec)), dim=-1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(info["region_weights"][:, 0], weights, rtol=0, atol=1e-5)
@@ -548,3 +555,67 @@ def test_title_chosen_window_by_hand_and_the_title_trained_beside_its_doc():
         ModelConfig(fusion="regions", region_whole_bias=1.0)
     with pytest.raises(ValueError, match="region_whole_bias must be finite"):
         ModelConfig(fusion="regions", region_choice="title", region_whole_bias=math.inf)
+
+
+def test_fused_whole_candidate_is_the_papers_doc_and_its_share_looks_where_concepts_do():
+    """``region_whole="concepts"``: the whole-image candidate is the concept head's fused doc.
+    Reference: a ``fusion="concept"`` model with the same weights.  With the whole image
+    favoured past any window the doc *is* that model's doc, and its map is that model's mean
+    concept map; at no bias the choice is the by-hand softmax over [fused doc, 9 windows]."""
+    kw = dict(image_encoder="cnn", image_weights="openclipart-cnn", dropout=0.0)
+    model = make("regions", region_choice="title", region_whole="concepts", **kw).eval()
+    paper = make("concept", **kw).eval()
+    missing, unexpected = paper.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {"choice_scale"} | {
+        k for k in model.state_dict() if k.startswith("title_norm.")}
+    x, tokens = window_images(), model.tokenize(TEXTS)
+    want, want_info = paper.embed_docs(x, tokens, return_attention=True)
+    favoured = make("regions", region_choice="title", region_whole="concepts",
+                    region_whole_bias=60.0, **kw).eval()
+    favoured.load_state_dict(model.state_dict())
+    got, info = favoured.embed_docs(x, tokens, return_attention=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(info["text_to_image"][:, 0],
+                               want_info["text_to_image"].mean(dim=1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(info["image_weight"], want_info["image_weight"])
+    got, info = model.embed_docs(x, tokens, return_attention=True)
+    with torch.no_grad():
+        pooled, concepts = windows_and_concepts_by_hand(model, x, tokens)
+        fused = paper.fusion(concepts, paper.doc_transform(paper.encode_images(x)[0]),
+                             paper.doc_transform(pooled[:, 0]))[0]
+        regions = torch.cat([fused[:, None], model.doc_transform(pooled[:, 1:])], dim=1)
+        weights, vec = title_choice_by_hand(model, regions, concepts)
+    torch.testing.assert_close(info["region_weights"][:, 0], weights, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, F.normalize(model.doc_norm(model.out_proj(vec)), dim=-1),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(info["text_to_image"].sum(dim=-1), torch.ones(4, 1))
+    with pytest.raises(ValueError, match="region_whole='concepts' .* not 'concepts'"):
+        ModelConfig(fusion="regions", region_whole="concepts")
+    with pytest.raises(ValueError, match="region_whole must be one of"):
+        ModelConfig(fusion="regions", region_choice="title", region_whole="fused")
+
+
+def test_title_sample_leaves_mixers_doc_and_trains_the_title_beside_it():
+    """``title_sample``: the concept head's docs are those of the same model without it (same
+    weights); in training each doc comes with its title's embedding, by hand the mean concept
+    through ``out_proj`` and the title's own norm, and the loss on it reaches the concepts."""
+    kw = dict(image_encoder="cnn", image_weights="openclipart-cnn", dropout=0.0)
+    model = make("concept", title_sample=True, **kw).eval()
+    plain = make("concept", **kw).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("title_norm.") for k in unexpected)
+    x, tokens = images(), model.tokenize(TEXTS)
+    torch.testing.assert_close(model.embed_docs(x, tokens), plain.embed_docs(x, tokens),
+                               rtol=0, atol=0)
+    model.train()
+    q, d = model(images(n=3, seed=5), x, tokens)
+    assert q.shape == (3, 32) and d.shape == (4, 2, 32)
+    with torch.no_grad():  # in training the norm uses this batch's statistics
+        concepts = windows_and_concepts_by_hand(model, x, tokens)[1]
+        want = F.normalize(model.title_norm(model.out_proj(concepts.mean(dim=1))), dim=-1)
+    torch.testing.assert_close(d[:, 1], want, rtol=0, atol=1e-5)
+    d[:, 1].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.concept_memory.parameters())
+    with pytest.raises(ValueError, match="title_sample .* not 'regions'"):
+        ModelConfig(fusion="regions", title_sample=True)
