@@ -62,7 +62,8 @@ Where the paper is silent, we chose (and say so):
   candidate the paper's fused doc, so single-product docs keep what concept fusion gives them
   (``docs/EXPERIMENTS.md``, "The fused doc unless a window beats it").  ``title_sample``
   trains the concept head's title embedding beside its doc the same way, with no windows: what
-  that training alone does to Mixer's docs.
+  that training alone does to Mixer's docs (``docs/EXPERIMENTS.md``, "The title beside its doc,
+  on Mixer alone"); an option, off.
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
@@ -585,7 +586,7 @@ class MixerModel(nn.Module):
         """The paper's: concepts read the title (:class:`ConceptMemory`), then attend over the
         image regions and are gated against the image vector (:class:`ConceptFusion`)."""
         concepts, info["token_to_concept"] = self.concept_memory(text, mask)
-        if self.trains_title:
+        if self.trains_title and self.training:  # only training reads it (_training_docs)
             self._title_embedding(concepts, info)
         return self._attend_to_image(concepts, None, encoded[0], image_vec, info)
 
