@@ -151,17 +151,16 @@ class ModelConfig:
         if self.region_choice != "concepts" and self.fusion != "regions":
             raise ValueError(f"ModelConfig.region_choice={self.region_choice!r} chooses among "
                              f"the windows of fusion='regions', not fusion={self.fusion!r}")
-        if self.region_whole_bias and self.region_choice != "title":
-            raise ValueError(f"ModelConfig.region_whole_bias={self.region_whole_bias} favours "
-                             f"the whole image in the title's choice: it needs "
-                             f"region_choice='title', not {self.region_choice!r}")
         if self.region_whole not in REGION_WHOLE:
             raise ValueError(f"ModelConfig.region_whole must be one of {REGION_WHOLE}, "
                              f"got {self.region_whole!r}")
-        if self.region_whole != "image" and self.region_choice != "title":
-            raise ValueError(f"ModelConfig.region_whole={self.region_whole!r} is a candidate of "
-                             f"the title's choice: it needs region_choice='title', "
-                             f"not {self.region_choice!r}")
+        title_only = {"region_whole_bias": self.region_whole_bias != 0,
+                      "region_whole": self.region_whole != "image"}  # set away from default
+        for name in (n for n, set_ in title_only.items() if set_):
+            if self.region_choice != "title":
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} shapes the whole "
+                                 f"image's place in the title's choice: it needs "
+                                 f"region_choice='title', not {self.region_choice!r}")
         if self.title_sample and self.fusion != "concept":
             raise ValueError(f"ModelConfig.title_sample trains the concept head's title beside "
                              f"its doc: it needs fusion='concept', not {self.fusion!r} (with "
@@ -661,13 +660,13 @@ class MixerModel(nn.Module):
         regions = self.doc_transform(torch.cat([encoded[1][:, None], pooled.to(encoded[1].dtype)],
                                                dim=1))
         whole_map = None  # where the whole-image candidate looks: None = everywhere alike
-        if self.title_chooses and self.cfg.region_whole == "concepts":
-            fused, whole_map, gate = self.fusion(concepts, self.doc_transform(encoded[0]),
-                                                 image_vec)
-            regions = torch.cat([fused[:, None], regions[:, 1:]], dim=1)
-            if gate is not None:
-                info["image_weight"] = gate.mean(dim=-1)
         if self.title_chooses:
+            if self.cfg.region_whole == "concepts":
+                fused, whole_map, gate = self.fusion(concepts, self.doc_transform(encoded[0]),
+                                                     image_vec)
+                regions = torch.cat([fused[:, None], regions[:, 1:]], dim=1)
+                if gate is not None:
+                    info["image_weight"] = gate.mean(dim=-1)
             title = self._title_embedding(concepts, info)
             cosine = F.normalize(self.out_proj(regions), dim=-1) @ \
                 F.normalize(title, dim=-1)[:, :, None]
