@@ -342,17 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints")
     s.set_defaults(func=_cmd_train, overrides=[])
 
-    s = sub.add_parser("pretrain", help="pretrain the cnn image encoder on a folder of images",
+    s = sub.add_parser("pretrain", help="pretrain the cnn image encoder on a folder of images "
+                                        "or on the icon sets' designers",
                        description="Overrides set PretrainConfig fields: --steps=500 ... "
                                    "The weights load with --model.image_weights=WEIGHTS.pt.")
-    s.add_argument("--corpus", required=True, action="append",
-                   help="folder of images, e.g. /usr/share/openclipart/png (repeatable)")
+    s.add_argument("--corpus", action="append", default=[],
+                   help="folder of images, e.g. /usr/share/openclipart/png (repeatable); "
+                        "none with --positives=designers, which reads the icon sets")
     s.add_argument("--out", required=True, help="WEIGHTS.pt to write at the end")
     s.add_argument("--run", default="runs/pretrain",
                    help="folder for the log and checkpoints")
     s.add_argument("--cache", help="folder for the rendered views, shared by runs with the same "
                                    "corpus and view settings (default: RUN/corpus)")
-    s.add_argument("--config", default="cpu", help="preset: cpu | gpu")
+    s.add_argument("--config", default="cpu", help="preset: cpu | designers-cpu | gpu")
     s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_pretrain, overrides=[])

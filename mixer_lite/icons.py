@@ -112,19 +112,32 @@ def _on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
+def ink_map(rgba: Image.Image) -> np.ndarray:
+    """The drawing's ink on white at 24 px (0 = white, 1 = black), what :func:`same_picture`
+    compares."""
+    return 1 - np.asarray(_on_white(rgba).convert("L").resize((24, 24), Image.BOX),
+                          np.float32) / 255
+
+
 def _rasterise_task(path: str) -> tuple[bytes, np.ndarray] | None:
     img = rasterise(path)
     if img is None:
         return None
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    ink = 1 - np.asarray(_on_white(img).convert("L").resize((24, 24), Image.BOX), np.float32) / 255
-    return buf.getvalue(), ink
+    return buf.getvalue(), ink_map(img)
 
 
 # --------------------------------------------------------------------------------------------
 # The two views: a doc's clean picture and a query's photo of another designer's drawing
 # --------------------------------------------------------------------------------------------
+def monochrome(rgba: np.ndarray) -> bool:
+    """Whether an RGBA drawing's ink (its opaque pixels) is grey, as a glyph set's is: what
+    may be recoloured."""
+    ink = rgba[..., :3][rgba[..., 3] > 128]
+    return bool(len(ink)) and float(np.ptp(ink, axis=1).mean()) < 20
+
+
 def doc_picture(rgba: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
     """A listing's picture: the drawing on a white ground, small framing changes."""
     bg = int(rng.integers(240, 256))
@@ -143,8 +156,7 @@ def photo_of_drawing(rgba: Image.Image, rng: np.random.Generator, size: int) -> 
     # The surface: a colour, a gradient towards a darker shade and a low-frequency texture.
     c0 = rng.integers(90, 256, size=3).astype(np.float32)
     arr = np.asarray(rgba).astype(np.float32)
-    ink = arr[..., :3][arr[..., 3] > 128]
-    if len(ink) and np.ptp(ink, axis=1).mean() < 20 and rng.random() < 0.7:  # monochrome glyph
+    if monochrome(arr) and rng.random() < 0.7:
         colour = rng.integers(0, 256, size=3).astype(np.float32)
         if abs((colour - c0).mean()) < 90:  # a print is legible: ink darker than the surface
             colour *= 0.3

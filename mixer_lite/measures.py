@@ -555,6 +555,26 @@ def evaluate_frozen_backbone(data, image_weights: str = "openclipart-cnn", seed:
                                    size)
 
 
+def evaluate_frozen_validation(data, train_cfg, image_weights: str = "openclipart-cnn",
+                               seed: int = 0, size: int = 64) -> dict:
+    """Validation Recall@1/10 of the image encoder alone, frozen: the photos of the classes
+    ``train_cfg`` holds out for validation searched among every doc by the cosine of pooled
+    features, a hit a doc of the photo's class (as :func:`train.validate` scores a model).
+    How a pretraining recipe is chosen without reading the test photos."""
+    from .retrieval import exact_search, ranking_metrics
+    from .sampling import make_samples
+
+    validation = make_samples(data, train_cfg)[0].validation
+    if validation is None:
+        raise ValueError("the training config holds out no validation classes (--val_share=0)")
+    encoder = image_encoder_from(image_weights, seed)
+    docs = unit_rows(pooled_features(encoder, ImageTable(image_files(data, "docs"), size)))
+    queries = unit_rows(pooled_features(encoder, ImageTable(
+        image_files(data, "queries", validation.query_rows), size)))
+    m = ranking_metrics(exact_search(docs, queries, 10)[1], validation.relevant, ks=(1, 10))
+    return {"val_recall@1": m["recall@1"], "val_recall@10": m["recall@10"]}
+
+
 @torch.no_grad()
 def doc_attention(model, data, n_docs: int = 4, seed: int = 0) -> dict:
     """What :func:`viz.concept_attention` draws, for ``n_docs`` docs of products never seen in

@@ -23,6 +23,14 @@ The method is our choice (the paper says nothing about pretraining); see
   find its own object's studio view among the batch's, through a projection head that is
   dropped after pretraining (SimCLR).  With ``taxonomy_weight > 0`` a linear head on the pooled
   features also classifies the corpus folder (supervised on the taxonomy).
+* **Or across designers** (``positives="designers"``, the icon sets of :mod:`icon_sources`):
+  an object is a name two or more sets drew, and a positive pair is two sets' drawings of it,
+  each under SimCLR's generic augmentations (:func:`drawing_view`), so the encoder learns what
+  stays the same when another designer draws the thing, and owes nothing to SynthShop's
+  renderer or to the icons dataset's photos; drawings of names only one set drew join as
+  objects whose pair is two views of the one drawing.  ``exclude_concepts`` names an icons
+  dataset whose concepts (training, validation and test alike) are left out by name, so the
+  dataset measures transfer to concepts the backbone never saw paired.
 * **A probe while it trains.**  ``held_out_share`` of the objects never train; every
   ``probe_every`` steps the log gets their photo-to-studio Recall@1 with the frozen pooled
   features (the features fine-tuning starts from), step 0 (random weights) included.
@@ -47,12 +55,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
 from .config import check_resumable
 from .encoders import ConvEncoder, normalise_pixels
 from .files import atomic_path, read_log, remove_stale_temporaries, strict_json, truncate_log, \
     write_json
+from .icons import (IconsConfig, drop_near_duplicates, ink_map, monochrome, rasterise,
+                    read_drawings)
 from .losses import info_nce
 from .model import ModelConfig
 from .optim import warmup_cosine
@@ -83,6 +93,13 @@ class PretrainConfig:
     temperature: float = 0.1
     projection_dim: int = 128
     taxonomy_weight: float = 0.0     # > 0: also classify the corpus folder (supervised)
+    positives: str = "views"         # "views": a photo and a studio view of one image;
+                                     # "designers": two icon sets' drawings of one name
+    icon_packages: str = "data/.icon-packages/node_modules"  # designers: the npm sets
+    icon_themes: str = "/usr/share/icons"                   # designers: the Debian themes
+    icon_sets: str = ""              # designers: the sets to read, comma-separated ("": all)
+    exclude_concepts: str = ""       # designers: a dataset folder whose concepts are left out
+    single_drawings: int = 6000      # designers: drawings of names one set drew, as objects
     probe_every: int = 250
     checkpoint_every: int = 100
     log_every: int = 10
@@ -104,6 +121,12 @@ class PretrainConfig:
             problems.append("temperature, lr and max_megapixels must be positive")
         if self.probe_every < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             problems.append("probe_every, checkpoint_every and log_every must be >= 1")
+        if self.positives not in ("views", "designers"):
+            problems.append(f"positives must be 'views' or 'designers', got {self.positives!r}")
+        if self.positives == "designers" and self.taxonomy_weight > 0:
+            problems.append("taxonomy_weight needs positives='views' (a corpus with folders)")
+        if self.single_drawings < 0:
+            problems.append("single_drawings must be >= 0")
         if problems:
             raise ValueError("PretrainConfig: " + "; ".join(problems))
 
@@ -111,6 +134,10 @@ class PretrainConfig:
 PRESETS = {
     # About an hour and a half on 2 CPU cores (the shipped weights; MODEL_CARD.md).
     "cpu": PretrainConfig(),
+    # Across designers (the icon sets; the icons dataset's concepts left out): about 45
+    # minutes on 2 CPU cores (docs/EXPERIMENTS.md, "A backbone pretrained across designers").
+    "designers-cpu": PretrainConfig(positives="designers", exclude_concepts="data/icons",
+                                    views=8, steps=1500),
     # The same recipe for a GPU: longer, bigger batches (more negatives per photo).
     "gpu": PretrainConfig(views=8, batch_size=512, steps=20000, lr=3e-3, workers=8,
                           checkpoint_every=1000, probe_every=1000, log_every=50),
@@ -174,70 +201,188 @@ def load_object(path: str, max_megapixels: float, size: int = CANVAS):
     return canvas, None
 
 
+def excluded_concepts(data_dir: str) -> set[str]:
+    """The concept names of an icons dataset folder (``_truth/concepts.jsonl``), which
+    ``positives="designers"`` leaves out of pretraining; empty for ``""``."""
+    if not data_dir:
+        return set()
+    path = Path(data_dir) / "_truth" / "concepts.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; --exclude_concepts names a dataset folder "
+                                f"made by `mixer-lite make-data --source icons`")
+    names = set()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            names.add(json.loads(line)["concept"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}, line {n}: not a JSON object with a 'concept' field") \
+                from None
+    return names
+
+
+def scan_icon_sets(cfg: PretrainConfig) -> list[tuple[str, str, tuple]]:
+    """The ``positives="designers"`` corpus as ``(key, label, files)`` objects: every name that
+    two or more icon sets drew (one drawing per set), then a seeded sample of
+    ``single_drawings`` drawings of names only one set drew (two views of the same drawing,
+    so the encoder also meets the many things no two sets share); the concepts of
+    ``exclude_concepts`` are left out by name, whatever their split."""
+    excluded = excluded_concepts(cfg.exclude_concepts)
+    by_name: dict[str, dict[str, str]] = {}
+    chosen = IconsConfig(**({"sets": cfg.icon_sets.split(",")} if cfg.icon_sets else {}))
+    for d in read_drawings(chosen, Path(cfg.icon_packages), Path(cfg.icon_themes)):
+        if d.name not in excluded:
+            by_name.setdefault(d.name, {}).setdefault(d.set_name, d.path)
+    named = sorted(by_name.items())
+    shared = [(name, "designers", tuple(sets.values())) for name, sets in named if len(sets) > 1]
+    single = [(f"{s}:{name}", "one set", (path,)) for name, sets in named if len(sets) == 1
+              for s, path in sets.items()]
+    pick = np.random.default_rng([cfg.seed, 3]).permutation(len(single))[:cfg.single_drawings]
+    return shared + [single[i] for i in sorted(pick)]
+
+
+def corpus_objects(roots: list[str | os.PathLike], cfg: PretrainConfig) -> list[tuple]:
+    """``(key, label, files)`` of every object: an image under ``roots`` (``positives="views"``)
+    or one name's drawings by the icon sets (``"designers"``, which takes no roots)."""
+    if cfg.positives == "designers":
+        if roots:
+            raise ValueError("positives='designers' reads the icon sets (--icon_packages, "
+                             "--icon_themes), not --corpus folders")
+        return scan_icon_sets(cfg)
+    if not roots:
+        raise ValueError("positives='views' needs a corpus folder (--corpus DIR)")
+    return [(path, label, (path,)) for path, label in scan_corpus(roots)]
+
+
+def drawing_view(rgba: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
+    """One view of a drawing for ``positives="designers"``: SimCLR's augmentations adapted to a
+    drawing on a transparent canvas.  A ground of random colour (and, for a monochrome glyph,
+    half the time ink of another), a random resized crop of the drawing padded by a quarter on
+    each side (so it may come out larger or smaller), colour jitter, sometimes grey, sometimes
+    blurred.  Neither SynthShop's renderer nor the icons dataset's photo model: what the
+    encoder learns to ignore is generic, and what stays is what two designers drew alike."""
+    arr = np.asarray(rgba).astype(np.float32)
+    if monochrome(arr) and rng.random() < 0.5:
+        arr[..., :3] = rng.integers(0, 256, size=3)
+    pad = CANVAS // 4
+    side = CANVAS + 2 * pad
+    canvas = Image.new("RGBA", (side, side), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    canvas.alpha_composite(Image.fromarray(arr.astype(np.uint8), "RGBA"), (pad, pad))
+    area = side * side * rng.uniform(0.25, 1.0)
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    w = min(side, round(float(np.sqrt(area * aspect))))
+    h = min(side, round(float(np.sqrt(area / aspect))))
+    x, y = (int(v) for v in rng.integers(0, (side - w + 1, side - h + 1)))
+    img = canvas.convert("RGB").crop((x, y, x + w, y + h)).resize((CANVAS, CANVAS),
+                                                                   Image.BILINEAR)
+    if rng.random() < 0.8:
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            img = enhance(img).enhance(float(rng.uniform(0.6, 1.4)))
+        hsv = np.asarray(img.convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-25, 26))) % 256
+        img = Image.fromarray(hsv, "HSV").convert("RGB")
+    if rng.random() < 0.2:
+        img = img.convert("L").convert("RGB")
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.1, 2.0))))
+    return img.resize((size, size), Image.BOX)
+
+
+def _shop_views(files: tuple, rng: np.random.Generator, cfg: PretrainConfig):
+    """``positives="views"``: the image cut out, then ``views`` user photos and studio shots."""
+    obj, reason = load_object(files[0], cfg.max_megapixels)
+    if obj is None:
+        return None, reason
+    query, doc = [], []
+    for _ in range(cfg.views):
+        doc.append(np.asarray(studio_shot(obj, rng, cfg.image_size)[0]))
+        query.append(np.asarray(user_photo(obj, rng, cfg.image_size, cfg.gap)))
+    return (np.stack(query), np.stack(doc)), None
+
+
+def _designer_views(files: tuple, rng: np.random.Generator, cfg: PretrainConfig):
+    """``positives="designers"``: each of the ``views`` pairs shows two different sets'
+    drawings of the name (a set that copied another is dropped first, as in the icons
+    dataset); a name left with one drawing pairs two views of it."""
+    pictures = [p for p in map(rasterise, files) if p is not None]
+    if not pictures:
+        return None, "not drawable"
+    kept = drop_near_duplicates(list(range(len(pictures))),
+                                {i: ink_map(p) for i, p in enumerate(pictures)},
+                                IconsConfig.duplicate_threshold)
+    query, doc = [], []
+    for _ in range(cfg.views):
+        i, j = rng.choice(kept, size=2, replace=False) if len(kept) > 1 else kept * 2
+        query.append(np.asarray(drawing_view(pictures[i], rng, cfg.image_size)))
+        doc.append(np.asarray(drawing_view(pictures[j], rng, cfg.image_size)))
+    return (np.stack(query), np.stack(doc)), None
+
+
 def _render_chunk(task) -> dict:
-    paths, chunk, cfg = task
+    objects, chunk, cfg = task
     rng = np.random.default_rng([cfg.seed, chunk])
+    render = _designer_views if cfg.positives == "designers" else _shop_views
     s = cfg.image_size
-    studio = np.zeros((len(paths), cfg.views, 3, s, s), dtype=np.uint8)
-    photo = np.zeros_like(studio)
+    query = np.zeros((len(objects), cfg.views, 3, s, s), dtype=np.uint8)
+    doc = np.zeros_like(query)
     kept, skipped = [], {}
-    for i, path in enumerate(paths):
-        obj, reason = load_object(path, cfg.max_megapixels)
-        if obj is None:
-            skipped[path] = reason
+    for i, (key, _, files) in enumerate(objects):
+        views, reason = render(files, rng, cfg)
+        if views is None:
+            skipped[key] = reason
             continue
-        for v in range(cfg.views):
-            studio[len(kept), v] = np.asarray(studio_shot(obj, rng, s)[0]).transpose(2, 0, 1)
-            photo[len(kept), v] = np.asarray(user_photo(obj, rng, s, cfg.gap)).transpose(2, 0, 1)
+        query[len(kept)], doc[len(kept)] = (v.transpose(0, 3, 1, 2) for v in views)
         kept.append(i)
     n = len(kept)
-    return {"chunk": chunk, "kept": kept, "skipped": skipped, "studio": studio[:n],
-            "photo": photo[:n]}
+    return {"chunk": chunk, "kept": kept, "skipped": skipped, "query": query[:n],
+            "doc": doc[:n]}
 
 
 @dataclass
 class Corpus:
-    paths: list[str]
+    keys: list[str]              # an image's path, or (designers) a name or set:name
     labels: np.ndarray           # [N] taxonomy label index
     label_names: list[str]
     held_out: np.ndarray         # [N] bool
-    studio: np.ndarray           # [N, views, 3, S, S] uint8
-    photo: np.ndarray            # [N, views, 3, S, S] uint8
+    query_views: np.ndarray      # [N, views, 3, S, S] uint8: photo views (or one set's drawing)
+    doc_views: np.ndarray        # [N, views, 3, S, S] uint8: studio views (or another set's)
     card: dict
 
 
-def _corpus_key(found: list[tuple[str, str]], cfg: PretrainConfig) -> dict:
+def _corpus_key(found: list[tuple], cfg: PretrainConfig) -> dict:
     h = hashlib.sha256()
-    for path, label in found:
-        h.update(f"{path}\0{label}\0{os.path.getsize(path)}\n".encode())
-    return {"files": h.hexdigest()[:16], "image_size": cfg.image_size, "views": cfg.views,
-            "gap": cfg.gap, "max_megapixels": cfg.max_megapixels, "seed": cfg.seed,
+    for key, label, files in found:
+        sizes = ",".join(str(os.path.getsize(f)) for f in files)
+        h.update(f"{key}\0{label}\0{chr(0).join(files)}\0{sizes}\n".encode())
+    return {"files": h.hexdigest()[:16], "positives": cfg.positives,
+            "image_size": cfg.image_size, "views": cfg.views, "gap": cfg.gap,
+            "max_megapixels": cfg.max_megapixels, "seed": cfg.seed,
             "held_out_share": cfg.held_out_share}
 
 
-def _is_held_out(path: str, share: float) -> bool:
+def _is_held_out(key: str, share: float) -> bool:
     # By the file's name, not its position: adding images to a corpus moves no image across.
-    digest = hashlib.sha256(Path(path).name.encode()).digest()
+    digest = hashlib.sha256(Path(key).name.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < share
 
 
 def prepare_corpus(roots: list[str | os.PathLike], cache: str | os.PathLike, cfg: PretrainConfig,
                    progress: bool = True) -> Corpus:
-    """Scan ``roots``, render every object's views and keep them in ``cache`` (reused while the
-    files and the view settings are the same)."""
+    """Find the corpus's objects (:func:`corpus_objects`), render every object's views and keep
+    them in ``cache`` (reused while the files and the view settings are the same)."""
     from tqdm import tqdm
 
     cache = Path(cache)
-    found = scan_corpus(roots)
+    found = corpus_objects(roots, cfg)
+    where = ", ".join(map(str, roots)) or f"{cfg.icon_packages}, {cfg.icon_themes}"
     key = _corpus_key(found, cfg)
     card_path = cache / "corpus.json"
     if card_path.exists() and json.loads(card_path.read_text()).get("key") == key:
         card = json.loads(card_path.read_text())
-        studio = np.load(cache / "studio.npy", mmap_mode="r")
-        photo = np.load(cache / "photo.npy", mmap_mode="r")
+        query = np.load(cache / "query_views.npy", mmap_mode="r")
+        doc = np.load(cache / "doc_views.npy", mmap_mode="r")
     else:
         remove_stale_temporaries(cache)
-        tasks = [([p for p, _ in found[lo: lo + _CHUNK]], lo // _CHUNK, cfg)
+        tasks = [(found[lo: lo + _CHUNK], lo // _CHUNK, cfg)
                  for lo in range(0, len(found), _CHUNK)]
         parts = []
         bar = tqdm(total=len(found), desc="rendering views", disable=not progress)
@@ -253,29 +398,34 @@ def prepare_corpus(roots: list[str | os.PathLike], cache: str | os.PathLike, cfg
         bar.close()
         parts.sort(key=lambda part: part["chunk"])
         kept = [found[part["chunk"] * _CHUNK + i] for part in parts for i in part["kept"]]
-        skipped = {p: r for part in parts for p, r in part["skipped"].items()}
-        studio = np.concatenate([part["studio"] for part in parts])
-        photo = np.concatenate([part["photo"] for part in parts])
+        skipped = {k: r for part in parts for k, r in part["skipped"].items()}
+        query = np.concatenate([part["query"] for part in parts])
+        doc = np.concatenate([part["doc"] for part in parts])
         if not kept:
-            raise ValueError(f"no usable image under {', '.join(map(str, roots))} "
+            raise ValueError(f"no usable image under {where} "
                              f"(skipped: {sorted(set(skipped.values()))})")
-        for name, arr in (("studio.npy", studio), ("photo.npy", photo)):
+        for name, arr in (("query_views.npy", query), ("doc_views.npy", doc)):
             with atomic_path(cache / name) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, arr)
         reasons = {}
         for r in skipped.values():
             reasons[r] = reasons.get(r, 0) + 1
-        card = {"key": key, "roots": [str(Path(r).resolve()) for r in roots],
+        label_counts = {}
+        for _, label, _ in kept:
+            label_counts[label] = label_counts.get(label, 0) + 1
+        card = {"key": key, "roots": [str(Path(r).resolve()) for r in roots]
+                or [cfg.icon_packages, cfg.icon_themes],
                 "images_found": len(found), "objects": len(kept), "skipped": reasons,
-                "skipped_files": sorted(skipped), "paths": [p for p, _ in kept],
-                "labels": [lab for _, lab in kept]}
+                "objects_per_label": label_counts if cfg.positives == "designers" else None,
+                "skipped_files": sorted(skipped), "keys": [k for k, _, _ in kept],
+                "labels": [lab for _, lab, _ in kept]}
         write_json(card_path, card)  # last: the arrays are whole when the card names them
     names = sorted(set(card["labels"]))
     index = {n: i for i, n in enumerate(names)}
-    held = np.array([_is_held_out(p, cfg.held_out_share) for p in card["paths"]])
-    return Corpus(card["paths"], np.array([index[n] for n in card["labels"]]), names, held,
-                  studio, photo, card)
+    held = np.array([_is_held_out(k, cfg.held_out_share) for k in card["keys"]])
+    return Corpus(card["keys"], np.array([index[n] for n in card["labels"]]), names, held,
+                  query, doc, card)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,20 +453,24 @@ class PretrainNet(nn.Module):
         return self.encoder(normalise_pixels(images))[1]
 
 
-def _batch(corpus: Corpus, train_rows: np.ndarray, step: int, cfg: PretrainConfig):
-    """The objects, views and flips of ``step``: a function of (seed, step) only."""
+def training_batch(corpus: Corpus, train_rows: np.ndarray, step: int, cfg: PretrainConfig):
+    """The objects, views and flips of ``step``: a function of (seed, step) only.  A
+    ``"designers"`` object's query and doc view come from the same rendered pair (two sets'
+    drawings); a ``"views"`` object's from any two."""
     per_epoch = max(1, len(train_rows) // cfg.batch_size)
     epoch, i = divmod(step, per_epoch)
     order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(len(train_rows))
     rows = np.sort(train_rows[order[i * cfg.batch_size: (i + 1) * cfg.batch_size]])
     rng = np.random.default_rng([cfg.seed, 2, step])
-    vs, vp = rng.integers(0, cfg.views, size=(2, len(rows)))
-    studio = torch.from_numpy(np.stack([corpus.studio[r, v] for r, v in zip(rows, vs)]))
-    photo = torch.from_numpy(np.stack([corpus.photo[r, v] for r, v in zip(rows, vp)]))
+    vd, vq = rng.integers(0, cfg.views, size=(2, len(rows)))
+    if cfg.positives == "designers":
+        vq = vd
+    doc = torch.from_numpy(np.stack([corpus.doc_views[r, v] for r, v in zip(rows, vd)]))
+    query = torch.from_numpy(np.stack([corpus.query_views[r, v] for r, v in zip(rows, vq)]))
     flips = torch.from_numpy(rng.random((2, len(rows))) < 0.5)
-    studio = torch.where(flips[0, :, None, None, None], studio.flip(3), studio)
-    photo = torch.where(flips[1, :, None, None, None], photo.flip(3), photo)
-    return rows, photo, studio
+    doc = torch.where(flips[0, :, None, None, None], doc.flip(3), doc)
+    query = torch.where(flips[1, :, None, None, None], query.flip(3), query)
+    return rows, query, doc
 
 
 @torch.no_grad()
@@ -327,7 +481,7 @@ def probe_recall_at_1(net: PretrainNet, corpus: Corpus, device, batch: int = 256
     was = net.training
     net.eval()
     feats = []
-    for arr in (corpus.photo, corpus.studio):
+    for arr in (corpus.query_views, corpus.doc_views):
         out = [net.features(torch.from_numpy(np.asarray(arr[rows[lo: lo + batch], 0])).to(device))
                for lo in range(0, len(rows), batch)]
         feats.append(F.normalize(torch.cat(out).float(), dim=-1))
@@ -372,7 +526,7 @@ def _pretrain(corpus_roots, run, weights_out, cfg: PretrainConfig, resume: bool,
     corpus = prepare_corpus(corpus_roots, cache or run / "corpus", cfg, progress)
     train_rows = np.flatnonzero(~corpus.held_out)
     if len(train_rows) < cfg.batch_size or corpus.held_out.sum() < 2:
-        raise ValueError(f"corpus of {len(corpus.paths)} usable images: too few for a batch of "
+        raise ValueError(f"corpus of {len(corpus.keys)} usable images: too few for a batch of "
                          f"{cfg.batch_size} and a held-out probe (held_out_share "
                          f"{cfg.held_out_share})")
     torch.manual_seed(cfg.seed)
@@ -441,8 +595,8 @@ def _loss(net: PretrainNet, corpus: Corpus, train_rows: np.ndarray, step: int,
           cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor, dict]:
     """One step's loss (InfoNCE between the photo and studio views, plus the weighted taxonomy
     cross-entropy when on) and its log record."""
-    rows, photo, studio = _batch(corpus, train_rows, step, cfg)
-    pooled = net.features(torch.cat([photo, studio]).to(device))  # one batch: BN sees both
+    rows, query, doc = training_batch(corpus, train_rows, step, cfg)
+    pooled = net.features(torch.cat([query, doc]).to(device))  # one batch: BN sees both
     z = net.projection(pooled)
     loss = info_nce(z[: len(rows)], z[len(rows):], cfg.temperature)
     record = {"step": step + 1, "infonce": loss.item()}
@@ -465,7 +619,10 @@ def _card(cfg: PretrainConfig, corpus: Corpus, log_path: Path, seconds: float,
     card = {"format": WEIGHTS_FORMAT, "corpus": {k: corpus.card[k] for k in
                                                 ("roots", "images_found", "objects", "skipped")},
             "held_out_objects": int(corpus.held_out.sum()),
-            "method": "InfoNCE between a photo view and a studio view of each object"
+            "method": ("InfoNCE between two icon sets' drawings of one name (or two views of "
+                       "a drawing only one set made), SimCLR's augmentations"
+                       if cfg.positives == "designers" else
+                       "InfoNCE between a photo view and a studio view of each object")
                       + (f" + {cfg.taxonomy_weight:g} x taxonomy cross-entropy"
                          if cfg.taxonomy_weight > 0 else ""),
             "pretrain": dataclasses.asdict(cfg), "steps": cfg.steps,

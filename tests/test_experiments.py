@@ -426,6 +426,35 @@ def test_frozen_backbone_floor_matches_brute_force_over_qrels(tiny_dir, tiny_dat
     assert got["map@10"] == pytest.approx(np.mean(aps), abs=0.01)
 
 
+def test_frozen_validation_floor_matches_brute_force_over_the_held_out_classes(tiny_data):
+    """Validation Recall@1/10 of the frozen encoder: the held-out classes' photos ranked here
+    with numpy over the shipped encoder's pooled features, a hit a doc of the photo's class."""
+    from mixer_lite.dataset import load_images
+    from mixer_lite.encoders import normalise_pixels
+    from mixer_lite.sampling import make_samples
+    from mixer_lite.train import config_from
+
+    cfg = config_from("tiny-cpu", [])
+    got = measures.evaluate_frozen_validation(tiny_data, cfg)
+    val = make_samples(tiny_data, cfg)[0].validation
+    encoder = measures.image_encoder_from("openclipart-cnn").eval()
+    with torch.no_grad():
+        d = encoder(normalise_pixels(load_images(tiny_data, "docs",
+                                                 np.arange(len(tiny_data.docs)), 64)))[1].numpy()
+        q = encoder(normalise_pixels(load_images(tiny_data, "queries", val.query_rows,
+                                                 64)))[1].numpy()
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    ranks = [next((k for k, j in enumerate(np.argsort(-(d @ qi), kind="stable"), 1)
+                   if j in rel), 10 ** 9) for qi, rel in zip(q, val.relevant)]
+    assert len(ranks) > 10
+    for k in (1, 10):
+        want = np.mean([r <= k for r in ranks])
+        assert got[f"val_recall@{k}"] == pytest.approx(want, abs=1.5 / len(ranks))
+    with pytest.raises(ValueError, match="val_share=0"):
+        measures.evaluate_frozen_validation(tiny_data, config_from("tiny-cpu", ["--val_share=0"]))
+
+
 class _TitleFollowingModel:
     """A model whose attention follows the title perfectly: all concepts' weight spread over
     the regions of the object whose product the title names (read from the truth), in

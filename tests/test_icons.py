@@ -10,67 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _cli import cli
+from _icon_packages import SETS, SHAPES, make_packages, rasterise_text, svg
 from PIL import Image
 
 from mixer_lite.dataset import load_dataset
 from mixer_lite.icon_sources import ICON_SETS, read_theme
 from mixer_lite.icons import doc_picture, make_icons, match_sheet, photo_of_drawing, rasterise
-
-SHAPES = {  # concept name -> the SVG body each set draws in its own style
-    "circle": '<circle cx="12" cy="12" r="8"/>',
-    "square": '<rect x="4" y="4" width="16" height="16"/>',
-    "triangle": '<path d="M12 3 L21 20 L3 20 Z"/>',
-    "plus": '<path d="M12 3 V21 M3 12 H21"/>',
-    "minus": '<path d="M3 12 H21"/>',
-    "arrow-up": '<path d="M12 21 V3 M5 10 L12 3 L19 10"/>',
-    "arrow-down": '<path d="M12 3 V21 M5 14 L12 21 L19 14"/>',
-    "heart": '<path d="M12 20 L4 11 A4 4 0 0 1 12 6 A4 4 0 0 1 20 11 Z"/>',
-    "star": '<path d="M12 2 L15 9 L22 9 L16 14 L18 21 L12 17 L6 21 L8 14 L2 9 L9 9 Z"/>',
-    "bolt": '<path d="M13 2 L4 14 H11 L10 22 L20 9 H13 Z"/>',
-}
-STYLES = {"tabler": 'fill="none" stroke="#000" stroke-width="2"',
-          "lucide": 'fill="none" stroke="#000" stroke-width="1.5"',
-          "bootstrap": 'fill="#000" stroke="#000" stroke-width="1"',
-          "iconoir": 'fill="none" stroke="#222" stroke-width="2.5"'}
-SETS = ("tabler", "lucide", "bootstrap", "iconoir", "tango")
-
-
-def _svg(body: str, style: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="24" height="24" viewBox="0 0 24 24">'
-            f'<g {style}>{body}</g></svg>')
-
-
-def _packages(root: Path, shapes=SHAPES, identical_in_bootstrap=()) -> tuple[Path, Path]:
-    """npm packages and a Debian theme in their real layouts, each set drawing ``shapes``."""
-    npm, themes = root / "node_modules", root / "icons"
-    folders = {"tabler": npm / "@tabler/icons/icons/outline", "lucide": npm / "lucide-static/icons",
-               "bootstrap": npm / "bootstrap-icons/icons",
-               "iconoir": npm / "iconoir/icons/regular"}
-    for s, folder in folders.items():
-        folder.mkdir(parents=True)
-        for name, body in shapes.items():
-            style = STYLES["lucide" if name in identical_in_bootstrap and s == "bootstrap"
-                           else s]
-            (folder / f"{name}.svg").write_text(_svg(body, style))
-    (folders["bootstrap"] / "circle-fill.svg").write_text(_svg(SHAPES["circle"], 'fill="#000"'))
-    (npm / "@tabler/icons/icons.json").write_text(json.dumps(
-        {n: {"name": n, "tags": ["shape", f"tabler {n} tag"]} for n in shapes}))
-    (npm / "lucide-static/tags.json").write_text(json.dumps({n: ["lucide tag"] for n in shapes}))
-    for context in ("actions", "emblems"):
-        (themes / "Tango" / "64x64" / context).mkdir(parents=True, exist_ok=True)
-    for i, (name, body) in enumerate(shapes.items()):
-        img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
-        colour = f"#{40 * (i % 5):02x}6{i}c0"
-        svg = rasterise_text(_svg(body, f'fill="{colour}" stroke="{colour}" stroke-width="3"'),
-                             root / "tmp.svg")
-        img.alpha_composite(svg.resize((64, 64)))
-        img.save(themes / "Tango" / "64x64" / ("actions" if i % 2 else "emblems") / f"{name}.png")
-    return npm, themes
-
-
-def rasterise_text(svg: str, path: Path) -> Image.Image:
-    path.write_text(svg)
-    return rasterise(str(path))
 
 
 def _read(root: Path, name: str) -> list[dict]:
@@ -80,7 +25,7 @@ def _read(root: Path, name: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def icons_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("icons")
-    npm, themes = _packages(root / "packages")
+    npm, themes = make_packages(root / "packages")
     stats = make_icons(root / "data", npm_root=npm, theme_root=themes, sets=SETS, progress=False,
                        queries_per_concept=6, test_concept_share=0.3)
     return root, npm, themes, stats
@@ -140,7 +85,7 @@ def test_same_seed_gives_byte_identical_files_whatever_the_workers(icons_dir, tm
 
 def test_a_set_that_copies_another_is_not_counted_twice(tmp_path):
     """Bootstrap's circle drawn exactly as Lucide's: dropped, leaving the circle 4 sets (< 5)."""
-    npm, themes = _packages(tmp_path / "p", identical_in_bootstrap=("circle",))
+    npm, themes = make_packages(tmp_path / "p", identical_in_bootstrap=("circle",))
     stats = make_icons(tmp_path / "d", npm_root=npm, theme_root=themes, sets=SETS, min_sets=5,
                        progress=False)
     concepts = {c["concept"] for c in _read(tmp_path / "d", "_truth/concepts.jsonl")}
@@ -149,7 +94,7 @@ def test_a_set_that_copies_another_is_not_counted_twice(tmp_path):
 
 
 def test_a_missing_set_is_named_with_how_to_install_it(tmp_path):
-    npm, themes = _packages(tmp_path / "p")
+    npm, themes = make_packages(tmp_path / "p")
     with pytest.raises(FileNotFoundError,
                        match=r"(?s)'phosphor'.*@phosphor-icons/core.*npm install"):
         make_icons(tmp_path / "d", npm_root=npm, theme_root=themes,
@@ -172,7 +117,7 @@ def test_theme_reader_takes_the_size_nearest_64_and_skips_aliases_and_symbolic(t
         (theme / size / context).mkdir(parents=True)
     for size in ("16x16", "48x48", "128x128"):
         Image.new("RGBA", (8, 8), (255, 0, 0, 255)).save(theme / size / "apps" / "editor.png")
-    (theme / "scalable" / "apps" / "editor.svg").write_text(_svg(SHAPES["star"], ""))
+    (theme / "scalable" / "apps" / "editor.svg").write_text(svg(SHAPES["star"], ""))
     (theme / "16x16" / "apps" / "small-only.png").write_bytes(
         (theme / "16x16" / "apps" / "editor.png").read_bytes())
     os.symlink(theme / "128x128" / "apps" / "editor.png", theme / "128x128" / "apps" / "alias.png")
@@ -186,7 +131,7 @@ def test_theme_reader_takes_the_size_nearest_64_and_skips_aliases_and_symbolic(t
 
 
 def test_the_two_views_differ_and_repeat_for_a_seed(tmp_path):
-    drawing = rasterise_text(_svg(SHAPES["star"], 'fill="#000"'), tmp_path / "s.svg")
+    drawing = rasterise_text(svg(SHAPES["star"], 'fill="#000"'), tmp_path / "s.svg")
     assert drawing.size == (128, 128) and drawing.mode == "RGBA"
     doc = np.asarray(doc_picture(drawing, np.random.default_rng(0), 64), np.float32)
     photo = np.asarray(photo_of_drawing(drawing, np.random.default_rng(0), 64), np.float32)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _icon_packages import SETS, SHAPES, STYLES, make_packages, svg
 from PIL import Image, ImageDraw
 
 from mixer_lite import weights as weights_module
@@ -18,8 +19,9 @@ from mixer_lite.measures import image_encoder_from, linear_probe_accuracy
 from mixer_lite.model import ModelConfig
 from mixer_lite.weights import SHIPPED_WEIGHTS, load_image_weights, weights_card
 from mixer_lite.losses import info_nce
-from mixer_lite.pretrain import (PretrainConfig, load_object, prepare_corpus, pretrain,
-                                 scan_corpus)
+from mixer_lite.icons import rasterise
+from mixer_lite.pretrain import (PretrainConfig, excluded_concepts, load_object, prepare_corpus,
+                                 pretrain, scan_corpus, scan_icon_sets, training_batch)
 from mixer_lite.train import config_from
 
 TINY = PretrainConfig(views=2, batch_size=8, steps=6, width=32, held_out_share=0.2,
@@ -87,13 +89,101 @@ def test_views_are_the_same_whatever_the_number_of_workers(corpus_dir, tmp_path)
     one = prepare_corpus([corpus_dir], tmp_path / "one", cfg, progress=False)
     two = prepare_corpus([corpus_dir], tmp_path / "two", dataclasses.replace(cfg, workers=2),
                          progress=False)
-    assert len(one.paths) == 48 and one.card["skipped"] == {"fully transparent": 1,
+    assert len(one.keys) == 48 and one.card["skipped"] == {"fully transparent": 1,
                                                             "over 1 megapixels": 1}
-    assert one.studio.shape == (48, 2, 3, 64, 64)
-    assert np.array_equal(one.studio, two.studio) and np.array_equal(one.photo, two.photo)
+    assert one.doc_views.shape == (48, 2, 3, 64, 64)
+    assert np.array_equal(one.doc_views, two.doc_views)
+    assert np.array_equal(one.query_views, two.query_views)
     # A studio view has a light plain background; a photo view does not.
     corners = lambda v: v[:, :, :, [0, -1]][:, :, :, :, [0, -1]].astype(float)  # noqa: E731
-    assert corners(one.studio).min() > 200 and corners(one.photo).std() > 20
+    assert corners(one.doc_views).min() > 200 and corners(one.query_views).std() > 20
+
+
+@pytest.fixture(scope="module")
+def icon_sets(tmp_path_factory):
+    """The shared small icon packages (every shape drawn by 5 sets, Bootstrap's circle a copy
+    of Lucide's), a name only Tabler drew, one only Tabler and Lucide drew, and an icons
+    dataset whose concepts are "star" (test) and "bolt" (training)."""
+    root = tmp_path_factory.mktemp("sets")
+    npm, themes = make_packages(root / "packages", identical_in_bootstrap=("circle",))
+    tabler, lucide = npm / "@tabler/icons/icons/outline", npm / "lucide-static/icons"
+    (tabler / "anchor.svg").write_text(svg('<path d="M12 3 V21 M5 15 Q12 24 19 15"/>',
+                                           STYLES["tabler"]))
+    (tabler / "flag.svg").write_text(svg('<path d="M5 21 V3 H19 L15 8 L19 13 H5"/>',
+                                         STYLES["tabler"]))
+    (lucide / "flag.svg").write_text(svg('<path d="M5 21 V4 Q12 0 19 4 V14 Q12 10 5 14"/>',
+                                         STYLES["lucide"]))
+    truth = root / "data" / "_truth"
+    truth.mkdir(parents=True)
+    (truth / "concepts.jsonl").write_text('{"concept": "star", "split": "test"}\n'
+                                          '{"concept": "bolt", "split": "train"}\n')
+    return dataclasses.replace(TINY, positives="designers", icon_sets=",".join(SETS),
+                               icon_packages=str(npm), icon_themes=str(themes),
+                               exclude_concepts=str(root / "data"), single_drawings=1,
+                               batch_size=4)
+
+
+def test_designers_pair_the_sets_drawings_of_a_name_and_leave_the_datasets_concepts_out(
+        icon_sets, tmp_path):
+    objects = {key: (label, files) for key, label, files in scan_icon_sets(icon_sets)}
+    shared = {k for k, (label, _) in objects.items() if label == "designers"}
+    assert shared == set(SHAPES) - {"star", "bolt"} | {"flag"}
+    assert [k for k, (label, _) in objects.items() if label == "one set"] == ["tabler:anchor"]
+    assert [f.split("/")[-2:] for f in objects["flag"][1]] == [["outline", "flag.svg"],
+                                                              ["icons", "flag.svg"]]
+    assert all(len(objects[k][1]) == len(SETS) for k in shared - {"flag"})
+    none_single = dataclasses.replace(icon_sets, single_drawings=0)
+    assert all(label == "designers" for _, label, _ in scan_icon_sets(none_single))
+    with pytest.raises(FileNotFoundError, match="make-data --source icons"):
+        excluded_concepts(str(tmp_path))
+    (tmp_path / "_truth").mkdir()
+    (tmp_path / "_truth" / "concepts.jsonl").write_text('{"concept": "a"}\n["b"]\n')
+    with pytest.raises(ValueError, match="concepts.jsonl, line 2: .*'concept'"):
+        excluded_concepts(str(tmp_path))
+    with pytest.raises(ValueError, match="not --corpus folders"):
+        prepare_corpus([tmp_path], tmp_path / "cache", icon_sets, progress=False)
+
+
+def test_each_designer_pair_shows_two_sets_drawings_never_a_copy(icon_sets, tmp_path,
+                                                                  monkeypatch):
+    """The augmentation replaced by a view that writes the drawing's ink pixel count in its
+    colour, so each view says which drawing it shows."""
+    def identity_view(rgba, rng, size):
+        n = int((np.asarray(rgba)[..., 3] > 128).sum())
+        return Image.new("RGB", (size, size), (n % 256, n // 256, 0))
+
+    monkeypatch.setattr("mixer_lite.pretrain.drawing_view", identity_view)
+    corpus = prepare_corpus([], tmp_path / "cache", dataclasses.replace(icon_sets, views=12),
+                            progress=False)
+    shown = lambda views, r: [int(v[0, 0, 0]) + 256 * int(v[1, 0, 0])  # noqa: E731
+                              for v in views[r]]
+    for r, key in enumerate(corpus.keys):
+        files = scan_icon_sets(icon_sets)
+        files = next(f for k, _, f in files if k == key)
+        ink = [int((np.asarray(rasterise(f))[..., 3] > 128).sum()) for f in files]
+        query, doc = shown(corpus.query_views, r), shown(corpus.doc_views, r)
+        if key == "tabler:anchor":
+            assert query == doc == ink * 12
+            continue
+        # Two sets' drawings; for the circle, never Lucide's with Bootstrap's copy of it.
+        assert all(q != d and {q, d} <= set(ink) for q, d in zip(query, doc))
+    assert corpus.card["objects_per_label"] == {"designers": 9, "one set": 1}
+    # A training batch takes an object's query and doc view from the same pair.
+    rows = np.arange(len(corpus.keys))
+    _, query, doc = training_batch(corpus, rows, 0, dataclasses.replace(icon_sets, views=12,
+                                                                        batch_size=len(rows)))
+    same = (query[:, :2, 0, 0] == doc[:, :2, 0, 0]).all(1).numpy()
+    assert same.tolist() == [k == "tabler:anchor" for k in corpus.keys]
+
+
+def test_pretraining_across_designers_runs_end_to_end(icon_sets, tmp_path):
+    card = pretrain([], tmp_path / "run", tmp_path / "designers.pt",
+                    dataclasses.replace(icon_sets, steps=2, probe_every=2), progress=False)
+    assert card["corpus"]["objects"] == 10 and "icon sets' drawings" in card["method"]
+    assert card["pretrain"]["exclude_concepts"] == icon_sets.exclude_concepts
+    model_cfg = ModelConfig(image_encoder="cnn", vit_dim=32,
+                            image_weights=str(tmp_path / "designers.pt"))
+    assert load_image_weights(build_image_encoder(model_cfg), model_cfg)["steps"] == 2
 
 
 def test_info_nce_matches_a_naive_loop():

@@ -1,0 +1,78 @@
+"""Which pretrained image encoder transfers, chosen on validation photos: the runs behind
+docs/EXPERIMENTS.md, "A backbone pretrained across designers".
+
+    python bench/backbone_transfer.py --weights openclipart-cnn,runs/designers-cnn.pt \
+        [--data data/icons] [--seeds 0,1,2] [--extra=--epochs=10] [--test]
+
+For each weights file (a shipped name, a path, or ``none`` for random weights), side by side:
+the frozen encoder's validation Recall@1/10 (its pooled features alone, no training:
+:func:`mixer_lite.measures.evaluate_frozen_validation`), then ``tiny-cpu`` fine-tuned from it
+with each seed (``--extra`` overrides added; validation only, the test queries never read;
+``runs/experiments/<data>-<weights>-s<seed>``) and its validation Recall@10.  ``--test`` (once
+the weights are chosen) also reads each finished run's test queries, once, and writes a record
+to ``results/transfer/<run>.json``.  About 6 minutes a run on ``data/icons``, on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from mixer_lite.ablations import VALIDATION
+from mixer_lite.dataset import data_fingerprint, load_dataset
+from mixer_lite.measures import evaluate_frozen_validation
+from mixer_lite.reproduce import recorded
+from mixer_lite.retrieval import evaluate_model
+from mixer_lite.runcache import ensure_run, repo_root
+from mixer_lite.runs import load_run_model
+from mixer_lite.train import config_from
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="data/icons")
+    p.add_argument("--weights", default="openclipart-cnn",
+                   help="comma-separated: shipped names, weights files, or none")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--extra", action="append", default=[],
+                   help="a tiny-cpu override added to every run (repeatable)")
+    p.add_argument("--test", action="store_true",
+                   help="also read the test queries once and write results/transfer/<run>.json")
+    args = p.parse_args()
+    data_dir = Path(args.data)
+    data = load_dataset(data_dir, check_images=False)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra_name = "".join(f"-{o.lstrip('-').replace('=', '')}" for o in args.extra)
+    print(f"| weights | frozen val R@1 | frozen val R@10 | fine-tuned val R@10, seeds "
+          f"{args.seeds} | mean |\n|---|---|---|---|---|")
+    for weights in args.weights.split(","):
+        overrides_of = [f"--model.image_weights={weights}", *args.extra]
+        frozen = evaluate_frozen_validation(data, config_from("tiny-cpu", overrides_of),
+                                            weights)
+        label = Path(weights).stem
+        tuned, runs = [], []
+        for seed in seeds:
+            overrides = [*VALIDATION, f"--seed={seed}", *overrides_of]
+            name = f"{data_dir.name}-{label}{extra_name}-s{seed}"
+            result = ensure_run(data_dir, name, overrides)
+            tuned.append(result["validation"]["val_recall@10"])
+            runs.append((name, result["run"], overrides))
+        print(f"| {weights} | {100 * frozen['val_recall@1']:.1f} | "
+              f"{100 * frozen['val_recall@10']:.1f} | "
+              + ", ".join(f"{100 * t:.1f}" for t in tuned)
+              + f" | {100 * np.mean(tuned):.1f} |", flush=True)
+        if args.test:
+            for (name, run, overrides), seed in zip(runs, seeds):
+                want = {"row": f"tiny-cpu from {weights}", "seed": seed, "overrides": overrides,
+                        "config": config_from("tiny-cpu", overrides),
+                        "data": data_fingerprint(data_dir)}
+                rec = recorded(repo_root() / "results" / "transfer" / f"{name}.json", want,
+                               lambda run=run: {"metrics": evaluate_model(load_run_model(run),
+                                                                          data)})
+                print(f"  {name}: test R@10 {100 * rec['metrics']['recall@10']:.1f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
