@@ -1,7 +1,7 @@
 """Which pretrained image encoder transfers, chosen on validation photos: the runs behind
 docs/EXPERIMENTS.md, "A backbone pretrained across designers".
 
-    python bench/backbone_transfer.py --weights openclipart-cnn,runs/designers-cnn.pt \
+    python bench/backbone_transfer.py --weights designers-cnn,openclipart-cnn \
         [--data data/icons] [--seeds 0,1,2] [--extra=--epochs=10] [--test]
 
 For each weights file (a shipped name, a path, or ``none`` for random weights), side by side:
@@ -9,8 +9,9 @@ the frozen encoder's validation Recall@1/10 (its pooled features alone, no train
 :func:`mixer_lite.measures.evaluate_frozen_validation`), then ``tiny-cpu`` fine-tuned from it
 with each seed (``--extra`` overrides added; validation only, the test queries never read;
 ``runs/experiments/<data>-<weights>-s<seed>``) and its validation Recall@10.  ``--test`` (once
-the weights are chosen) also reads each finished run's test queries, once, and writes a record
-to ``results/transfer/<run>.json``.  About 6 minutes a run on ``data/icons``, on 2 cores.
+the weights are chosen) also reads the test queries, once per finished run and once for the
+frozen encoder, and writes records to ``results/transfer/``.  About 6 minutes a run on
+``data/icons``, on 2 cores.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from mixer_lite.ablations import VALIDATION
 from mixer_lite.dataset import data_fingerprint, load_dataset
-from mixer_lite.measures import evaluate_frozen_validation
+from mixer_lite.measures import evaluate_frozen_backbone, evaluate_frozen_validation
 from mixer_lite.reproduce import recorded
 from mixer_lite.retrieval import evaluate_model
 from mixer_lite.runcache import ensure_run, repo_root
@@ -63,6 +64,12 @@ def main() -> None:
               + ", ".join(f"{100 * t:.1f}" for t in tuned)
               + f" | {100 * np.mean(tuned):.1f} |", flush=True)
         if args.test:
+            frozen_test = recorded(
+                repo_root() / "results" / "transfer" / f"{data_dir.name}-frozen-{label}.json",
+                {"row": f"{weights}, frozen (no training)", "data": data_fingerprint(data_dir)},
+                lambda: {"metrics": evaluate_frozen_backbone(data, weights)})
+            print(f"  frozen: test R@10 {100 * frozen_test['metrics']['recall@10']:.1f}",
+                  flush=True)
             for (name, run, overrides), seed in zip(runs, seeds):
                 want = {"row": f"tiny-cpu from {weights}", "seed": seed, "overrides": overrides,
                         "config": config_from("tiny-cpu", overrides),

@@ -21,6 +21,10 @@ WEIGHTS_FORMAT = "mixer-lite-image-encoder/1"
 SHIPPED_WEIGHTS = {
     "openclipart-cnn": ("openclipart-cnn.pt",
                         "213440e836f86c0d76a8fefbbb3247ebe06cfca4e14eb4e642dd205f5cf20c1b"),
+    # Pretrained across the icon sets' designers (``mixer-lite pretrain --config
+    # designers-cpu``), the icons dataset's concepts left out: MODEL_CARD.md there.
+    "designers-cnn": ("designers-cnn.pt",
+                      "9ca669cc4c23b7d24c8e04d2df04d057a220ef79af57f2b3cbde519e612c6e83"),
 }
 
 

@@ -249,18 +249,21 @@ def test_a_shipped_file_with_another_checksum_is_refused(monkeypatch, tmp_path):
         load_image_weights(build_image_encoder(cfg), cfg)
 
 
-def test_the_shipped_weights_are_what_tiny_cpu_starts_from():
-    name, sha = SHIPPED_WEIGHTS["openclipart-cnn"]
+def test_tiny_cpu_starts_from_the_openclipart_weights():
+    assert config_from("tiny-cpu", []).model.image_weights == "openclipart-cnn"
+
+
+@pytest.mark.parametrize("shipped_name", sorted(SHIPPED_WEIGHTS))
+def test_each_shipped_file_loads_with_its_checksum_and_its_card_shows_learning(shipped_name):
+    name, sha = SHIPPED_WEIGHTS[shipped_name]
     path = weights_module.Path(weights_module.__file__).parent / "weights" / name
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
     assert path.stat().st_size <= 25 * 2 ** 20
-    cfg = config_from("tiny-cpu", [])
-    assert cfg.model.image_weights == "openclipart-cnn"
     shipped = torch.load(path, weights_only=True)
-    enc = image_encoder_from("openclipart-cnn")
+    enc = image_encoder_from(shipped_name)
     assert isinstance(enc, ConvEncoder)
     assert all(torch.equal(enc.state_dict()[k], v) for k, v in shipped["state_dict"].items())
-    card = weights_card("openclipart-cnn")
+    card = weights_card(shipped_name)
     assert card == shipped["card"]
     assert card["corpus"]["objects"] > 5000 and card["steps"] >= 1000
     # Pretraining did something the probe can see: held-out photo-to-studio Recall@1.

@@ -110,6 +110,9 @@ README_QUOTES = {
     "4.5": lambda: points(seed_mean("small", "mixer") - seed_mean("small", "infonce")),
     "12.7": lambda: points(seed_mean("icons", "mixer") - seed_mean("icons", "random_weights")),
     "2.9": lambda: points(metric("icons", "mixer-s0") - metric("icons", "scratch-s0")),
+    "21.2": lambda: points(np.mean([json.loads((ROOT / "results" / "transfer" /
+                                                f"icons-designers-cnn-s{s}.json").read_text())
+                                    ["metrics"]["recall@10"] for s in (0, 1, 2)])),
 }
 
 
