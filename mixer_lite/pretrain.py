@@ -47,6 +47,7 @@ import json
 import os
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -408,12 +409,8 @@ def prepare_corpus(roots: list[str | os.PathLike], cache: str | os.PathLike, cfg
             with atomic_path(cache / name) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, arr)
-        reasons = {}
-        for r in skipped.values():
-            reasons[r] = reasons.get(r, 0) + 1
-        label_counts = {}
-        for _, label, _ in kept:
-            label_counts[label] = label_counts.get(label, 0) + 1
+        reasons = dict(Counter(skipped.values()))
+        label_counts = dict(Counter(label for _, label, _ in kept))
         card = {"key": key, "roots": [str(Path(r).resolve()) for r in roots]
                 or [cfg.icon_packages, cfg.icon_themes],
                 "images_found": len(found), "objects": len(kept), "skipped": reasons,

@@ -157,9 +157,9 @@ def test_each_designer_pair_shows_two_sets_drawings_never_a_copy(icon_sets, tmp_
                             progress=False)
     shown = lambda views, r: [int(v[0, 0, 0]) + 256 * int(v[1, 0, 0])  # noqa: E731
                               for v in views[r]]
+    files_of = {k: f for k, _, f in scan_icon_sets(icon_sets)}
     for r, key in enumerate(corpus.keys):
-        files = scan_icon_sets(icon_sets)
-        files = next(f for k, _, f in files if k == key)
+        files = files_of[key]
         ink = [int((np.asarray(rasterise(f))[..., 3] > 128).sum()) for f in files]
         query, doc = shown(corpus.query_views, r), shown(corpus.doc_views, r)
         if key == "tabler:anchor":
