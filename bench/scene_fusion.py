@@ -57,6 +57,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "regions_title_whole3": ("--model.fusion=regions", "--model.region_choice=title",
                              "--model.region_whole_bias=3"),
     "mixer_title": ("--model.title_sample=true",),
+    "mixer_title_anchored": ("--model.title_sample=true", "--titles_move_centres=false"),
+    "regions_title_whole2_anchored": ("--model.fusion=regions", "--model.region_choice=title",
+                                      "--model.region_whole_bias=2",
+                                      "--titles_move_centres=false"),
     "regions_title_fused2": ("--model.fusion=regions", "--model.region_choice=title",
                              "--model.region_whole_bias=2", "--model.region_whole=concepts"),
 }

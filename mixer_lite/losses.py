@@ -161,18 +161,25 @@ class MarginClassifier(nn.Module):
         n_keep = max(n_keep, len(positives))
         return torch.sort(torch.topk(score, n_keep).indices).values
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0):
-        """Mean margin-softmax cross-entropy of ``embeddings`` [B, d] with global ``labels``."""
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0,
+                anchored: torch.Tensor | None = None):
+        """Mean margin-softmax cross-entropy of ``embeddings`` [B, d] with global ``labels``.
+
+        ``anchored`` [B] (bool, optional): samples whose loss moves them towards their centre
+        and away from the others but never moves a centre (the centres see those samples'
+        cosines as constants), so that they learn where a class is without deciding it."""
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
+        if anchored is not None and anchored.shape != labels.shape:
+            raise ValueError(f"anchored must hold one flag per label, got {tuple(anchored.shape)}"
+                             f" for {tuple(labels.shape)}")
         if self.world > 1:
             from torch.distributed.nn.functional import all_gather
 
             embeddings = torch.cat(all_gather(embeddings))
-            gathered = [torch.empty_like(labels) for _ in range(self.world)]
-            dist.all_gather(gathered, labels)
-            labels = torch.cat(gathered)
+            labels = _gather_flat(labels)
+            anchored = None if anchored is None else _gather_flat(anchored.to(torch.uint8)).bool()
         x = F.normalize(embeddings, dim=-1)
         local = labels - self.start
         mine = (local >= 0) & (local < self.shard)
@@ -188,8 +195,10 @@ class MarginClassifier(nn.Module):
             self._used.append((idx, rows))
         else:
             rows = self.weight[idx]
-        w = F.normalize(rows, dim=-1)
-        cosine = x @ w.to(x.dtype).t()
+        w = F.normalize(rows, dim=-1).to(x.dtype)
+        cosine = x @ w.t()
+        if anchored is not None and bool(anchored.any()):
+            cosine = torch.where(anchored.to(cosine.device)[:, None], x @ w.detach().t(), cosine)
         mask = torch.zeros(len(target), len(idx), dtype=torch.bool, device=cosine.device)
         has = torch.nonzero(target >= 0).flatten()
         mask[has, target[has]] = True
@@ -323,6 +332,13 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+def _gather_flat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (same shape on each, no gradient), concatenated in rank order."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
 
 
 def _sharded_cross_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

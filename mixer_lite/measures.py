@@ -559,9 +559,9 @@ def evaluate_frozen_validation(data, train_cfg, image_weights: str = "openclipar
                                seed: int = 0, size: int = 64) -> dict:
     """Validation Recall@1/10 of the image encoder alone, frozen: the photos of the classes
     ``train_cfg`` holds out for validation searched among every doc by the cosine of pooled
-    features, a hit a doc of the photo's class (as :func:`train.validate` scores a model).
+    features, a hit a doc of the photo's class (:func:`retrieval.validation_recall`, as a run).
     How a pretraining recipe is chosen without reading the test photos."""
-    from .retrieval import exact_search, ranking_metrics
+    from .retrieval import validation_recall
     from .sampling import make_samples
 
     validation = make_samples(data, train_cfg)[0].validation
@@ -571,8 +571,7 @@ def evaluate_frozen_validation(data, train_cfg, image_weights: str = "openclipar
     docs = unit_rows(pooled_features(encoder, ImageTable(image_files(data, "docs"), size)))
     queries = unit_rows(pooled_features(encoder, ImageTable(
         image_files(data, "queries", validation.query_rows), size)))
-    m = ranking_metrics(exact_search(docs, queries, 10)[1], validation.relevant, ks=(1, 10))
-    return {"val_recall@1": m["recall@1"], "val_recall@10": m["recall@10"]}
+    return validation_recall(docs, queries, validation.relevant)
 
 
 @torch.no_grad()

@@ -193,6 +193,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.text_dropout must be in [0, 1], "
                              f"got {self.text_dropout}")
 
+    @property
+    def trains_title(self) -> bool:
+        """Whether training returns each doc's title embedding beside the doc, a sample of the
+        doc's class (the title chooses a window, or ``title_sample``)."""
+        return self.fusion == "regions" and self.region_choice == "title" or self.title_sample
+
 
 # --------------------------------------------------------------------------------------------
 # Attention with exact zeros on masked keys
@@ -494,7 +500,7 @@ class MixerModel(nn.Module):
         if cfg.fusion == "regions":
             self.register_buffer("regions", candidate_boxes(cfg.region_side), persistent=False)
         self.title_chooses = cfg.fusion == "regions" and cfg.region_choice == "title"
-        self.trains_title = self.title_chooses or cfg.title_sample
+        self.trains_title = cfg.trains_title
         if self.title_chooses:
             self.choice_scale = nn.Parameter(torch.tensor(math.log(cfg.concept_temperature)))
         if cfg.fusion in ("concept", "direct") or cfg.fusion == "regions" and \

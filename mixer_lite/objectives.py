@@ -127,10 +127,13 @@ class Classification(Objective):
             emb[kind == 0] = query_emb.float()
         if doc_emb is not None:
             emb[kind == 1] = doc_emb.float()
+        anchored = None
         if titles is not None:  # each title a sample of its doc's class too
+            if not self.cfg.titles_move_centres:
+                anchored = torch.arange(len(emb) + len(titles), device=device) >= len(emb)
             emb, labels = torch.cat([emb, titles.float()]), torch.cat([labels, labels[kind == 1]])
         self.last = (emb.detach(), labels)
-        return self.classifier(emb, labels, step)
+        return self.classifier(emb, labels, step, anchored=anchored)
 
     def health(self) -> dict:
         """The centres' mean norm, the mean cosine of a sample to its own centre and to other

@@ -254,6 +254,13 @@ def ranking_metrics(ranked: np.ndarray, relevant: list[set[int]], ks=KS) -> dict
     return out
 
 
+def validation_recall(doc_emb, query_emb, relevant: list[set[int]]) -> dict:
+    """``val_recall@1`` and ``val_recall@10`` of query embeddings searched exactly among every
+    doc: how a run's held-out classes are scored, whatever produced the embeddings."""
+    m = ranking_metrics(exact_search(doc_emb, query_emb, 10)[1], relevant, ks=(1, 10))
+    return {"val_recall@1": m["recall@1"], "val_recall@10": m["recall@10"]}
+
+
 def relevance(data, query_rows: np.ndarray) -> list[set[int]]:
     """Relevant doc rows of each query row, from ``qrels``; a query without qrels is an error."""
     rel = {r["query_id"]: r["doc_ids"] for r in data.qrels}

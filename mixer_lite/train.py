@@ -54,9 +54,10 @@ from .files import folder_lock, read_log, remove_stale_temporaries, strict_json,
 from .encoders import WordTokenizer
 from .model import MixerModel, ModelConfig
 from .weights import load_image_weights
-from .objectives import DEFAULT_MARGIN, LOSSES, Objective, images_per_sample, make_objective
+from .objectives import (DEFAULT_MARGIN, LOSSES, PAIRWISE_LOSSES, Objective, images_per_sample,
+                         make_objective)
 from .optim import LossScale, clip_global_norm, sum_gradients_hook, warmup_cosine
-from .retrieval import embed_docs, embed_queries, evaluate_model, exact_search, ranking_metrics
+from .retrieval import embed_docs, embed_queries, evaluate_model, validation_recall
 from .runs import (check_run_folder, check_same_data, restore_checkpoint, save_checkpoint,
                    setup_distributed, save_torch, torch_threads)
 from .sampling import (EpochSampler, MicroBatches, Samples, TrainingImages, Validation,
@@ -82,6 +83,8 @@ class TrainConfig:
     centre_weight_decay: float = 5e-4  # 0 was measured worse on validation (EXPERIMENTS.md)
     temperature: float = 0.05         # InfoNCE
     sample_rate: float = 1.0          # class-centre sampling (Partial FC); 1 = full softmax
+    titles_move_centres: bool = True  # False: title samples (model.title_sample) follow their
+                                      # class centres without moving them (EXPERIMENTS.md)
     batch_size: int = 128             # global batch (split over ranks and accumulation steps)
     grad_accum: int = 1
     epochs: float = 4.0
@@ -136,6 +139,11 @@ class TrainConfig:
             problems.append(f"val_share must be in [0, 1), got {self.val_share}")
         if self.val_every < 0:
             problems.append(f"val_every must be >= 0, got {self.val_every}")
+        if not self.titles_move_centres and (not self.model.trains_title or
+                                             self.loss in PAIRWISE_LOSSES):
+            problems.append("titles_move_centres=false anchors title samples to class centres: "
+                            "it needs a classification loss and model.title_sample=true (or "
+                            "model.region_choice=title)")
         if not 0 < self.doc_zoom_out <= 1:
             problems.append(f"doc_zoom_out must be in (0, 1] (1: off), got {self.doc_zoom_out}")
         if self.checkpoint_every < 1 or self.log_every < 1:
@@ -580,10 +588,8 @@ def _validate(run: Run) -> dict:
 def validate(model, val: Validation, query_images, doc_images, doc_texts, device) -> dict:
     """Recall@1/10 of the held-out classes' photos against every doc (exact search)."""
     doc_emb = embed_docs(model, doc_images, doc_texts, device=device)
-    query_emb = embed_queries(model, query_images, device=device)
-    _, ranked = exact_search(doc_emb, query_emb, 10)
-    m = ranking_metrics(ranked, val.relevant, ks=(1, 10))
-    return {"val_recall@1": m["recall@1"], "val_recall@10": m["recall@10"]}
+    return validation_recall(doc_emb, embed_queries(model, query_images, device=device),
+                             val.relevant)
 
 
 def _finish(run: Run) -> dict:

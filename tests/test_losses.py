@@ -109,6 +109,39 @@ def test_logits_equal_pytorch_metric_learning(kind):
     torch.testing.assert_close(clf(x, y), ref(x, y), rtol=1e-5, atol=1e-5)
 
 
+def test_anchored_samples_move_towards_their_centres_but_never_move_them():
+    """Anchored samples (``titles_move_centres=false``): their rows of the loss are the naive
+    margin softmax against constant centres, the others' against trainable ones."""
+    x, w, y = data()
+    anchored = torch.zeros(12, dtype=torch.bool)
+    anchored[[1, 4, 5, 9]] = True
+    clf = MarginClassifier(20, 8, scale=16)
+    clf.weight.data.copy_(w)
+    xa = x.clone().requires_grad_(True)
+    loss = clf(xa, y, anchored=anchored)
+    loss.backward()
+    xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    free = ~anchored
+    ref = (naive_margin_loss(xb[free], wb, y[free], "cosface", 0.35, 16) * free.sum()
+           + naive_margin_loss(xb[anchored], wb.detach(), y[anchored], "cosface", 0.35, 16)
+           * anchored.sum()) / 12
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(clf.dense_grad(), wb.grad, rtol=1e-4, atol=1e-6)
+    # the samples' own gradients are those of the plain loss; only the centres' change
+    clf.clear_used()
+    xc = x.clone().requires_grad_(True)
+    clf(xc, y).backward()
+    torch.testing.assert_close(xa.grad, xc.grad, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(clf.dense_grad(), wb.grad, atol=1e-4)
+    clf.clear_used()
+    clf(x, y, anchored=torch.ones(12, dtype=torch.bool)).backward()
+    assert torch.count_nonzero(clf.dense_grad()) == 0
+    with pytest.raises(ValueError, match="one flag per label"):
+        clf(x, y, anchored=anchored[:5])
+
+
 def test_bad_labels_and_settings_are_rejected():
     clf = MarginClassifier(5, 4)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
@@ -120,7 +153,10 @@ def test_bad_labels_and_settings_are_rejected():
 
 
 # ---- model parallel: 2 gloo processes vs one ---------------------------------------------
-def _rank_main(rank, world, init_file, out_dir, rate):
+ANCHORED = torch.tensor([0, 0, 1, 0, 1, 0, 0, 0, 1, 1], dtype=torch.bool)  # 2 on each rank
+
+
+def _rank_main(rank, world, init_file, out_dir, rate, anchored=False):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -132,7 +168,7 @@ def _rank_main(rank, world, init_file, out_dir, rate):
     clf.weight.data.copy_(w[clf.start: clf.start + clf.shard])
     rows = slice(rank * 5, rank * 5 + 5)
     xl = x[rows].clone().requires_grad_(True)
-    loss = clf(xl, y[rows], step=3)
+    loss = clf(xl, y[rows], step=3, anchored=ANCHORED[rows] if anchored else None)
     loss.backward()
     torch.save({"loss": loss.detach(), "xgrad": xl.grad, "wgrad": clf.dense_grad(),
                 "start": clf.start, "shard": clf.shard,
@@ -147,13 +183,17 @@ def _rank_main(rank, world, init_file, out_dir, rate):
     os._exit(0)
 
 
-def test_two_process_model_parallel_equals_one_process(tmp_path):
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), 1.0), nprocs=2)
+@pytest.mark.parametrize("anchored", [False, True])
+def test_two_process_model_parallel_equals_one_process(tmp_path, anchored):
+    """2 gloo ranks, each holding about half of the centres, give one process's loss and
+    gradients; with anchored samples too, whose flags the ranks gather with the embeddings."""
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path), 1.0, anchored),
+             nprocs=2)
     x, w, y = data(n=10, c=21, d=8, seed=1)
     clf = MarginClassifier(21, 8, kind="arcface", margin=0.5, scale=16)
     clf.weight.data.copy_(w)
     xa = x.clone().requires_grad_(True)
-    loss = clf(xa, y)
+    loss = clf(xa, y, anchored=ANCHORED if anchored else None)
     loss.backward()
     r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
     assert (r[0]["start"], r[0]["shard"], r[1]["start"], r[1]["shard"]) == (0, 11, 11, 10)
@@ -414,7 +454,8 @@ def test_objectives_train_each_title_beside_its_doc():
     """Docs handed as [B, 2, D] (each doc and its title's embedding, ``region_choice="title"``):
     the classification objective classifies the titles as more samples of their docs' classes
     (against the classifier called on the samples concatenated by hand), and a pairwise one
-    averages the loss of the (photo, doc) pairs and of the (photo, title) pairs."""
+    averages the loss of the (photo, doc) pairs and of the (photo, title) pairs.  With
+    ``titles_move_centres=false`` the titles' rows are the anchored ones."""
     from types import SimpleNamespace
 
     from mixer_lite.objectives import Classification, Pairwise
@@ -432,6 +473,20 @@ def test_objectives_train_each_title_beside_its_doc():
     emb = torch.stack([q[0], d[0, 0], d[1, 0], q[1], d[2, 0], d[0, 1], d[1, 1], d[2, 1]])
     want = ref.classifier(emb, torch.tensor([3, 1, 3, 0, 2, 1, 3, 2]), 0)
     torch.testing.assert_close(got, want)
+    # titles_move_centres=false: the titles' rows anchored, the samples' rows not
+    anchored_cfg = config_from("tiny-cpu", ["--model.embed_dim=8", "--model.title_sample=true",
+                                            "--titles_move_centres=false"])
+    ours, ref = Classification(anchored_cfg, 5, False), Classification(anchored_cfg, 5, False)
+    ref.load_state_dict(ours.state_dict())
+    ours(q, d, samples, np.arange(5), 0).backward()
+    ref.classifier(emb, torch.tensor([3, 1, 3, 0, 2, 1, 3, 2]), 0,
+                   anchored=torch.arange(8) >= 5).backward()
+    torch.testing.assert_close(ours.classifier.dense_grad(), ref.classifier.dense_grad())
+    with pytest.raises(ValueError, match="titles_move_centres=false anchors"):
+        config_from("tiny-cpu", ["--titles_move_centres=false"])
+    with pytest.raises(ValueError, match="titles_move_centres=false anchors"):
+        config_from("tiny-cpu", ["--titles_move_centres=false", "--model.title_sample=true",
+                                 "--loss=infonce"])
     pairs = SimpleNamespace(kind=np.zeros(3, dtype=int), label=np.arange(3))
     q3 = F.normalize(torch.randn(3, 8), dim=-1)
     for loss, fn, arg in (("infonce", info_nce, cfg.temperature),
