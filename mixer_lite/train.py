@@ -84,7 +84,8 @@ class TrainConfig:
     temperature: float = 0.05         # InfoNCE
     sample_rate: float = 1.0          # class-centre sampling (Partial FC); 1 = full softmax
     titles_move_centres: bool = True  # False: title samples (model.title_sample) follow their
-                                      # class centres without moving them (EXPERIMENTS.md)
+                                      # class centres without moving them (EXPERIMENTS.md,
+                                      # "The title anchored to its class centre")
     batch_size: int = 128             # global batch (split over ranks and accumulation steps)
     grad_accum: int = 1
     epochs: float = 4.0
