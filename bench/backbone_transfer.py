@@ -49,9 +49,6 @@ def main() -> None:
                         "tenth of the training products held out), no run")
     args = p.parse_args()
     data_dir = Path(args.data)
-    data = load_dataset(data_dir, check_images=False)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    # `--model.fusion=image_only` names its runs `...-fusion-image_only-s0`
     if args.probe_only:
         for weights in args.weights.split(","):
             r = backbone_probe(image_encoder_from(weights), data_dir, split="validation")
@@ -60,6 +57,9 @@ def main() -> None:
                   f"{100 * r['photo_to_doc_recall@10']:.1f} ({r['eval_photos']} photos)",
                   flush=True)
         return
+    data = load_dataset(data_dir, check_images=False)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    # `--model.fusion=image_only` names its runs `...-fusion-image_only-s0`
     extra_name = "".join("-" + o.lstrip("-").split(".")[-1].replace("=", "-") for o in args.extra)
     print(f"| weights | frozen val R@1 | frozen val R@10 | fine-tuned val R@10, seeds "
           f"{args.seeds} | mean |\n|---|---|---|---|---|")

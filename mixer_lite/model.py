@@ -194,10 +194,15 @@ class ModelConfig:
                              f"got {self.text_dropout}")
 
     @property
+    def title_chooses(self) -> bool:
+        """Whether the title's own embedding chooses among the doc's windows."""
+        return self.fusion == "regions" and self.region_choice == "title"
+
+    @property
     def trains_title(self) -> bool:
         """Whether training returns each doc's title embedding beside the doc, a sample of the
         doc's class (the title chooses a window, or ``title_sample``)."""
-        return self.fusion == "regions" and self.region_choice == "title" or self.title_sample
+        return self.title_chooses or self.title_sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,7 +504,7 @@ class MixerModel(nn.Module):
                                                           cfg.concept_temperature, values=False)
         if cfg.fusion == "regions":
             self.register_buffer("regions", candidate_boxes(cfg.region_side), persistent=False)
-        self.title_chooses = cfg.fusion == "regions" and cfg.region_choice == "title"
+        self.title_chooses = cfg.title_chooses
         self.trains_title = cfg.trains_title
         if self.title_chooses:
             self.choice_scale = nn.Parameter(torch.tensor(math.log(cfg.concept_temperature)))
