@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the log and checkpoints")
     s.add_argument("--cache", help="folder for the rendered views, shared by runs with the same "
                                    "corpus and view settings (default: RUN/corpus)")
-    s.add_argument("--config", default="cpu", help="preset: cpu | designers-cpu | gpu")
+    s.add_argument("--config", default="cpu",
+                   help="preset: cpu | designers-cpu | designers-colour-cpu | gpu")
     s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_pretrain, overrides=[])

@@ -101,6 +101,7 @@ class PretrainConfig:
     icon_sets: str = ""              # designers: the sets to read, comma-separated ("": all)
     exclude_concepts: str = ""       # designers: a dataset folder whose concepts are left out
     single_drawings: int = 6000      # designers: drawings of names one set drew, as objects
+    keep_colour: bool = False        # designers: views keep the drawing's hues (drawing_view)
     probe_every: int = 250
     checkpoint_every: int = 100
     log_every: int = 10
@@ -126,6 +127,8 @@ class PretrainConfig:
             problems.append(f"positives must be 'views' or 'designers', got {self.positives!r}")
         if self.positives == "designers" and self.taxonomy_weight > 0:
             problems.append("taxonomy_weight needs positives='views' (a corpus with folders)")
+        if self.keep_colour and self.positives != "designers":
+            problems.append("keep_colour needs positives='designers' (it changes drawing_view)")
         if self.single_drawings < 0:
             problems.append("single_drawings must be >= 0")
         if problems:
@@ -139,6 +142,10 @@ PRESETS = {
     # minutes on 2 CPU cores (docs/EXPERIMENTS.md, "A backbone pretrained across designers").
     "designers-cpu": PretrainConfig(positives="designers", exclude_concepts="data/icons",
                                     views=8, steps=1500),
+    # The same, with views that keep the drawing's hues, for data where colour names the thing
+    # (docs/EXPERIMENTS.md, "A backbone pretrained across designers").
+    "designers-colour-cpu": PretrainConfig(positives="designers", exclude_concepts="data/icons",
+                                           views=8, steps=1500, keep_colour=True),
     # The same recipe for a GPU: longer, bigger batches (more negatives per photo).
     "gpu": PretrainConfig(views=8, batch_size=512, steps=20000, lr=3e-3, workers=8,
                           checkpoint_every=1000, probe_every=1000, log_every=50),
@@ -254,13 +261,20 @@ def corpus_objects(roots: list[str | os.PathLike], cfg: PretrainConfig) -> list[
     return [(path, label, (path,)) for path, label in scan_corpus(roots)]
 
 
-def drawing_view(rgba: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
+def drawing_view(rgba: Image.Image, rng: np.random.Generator, size: int,
+                 keep_colour: bool = False) -> Image.Image:
     """One view of a drawing for ``positives="designers"``: SimCLR's augmentations adapted to a
     drawing on a transparent canvas.  A ground of random colour (and, for a monochrome glyph,
     half the time ink of another), a random resized crop of the drawing padded by a quarter on
     each side (so it may come out larger or smaller), colour jitter, sometimes grey, sometimes
     blurred.  Neither SynthShop's renderer nor the icons dataset's photo model: what the
-    encoder learns to ignore is generic, and what stays is what two designers drew alike."""
+    encoder learns to ignore is generic, and what stays is what two designers drew alike.
+
+    ``keep_colour``: no hue shift and no grey, and milder saturation jitter (0.8-1.2), so a
+    coloured drawing keeps its hues; the ground and a monochrome glyph's ink, whose colours
+    name nothing, still change.  Views that change hue teach the encoder to ignore colour,
+    which costs data whose classes differ by colour (docs/EXPERIMENTS.md, "A backbone
+    pretrained across designers")."""
     arr = np.asarray(rgba).astype(np.float32)
     if monochrome(arr) and rng.random() < 0.5:
         arr[..., :3] = rng.integers(0, 256, size=3)
@@ -276,12 +290,15 @@ def drawing_view(rgba: Image.Image, rng: np.random.Generator, size: int) -> Imag
     img = canvas.convert("RGB").crop((x, y, x + w, y + h)).resize((CANVAS, CANVAS),
                                                                    Image.BILINEAR)
     if rng.random() < 0.8:
-        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-            img = enhance(img).enhance(float(rng.uniform(0.6, 1.4)))
-        hsv = np.asarray(img.convert("HSV")).copy()
-        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-25, 26))) % 256
-        img = Image.fromarray(hsv, "HSV").convert("RGB")
-    if rng.random() < 0.2:
+        img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.6, 1.4)))
+        img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.6, 1.4)))
+        saturation = (0.8, 1.2) if keep_colour else (0.6, 1.4)
+        img = ImageEnhance.Color(img).enhance(float(rng.uniform(*saturation)))
+        if not keep_colour:
+            hsv = np.asarray(img.convert("HSV")).copy()
+            hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-25, 26))) % 256
+            img = Image.fromarray(hsv, "HSV").convert("RGB")
+    if not keep_colour and rng.random() < 0.2:
         img = img.convert("L").convert("RGB")
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.1, 2.0))))
@@ -313,8 +330,8 @@ def _designer_views(files: tuple, rng: np.random.Generator, cfg: PretrainConfig)
     query, doc = [], []
     for _ in range(cfg.views):
         i, j = rng.choice(kept, size=2, replace=False) if len(kept) > 1 else kept * 2
-        query.append(np.asarray(drawing_view(pictures[i], rng, cfg.image_size)))
-        doc.append(np.asarray(drawing_view(pictures[j], rng, cfg.image_size)))
+        query.append(np.asarray(drawing_view(pictures[i], rng, cfg.image_size, cfg.keep_colour)))
+        doc.append(np.asarray(drawing_view(pictures[j], rng, cfg.image_size, cfg.keep_colour)))
     return (np.stack(query), np.stack(doc)), None
 
 
@@ -357,7 +374,7 @@ def _corpus_key(found: list[tuple], cfg: PretrainConfig) -> dict:
     return {"files": h.hexdigest()[:16], "positives": cfg.positives,
             "image_size": cfg.image_size, "views": cfg.views, "gap": cfg.gap,
             "max_megapixels": cfg.max_megapixels, "seed": cfg.seed,
-            "held_out_share": cfg.held_out_share}
+            "held_out_share": cfg.held_out_share, "keep_colour": cfg.keep_colour}
 
 
 def _is_held_out(key: str, share: float) -> bool:

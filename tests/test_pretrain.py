@@ -20,8 +20,10 @@ from mixer_lite.model import ModelConfig
 from mixer_lite.weights import SHIPPED_WEIGHTS, load_image_weights, weights_card
 from mixer_lite.losses import info_nce
 from mixer_lite.icons import rasterise
-from mixer_lite.pretrain import (PretrainConfig, excluded_concepts, load_object, prepare_corpus,
-                                 pretrain, scan_corpus, scan_icon_sets, training_batch)
+from mixer_lite.pretrain import (PretrainConfig, drawing_view, excluded_concepts, load_object,
+                                 prepare_corpus, pretrain, scan_corpus, scan_icon_sets,
+                                 training_batch)
+from mixer_lite.shop_images import CANVAS
 from mixer_lite.train import config_from
 
 TINY = PretrainConfig(views=2, batch_size=8, steps=6, width=32, held_out_share=0.2,
@@ -148,7 +150,7 @@ def test_each_designer_pair_shows_two_sets_drawings_never_a_copy(icon_sets, tmp_
                                                                   monkeypatch):
     """The augmentation replaced by a view that writes the drawing's ink pixel count in its
     colour, so each view says which drawing it shows."""
-    def identity_view(rgba, rng, size):
+    def identity_view(rgba, rng, size, keep_colour):
         n = int((np.asarray(rgba)[..., 3] > 128).sum())
         return Image.new("RGB", (size, size), (n % 256, n // 256, 0))
 
@@ -174,6 +176,25 @@ def test_each_designer_pair_shows_two_sets_drawings_never_a_copy(icon_sets, tmp_
                                                                         batch_size=len(rows)))
     same = (query[:, :2, 0, 0] == doc[:, :2, 0, 0]).all(1).numpy()
     assert same.tolist() == [k == "tabler:anchor" for k in corpus.keys]
+
+
+def test_views_that_keep_colour_keep_a_red_drawing_red():
+    """Counted in HSV: the share of a view's pixels that are saturated red.  Kept hues leave
+    the drawing red in every view (its crop always overlaps the drawing); the default views
+    shift the hue or turn grey in most."""
+    red_drawing = Image.new("RGBA", (CANVAS, CANVAS), (220, 40, 40, 255))
+
+    def red_share(seed, keep_colour):
+        view = drawing_view(red_drawing, np.random.default_rng(seed), 64, keep_colour)
+        hue, sat, val = np.moveaxis(np.asarray(view.convert("HSV")).astype(int), -1, 0)
+        return (((hue <= 6) | (hue >= 250)) & (sat > 60) & (val > 40)).mean()
+
+    kept = np.array([red_share(seed, True) for seed in range(60)])
+    default = np.array([red_share(seed, False) for seed in range(60)])
+    assert kept.min() > 0.3
+    assert (default < 0.1).mean() > 0.4
+    with pytest.raises(ValueError, match="keep_colour needs positives='designers'"):
+        PretrainConfig(keep_colour=True)
 
 
 def test_pretraining_across_designers_runs_end_to_end(icon_sets, tmp_path):
