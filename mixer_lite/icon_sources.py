@@ -219,6 +219,10 @@ ICON_SETS = {s.name: s for s in [
           ("numix", "numix-icon-theme", "GPL-3.0", "Numix"))),
 ]}
 
+# The sets whose licences ask no more than attribution: the project's figures of real drawings
+# (docs/icons_concepts.png) show only these, credited.
+FIGURE_LICENCES = ("MIT", "ISC", "Apache-2.0", "CC-BY-4.0", "public domain")
+
 # The renderer of the SVG files: librsvg, the library the desktops render these themes with.
 RENDERER_PACKAGE = "librsvg2-bin"
 

@@ -494,7 +494,56 @@ def match_sheet(data_dir, n_concepts: int, seed: int, npm_root="data/.icon-packa
     return sheet
 
 
-if __name__ == "__main__":  # python -m mixer_lite.icons DATA N SEED OUT.png: a match sheet
+def concept_examples(data_dir, n_concepts: int, seed: int, sets: tuple[str, ...] | None = None,
+                     columns: int = 5) -> list[tuple[str, list[tuple[str, str]]]]:
+    """What a concept of the dataset at ``data_dir`` looks like across designers:
+    ``n_concepts`` concepts drawn at random (``seed``) among those with a doc and two photos
+    (and, given ``sets``, drawn by those sets alone), each as ``(concept, cells)``, a cell an
+    image path and its caption: the docs (set and title), then the photos (set), ``columns`` at
+    most, two of them photos."""
+    data_dir = Path(data_dir)
+
+    def rows(name):
+        return [json.loads(line) for line in (data_dir / name).read_text().splitlines()]
+
+    texts = {d["doc_id"]: d for d in rows("docs.jsonl")}
+    photos = {q["query_id"]: q for q in rows("queries.jsonl")}
+    cells = defaultdict(lambda: ([], []))
+    for d in rows("_truth/docs.jsonl"):
+        doc = texts[d["doc_id"]]
+        cells[d["concept"]][0].append((str(data_dir / doc["image"]),
+                                       f"doc · {d['set']}\n\"{doc['text']}\""))
+    for q in rows("_truth/queries.jsonl"):
+        cells[q["concept"]][1].append((str(data_dir / photos[q["query_id"]]["image"]),
+                                       f"photo · {q['set']}"))
+    fits = [c["concept"] for c in rows("_truth/concepts.jsonl")
+            if len(cells[c["concept"]][0]) >= 1 and len(cells[c["concept"]][1]) >= 2
+            and (sets is None or set(c["doc_sets"] + c["query_sets"]) <= set(sets))]
+    if len(fits) < n_concepts:
+        raise ValueError(f"{data_dir}: {len(fits)} concepts with a doc and two photos"
+                         + (f" drawn by {', '.join(sets)} alone" if sets else "")
+                         + f", {n_concepts} asked")
+    pick = sorted(np.random.default_rng(seed).choice(len(fits), n_concepts, replace=False))
+    shown = []
+    for concept in (fits[i] for i in pick):
+        docs = cells[concept][0][:max(1, columns - 2)]  # room for two photos at least
+        shown.append((concept, docs + cells[concept][1][:columns - len(docs)]))
+    return shown
+
+
+if __name__ == "__main__":
+    # python -m mixer_lite.icons DATA N SEED OUT.png: a match sheet;
+    # ... --examples DATA N SEED OUT.png: concept_examples of the sets FIGURE_LICENCES allow.
     import sys
 
-    match_sheet(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])).save(sys.argv[4])
+    from .icon_sources import FIGURE_LICENCES
+    from .viz import image_rows
+
+    if sys.argv[1] == "--examples":
+        data, n, seed, out = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+        sets = tuple(s.name for s in ICON_SETS.values() if s.licence in FIGURE_LICENCES)
+        image_rows(concept_examples(data, n, seed, sets), "The icons dataset: one concept, "
+                   "several designers (a doc with its title, photos of other sets' drawings)",
+                   out)
+    else:
+        match_sheet(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])).save(sys.argv[4])

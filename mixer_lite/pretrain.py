@@ -31,6 +31,11 @@ The method is our choice (the paper says nothing about pretraining); see
   objects whose pair is two views of the one drawing.  ``exclude_concepts`` names an icons
   dataset whose concepts (training, validation and test alike) are left out by name, so the
   dataset measures transfer to concepts the backbone never saw paired.
+* **Beside coloured drawings** (``colour_corpus``, for example ``openclipart-png``): a seeded
+  sample of ``colour_drawings`` drawings join the designers' corpus as objects whose pair is
+  two hue-keeping views of one drawing, so colour, which two designers' drawings of a name do
+  not share, still finds a drawing's other view (docs/EXPERIMENTS.md, "A backbone pretrained
+  across designers").
 * **A probe while it trains.**  ``held_out_share`` of the objects never train; every
   ``probe_every`` steps the log gets their photo-to-studio Recall@1 with the frozen pooled
   features (the features fine-tuning starts from), step 0 (random weights) included.
@@ -102,6 +107,9 @@ class PretrainConfig:
     exclude_concepts: str = ""       # designers: a dataset folder whose concepts are left out
     single_drawings: int = 6000      # designers: drawings of names one set drew, as objects
     keep_colour: bool = False        # designers: views keep the drawing's hues (drawing_view)
+    colour_corpus: str = ""          # designers: a folder of coloured drawings, each an object
+                                     # of two hue-keeping views of itself ("": none)
+    colour_drawings: int = 6000      # designers: how many of colour_corpus's drawings
     probe_every: int = 250
     checkpoint_every: int = 100
     log_every: int = 10
@@ -129,8 +137,10 @@ class PretrainConfig:
             problems.append("taxonomy_weight needs positives='views' (a corpus with folders)")
         if self.keep_colour and self.positives != "designers":
             problems.append("keep_colour needs positives='designers' (it changes drawing_view)")
-        if self.single_drawings < 0:
-            problems.append("single_drawings must be >= 0")
+        if self.colour_corpus and self.positives != "designers":
+            problems.append("colour_corpus needs positives='designers' (it joins their corpus)")
+        if self.single_drawings < 0 or self.colour_drawings < 0:
+            problems.append("single_drawings and colour_drawings must be >= 0")
         if problems:
             raise ValueError("PretrainConfig: " + "; ".join(problems))
 
@@ -151,6 +161,9 @@ PRESETS = {
 # colour, since the pairs teach most of the blindness (docs/EXPERIMENTS.md, "A backbone
 # pretrained across designers").
 PRESETS["designers-colour-cpu"] = dataclasses.replace(PRESETS["designers-cpu"], keep_colour=True)
+# ... and beside 6,000 of openclipart-png's coloured drawings, paired with themselves.
+PRESETS["designers-openclipart-cpu"] = dataclasses.replace(
+    PRESETS["designers-colour-cpu"], colour_corpus="/usr/share/openclipart/png")
 
 # Settings that change how a run is executed, not what it computes.
 RUNTIME_KEYS = ("workers", "threads", "device", "stop_after", "probe_every", "log_every",
@@ -246,7 +259,21 @@ def scan_icon_sets(cfg: PretrainConfig) -> list[tuple[str, str, tuple]]:
     single = [(f"{s}:{name}", "one set", (path,)) for name, sets in named if len(sets) == 1
               for s, path in sets.items()]
     pick = np.random.default_rng([cfg.seed, 3]).permutation(len(single))[:cfg.single_drawings]
-    return shared + [single[i] for i in sorted(pick)]
+    return shared + [single[i] for i in sorted(pick)] + coloured_drawings(cfg)
+
+
+COLOURED = "coloured drawing"
+
+
+def coloured_drawings(cfg: PretrainConfig) -> list[tuple[str, str, tuple]]:
+    """A seeded sample of ``colour_drawings`` images under ``colour_corpus`` as objects
+    labelled :data:`COLOURED`, whose pair is two hue-keeping views of the one drawing
+    (:func:`_coloured_views`); none when ``colour_corpus`` is empty."""
+    if not cfg.colour_corpus:
+        return []
+    found = scan_corpus([cfg.colour_corpus])
+    pick = np.random.default_rng([cfg.seed, 4]).permutation(len(found))[:cfg.colour_drawings]
+    return [(found[i][0], COLOURED, (found[i][0],)) for i in sorted(pick)]
 
 
 def corpus_objects(roots: list[str | os.PathLike], cfg: PretrainConfig) -> list[tuple]:
@@ -336,16 +363,26 @@ def _designer_views(files: tuple, rng: np.random.Generator, cfg: PretrainConfig)
     return (np.stack(query), np.stack(doc)), None
 
 
+def _coloured_views(files: tuple, rng: np.random.Generator, cfg: PretrainConfig):
+    """A :data:`COLOURED` object: ``views`` pairs of two hue-keeping views of the drawing."""
+    obj, reason = load_object(files[0], cfg.max_megapixels)
+    if obj is None:
+        return None, reason
+    query, doc = ([np.asarray(drawing_view(obj, rng, cfg.image_size, keep_colour=True))
+                   for _ in range(cfg.views)] for _ in range(2))
+    return (np.stack(query), np.stack(doc)), None
+
+
 def _render_chunk(task) -> dict:
     objects, chunk, cfg = task
     rng = np.random.default_rng([cfg.seed, chunk])
-    render = _designer_views if cfg.positives == "designers" else _shop_views
+    default = _designer_views if cfg.positives == "designers" else _shop_views
     s = cfg.image_size
     query = np.zeros((len(objects), cfg.views, 3, s, s), dtype=np.uint8)
     doc = np.zeros_like(query)
     kept, skipped = [], {}
-    for i, (key, _, files) in enumerate(objects):
-        views, reason = render(files, rng, cfg)
+    for i, (key, label, files) in enumerate(objects):
+        views, reason = (_coloured_views if label == COLOURED else default)(files, rng, cfg)
         if views is None:
             skipped[key] = reason
             continue
@@ -429,8 +466,8 @@ def prepare_corpus(roots: list[str | os.PathLike], cache: str | os.PathLike, cfg
                     np.save(f, arr)
         reasons = dict(Counter(skipped.values()))
         label_counts = dict(Counter(label for _, label, _ in kept))
-        card = {"key": key, "roots": [str(Path(r).resolve()) for r in roots]
-                or [cfg.icon_packages, cfg.icon_themes],
+        sets = [cfg.icon_packages, cfg.icon_themes] + [cfg.colour_corpus] * bool(cfg.colour_corpus)
+        card = {"key": key, "roots": [str(Path(r).resolve()) for r in roots] or sets,
                 "images_found": len(found), "objects": len(kept), "skipped": reasons,
                 "objects_per_label": label_counts if cfg.positives == "designers" else None,
                 "skipped_files": sorted(skipped), "keys": [k for k, _, _ in kept],
@@ -635,7 +672,9 @@ def _card(cfg: PretrainConfig, corpus: Corpus, log_path: Path, seconds: float,
                                                 ("roots", "images_found", "objects", "skipped")},
             "held_out_objects": int(corpus.held_out.sum()),
             "method": ("InfoNCE between two icon sets' drawings of one name (or two views of "
-                       "a drawing only one set made), SimCLR's augmentations"
+                       "a drawing only one set made"
+                       + (", or of a coloured drawing" if cfg.colour_corpus else "")
+                       + "), SimCLR's augmentations"
                        if cfg.positives == "designers" else
                        "InfoNCE between a photo view and a studio view of each object")
                       + (f" + {cfg.taxonomy_weight:g} x taxonomy cross-entropy"

@@ -199,6 +199,28 @@ def concept_map_change(image, before: np.ndarray, after: np.ndarray, titles: tup
                               10, path)
 
 
+def image_rows(rows: list[tuple[str, list[tuple[str, str]]]], title: str,
+               path: str | os.PathLike | None = None):
+    """A row of captioned images per entry, ``(row label, [(image path, caption), ...])``, the
+    label left of the row (for example one concept's docs and photos, by different sets)."""
+    from PIL import Image
+
+    width = max(len(cells) for _, cells in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.9 * width + 1.2, 2.2 * len(rows)),
+                             squeeze=False)
+    for r, (label, cells) in enumerate(rows):
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=10)
+        for c, ax in enumerate(axes[r]):
+            if c >= len(cells):
+                ax.axis("off")
+                continue
+            with Image.open(cells[c][0]) as im:
+                ax.imshow(np.asarray(im.convert("RGB")))
+            ax.set_title("\n".join(textwrap.fill(line, 24) for line in cells[c][1].split("\n")),
+                         fontsize=7)
+    return _finish_image_grid(fig, axes, title, 11, path)
+
+
 def recall_curves(curves: dict, title: str = "Recall@K on test queries",
                   path: str | os.PathLike | None = None):
     """Recall@K (K = 1..len) of several runs on one axis, Recall@10 marked in the legend.
@@ -427,4 +449,25 @@ def bars(values: dict[str, float], xlabel: str, title: str,
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(True, axis="x", alpha=0.3)
+    return _finish(fig, path)
+
+
+def seed_bars(panels: dict[str, dict[str, list[float]]], xlabel: str, title: str,
+              path: str | os.PathLike | None = None):
+    """One panel per dataset, one horizontal bar per row at its seeds' mean, each seed a dot;
+    every panel on one axis from 0, so a gap reads the same size in both."""
+    top = max(max(v) for rows in panels.values() for v in rows.values())
+    height = 0.45 * max(len(rows) for rows in panels.values()) + 1.4
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), height), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], panels.items()):
+        labels = [f"{row} ({len(v)} seed{'s' * (len(v) > 1)})" for row, v in rows.items()]
+        ax.barh(labels, [np.mean(v) for v in rows.values()], color="tab:blue", alpha=0.6)
+        for y, v in enumerate(rows.values()):
+            ax.plot(v, [y] * len(v), "o", color="black", ms=4)
+        ax.invert_yaxis()
+        ax.set_xlim(0, top * 1.1)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title)
     return _finish(fig, path)

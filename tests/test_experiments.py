@@ -765,6 +765,21 @@ def test_recall_curves_draw_the_seeds_mean_and_their_range():
     matplotlib.pyplot.close(fig)
 
 
+def test_seed_bars_draw_each_seed_and_the_mean_on_one_axis_from_zero():
+    from mixer_lite.viz import seed_bars
+
+    fig = seed_bars({"A": {"pretrained": [50.0, 54.0, 52.0], "scratch": [30.0]},
+                     "B": {"pretrained": [14.0, 16.0]}}, xlabel="Recall@10 (%)", title="t")
+    a, b = fig.axes
+    assert [bar.get_width() for bar in a.patches] == [52.0, 30.0]
+    assert [list(line.get_xdata()) for line in a.get_lines()] == [[50.0, 54.0, 52.0], [30.0]]
+    assert [t.get_text() for t in a.get_yticklabels()] == ["pretrained (3 seeds)",
+                                                          "scratch (1 seed)"]
+    assert a.get_xlim() == b.get_xlim() == (0, 54.0 * 1.1)
+    assert (a.get_title(), b.get_title(), fig._suptitle.get_text()) == ("A", "B", "t")
+    matplotlib.pyplot.close(fig)
+
+
 def test_concept_map_change_draws_both_maps_and_what_moved():
     before, after = np.array([0.5, 0.5, 0.0, 0.0]), np.array([0.0, 0.5, 0.5, 0.0])
     fig = concept_map_change(np.zeros((3, 8, 8), np.uint8), before, after, ("own", "yours"), 3)

@@ -15,7 +15,8 @@ from PIL import Image
 
 from mixer_lite.dataset import load_dataset
 from mixer_lite.icon_sources import ICON_SETS, read_theme
-from mixer_lite.icons import doc_picture, make_icons, match_sheet, photo_of_drawing, rasterise
+from mixer_lite.icons import (concept_examples, doc_picture, make_icons, match_sheet,
+                              photo_of_drawing, rasterise)
 
 
 def _read(root: Path, name: str) -> list[dict]:
@@ -168,6 +169,39 @@ def test_make_data_icons_from_the_command_line(icons_dir, tmp_path):
             "--theme-root", themes, "--sets", "tabler,phosphor", "--quiet")
     assert r.returncode != 0 and "phosphor" in r.stderr and "npm install" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_concept_examples_show_one_concepts_docs_then_its_photos_by_their_sets(icons_dir):
+    """Checked against the dataset's own truth files, and drawn: each panel is its file."""
+    import matplotlib.pyplot as plt
+
+    from mixer_lite.viz import image_rows
+
+    data = icons_dir[0] / "data"
+    truth = {**{d["doc_id"]: d for d in _read(data, "_truth/docs.jsonl")},
+             **{q["query_id"]: q for q in _read(data, "_truth/queries.jsonl")}}
+    titles = {d["doc_id"]: d["text"] for d in _read(data, "docs.jsonl")}
+    examples = concept_examples(data, 3, seed=0, columns=4)
+    assert len({concept for concept, _ in examples}) == 3
+    for concept, cells in examples:
+        assert 3 <= len(cells) <= 4
+        kinds = [caption.split(" ·")[0] for _, caption in cells]
+        assert kinds == sorted(kinds) and kinds[:1] == ["doc"] and kinds.count("photo") >= 2
+        for path, caption in cells:
+            item = truth[Path(path).stem]
+            assert item["concept"] == concept and f"· {item['set']}" in caption
+            if "doc_id" in item:
+                assert caption.endswith(f'"{titles[item["doc_id"]]}"')
+    # Every concept here is drawn by all five sets: four are too few for any of them.
+    assert concept_examples(data, 3, seed=0, sets=SETS, columns=4) == examples
+    with pytest.raises(ValueError, match="0 concepts .* drawn by tabler, lucide, bootstrap, "
+                                         "iconoir alone, 1 asked"):
+        concept_examples(data, 1, seed=0, sets=SETS[:4])
+    fig = image_rows(examples, title="t")
+    first = fig.axes[0].get_images()[0].get_array()
+    assert np.array_equal(first, np.asarray(Image.open(examples[0][1][0][0]).convert("RGB")))
+    assert fig.axes[0].get_ylabel() == examples[0][0]
+    plt.close(fig)
 
 
 def test_the_match_sheet_shows_every_set_of_each_picked_concept(icons_dir):

@@ -20,9 +20,9 @@ from mixer_lite.model import ModelConfig
 from mixer_lite.weights import SHIPPED_WEIGHTS, load_image_weights, weights_card
 from mixer_lite.losses import info_nce
 from mixer_lite.icons import rasterise
-from mixer_lite.pretrain import (PretrainConfig, drawing_view, excluded_concepts, load_object,
-                                 prepare_corpus, pretrain, scan_corpus, scan_icon_sets,
-                                 training_batch)
+from mixer_lite.pretrain import (COLOURED, PretrainConfig, drawing_view, excluded_concepts,
+                                 load_object, prepare_corpus, pretrain, scan_corpus,
+                                 scan_icon_sets, training_batch)
 from mixer_lite.shop_images import CANVAS
 from mixer_lite.train import config_from
 
@@ -195,6 +195,38 @@ def test_views_that_keep_colour_keep_a_red_drawing_red():
     assert (default < 0.1).mean() > 0.4
     with pytest.raises(ValueError, match="keep_colour needs positives='designers'"):
         PretrainConfig(keep_colour=True)
+
+
+def test_coloured_drawings_join_the_designers_as_hue_keeping_pairs_of_one_drawing(
+        icon_sets, corpus_dir, tmp_path, monkeypatch):
+    """The view replaced by one that writes the drawing's ink pixel count and whether it was
+    asked to keep the hues, so each view says what it shows and how."""
+    with_colour = dataclasses.replace(icon_sets, colour_corpus=str(corpus_dir), colour_drawings=5)
+    objects = scan_icon_sets(with_colour)
+    assert objects[:-5] == scan_icon_sets(icon_sets)
+    coloured = objects[-5:]
+    coloured_keys = {k for k, _, _ in coloured}
+    assert {label for _, label, _ in coloured} == {COLOURED}
+    assert coloured_keys < {p for p, _ in scan_corpus([corpus_dir])}
+    assert coloured == scan_icon_sets(with_colour)[-5:]  # the same sample for the seed
+    with pytest.raises(ValueError, match="colour_corpus needs positives='designers'"):
+        PretrainConfig(colour_corpus=str(corpus_dir))
+
+    def identity_view(rgba, rng, size, keep_colour):
+        n = int((np.asarray(rgba)[..., 3] > 128).sum())
+        return Image.new("RGB", (size, size), (n % 256, n // 256, 255 * keep_colour))
+
+    monkeypatch.setattr("mixer_lite.pretrain.drawing_view", identity_view)
+    corpus = prepare_corpus([], tmp_path / "cache", with_colour, progress=False)
+    assert corpus.card["objects_per_label"] == {"designers": 9, "one set": 1, COLOURED: 5}
+    for r, key in enumerate(corpus.keys):
+        for views in (corpus.query_views[r], corpus.doc_views[r]):
+            shown = {(int(v[0, 0, 0]) + 256 * int(v[1, 0, 0]), int(v[2, 0, 0])) for v in views}
+            if key in coloured_keys:
+                obj, _ = load_object(key, with_colour.max_megapixels)
+                assert shown == {(int((np.asarray(obj)[..., 3] > 128).sum()), 255)}
+            else:  # the designers' views follow keep_colour, off here
+                assert {keep for _, keep in shown} == {0}
 
 
 def test_pretraining_across_designers_runs_end_to_end(icon_sets, tmp_path):
