@@ -454,13 +454,14 @@ def bars(values: dict[str, float], xlabel: str, title: str,
 
 def seed_bars(panels: dict[str, dict[str, list[float]]], xlabel: str, title: str,
               path: str | os.PathLike | None = None):
-    """One panel per dataset, one horizontal bar per row at its seeds' mean, each seed a dot;
-    every panel on one axis from 0, so a gap reads the same size in both."""
+    """One panel per dataset, one horizontal bar per row at its seeds' mean, each seed a dot
+    (the label counts them when there are several); every panel on one axis from 0, so a gap
+    reads the same size in both."""
     top = max(max(v) for rows in panels.values() for v in rows.values())
     height = 0.45 * max(len(rows) for rows in panels.values()) + 1.4
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), height), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), height), squeeze=False)
     for ax, (name, rows) in zip(axes[0], panels.items()):
-        labels = [f"{row} ({len(v)} seed{'s' * (len(v) > 1)})" for row, v in rows.items()]
+        labels = [f"{row} ({len(v)} seeds)" if len(v) > 1 else row for row, v in rows.items()]
         ax.barh(labels, [np.mean(v) for v in rows.values()], color="tab:blue", alpha=0.6)
         for y, v in enumerate(rows.values()):
             ax.plot(v, [y] * len(v), "o", color="black", ms=4)
