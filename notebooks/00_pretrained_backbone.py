@@ -156,8 +156,8 @@ Picture(filename=str(repo_root() / "docs" / "icons_concepts.png"), width=900)
 # *Figure: four concepts drawn at random, one per row. Each row shows a doc or two, with their
 # titles, then photos of other sets' drawings of the same concept. Only sets whose licences
 # ask no more than attribution are shown (Tabler, Lucide, Bootstrap, Phosphor, Iconoir,
-# Feather, Ionicons, Octicons: MIT or ISC; Remix and Material Design Icons: Apache-2.0; Font
-# Awesome Free: CC-BY-4.0; Tango: public domain). Made by `python -m mixer_lite.icons
+# Feather, Ionicons, Octicons: `MIT` or `ISC`; Remix and Material Design Icons: `Apache-2.0`;
+# Font Awesome Free: `CC-BY-4.0`; Tango: public domain). Made by `python -m mixer_lite.icons
 # --examples data/icons 4 0 docs/icons_concepts.png`.*
 #
 # ## What the backbone buys on each dataset
