@@ -440,10 +440,11 @@ def test_the_search_page_in_a_real_browser(live, service, tmp_path):
         assert {e.get_attribute("data-doc-id") for e in relevant} == want
         assert "first relevant doc at rank" in driver.find_element(By.ID, "status").text
         assert driver.find_element(By.ID, "error").text == ""
-        # Every result image loaded (a broken URL has naturalWidth 0).
-        assert driver.execute_script(
-            "return [...document.querySelectorAll('#results .hit img')]"
-            ".every(i => i.complete && i.naturalWidth > 0)")
+        # Every result image loaded (a broken URL completes with naturalWidth 0); the images
+        # load after the results are drawn, so first wait until each is complete.
+        images = "return [...document.querySelectorAll('#results .hit img')]"
+        wait.until(lambda d: d.execute_script(images + ".every(i => i.complete)"))
+        assert driver.execute_script(images + ".every(i => i.naturalWidth > 0)")
 
         relevant[0].click()  # its attention view
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.concept canvas"))
