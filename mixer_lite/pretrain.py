@@ -466,8 +466,9 @@ def prepare_corpus(roots: list[str | os.PathLike], cache: str | os.PathLike, cfg
                     np.save(f, arr)
         reasons = dict(Counter(skipped.values()))
         label_counts = dict(Counter(label for _, label, _ in kept))
-        sets = [cfg.icon_packages, cfg.icon_themes] + [cfg.colour_corpus] * bool(cfg.colour_corpus)
-        card = {"key": key, "roots": [str(Path(r).resolve()) for r in roots] or sets,
+        sources = [cfg.icon_packages, cfg.icon_themes] + ([cfg.colour_corpus]
+                                                          if cfg.colour_corpus else [])
+        card = {"key": key, "roots": [str(Path(r).resolve()) for r in roots] or sources,
                 "images_found": len(found), "objects": len(kept), "skipped": reasons,
                 "objects_per_label": label_counts if cfg.positives == "designers" else None,
                 "skipped_files": sorted(skipped), "keys": [k for k, _, _ in kept],
