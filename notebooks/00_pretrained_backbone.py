@@ -168,7 +168,7 @@ Picture(filename=str(repo_root() / "docs" / "icons_concepts.png"), width=900)
 
 # %%
 import numpy as np
-from mixer_lite.reproduce import read_record, recorded_metrics
+from mixer_lite.reproduce import read_record, recorded_metrics, records_dir
 from mixer_lite.viz import seed_bars
 
 seeds = (0, 1, 2)
@@ -179,8 +179,8 @@ def recall10(preset, slug, seeds=seeds):
 
 
 def floor10(preset, name):
-    path = repo_root() / "results" / "reproduce" / preset / f"{preset}-{name}.json"
-    return [read_record(path)["metrics"]["recall@10"] * 100]
+    return [read_record(records_dir(preset) / f"{preset}-{name}.json")["metrics"]["recall@10"]
+            * 100]
 
 
 PRE, FROZEN = "Mixer, shipped backbone", "shipped backbone, frozen (no training)"
