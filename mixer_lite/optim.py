@@ -20,6 +20,19 @@ def warmup_cosine(total: int, warmup_frac: float):
     return factor
 
 
+def frozen_then_warmup(total: int, warmup_frac: float, frozen_frac: float):
+    """The image encoder's factor of the peak learning rate when it starts frozen: 0 for the
+    first ``frozen_frac`` of the steps (the transforms and centres fit the pretrained features
+    first, so their random start sends no large gradients into the backbone), then a linear
+    warm-up as long as the run's into the run's :func:`warmup_cosine` schedule."""
+    base, frozen = warmup_cosine(total, warmup_frac), int(total * frozen_frac)
+    warm = max(1, int(total * warmup_frac))
+
+    def factor(step: int) -> float:
+        return 0.0 if step < frozen else base(step) * min(1.0, (step - frozen + 1) / warm)
+    return factor
+
+
 def margin_at(step: int, total: int, margin: float, warmup_frac: float) -> float:
     """The margin of this step: a linear ramp from 0 over ``warmup_frac`` of the run."""
     warm = warmup_frac * total

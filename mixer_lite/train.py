@@ -56,7 +56,8 @@ from .model import MixerModel, ModelConfig
 from .weights import load_image_weights
 from .objectives import (DEFAULT_MARGIN, LOSSES, PAIRWISE_LOSSES, Objective, images_per_sample,
                          make_objective)
-from .optim import LossScale, clip_global_norm, sum_gradients_hook, warmup_cosine
+from .optim import (LossScale, clip_global_norm, frozen_then_warmup, sum_gradients_hook,
+                    warmup_cosine)
 from .retrieval import embed_docs, embed_queries, evaluate_model, validation_recall
 from .runs import (check_run_folder, check_same_data, restore_checkpoint, save_checkpoint,
                    setup_distributed, save_torch, torch_threads)
@@ -97,6 +98,9 @@ class TrainConfig:
     lr: float = 5e-4                  # 2e-3 collapsed the from-scratch ViT (EXPERIMENTS.md, idem)
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
+    encoder_frozen_frac: float = 0.0  # the image encoder's lr is 0 for this share of the steps
+                                      # (optim.frozen_then_warmup; EXPERIMENTS.md, "A backbone
+                                      # pretrained across designers")
     clip_grad: float = 5.0
     clip_centres: bool = True         # False: clip the encoder's gradients only (Partial FC)
     augment: bool = True
@@ -152,9 +156,11 @@ class TrainConfig:
         if self.clip_grad < 0 or self.weight_decay < 0 or self.centre_weight_decay < 0:
             problems.append("clip_grad (0: off), weight_decay and centre_weight_decay must be "
                             ">= 0")
-        if not 0 <= self.warmup_frac < 1 or not 0 <= self.margin_warmup_frac <= 1:
-            problems.append(f"warmup_frac must be in [0, 1) and margin_warmup_frac in [0, 1], "
-                            f"got {self.warmup_frac} and {self.margin_warmup_frac}")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.margin_warmup_frac <= 1 \
+                or not 0 <= self.encoder_frozen_frac < 1:
+            problems.append(f"warmup_frac and encoder_frozen_frac must be in [0, 1) and "
+                            f"margin_warmup_frac in [0, 1], got {self.warmup_frac}, "
+                            f"{self.encoder_frozen_frac} and {self.margin_warmup_frac}")
         if self.scale <= 0 or self.temperature <= 0 or self.centre_lr <= 0:
             problems.append(f"scale, temperature and centre_lr must be positive, got "
                             f"{self.scale}, {self.temperature} and {self.centre_lr}")
@@ -388,12 +394,18 @@ def _build(cfg: TrainConfig, out: Path, samples: Samples, model: MixerModel, ran
     if cfg.compile:  # in place: the state dict keeps its keys
         model.image_encoder.compile()
     objective = make_objective(cfg, samples.num_classes, world).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = EpochSampler(samples.label, cfg.max_per_class, cfg.batch_size, cfg.seed,
                            cfg.samples_per_class)
     total = total_steps(cfg, sampler.steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, cfg.warmup_frac))
+    params = [p for p in model.parameters() if p.requires_grad]
+    schedule = [warmup_cosine(total, cfg.warmup_frac)]
+    if cfg.encoder_frozen_frac:  # a second group, the image encoder's, on its own schedule
+        encoder = {id(p) for p in model.image_encoder.parameters()}
+        params = [{"params": [p for p in params if id(p) not in encoder]},
+                  {"params": [p for p in params if id(p) in encoder]}]
+        schedule.append(frozen_then_warmup(total, cfg.warmup_frac, cfg.encoder_frozen_frac))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -19,7 +19,8 @@ from mixer_lite.dataset import ImageTable, data_fingerprint, image_files, load_d
 from mixer_lite.retrieval import embed_docs, evaluate_model, load_index
 from mixer_lite.runs import load_run_model
 from mixer_lite.sampling import EpochSampler, augment, make_samples, total_steps
-from mixer_lite.train import config_from, train
+import mixer_lite.train as train_module
+from mixer_lite.train import build_model, config_from, train
 
 SMALL = ["--model.vit_dim=32", "--model.vit_depth=1", "--model.vit_heads=2",
          "--model.text_dim=32", "--model.text_depth=1", "--model.text_heads=2",
@@ -487,6 +488,41 @@ def test_warmup_cosine_hand_computed_and_logged_by_train(tiny_dir, tmp_path):
     assert [x["lr"] for x in log] == pytest.approx([c.lr * g(s) for s in range(1, 7)])
 
 
+def test_frozen_encoder_waits_then_warms_up_while_the_rest_trains(tiny_dir, tmp_path,
+                                                                    monkeypatch):
+    """encoder_frozen_frac: the factors by hand (10 steps, 2 of warm-up, 4 frozen), and in
+    train() the image encoder's weights unchanged through the frozen steps while the rest of
+    the model moves, then moving once its rate is above 0."""
+    from mixer_lite.optim import frozen_then_warmup, warmup_cosine
+
+    f, base = frozen_then_warmup(10, 0.2, 0.4), warmup_cosine(10, 0.2)
+    assert [f(s) for s in range(4)] == [0.0] * 4
+    assert f(4) == pytest.approx(base(4) / 2) and f(5) == pytest.approx(base(5))
+    assert [f(s) for s in range(6, 11)] == pytest.approx([base(s) for s in range(6, 11)])
+
+    c = cfg("--steps=10", "--warmup_frac=0.2", "--encoder_frozen_frac=0.4",
+            "--model.image_encoder=cnn", "--checkpoint_every=1", "--eval_at_end=false")
+    data = load_dataset(tiny_dir[0])
+    model = build_model(data, make_samples(data, c)[0], c)  # the run's initial weights
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    weights_at = {}  # the model's weights after each step, as each checkpoint saves them
+    save = train_module.save_checkpoint
+
+    def spy(path, net, objective, opt, sched, step, *args, **kwargs):
+        weights_at[step] = {k: v.clone() for k, v in net.state_dict().items()}
+        return save(path, net, objective, opt, sched, step, *args, **kwargs)
+    monkeypatch.setattr(train_module, "save_checkpoint", spy)
+    train(tiny_dir[0], tmp_path / "run", dataclasses.replace(c, stop_after=5), progress=False)
+    frozen, thawed = weights_at[4], weights_at[5]
+    encoder = [f"image_encoder.{n}" for n, _ in model.image_encoder.named_parameters()]
+    rest = [n for n, _ in model.named_parameters() if n not in encoder]
+    assert encoder and rest
+    assert all(torch.equal(frozen[k], start[k]) for k in encoder)
+    assert any(not torch.equal(frozen[k], start[k]) for k in rest)
+    assert any(not torch.equal(thawed[k], frozen[k]) for k in encoder)
+
+
 def test_train_ramps_the_margin_it_hands_the_classifier(tiny_dir, tmp_path, monkeypatch):
     """Inside train(): the margin each step's classifier call sees, against the ramp by hand
     (4 steps, warm-up over half of them, CosFace m = 0.35)."""
@@ -725,7 +761,6 @@ def test_fp16_skips_the_steps_that_overflow_and_trains_on(tiny_dir, tmp_path, mo
     weights finite, and its checkpoint keeps the scale for a resumed run."""
     import functools
 
-    from mixer_lite import train as train_module
     from mixer_lite.optim import LossScale
 
     monkeypatch.setattr(train_module, "autocast_dtype",
