@@ -60,7 +60,8 @@ def main() -> None:
     data = load_dataset(data_dir, check_images=False)
     seeds = [int(s) for s in args.seeds.split(",")]
     # `--model.fusion=image_only` names its runs `...-fusion-image_only-s0`
-    extra_name = "".join("-" + o.lstrip("-").split(".")[-1].replace("=", "-") for o in args.extra)
+    extra_name = "".join("-" + o.lstrip("-").split("=")[0].split(".")[-1] + "-" +
+                         o.split("=", 1)[1] for o in args.extra)
     print(f"| weights | frozen val R@1 | frozen val R@10 | fine-tuned val R@10, seeds "
           f"{args.seeds} | mean |\n|---|---|---|---|---|")
     for weights in args.weights.split(","):

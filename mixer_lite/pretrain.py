@@ -161,7 +161,8 @@ PRESETS = {
 # colour, since the pairs teach most of the blindness (docs/EXPERIMENTS.md, "A backbone
 # pretrained across designers").
 PRESETS["designers-colour-cpu"] = dataclasses.replace(PRESETS["designers-cpu"], keep_colour=True)
-# ... and beside 6,000 of openclipart-png's coloured drawings, paired with themselves.
+# ... and beside 6,000 of openclipart-png's coloured drawings, paired with themselves: more
+# colour kept, but fine-tuned worse on both datasets (same section).
 PRESETS["designers-openclipart-cpu"] = dataclasses.replace(
     PRESETS["designers-colour-cpu"], colour_corpus="/usr/share/openclipart/png")
 
