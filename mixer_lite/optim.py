@@ -24,7 +24,10 @@ def frozen_then_warmup(total: int, warmup_frac: float, frozen_frac: float):
     """The image encoder's factor of the peak learning rate when it starts frozen: 0 for the
     first ``frozen_frac`` of the steps (the transforms and centres fit the pretrained features
     first, so their random start sends no large gradients into the backbone), then a linear
-    warm-up as long as the run's into the run's :func:`warmup_cosine` schedule."""
+    warm-up as long as the run's into the run's :func:`warmup_cosine` schedule.  The weights
+    stay put while frozen; BatchNorm's running statistics still follow the batches.  Measured
+    lower on the icons dataset's validation photos, so off in every preset (docs/EXPERIMENTS.md,
+    "A backbone pretrained across designers")."""
     base, frozen = warmup_cosine(total, warmup_frac), int(total * frozen_frac)
     warm = max(1, int(total * warmup_frac))
 
