@@ -8,10 +8,15 @@ import math
 import torch
 
 
+def warmup_steps(total: int, warmup_frac: float) -> int:
+    """The steps of a linear warm-up over ``warmup_frac`` of ``total`` steps (at least one)."""
+    return max(1, int(total * warmup_frac))
+
+
 def warmup_cosine(total: int, warmup_frac: float):
     """The schedule's factor of the peak learning rate at each step (for ``LambdaLR``): linear
-    warm-up over ``warmup_frac`` of ``total`` steps (at least one), then cosine decay to 0."""
-    warm = max(1, int(total * warmup_frac))
+    warm-up over :func:`warmup_steps`, then cosine decay to 0."""
+    warm = warmup_steps(total, warmup_frac)
 
     def factor(step: int) -> float:
         if step < warm:
@@ -29,7 +34,7 @@ def frozen_then_warmup(total: int, warmup_frac: float, frozen_frac: float):
     lower on the icons dataset's validation photos, so off in every preset (docs/EXPERIMENTS.md,
     "A backbone pretrained across designers")."""
     base, frozen = warmup_cosine(total, warmup_frac), int(total * frozen_frac)
-    warm = max(1, int(total * warmup_frac))
+    warm = warmup_steps(total, warmup_frac)
 
     def factor(step: int) -> float:
         return 0.0 if step < frozen else base(step) * min(1.0, (step - frozen + 1) / warm)
