@@ -6,8 +6,9 @@ held out for validation, the order of batches, augmentation, and the images behi
   ablation) every clicked doc is a class and each click makes its query a sample of it.  The
   pairwise baselines (``infonce``, ``triplet``) train on the (query, doc) click pairs.
 * **Validation.**  ``val_share`` of the weak-label classes are held out of training (their
-  photos and docs); their photos search every doc at the end (and every ``val_every`` steps),
-  so recipe choices never read the test queries (:class:`Validation`).
+  photos and docs); their photos search every doc at the initial weights, at the end and
+  every ``val_every`` steps, so recipe choices never read the test queries
+  (:class:`Validation`).
 * **Sampler.**  Each epoch takes at most ``max_per_class`` samples of every class (skew control
   on top of the class caps), shuffled one by one or in runs of ``samples_per_class``; the order
   is a function of (seed, epoch) alone, so a resumed run sees the same batches.

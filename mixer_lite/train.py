@@ -16,8 +16,9 @@ and the run folder with its checkpoints (:mod:`mixer_lite.runs`).
   None of them changes what is computed beyond float order (``bench/train_speed.py``).
 * **Health.**  ``metrics.jsonl`` logs the loss and the objective's health figures (for
   classification: the centres' mean norm, the mean cosine of a sample to its own and to other
-  centres, the mean cosine within a batch), so a failing recipe shows why, and what the steps
-  cost (:class:`Throughput`: images/s, the share spent waiting for data, peak memory).
+  centres, the mean cosine within a batch) and the validation recall from the initial weights
+  on, so a failing recipe shows why, and what the steps cost (:class:`Throughput`: images/s,
+  the share spent waiting for data, peak memory).
 * **Parallelism.**  Under ``torchrun`` the encoders are data-parallel (DDP) and the classifier
   model-parallel (each rank holds a shard of the centres; see :mod:`mixer_lite.losses`).  The
   classifier loss is already the global-batch mean, so encoder gradients are summed, not
@@ -94,7 +95,8 @@ class TrainConfig:
     max_per_class: int = 16           # samples of one class per epoch
     samples_per_class: int = 1        # > 1: batches of P classes x K samples (class-balanced)
     val_share: float = 0.0            # share of the weak-label classes held out for validation
-    val_every: int = 0                # validation Recall@10 every this many steps (0: at the end)
+    val_every: int = 0                # validation Recall@10 every this many steps (0: at the end;
+                                      # a fresh run also validates its initial weights)
     lr: float = 5e-4                  # 2e-3 collapsed the from-scratch ViT (EXPERIMENTS.md, idem)
     weight_decay: float = 0.05
     warmup_frac: float = 0.05
@@ -431,7 +433,9 @@ def _loop(run: Run, start: int, show_progress: bool) -> tuple[int, int]:
     bar = tqdm(total=run.total, initial=start, desc="train", mininterval=2.0) \
         if show_progress else None
     t0, step, last_ckpt = time.time(), start, start
-    if log and val is not None and cfg.val_every and start == 0:  # the initial weights
+    # The initial weights' validation recall, in every fresh run's log: the baseline its end is
+    # read against (notebook 04's health claims).
+    if log and val is not None and start == 0:
         log.write(strict_json({"step": 0, **_validate(run)}) + "\n")
     batches = iter(micro_batch_loader(
         MicroBatches(run.sampler, run.samples, run.images, cfg, run.total, run.rank, run.world),

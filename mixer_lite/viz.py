@@ -299,14 +299,15 @@ def domain_projections(panels: dict[str, np.ndarray], n_queries: int,
 def training_curves(runs: dict[str, list[dict]], key: str = "loss",
                     ylabel: str = "training loss (per batch, nats)",
                     path: str | os.PathLike | None = None):
-    """``key`` of each run's ``metrics.jsonl`` against training step, one line per run.
+    """``key`` of each run's ``metrics.jsonl`` against training step, one line per run (the
+    records that hold it: a validation record of the initial weights has no loss).
 
     Losses of different kinds have different scales (and chance levels): compare their shapes,
     or draw each kind on its own axis.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, rows in runs.items():
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=2, label=name)
+        ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), lw=2, label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(f"Training curves ({key})")

@@ -175,7 +175,7 @@ def test_figures_draw_the_data_they_are_given():
     rows = [{"step": s, "loss": 3.0 - s, "centre_norm": 1.0, "cos_own": 0.1 * s,
              "cos_other": -0.01, "cos_batch": -0.0073 - 1e-5 * s} for s in (1, 2, 3)]
     rows.append({"step": 3, "val_recall@10": 0.4})
-    curves = training_curves({"run": rows[:3]})
+    curves = training_curves({"run": [{"step": 0, "val_recall@10": 0.1}] + rows[:3]})
     line = curves.axes[0].get_lines()[0]
     assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [2.0, 1.0, 0.0]
     health = training_health({"run": rows})

@@ -443,7 +443,8 @@ def test_a_diverging_run_stops_naming_the_learning_rate_and_saves_no_model(tiny_
             "--steps=6", "--log_every=1", "--checkpoint_every=1", *TINY_MODEL)
     assert_refused(r, "diverged", "--lr=1e+09", str(tmp_path / "run"))
     assert not (tmp_path / "run" / "model.pt").exists()
-    log = strict_lines(tmp_path / "run" / "metrics.jsonl")
+    initial, *log = strict_lines(tmp_path / "run" / "metrics.jsonl")
+    assert initial["step"] == 0 and "loss" not in initial  # the initial weights' validation
     assert all(isinstance(x["loss"], float) for x in log)  # only finite steps were logged
     again = cli("index", "--run", tmp_path / "run", "--data", tiny_dir[0], "--quiet")
     assert_refused(again, "model.pt")
@@ -518,7 +519,8 @@ def test_a_fresh_run_into_a_folder_killed_before_its_first_checkpoint_starts_its
     r = cli("train", "--data", tiny_dir[0], "--out", run, "--steps=3", "--log_every=1",
             "--eval_at_end=false", *TINY_MODEL)
     assert r.returncode == 0, r.stderr[-2000:]
-    log = strict_lines(run / "metrics.jsonl")
+    initial, *log = strict_lines(run / "metrics.jsonl")
+    assert initial["step"] == 0 and "loss" not in initial  # the initial weights' validation
     assert [x["step"] for x in log] == [1, 2, 3] and all(x["loss"] != 9.0 for x in log)
 
 

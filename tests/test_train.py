@@ -88,7 +88,9 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tiny_pack, tmp_path)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # Step 3 was logged before the kill and again after the resume: the log keeps it once.
-    log = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").open()]
+    # The initial weights' validation record opens it, also once.
+    initial, *log = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert initial["step"] == 0 and set(initial) == {"step", "val_recall@1", "val_recall@10"}
     assert [x["step"] for x in log] == list(range(1, full["steps"] + 1))
     # Every record says what its steps cost (images per second, the share spent waiting for
     # data, the peak memory so far).
@@ -199,7 +201,9 @@ def test_every_loss_and_label_path_runs_end_to_end(tiny_dir, tmp_path, extra):
         assert r["steps"] == r["stopped_at"] == 3
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert ev["queries"] == 144 and ev["data"]["fingerprint"] == data_fingerprint(tiny_dir[0])
-    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    initial, *log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    # The initial weights validated first.
+    assert initial["step"] == 0 and set(initial) == {"step", "val_recall@1", "val_recall@10"}
     assert [x["step"] for x in log] == list(range(1, r["steps"] + 1))
     health = {"cos_own", "cos_other", "cos_batch"} | (
         set() if any(x in extra for x in ("--loss=infonce", "--loss=triplet")) else
@@ -481,11 +485,41 @@ def test_warmup_cosine_hand_computed_and_logged_by_train(tiny_dir, tmp_path):
     assert [round(f(s), 6) for s in (0, 4, 9, 10, 55, 100)] == \
         [0.1, 0.5, 1.0, 1.0, 0.5, 0.0]
     assert abs(f(32) - 0.5 * (1 + math.cos(math.pi * 22 / 90))) < 1e-12
-    c = cfg("--steps=6", "--warmup_frac=0.34", "--log_every=1", "--eval_at_end=false")
+    c = cfg("--steps=6", "--warmup_frac=0.34", "--log_every=1", "--eval_at_end=false",
+            "--val_share=0")
     train(tiny_dir[0], tmp_path / "run", c, progress=False)
     log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
     g = warmup_cosine(6, 0.34)
     assert [x["lr"] for x in log] == pytest.approx([c.lr * g(s) for s in range(1, 7)])
+
+
+def test_validation_logs_the_initial_weights_and_changes_nothing_the_run_learns(tiny_dir,
+                                                                                 tmp_path):
+    """A fresh run's log opens with the validation recall of its initial weights (the model
+    ``build_model`` makes, validated here on its own), and validation passes, at the start or
+    every 2 steps, leave the trained weights bit-equal to a run that validates only at its end
+    (notebook 04 reads a run's own log for its health curves instead of training it again)."""
+    from mixer_lite.train import validate
+
+    def run(name, *extra):
+        c = cfg("--steps=4", "--val_share=0.25", "--eval_at_end=false", *extra)
+        train(tiny_dir[0], tmp_path / name, c, progress=False)
+        return c, [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").open()]
+
+    c, end_only = run("end")
+    _, every_two = run("every-two", "--val_every=2")
+    assert [x["step"] for x in end_only if "val_recall@10" in x] == [0, 4]
+    assert [x["step"] for x in every_two if "val_recall@10" in x] == [0, 2, 4]
+    a, b = weights(tmp_path / "end"), weights(tmp_path / "every-two")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    data = load_dataset(tiny_dir[0], check_images=False)
+    samples, _ = make_samples(data, c)
+    val = samples.validation
+    initial = validate(build_model(data, samples, c), val,
+                       ImageTable(image_files(data, "queries", val.query_rows), 64),
+                       ImageTable(image_files(data, "docs"), 64), data.doc_texts, "cpu")
+    assert initial == pytest.approx({k: v for k, v in end_only[0].items() if k != "step"},
+                                    abs=1.5 / len(val.relevant))
 
 
 def test_frozen_encoder_waits_then_warms_up_while_the_rest_trains(tiny_dir, tmp_path,
