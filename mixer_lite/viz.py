@@ -296,6 +296,12 @@ def domain_projections(panels: dict[str, np.ndarray], n_queries: int,
     return _finish(fig, path)
 
 
+def logged(rows: list[dict], key: str) -> list[tuple]:
+    """(step, value) of the log records that hold ``key`` (a validation record has no loss, a
+    pairwise loss's records no centres)."""
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
 def training_curves(runs: dict[str, list[dict]], key: str = "loss",
                     ylabel: str = "training loss (per batch, nats)",
                     path: str | os.PathLike | None = None):
@@ -307,7 +313,7 @@ def training_curves(runs: dict[str, list[dict]], key: str = "loss",
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, rows in runs.items():
-        ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), lw=2, label=name)
+        ax.plot(*zip(*logged(rows, key)), lw=2, label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(f"Training curves ({key})")
@@ -332,12 +338,12 @@ def training_health(runs: dict[str, list[dict]], path: str | os.PathLike | None 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, label) in zip(axes.flat, HEALTH_PANELS):
         for (name, rows), colour in zip(runs.items(), colours * 4):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
+            pts = logged(rows, key)
             if pts:
                 ax.plot(*zip(*pts), lw=2, color=colour, label=name,
                         marker="o" if key.startswith("val_") else None)
             if key == "cos_own":
-                pts = [(r["step"], r["cos_other"]) for r in rows if "cos_other" in r]
+                pts = logged(rows, "cos_other")
                 if pts:
                     ax.plot(*zip(*pts), lw=1.5, ls="--", color=colour)
         ax.set_xlabel("training step")
