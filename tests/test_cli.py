@@ -1,5 +1,5 @@
 """The CLI's success paths, run as a user runs them: ``train``, ``evaluate``, ``index``, ``search``
-and ``demo`` in a subprocess over SynthShop ``tiny``.
+and ``demo`` in a process of their own over SynthShop ``tiny`` (``_cli``).
 
 Each test checks the exit code, the printed format and the files written, and the numbers
 against an independent reference: a brute-force numpy ranking over the run's own embeddings,
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _cli import TINY_MODEL, cli, run_embeddings
+from _cli import TINY_MODEL, cli, cli_subprocess, run_embeddings
 
 from mixer_lite.dataset import ImageTable, image_files, load_dataset
 from mixer_lite.retrieval import embed_queries, evaluate_raw_pixels
@@ -36,9 +36,11 @@ def ok(r) -> str:
 
 @pytest.fixture(scope="module")
 def run(tiny_dir, tmp_path_factory):
+    """The run the tests read, trained by ``python -m mixer_lite.cli`` started from scratch: the
+    entry point itself, which every other command reaches through a forked process (_cli)."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    printed = json.loads(ok(cli("train", "--data", tiny_dir[0], "--out", out, "--steps=6",
-                                "--eval_at_end=false", *TINY_MODEL)))
+    printed = json.loads(ok(cli_subprocess("train", "--data", tiny_dir[0], "--out", out,
+                                           "--steps=6", "--eval_at_end=false", *TINY_MODEL)))
     assert printed["steps"] == 6
     return out
 

@@ -1,8 +1,9 @@
 """Fault injection: the CLI over corrupted copies of SynthShop ``tiny``, as a user would meet them.
 
-Every case runs a real ``mixer-lite`` command in a subprocess and asserts what a user is owed:
-a non-zero exit, no Python traceback, a message that names the file (and the line, where the
-fault has one), and every output that existed before the command byte-for-byte unchanged.
+Every case runs a real ``mixer-lite`` command in a process of its own (``_cli``) and asserts what
+a user is owed: a non-zero exit, no Python traceback, a message that names the file (and the
+line, where the fault has one), and every output that existed before the command
+byte-for-byte unchanged.
 The cases cover each rule of ``docs/DATASET_FORMAT.md``, damaged images, damaged checkpoints
 and model files, and bad arguments.
 """
