@@ -338,22 +338,25 @@ def gather_rows(part: np.ndarray, n: int, world: int, device="cpu") -> np.ndarra
 
 def evaluate_model(model, data, device="cpu", batch_size: int = 256, index_kind: str = "flat",
                    progress: bool = False, preload: bool = True, rank: int = 0,
-                   world: int = 1) -> dict:
+                   world: int = 1, doc_emb: np.ndarray | None = None) -> dict:
     """Embed every doc and every judged query with ``model``, search, and score.
 
     Under ``world`` processes (torchrun), each embeds its share of the docs and of the queries
     (:func:`shard_rows`), decoding only those images, and every process gets all embeddings
-    (:func:`gather_rows`) and the same metrics."""
+    (:func:`gather_rows`) and the same metrics.  ``doc_emb``: every doc's embedding by this
+    very model, where the caller has it already (a run's last validation pass), so the docs
+    are neither decoded nor embedded a second time."""
     from .dataset import ImageTable, image_files
 
     size = model.cfg.image_size
     rows = judged_query_rows(data)
-    my_docs = shard_rows(len(data.docs), rank, world)
-    docs = ImageTable(image_files(data, "docs", my_docs), size, preload, progress=progress,
-                      desc="docs")
-    doc_emb = embed_docs(model, docs, [data.doc_texts[i] for i in my_docs], batch_size, device,
-                         progress)
-    doc_emb = gather_rows(doc_emb, len(data.docs), world, device)
+    if doc_emb is None:
+        my_docs = shard_rows(len(data.docs), rank, world)
+        docs = ImageTable(image_files(data, "docs", my_docs), size, preload, progress=progress,
+                          desc="docs")
+        doc_emb = embed_docs(model, docs, [data.doc_texts[i] for i in my_docs], batch_size,
+                             device, progress)
+        doc_emb = gather_rows(doc_emb, len(data.docs), world, device)
     my_queries = rows[shard_rows(len(rows), rank, world)]
     queries = ImageTable(image_files(data, "queries", my_queries), size, preload,
                          progress=progress, desc="queries")

@@ -326,6 +326,7 @@ class Run:
     total: int
     loss_scale: LossScale
     images: TrainingImages | None = None
+    doc_emb: np.ndarray | None = None  # every doc's embedding at the last validation pass
 
 
 def _train(data_dir, out: Path, cfg: TrainConfig, resume: bool, progress, preset: str) -> dict:
@@ -369,17 +370,20 @@ def _train(data_dir, out: Path, cfg: TrainConfig, resume: bool, progress, preset
             run.objective.initialise(run.model, run.images, samples, device)
         # 5. The steps.
         step, last_ckpt = _loop(run, start, show_progress)
-        # 6. What a finished run leaves: val.json, model.pt, then eval.json, every rank
-        #    embedding its share of the docs and photos.
+        # 6. What a finished run leaves: val.json, model.pt, then eval.json (under torchrun
+        #    every rank embeds its share of the docs and photos).
         finished = step >= run.total and last_ckpt == run.total
         result = {"run": str(out), "steps": run.total, "stopped_at": step,
                   "finished": finished, "labels": label_stats}
         if finished and rank == 0:
             result.update(_finish(run))
         if finished and cfg.eval_at_end and len(data.qrels):
+            # A finished loop validated after its last step, embedding every doc in data order
+            # (training_images) with these weights: one process searches those.
             result["eval"] = evaluate_model(run.model, data, device=device, batch_size=256,
                                             progress=rank == 0 and bool(progress),
-                                            preload=cfg.preload_images, rank=rank, world=world)
+                                            preload=cfg.preload_images, rank=rank, world=world,
+                                            doc_emb=run.doc_emb if world == 1 else None)
             if rank == 0:
                 write_json(out / "eval.json", result["eval"])
         if world > 1:
@@ -598,15 +602,20 @@ def _micro_batch_loss(run: Run, idx: np.ndarray, doc_rows: np.ndarray, q_img: to
 
 
 def _validate(run: Run) -> dict:
-    return validate(run.model, run.samples.validation, run.images.validation, run.images.docs,
-                    run.images.doc_texts, run.device)
+    """Rank 0's validation pass; it keeps the docs' embeddings in ``run.doc_emb`` (after the
+    last step, the ones the end-of-run evaluation needs)."""
+    recall, run.doc_emb = validate(run.model, run.samples.validation, run.images.validation,
+                                   run.images.docs, run.images.doc_texts, run.device)
+    return recall
 
 
-def validate(model, val: Validation, query_images, doc_images, doc_texts, device) -> dict:
-    """Recall@1/10 of the held-out classes' photos against every doc (exact search)."""
+def validate(model, val: Validation, query_images, doc_images, doc_texts,
+             device) -> tuple[dict, np.ndarray]:
+    """Recall@1/10 of the held-out classes' photos against every doc (exact search), and the
+    docs' embeddings it searched."""
     doc_emb = embed_docs(model, doc_images, doc_texts, device=device)
     return validation_recall(doc_emb, embed_queries(model, query_images, device=device),
-                             val.relevant)
+                             val.relevant), doc_emb
 
 
 def _finish(run: Run) -> dict:

@@ -517,7 +517,7 @@ def test_validation_logs_the_initial_weights_and_changes_nothing_the_run_learns(
     val = samples.validation
     initial = validate(build_model(data, samples, c), val,
                        ImageTable(image_files(data, "queries", val.query_rows), 64),
-                       ImageTable(image_files(data, "docs"), 64), data.doc_texts, "cpu")
+                       ImageTable(image_files(data, "docs"), 64), data.doc_texts, "cpu")[0]
     assert initial == pytest.approx({k: v for k, v in end_only[0].items() if k != "step"},
                                     abs=1.5 / len(val.relevant))
 
@@ -765,6 +765,34 @@ def test_zoom_out_shrinks_half_the_images_onto_their_own_background():
     assert 6 <= shrunk <= 18  # about half of 24
 
 
+def test_the_end_of_run_evaluation_searches_the_last_validation_passs_doc_embeddings(
+        tiny_dir, tmp_path, monkeypatch):
+    """A run with a validation split embeds every doc after its last step; its evaluation
+    searches those embeddings instead of embedding the docs again.  They must be what the saved
+    model gives every doc (embedded here afresh), not an earlier pass's (the initial weights'),
+    and the evaluation must equal one of the saved model from scratch."""
+    from mixer_lite import retrieval
+
+    searched = []
+    real = retrieval.evaluate_embeddings
+
+    def spy(data, doc_emb, *args, **kw):
+        searched.append(doc_emb)
+        return real(data, doc_emb, *args, **kw)
+
+    monkeypatch.setattr(retrieval, "evaluate_embeddings", spy)
+    r = train(tiny_dir[0], tmp_path / "run", cfg("--steps=3"), progress=False)
+    monkeypatch.setattr(retrieval, "evaluate_embeddings", real)
+    data = load_dataset(tiny_dir[0])
+    model = load_run_model(tmp_path / "run")
+    fresh = embed_docs(model, ImageTable(image_files(data, "docs"), 64), data.doc_texts)
+    assert len(searched) == 1 and searched[0].shape == fresh.shape
+    np.testing.assert_allclose(searched[0], fresh, atol=1e-5)  # threads may differ: float order
+    again = evaluate_model(model, data)
+    for k in ("recall@1", "recall@10", "map@10", "queries", "docs"):
+        assert r["eval"][k] == pytest.approx(again[k], abs=1e-9), k
+
+
 def test_a_run_without_preloading_never_decodes_a_whole_table(tiny_dir, tmp_path, monkeypatch):
     """preload_images=false (data larger than memory): no table of images is decoded whole,
     in training or in the end-of-run evaluation, and the evaluation equals one over preloaded
@@ -781,7 +809,7 @@ def test_a_run_without_preloading_never_decodes_a_whole_table(tiny_dir, tmp_path
     monkeypatch.setattr(dataset.ImageTable, "__init__", spy)
     r = train(tiny_dir[0], tmp_path / "run", cfg("--steps=2", "--preload_images=false"),
               progress=False)
-    assert len(tables) >= 5 and not any(tables)  # train, validation and docs; eval docs, photos
+    assert len(tables) >= 4 and not any(tables)  # train, validation and docs; eval photos
     monkeypatch.setattr(dataset.ImageTable, "__init__", real_init)
     again = evaluate_model(load_run_model(tmp_path / "run"), load_dataset(tiny_dir[0]))
     for k in ("recall@1", "recall@10", "map@10", "queries"):
