@@ -54,6 +54,15 @@ def torchrun(command, *args, ranks: int = 2) -> str:
     return done.stdout
 
 
+def step_records(run, steps: int) -> list[dict]:
+    """The run's metrics log after its opening record, checked: the initial weights' validation
+    opens it, once, then every step 1..steps is logged once."""
+    initial, *log = [json.loads(x) for x in (run / "metrics.jsonl").open()]
+    assert initial["step"] == 0 and set(initial) == {"step", "val_recall@1", "val_recall@10"}
+    assert [x["step"] for x in log] == list(range(1, steps + 1))
+    return log
+
+
 def weights(run):
     return torch.load(run / "model.pt", weights_only=True)["state_dict"]
 
@@ -89,9 +98,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_dir, tiny_pack, tmp_path)
         assert torch.equal(a[k], b[k]), k
     # Step 3 was logged before the kill and again after the resume: the log keeps it once.
     # The initial weights' validation record opens it, also once.
-    initial, *log = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").open()]
-    assert initial["step"] == 0 and set(initial) == {"step", "val_recall@1", "val_recall@10"}
-    assert [x["step"] for x in log] == list(range(1, full["steps"] + 1))
+    log = step_records(tmp_path / "cut", full["steps"])
     # Every record says what its steps cost (images per second, the share spent waiting for
     # data, the peak memory so far).
     assert all(x["images_per_s"] > 0 and 0 <= x["data_wait_share"] <= 1 and
@@ -201,10 +208,7 @@ def test_every_loss_and_label_path_runs_end_to_end(tiny_dir, tmp_path, extra):
         assert r["steps"] == r["stopped_at"] == 3
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert ev["queries"] == 144 and ev["data"]["fingerprint"] == data_fingerprint(tiny_dir[0])
-    initial, *log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
-    # The initial weights validated first.
-    assert initial["step"] == 0 and set(initial) == {"step", "val_recall@1", "val_recall@10"}
-    assert [x["step"] for x in log] == list(range(1, r["steps"] + 1))
+    log = step_records(tmp_path / "run", r["steps"])
     health = {"cos_own", "cos_other", "cos_batch"} | (
         set() if any(x in extra for x in ("--loss=infonce", "--loss=triplet")) else
         {"centre_norm"})
