@@ -16,7 +16,9 @@ where its concepts look on 256 scene docs (:func:`mixer_lite.measures.scene_atte
 without attention print none).
 
 ``--no-ceilings`` skips the three re-embedded scene-doc columns (for more seeds of a chosen
-variant).  ``--test`` (once a variant is chosen) also reads each finished run's test queries,
+variant).  ``--pointed-beside`` also prints the validation recall with every doc indexed twice,
+as shot and cut where its attention points, scoring the better of the two (the pointer as a
+second vector per doc).  ``--test`` (once a variant is chosen) also reads each finished run's test queries,
 once, and writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and mAP@10 by doc
 kind (:func:`mixer_lite.measures.recall_by_doc_kind`) and the attention measures.
 About 10 minutes a run on ``small``, 1 on ``tiny``, on 2 cores.
@@ -78,6 +80,9 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true",
                    help="skip the three re-embeddings of the scene docs (painted out, cut out, "
                         "cut where attention points): for more seeds of a chosen variant")
+    p.add_argument("--pointed-beside", action="store_true",
+                   help="also index every doc cut where its attention points, beside the doc as "
+                        "shot, and print that validation recall")
     args = p.parse_args()
     data_dir = ensure_data(args.preset, scene_share=args.scene_share)
     data = load_dataset(data_dir, check_images=False)
@@ -110,6 +115,10 @@ def main() -> None:
         else:
             cells += ["-", "-", "-"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        if args.pointed_beside and pointing:
+            both = recall_by_doc_kind(model, data, data_dir, validation, pointed_beside=True)
+            print("  pointed crop beside each doc, val R@10 " + ", ".join(
+                f"{k} {100 * v['recall@10']:.1f}" for k, v in both.items()), flush=True)
         if args.test:
             def measure(model=model, attention=attention):
                 test = recall_by_doc_kind(model, data, data_dir)

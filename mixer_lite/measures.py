@@ -481,7 +481,7 @@ def pointed_crops(model, data, rows, size: int, window: int = 5,
 
 
 def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
-                       others_removed: str | None = None) -> dict:
+                       others_removed: str | None = None, pointed_beside: bool = False) -> dict:
     """Metrics (Recall@1, Recall@10, mAP@10) of the judged test queries, or of the held-out
     photos of a :class:`~mixer_lite.sampling.Validation`, grouped by their relevant docs:
     ``scene`` (at least one is a scene doc), ``single`` (all show the product alone), and
@@ -493,7 +493,10 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     framed as a single shot (``"cropped"``): what a doc tower that ignored every other object
     could reach (the ceiling of choosing the region; ``docs/EXPERIMENTS.md``, "Scene docs");
     or (``"pointed"``) cut to where the model's own attention points (:func:`pointed_crops`,
-    no truth used): what that attention is worth as a hard pointer."""
+    no truth used): what that attention is worth as a hard pointer.  ``pointed_beside``: every
+    doc, scene or not (a server cannot tell), is indexed twice, as shot and cut where its
+    attention points, and scores the better of its two entries: the pointer as a second
+    vector per doc rather than a replacement (``docs/EXPERIMENTS.md``, "Scene docs")."""
     from .retrieval import (embed_docs, embed_queries, exact_search, judged_query_rows,
                             ranking_metrics, relevance)
 
@@ -515,9 +518,18 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
             docs[torch.from_numpy(scenes)] = pointed_crops(model, data, scenes, size)
     else:
         docs = scenes_without_others(data, data_dir, size, crop=others_removed == "cropped")
+    if pointed_beside and others_removed is not None:
+        raise ValueError(f"pointed_beside indexes the docs as shot beside their pointed crops; "
+                         f"it does not combine with others_removed={others_removed!r}")
     doc_emb = embed_docs(model, docs, data.doc_texts)
     query_emb = embed_queries(model, ImageTable(image_files(data, "queries", rows), size))
-    _, ranked = exact_search(doc_emb, query_emb, 10)
+    if pointed_beside:
+        crops = pointed_crops(model, data, np.arange(len(data.docs)), size)
+        scores = np.maximum(query_emb @ doc_emb.T,
+                            query_emb @ embed_docs(model, crops, data.doc_texts).T)
+        ranked = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    else:
+        _, ranked = exact_search(doc_emb, query_emb, 10)
     scene_docs = [{d for d in rel if len(objects[data.doc_ids[d]] or ()) > 1} for rel in relevant]
     scene = np.array([bool(s) for s in scene_docs])
     out = {}

@@ -278,6 +278,7 @@ def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypa
     got = measures.backbone_probe(encoder, data_dir, n_train=200, seed=0)
     (fit_paths, _), (test_paths, q), (doc_paths, d) = seen[0], seen[1], seen[2]
     assert doc_paths == image_files(data, "docs")
+    assert not set(fit_paths) & set(test_paths)  # the probe's fitting photos are never scored
     qrels = {}
     with open(data_dir / "qrels.jsonl") as f:
         for line in f:
@@ -636,6 +637,43 @@ def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
     hits = [bool(qrels[data.query_ids[row]] & {data.doc_ids[j] for j in top[i]})
             for i, row in enumerate(rows)]
     assert r["all"]["recall@10"] == pytest.approx(np.mean(hits))
+
+
+def test_pointed_beside_scores_each_doc_by_the_better_of_its_two_entries(scene_dir):
+    """``recall_by_doc_kind(pointed_beside=True)`` against a loop: each query's docs ranked by
+    the larger of its cosines with the doc as shot and with the doc cut where its attention
+    points (:func:`pointed_crops`, tested against PIL below), each doc counted once.  Each
+    query's relevant docs are the loop's top 10, so mAP@10 is 1 exactly when every query's top
+    10 is the loop's, whatever the untrained model's quality."""
+    from types import SimpleNamespace
+
+    from mixer_lite.dataset import ImageTable, image_files, load_dataset
+    from mixer_lite.retrieval import embed_docs, embed_queries
+    from mixer_lite.sampling import make_samples
+    from mixer_lite.train import build_model, config_from
+
+    data = load_dataset(scene_dir)
+    cfg = config_from("tiny-cpu", ["--model.image_weights=none"])
+    model = build_model(data, make_samples(data, cfg)[0], cfg)
+    shot = embed_docs(model, ImageTable(image_files(data, "docs"), 64), data.doc_texts)
+    cut = embed_docs(model, measures.pointed_crops(model, data, np.arange(len(data.docs)), 64),
+                     data.doc_texts)
+    rows = np.arange(40)
+    queries = embed_queries(model, ImageTable(image_files(data, "queries", rows), 64))
+    relevant = []
+    for i in range(len(rows)):
+        best = [max(float(queries[i] @ shot[j]), float(queries[i] @ cut[j]))
+                for j in range(len(data.docs))]
+        order = sorted(range(len(data.docs)), key=lambda j: -best[j])
+        relevant.append(set(order[:10]))
+    chosen = SimpleNamespace(query_rows=rows, relevant=relevant)
+    r = measures.recall_by_doc_kind(model, data, scene_dir, chosen, pointed_beside=True)
+    assert r["all"]["map@10"] == pytest.approx(1.0)
+    # The second entries matter: ranked by the shots alone, some top 10 differs.
+    assert measures.recall_by_doc_kind(model, data, scene_dir, chosen)["all"]["map@10"] < 1
+    with pytest.raises(ValueError, match="others_removed"):
+        measures.recall_by_doc_kind(model, data, scene_dir, others_removed="painted",
+                                    pointed_beside=True)
 
 
 def test_a_cropped_scene_doc_is_its_product_cut_out_and_framed(scene_dir):
