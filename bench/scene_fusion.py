@@ -26,12 +26,12 @@ About 10 minutes a run on ``small``, 1 on ``tiny``, on 2 cores.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from mixer_lite.ablations import VALIDATION
 from mixer_lite.dataset import data_fingerprint, load_dataset
 from mixer_lite.measures import recall_by_doc_kind, scene_attention
-from mixer_lite.reproduce import recorded
-from mixer_lite.runcache import ensure_data, ensure_run, repo_root
+from mixer_lite.reproduce import recorded, scene_records_dir
+from mixer_lite.runcache import ensure_data, ensure_validation_run
 from mixer_lite.runs import load_run_model
 from mixer_lite.sampling import make_samples
 from mixer_lite.train import config_from
@@ -90,10 +90,9 @@ def main() -> None:
           "out | product cut out | cut where its attention points | product lift | other lift "
           "| swap moved |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.variants.split(","):
-        overrides = [*VALIDATION, f"--seed={args.seed}", *VARIANTS[name]]
-        run_name = f"{data_dir.name.removeprefix('synth-')}-{name}-s{args.seed}"
-        run = ensure_run(data_dir, run_name, overrides)["run"]
-        model = load_run_model(run)
+        trained = ensure_validation_run(data_dir, name, args.seed, VARIANTS[name])
+        overrides, run_name = trained["overrides"], Path(trained["run"]).name
+        model = load_run_model(trained["run"])
         cfg = config_from("tiny-cpu", overrides)
         validation = make_samples(data, cfg)[0].validation
         r = recall_by_doc_kind(model, data, data_dir, validation)
@@ -128,7 +127,7 @@ def main() -> None:
 
             want = {"row": name, "seed": args.seed, "overrides": overrides, "config": cfg,
                     "data": data_fingerprint(data_dir)}
-            rec = recorded(repo_root() / "results" / "scenes" / f"{run_name}.json", want,
+            rec = recorded(scene_records_dir() / f"{run_name}.json", want,
                            measure)
             t = rec["metrics"]["by_doc_kind"]
             print("  test R@10 " + ", ".join(f"{k} {100 * v['recall@10']:.1f}"

@@ -60,6 +60,12 @@ def records_dir(preset: str, root: str | Path | None = None) -> Path:
     return Path(root or repo_root() / "results" / "reproduce") / preset
 
 
+def scene_records_dir(root: str | Path | None = None) -> Path:
+    """Where ``bench/scene_fusion.py`` writes a record per run it read the test queries of
+    (``<run>.json``, test metrics by doc kind and the attention measures): ``results/scenes/``."""
+    return Path(root or repo_root() / "results" / "scenes")
+
+
 def read_record(path: Path) -> dict:
     """One record; a damaged one is an error naming the file, the line and what is missing."""
     try:

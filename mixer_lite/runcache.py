@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from .ablations import row_overrides, run_name
+from .ablations import VALIDATION, row_overrides, run_name
 from .files import FolderBusy, folder_lock, read_log
 from .runs import refuse_other_run
 from .icons import make_icons
@@ -92,6 +92,18 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     out["seconds"] = json.loads((run / "seconds.json").read_text())
     out["steps"] = json.loads((run / "config.json").read_text())["steps"]
     return out
+
+
+def ensure_validation_run(data_dir: str | Path, variant: str, seed: int,
+                          overrides: list[str] = (), runs: str | Path | None = None) -> dict:
+    """:func:`ensure_run` of ``tiny-cpu`` plus ``overrides`` with a tenth of the classes held out
+    as validation photos and the test queries unread (:data:`ablations.VALIDATION`), named
+    ``<data folder without synth->-<variant>-s<seed>``: the runs ``bench/scene_fusion.py``
+    chooses among and notebook 02 opens.  Also returns ``overrides``, all of them."""
+    data_dir = Path(data_dir)
+    overrides = [*VALIDATION, f"--seed={seed}", *overrides]
+    name = f"{data_dir.name.removeprefix('synth-')}-{variant}-s{seed}"
+    return ensure_run(data_dir, name, overrides, runs) | {"overrides": overrides}
 
 
 def ensure_row(data_dir: str | Path, preset: str, slug: str, seed: int,

@@ -199,6 +199,46 @@ def concept_map_change(image, before: np.ndarray, after: np.ndarray, titles: tup
                               10, path)
 
 
+def scene_maps(images, masks: np.ndarray, columns: list[tuple[str, np.ndarray, list[int]]],
+               titles: list[str], title: str, path: str | os.PathLike | None = None):
+    """Scene docs (rows): the image, then the concepts' mean attention map under each title
+    (``columns``: a heading, the maps [B, P] over a square grid, and per doc the index of the
+    object that column's title names), every object outlined from its truth mask: the named one
+    solid green, the others dashed white, so a reader sees whether the map follows the title.
+
+    ``masks`` [B, O, H, W] are the objects' masks at the image's size (``doc_scene_masks``); an
+    absent object is all zero.  The maps are shown as attention over uniform (1 = blind), on
+    one colour scale from 0 for every panel."""
+    n, n_obj = masks.shape[:2]
+    grid = int(round(columns[0][1].shape[1] ** 0.5))
+    top = max(float(maps.max()) for _, maps, _ in columns) * grid ** 2
+    fig, axes = plt.subplots(n, len(columns) + 1, squeeze=False,
+                             figsize=(2.4 * (len(columns) + 1), 2.6 * n))
+    for r in range(n):
+        img = np.asarray(images[r], dtype=float)
+        img = (img / 255.0 if img.max() > 1.5 else img).transpose(1, 2, 0)
+        extent = (-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5)
+        panels = [(axes[r, 0], None, columns[0][2][r],
+                   "\n".join(textwrap.wrap(titles[r], 30)[:2]))]
+        panels += [(axes[r, c + 1], maps[r], named[r], heading)
+                   for c, (heading, maps, named) in enumerate(columns)]
+        for ax, weights, named, heading in panels:
+            ax.imshow(img, alpha=1.0 if weights is None else 0.45)
+            if weights is not None:
+                shown = ax.imshow(weights.reshape(grid, grid) * grid ** 2, cmap="magma",
+                                  alpha=0.75, vmin=0.0, vmax=top, extent=extent,
+                                  interpolation="bilinear")
+            for o in range(n_obj):
+                if masks[r, o].max() >= 0.5:
+                    ax.contour(masks[r, o], levels=[0.5], linewidths=1.6 if o == named else 1.0,
+                               colors="lime" if o == named else "white",
+                               linestyles="solid" if o == named else "dashed")
+            ax.set_title(heading, fontsize=7)
+    return _finish_image_grid(fig, axes, title, 10, path,
+                              colorbar=(shown, "attention over uniform (1 = blind to where "
+                                               "it falls)"))
+
+
 def image_rows(rows: list[tuple[str, list[tuple[str, str]]]], title: str,
                path: str | os.PathLike | None = None):
     """A row of captioned images per entry, ``(row label, [(image path, caption), ...])``, the

@@ -96,6 +96,26 @@ def test_ensure_run_refuses_a_run_made_with_another_config(tmp_path, tiny_dir):
         runcache.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
 
 
+def test_ensure_validation_run_reads_the_run_the_scene_bench_names(tmp_path):
+    """The run of variant ``mixer`` on ``data/synth-tiny-scenes30`` with seed 3 is
+    ``tiny-scenes30-mixer-s3``, trained with the validation split and the test queries unread;
+    a cached one is read back with its validation recall, not trained again."""
+    from mixer_lite.train import config_from
+
+    overrides = ["--val_share=0.1", "--eval_at_end=false", "--seed=3", "--model.fusion=concat"]
+    run = tmp_path / "tiny-scenes30-mixer-s3"
+    run.mkdir()
+    stamp = dataclasses.asdict(config_from("tiny-cpu", overrides))
+    (run / "config.json").write_text(json.dumps({"train": stamp, "steps": 7}))
+    (run / "model.pt").write_bytes(b"")
+    (run / "val.json").write_text(json.dumps({"val_recall@10": 0.5}))
+    (run / "seconds.json").write_text("3.0")
+    got = runcache.ensure_validation_run(tmp_path / "synth-tiny-scenes30", "mixer", 3,
+                                         ["--model.fusion=concat"], runs=tmp_path)
+    assert got == {"validation": {"val_recall@10": 0.5}, "run": str(run), "seconds": 3.0,
+                   "steps": 7, "overrides": overrides}
+
+
 def test_rows_encode_as_many_images_as_the_mixer_row(tiny_dir, tiny_data):
     from mixer_lite.classes import build_classes_from_clicks
     from mixer_lite.sampling import held_out
@@ -814,6 +834,34 @@ def test_seed_bars_draw_each_seed_and_the_mean_on_one_axis_from_zero():
     assert [t.get_text() for t in a.get_yticklabels()] == ["pretrained (3 seeds)", "scratch"]
     assert a.get_xlim() == b.get_xlim() == (0, 54.0 * 1.1)
     assert (a.get_title(), b.get_title(), fig._suptitle.get_text()) == ("A", "B", "t")
+    matplotlib.pyplot.close(fig)
+
+
+def test_scene_maps_outline_the_named_object_on_each_title_s_map():
+    from matplotlib.colors import to_rgba
+
+    from mixer_lite.viz import scene_maps
+
+    masks = np.zeros((1, 3, 8, 8), np.float32)
+    masks[0, 0, :4, :4] = 1  # the product, top left
+    masks[0, 1, 4:, 4:] = 1  # another object, bottom right; object 2 absent
+    own = np.array([[0.7, 0.1, 0.1, 0.1]])
+    swapped = np.array([[0.1, 0.1, 0.1, 0.7]])
+    fig = scene_maps(np.zeros((1, 3, 8, 8), np.uint8), masks,
+                     [("own title", own, [0]), ("swapped", swapped, [1])], ["a mug"], "t")
+    image, first, second = fig.axes[:3]
+    assert (image.get_title(), first.get_title(), second.get_title()) == \
+        ("a mug", "own title", "swapped")
+    assert np.allclose(first.get_images()[1].get_array(), [[2.8, 0.4], [0.4, 0.4]])  # x 4
+    assert first.get_images()[1].get_clim() == (0.0, 2.8)  # from 0, one scale for both maps
+
+    def outline_colours(ax):  # one contour set per present object, in object order
+        return [to_rgba(c.get_edgecolor()[0]) for c in ax.collections]
+
+    lime, white = to_rgba("lime"), to_rgba("white")
+    assert outline_colours(image) == outline_colours(first) == [lime, white]
+    assert outline_colours(second) == [white, lime]  # the swapped title names object 1
+    assert fig._suptitle.get_text() == "t"
     matplotlib.pyplot.close(fig)
 
 
