@@ -235,8 +235,7 @@ def scene_maps(images, masks: np.ndarray, columns: list[tuple[str, np.ndarray, l
                                linestyles="solid" if o == named else "dashed")
             ax.set_title(heading, fontsize=7)
     return _finish_image_grid(fig, axes, title, 10, path,
-                              colorbar=(shown, "attention over uniform (1 = blind to where "
-                                               "it falls)"))
+                              colorbar=(shown, "attention / uniform (1 = blind)"))
 
 
 def image_rows(rows: list[tuple[str, list[tuple[str, str]]]], title: str,

@@ -82,7 +82,7 @@ def test_parameters_name_the_runs_a_notebook_trains(source, fast):
             assert slug.value in p["rows"], (slug.value, p["rows"])
         else:  # a name bound by a loop over the parameters' rows
             assert f"for {ast.unparse(slug)} in rows" in text, ast.unparse(call)
-    if "ensure_run(" in text:
+    if "ensure_run(" in text or "ensure_validation_run(" in text:
         assert p.get("named_runs"), f"{source.name} trains named runs its parameters omit"
 
 
