@@ -18,9 +18,10 @@ without attention print none).
 ``--no-ceilings`` skips the three re-embedded scene-doc columns (for more seeds of a chosen
 variant).  ``--pointed-beside`` also prints the validation recall with every doc indexed twice,
 as shot and cut where its attention points, scoring the better of the two (the pointer as a
-second vector per doc).  ``--test`` (once a variant is chosen) also reads each finished run's test queries,
-once, and writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and mAP@10 by doc
-kind (:func:`mixer_lite.measures.recall_by_doc_kind`) and the attention measures.
+second vector per doc).  ``--test`` (once a variant is chosen) also reads each finished run's
+test queries, once, and writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and
+mAP@10 by doc kind (:func:`mixer_lite.measures.recall_by_doc_kind`) and the attention
+measures.
 About 10 minutes a run on ``small``, 1 on ``tiny``, on 2 cores.
 """
 from __future__ import annotations

@@ -510,6 +510,9 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     if others_removed not in (None, "painted", "cropped", "pointed"):
         raise ValueError(f"others_removed must be None, 'painted', 'cropped' or 'pointed', got "
                          f"{others_removed!r}")
+    if pointed_beside and others_removed is not None:
+        raise ValueError(f"pointed_beside indexes the docs as shot beside their pointed crops; "
+                         f"it does not combine with others_removed={others_removed!r}")
     if others_removed in (None, "pointed"):
         docs = ImageTable(image_files(data, "docs"), size)
         if others_removed == "pointed":
@@ -518,9 +521,6 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
             docs[torch.from_numpy(scenes)] = pointed_crops(model, data, scenes, size)
     else:
         docs = scenes_without_others(data, data_dir, size, crop=others_removed == "cropped")
-    if pointed_beside and others_removed is not None:
-        raise ValueError(f"pointed_beside indexes the docs as shot beside their pointed crops; "
-                         f"it does not combine with others_removed={others_removed!r}")
     doc_emb = embed_docs(model, docs, data.doc_texts)
     query_emb = embed_queries(model, ImageTable(image_files(data, "queries", rows), size))
     if pointed_beside:
