@@ -64,6 +64,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "regions_title_whole2_anchored": ("--model.fusion=regions", "--model.region_choice=title",
                                       "--model.region_whole_bias=2",
                                       "--titles_move_centres=false"),
+    "regions_title_whole2_anchored_window": ("--model.fusion=regions",
+                                             "--model.region_choice=title",
+                                             "--model.region_whole_bias=2",
+                                             "--titles_move_centres=false",
+                                             "--model.window_sample=true"),
     "regions_title_fused2": ("--model.fusion=regions", "--model.region_choice=title",
                              "--model.region_whole_bias=2", "--model.region_whole=concepts"),
 }

@@ -63,7 +63,10 @@ Where the paper is silent, we chose (and say so):
   (``docs/EXPERIMENTS.md``, "The fused doc unless a window beats it").  ``title_sample``
   trains the concept head's title embedding beside its doc the same way, with no windows: what
   that training alone does to Mixer's docs (``docs/EXPERIMENTS.md``, "The title beside its doc,
-  on Mixer alone"); an option, off.
+  on Mixer alone"); an option, off.  ``window_sample`` also trains, beside each doc, the window
+  its title weighs most, cut out and encoded *with* gradient, as one more sample of the doc's
+  class, so the encoder learns the products the windows frame (``docs/EXPERIMENTS.md``, "The
+  chosen window as a sample of its class"); an option, off.
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
 batches made by :meth:`MixerModel.tokenize`.
@@ -120,6 +123,7 @@ class ModelConfig:
     region_whole_bias: float = 0.0      # regions, title: added to the whole image's choice logit
     region_whole: str = "image"         # regions, title: the whole-image candidate: REGION_WHOLE
     title_sample: bool = False          # concept: the title's embedding trains beside its doc
+    window_sample: bool = False         # regions, title: the chosen window trains beside its doc
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
@@ -165,6 +169,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.title_sample trains the concept head's title beside "
                              f"its doc: it needs fusion='concept', not {self.fusion!r} (with "
                              f"fusion='regions', region_choice='title' trains the title already)")
+        if self.window_sample and not self.title_chooses:
+            raise ValueError("ModelConfig.window_sample trains the window the title chooses: it "
+                             "needs fusion='regions' and region_choice='title'")
         if not math.isfinite(self.region_whole_bias):
             raise ValueError(f"ModelConfig.region_whole_bias must be finite, "
                              f"got {self.region_whole_bias}")
@@ -722,11 +729,25 @@ class MixerModel(nn.Module):
         """The docs :meth:`forward` returns: their embeddings [B, D]; when the title chooses
         the window (``region_choice="title"``) or ``title_sample`` is on, and the model trains,
         [B, 2, D]: each doc and its title's embedding, which the objective trains as a sample of
-        the doc's class too."""
+        the doc's class too; with ``window_sample`` [B, 3, D], the chosen window's embedding
+        (:meth:`_chosen_window`) third."""
         if not (self.trains_title and self.training):
             return self._doc_head(images, encoded, tokens)
         emb, info = self._doc_head(images, encoded, tokens, return_attention=True)
-        return torch.stack([emb, info["title_embedding"].to(emb.dtype)], dim=1)
+        samples = [emb, info["title_embedding"].to(emb.dtype)]
+        if self.cfg.window_sample:
+            samples.append(self._chosen_window(images, info["region_weights"]).to(emb.dtype))
+        return torch.stack(samples, dim=1)
+
+    def _chosen_window(self, images, region_weights):
+        """Each doc's window (never the whole image) that its title weighs most in
+        ``region_weights`` [B, 1, 10], cut out, resampled to full size and embedded as an
+        image-only doc is, with gradient into the encoder: what a photo of the product should
+        match when the title chose right.  The choice itself gets no gradient from it."""
+        pick = region_weights[:, 0, 1:].detach().argmax(dim=-1)
+        cut = zoom_to(normalise_pixels(images), self.regions[1:][pick])
+        window = self.doc_transform(self.image_encoder(cut)[1])
+        return F.normalize(self.doc_norm(self.out_proj(window)), dim=-1)
 
     # ---- persistence --------------------------------------------------------------------
     def export_config(self) -> dict:

@@ -122,16 +122,19 @@ class Classification(Objective):
         emb = torch.empty(len(idx), self.cfg.model.embed_dim, device=device)
         kind = torch.from_numpy(samples.kind[idx]).to(device)
         labels = torch.from_numpy(samples.label[idx]).to(device)
-        doc_emb, titles = split_titles(doc_emb)
+        doc_emb, beside = split_beside(doc_emb)
         if query_emb is not None:
             emb[kind == 0] = query_emb.float()
         if doc_emb is not None:
             emb[kind == 1] = doc_emb.float()
         anchored = None
-        if titles is not None:  # each title a sample of its doc's class too
-            if not self.cfg.titles_move_centres:
-                anchored = torch.arange(len(emb) + len(titles), device=device) >= len(emb)
-            emb, labels = torch.cat([emb, titles.float()]), torch.cat([labels, labels[kind == 1]])
+        if beside is not None:  # each title (and chosen window) a sample of its doc's class too
+            n, (b, m, d) = len(emb), beside.shape
+            if not self.cfg.titles_move_centres:  # the titles, not the windows: images move them
+                anchored = torch.arange(n + b * m, device=device)
+                anchored = (anchored >= n) & (anchored < n + b)
+            emb = torch.cat([emb, beside.float().transpose(0, 1).reshape(b * m, d)])
+            labels = torch.cat([labels, labels[kind == 1].repeat(m)])
         self.last = (emb.detach(), labels)
         return self.classifier(emb, labels, step, anchored=anchored)
 
@@ -169,13 +172,15 @@ class Pairwise(Objective):
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, query_emb, doc_emb, samples, idx, step):
-        doc_emb, titles = split_titles(doc_emb)
+        doc_emb, beside = split_beside(doc_emb)
         q, d = query_emb.float(), doc_emb.float()
         self.last = (q.detach(), d.detach())
         loss = self.loss(q, d, self.arg)
-        if titles is None:
+        if beside is None:
             return loss
-        return (loss + self.loss(q, titles.float(), self.arg)) / 2  # each title paired too
+        for j in range(beside.shape[1]):  # each title (and chosen window) paired too
+            loss = loss + self.loss(q, beside[:, j].float(), self.arg)
+        return loss / (1 + beside.shape[1])
 
     def health(self) -> dict:
         """The mean cosine of matched and of unmatched pairs, and the batch's mean cosine."""
@@ -187,13 +192,15 @@ class Pairwise(Objective):
                 "cos_batch": mean_pairwise_cosine(torch.cat([q, d]))}
 
 
-def split_titles(doc_emb):
-    """(docs, titles or None) of what the model's training forward returns for docs: [B, D],
-    or [B, 2, D] when each doc's title embedding comes beside it (``region_choice="title"`` or
-    ``title_sample``, :meth:`mixer_lite.model.MixerModel.forward`)."""
+def split_beside(doc_emb):
+    """(docs, samples beside them or None) of what the model's training forward returns for
+    docs: [B, D], or [B, 1 + m, D] when each doc's title embedding comes beside it
+    (``region_choice="title"`` or ``title_sample``) and then its chosen window
+    (``window_sample``, :meth:`mixer_lite.model.MixerModel.forward`): the docs [B, D] and the
+    samples beside them [B, m, D], the title first."""
     if doc_emb is None or doc_emb.dim() == 2:
         return doc_emb, None
-    return doc_emb[:, 0], doc_emb[:, 1]
+    return doc_emb[:, 0], doc_emb[:, 1:]
 
 
 def make_objective(cfg: TrainConfig, num_classes: int, world: int) -> Objective:

@@ -455,7 +455,8 @@ def test_objectives_train_each_title_beside_its_doc():
     the classification objective classifies the titles as more samples of their docs' classes
     (against the classifier called on the samples concatenated by hand), and a pairwise one
     averages the loss of the (photo, doc) pairs and of the (photo, title) pairs.  With
-    ``titles_move_centres=false`` the titles' rows are the anchored ones."""
+    ``titles_move_centres=false`` the titles' rows are the anchored ones.  The same with each
+    doc's chosen window third ([B, 3, D], ``window_sample``)."""
     from types import SimpleNamespace
 
     from mixer_lite.objectives import Classification, Pairwise
@@ -494,3 +495,22 @@ def test_objectives_train_each_title_beside_its_doc():
         pair = Pairwise(config_from("tiny-cpu", [f"--loss={loss}", "--margin=0.2"]))
         torch.testing.assert_close(pair(q3, d, pairs, np.arange(3), 0),
                                    (fn(q3, d[:, 0], arg) + fn(q3, d[:, 1], arg)) / 2)
+    # [B, 3, D], each doc's chosen window third (``window_sample``): the titles then the windows
+    # are more samples of their docs' classes, only the titles anchored; pairwise averages the
+    # three pairings
+    d3 = F.normalize(torch.randn(3, 3, 8), dim=-1)
+    ours, ref = Classification(anchored_cfg, 5, False), Classification(anchored_cfg, 5, False)
+    ref.load_state_dict(ours.state_dict())
+    got = ours(q, d3, samples, np.arange(5), 0)
+    got.backward()
+    emb3 = torch.stack([q[0], d3[0, 0], d3[1, 0], q[1], d3[2, 0], *d3[:, 1], *d3[:, 2]])
+    want = ref.classifier(emb3, torch.tensor([3, 1, 3, 0, 2, 1, 3, 2, 1, 3, 2]), 0,
+                          anchored=torch.tensor([False] * 5 + [True] * 3 + [False] * 3))
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ours.classifier.dense_grad(), ref.classifier.dense_grad())
+    for loss, fn, arg in (("infonce", info_nce, cfg.temperature),
+                          ("triplet", triplet_loss, 0.2)):
+        pair = Pairwise(config_from("tiny-cpu", [f"--loss={loss}", "--margin=0.2"]))
+        torch.testing.assert_close(pair(q3, d3, pairs, np.arange(3), 0),
+                                   sum(fn(q3, d3[:, j], arg) for j in range(3)) / 3)

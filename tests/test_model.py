@@ -557,6 +557,54 @@ def test_title_chosen_window_by_hand_and_the_title_trained_beside_its_doc():
         ModelConfig(fusion="regions", region_choice="title", region_whole_bias=math.inf)
 
 
+def test_window_sample_is_the_titles_best_window_cut_by_hand_and_trains_the_encoder():
+    """``window_sample``: in training each doc comes with its title and then the window (never
+    the whole image) its title weighs most, by hand the slice of highest cosine with the title
+    (:func:`title_choice_by_hand`) resized by ``interpolate`` and embedded as a doc image is,
+    the encoder on batch statistics; its loss reaches the encoder and not the choice.  Serving
+    is that of the same model without it."""
+    import copy
+
+    from mixer_lite.encoders import normalise_pixels
+
+    kw = dict(region_choice="title", image_encoder="cnn", image_weights="openclipart-cnn",
+              dropout=0.0)
+    model = make("regions", window_sample=True, **kw).eval()
+    plain = make("regions", **kw).eval()
+    plain.load_state_dict(model.state_dict())
+    x, tokens = window_images(), model.tokenize(TEXTS)
+    torch.testing.assert_close(model.embed_docs(x, tokens), plain.embed_docs(x, tokens),
+                               rtol=0, atol=0)
+    ref = copy.deepcopy(model)
+    photos = images(n=3, seed=5)
+    model.train()
+    q, d = model(photos, x, tokens)
+    assert q.shape == (3, 32) and d.shape == (4, 3, 32)
+    with torch.no_grad():
+        ref.train().encode_images(torch.cat([photos, x]))  # the step's running statistics,
+        pooled, concepts = windows_and_concepts_by_hand(ref.eval(), x, tokens)  # then windows
+        weights, _ = title_choice_by_hand(ref, ref.doc_transform(pooled), concepts)
+        pick = weights[:, 1:].argmax(dim=-1)
+        pixels = normalise_pixels(x)
+        cut = torch.stack([F.interpolate(pixels[b:b + 1, :, 12 * (k // 3):12 * (k // 3) + 40,
+                                                12 * (k % 3):12 * (k % 3) + 40], size=64,
+                                         mode="bilinear", align_corners=False)[0]
+                           for b, k in enumerate(pick.tolist())])
+        ref.train()
+        want = F.normalize(ref.doc_norm(ref.out_proj(ref.doc_transform(
+            ref.image_encoder(cut)[1]))), dim=-1)
+    assert len(set(pick.tolist())) > 1  # the docs choose different windows
+    torch.testing.assert_close(d[:, 2], want, rtol=0, atol=1e-5)
+    d[:, 2].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.image_encoder.parameters())
+    assert not model.choice_scale.grad  # None or 0: the pick passes no gradient
+    assert all(p.grad is None or not p.grad.abs().sum()
+               for p in model.concept_memory.parameters())
+    with pytest.raises(ValueError, match="window_sample .* region_choice='title'"):
+        ModelConfig(fusion="regions", window_sample=True)
+
+
 def test_fused_whole_candidate_is_the_papers_doc_and_its_share_looks_where_concepts_do():
     """``region_whole="concepts"``: the whole-image candidate is the concept head's fused doc.
     Reference: a ``fusion="concept"`` model with the same weights.  With the whole image
