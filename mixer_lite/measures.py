@@ -371,7 +371,11 @@ def scene_attention(model, data, data_dir: str | Path, n_docs: int = 256,
     ``swap_moved`` is the share of docs where that object then holds more attention mass than
     any other object *and* more than under the original title; ``named_mass_before`` and
     ``named_mass_after`` its mean mass under each title.  ``per_doc`` keeps, per doc measured,
-    its row, the product's lift, the swapped-in object and whether the attention moved.
+    its row, the product's lift, the swapped-in object and title and whether the attention
+    moved, with what the measures read: the image (uint8 [B, 3, size, size]), the objects'
+    masks and records (:func:`scene_doc_sample`) and the mean map under each title (``maps``
+    and ``maps_swapped``, [B, P] over the square grid of regions), so a figure shows the
+    maps that were measured.
     """
     size = model.cfg.image_size
     rows, masks, objects, swap, swapped = scene_doc_sample(data, data_dir, size, n_docs, seed)
@@ -407,7 +411,9 @@ def scene_attention(model, data, data_dir: str | Path, n_docs: int = 256,
             "named_mass_after": float(mass_swap[idx, swap].nanmean()),
             "product_share": float(share[:, 0].mean()), "docs": int(b),
             "per_doc": {"rows": rows, "product_lift": lift[:, 0].numpy(), "swap": swap,
-                        "moved": moved, "swapped_titles": swapped}}
+                        "moved": moved, "swapped_titles": swapped, "images": images,
+                        "masks": masks, "objects": objects,
+                        "maps": att.numpy(), "maps_swapped": att_swap.numpy()}}
 
 
 @torch.no_grad()

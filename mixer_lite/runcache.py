@@ -31,6 +31,19 @@ def repo_root() -> Path:
     return here.parent if here.name == "notebooks" else here
 
 
+def data_folder_name(preset: str, scene_share: float = 0.0) -> str:
+    """The folder :func:`ensure_data` makes for ``preset`` (and ``scene_share``) under data/."""
+    if preset == ICONS:
+        return "icons"
+    return f"synth-{preset}" + (f"-scenes{round(100 * scene_share)}" if scene_share else "")
+
+
+def validation_run_name(data_folder: str, variant: str, seed: int) -> str:
+    """The name :func:`ensure_validation_run` gives a variant's run on the dataset folder
+    named ``data_folder``, so a notebook can name its runs before they exist."""
+    return f"{data_folder.removeprefix('synth-')}-{variant}-s{seed}"
+
+
 def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None,
                 scene_share: float = 0.0) -> Path:
     """The dataset folder of ``preset``, made once; every later call reads the same folder:
@@ -38,12 +51,8 @@ def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None,
     with ``scene_share`` of scene docs), ``data/icons`` for ``icons`` (built from the icon sets
     installed as ``make data-icons`` does).  A folder another process is writing (two notebooks
     at once) is waited for, then read."""
-    base = Path(root or repo_root() / "data")
-    if preset == ICONS:
-        out = base / "icons"
-    else:
-        out = base / (f"synth-{preset}" + (f"-scenes{round(100 * scene_share)}"
-                                           if scene_share else ""))
+    out = Path(root or repo_root() / "data") / data_folder_name(preset, scene_share)
+    base = out.parent
     workers = min(2, os.cpu_count() or 1)
     while not (out / "docs.jsonl").exists():
         try:
@@ -100,9 +109,8 @@ def ensure_validation_run(data_dir: str | Path, variant: str, seed: int,
     as validation photos and the test queries unread (:data:`ablations.VALIDATION`), named
     ``<data folder without synth->-<variant>-s<seed>``: the runs ``bench/scene_fusion.py``
     chooses among and notebook 02 opens.  Also returns ``overrides``, all of them."""
-    data_dir = Path(data_dir)
     overrides = [*VALIDATION, f"--seed={seed}", *overrides]
-    name = f"{data_dir.name.removeprefix('synth-')}-{variant}-s{seed}"
+    name = validation_run_name(Path(data_dir).name, variant, seed)
     return ensure_run(data_dir, name, overrides, runs) | {"overrides": overrides}
 
 

@@ -45,13 +45,15 @@
 # %% tags=["parameters"]
 import os
 
+from mixer_lite.runcache import data_folder_name, validation_run_name
+
 fast = os.environ.get("MIXER_LITE_FAST", "0") == "1"  # CI sets MIXER_LITE_FAST=1
 preset = "tiny" if fast else "small"
 seed = 0
 rows = ["mixer", "image_only", "softmax_attention"]  # slugs of mixer_lite.ablations.ROWS
 lift_goal, correlation_goal = 1.5, 0.5  # what we call attention that means something
 scene_share = 0.3  # the share of scene docs in the dataset of the section "Scene docs"
-named_runs = [f"{preset}-scenes{round(100 * scene_share)}-mixer-s{seed}"]  # its run
+named_runs = [validation_run_name(data_folder_name(preset, scene_share), "mixer", seed)]
 
 # %%
 if fast:
@@ -59,7 +61,6 @@ if fast:
 from IPython.display import Markdown, display
 from mixer_lite.notebooks import attention_viewer, made_with, show_code
 display(Markdown(made_with(preset, fast, seed)))
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,7 +74,6 @@ from mixer_lite.retrieval import embed_docs
 from mixer_lite.runcache import ensure_data, ensure_row, ensure_validation_run
 from mixer_lite.runs import load_run_model
 from mixer_lite.shop_images import CANVAS
-from mixer_lite.synthshop import doc_scene_masks
 from mixer_lite.viz import concept_attention, concept_map_change, scene_maps
 
 torch.set_num_threads(2)
@@ -222,30 +222,17 @@ for name, r in (("concept fusion", mixer), ("image only", image_only)):
 scene_dir = ensure_data(preset, seed, scene_share=scene_share)
 scene_data = load_dataset(scene_dir, check_images=False)
 scene_run = ensure_validation_run(scene_dir, "mixer", seed)
-assert Path(scene_run["run"]).name == named_runs[0]  # the run the parameters name
 scene_model = load_run_model(scene_run["run"])
 scenes = scene_attention(scene_model, scene_data, scene_dir, n_docs=256, seed=seed)
-per_doc = scenes["per_doc"]  # the scene docs measured, each with a swapped-in title
-size = scene_model.cfg.image_size
-masks, objects = doc_scene_masks(scene_dir, [scene_data.doc_ids[r] for r in per_doc["rows"]],
-                                 size)
-images = load_images(scene_data, "docs", per_doc["rows"], size)
+per_doc = scenes["per_doc"]  # the scene docs measured: images, masks, maps under each title
+images, masks, objects = per_doc["images"], per_doc["masks"], per_doc["objects"]
 own_titles = [scene_data.doc_texts[r] for r in per_doc["rows"]]
-
-
-def mean_maps(docs, titles):
-    """The concepts' mean text-to-image map of the measured ``docs`` under ``titles``."""
-    info = attention_of_docs(scene_model, images[torch.as_tensor(docs)], titles)["info"]
-    return info["text_to_image"].float().mean(dim=1).numpy()
-
 
 moved = np.flatnonzero(per_doc["moved"])
 shown = np.concatenate([moved[:2], np.flatnonzero(~per_doc["moved"])[:2]])  # 2 moved, 2 not
 fig = scene_maps(images[torch.as_tensor(shown)], masks[shown],
-                 [("under its own title", mean_maps(shown, [own_titles[i] for i in shown]),
-                   [0] * len(shown)),
-                  ("under another object's title",
-                   mean_maps(shown, [per_doc["swapped_titles"][i] for i in shown]),
+                 [("under its own title", per_doc["maps"][shown], [0] * len(shown)),
+                  ("under another object's title", per_doc["maps_swapped"][shown],
                    per_doc["swap"][shown])],
                  [own_titles[i] for i in shown],
                  "Scene docs: where the concepts look under each title")
@@ -315,8 +302,7 @@ display(Markdown(f"In the lowest-lift quarter {numbers}. " + (
     "harder to see.")))
 lowest = order[:4]
 fig = scene_maps(images[torch.as_tensor(lowest)], masks[lowest],
-                 [("under its own title", mean_maps(lowest, [own_titles[i] for i in lowest]),
-                   [0] * len(lowest))],
+                 [("under its own title", per_doc["maps"][lowest], [0] * len(lowest))],
                  [own_titles[i] for i in lowest],
                  "The scene docs whose concepts find their product least")
 

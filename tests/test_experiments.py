@@ -98,8 +98,9 @@ def test_ensure_run_refuses_a_run_made_with_another_config(tmp_path, tiny_dir):
 
 def test_ensure_validation_run_reads_the_run_the_scene_bench_names(tmp_path):
     """The run of variant ``mixer`` on ``data/synth-tiny-scenes30`` with seed 3 is
-    ``tiny-scenes30-mixer-s3``, trained with the validation split and the test queries unread;
-    a cached one is read back with its validation recall, not trained again."""
+    ``tiny-scenes30-mixer-s3`` (``validation_run_name`` says so without the folder), trained
+    with the validation split and the test queries unread; a cached one is read back with its
+    validation recall, not trained again."""
     from mixer_lite.train import config_from
 
     overrides = ["--val_share=0.1", "--eval_at_end=false", "--seed=3", "--model.fusion=concat"]
@@ -114,6 +115,11 @@ def test_ensure_validation_run_reads_the_run_the_scene_bench_names(tmp_path):
                                          ["--model.fusion=concat"], runs=tmp_path)
     assert got == {"validation": {"val_recall@10": 0.5}, "run": str(run), "seconds": 3.0,
                    "steps": 7, "overrides": overrides}
+    # a notebook names the same run from its parameters, before any folder exists
+    assert runcache.validation_run_name(runcache.data_folder_name("tiny", 0.3), "mixer", 3) \
+        == run.name
+    assert runcache.data_folder_name("tiny") == "synth-tiny"
+    assert runcache.data_folder_name("icons") == "icons"
 
 
 def test_rows_encode_as_many_images_as_the_mixer_row(tiny_dir, tiny_data):
@@ -537,10 +543,19 @@ def test_scene_attention_against_a_naive_loop_over_the_label_maps(scene_dir):
     r = measures.scene_attention(model, data, scene_dir, n_docs=40, seed=3)
     per = r["per_doc"]
     lifts, others, above, moved = [], [], [], []
-    for row, swap, new_title in zip(per["rows"], per["swap"], per["swapped_titles"]):
+    for i, (row, swap, new_title) in enumerate(zip(per["rows"], per["swap"],
+                                                    per["swapped_titles"])):
         t = truth[int(row)]
         regions = [cover[t["doc_id"]][o["product_id"]] for o in t["objects"]]
         att = regions[0] / regions[0].sum()
+        # what the figures show is what was measured: the doc's maps, masks and objects
+        assert [o["product_id"] for o in per["objects"][i]] == \
+            [o["product_id"] for o in t["objects"]]
+        assert np.allclose(per["masks"][i, 0].reshape(8, 8, 8, 8).mean((1, 3)).reshape(64),
+                           regions[0])
+        assert np.allclose(per["maps"][i], att, atol=1e-5)
+        assert np.allclose(per["maps_swapped"][i], regions[swap] / regions[swap].sum(),
+                           atol=1e-5)
         lift = [float(att @ c) / c.mean() for c in regions]
         lifts.append(lift[0])
         others.extend(lift[1:])
@@ -551,6 +566,7 @@ def test_scene_attention_against_a_naive_loop_over_the_label_maps(scene_dir):
         mass_after = [float(after @ c) for c in regions]
         moved.append(int(np.argmax(mass_after)) == swap and mass_after[swap] > att @ regions[swap])
     assert r["docs"] == 40 and len(set(per["rows"])) == 40
+    assert per["images"].shape == (40, 3, 64, 64) and per["images"].dtype == torch.uint8
     assert r["product_lift"] == pytest.approx(np.mean(lifts), rel=1e-4)
     assert r["other_lift"] == pytest.approx(np.mean(others), rel=1e-4)
     assert r["product_above_others"] == pytest.approx(np.mean(above))
