@@ -63,9 +63,10 @@ Where the paper is silent, we chose (and say so):
   (``docs/EXPERIMENTS.md``, "The fused doc unless a window beats it").  ``title_sample``
   trains the concept head's title embedding beside its doc the same way, with no windows: what
   that training alone does to Mixer's docs (``docs/EXPERIMENTS.md``, "The title beside its doc,
-  on Mixer alone"); an option, off.  ``window_sample`` also trains, beside each doc, the window
-  its title weighs most, cut out and encoded *with* gradient, as one more sample of the doc's
-  class, so the encoder learns the products the windows frame (``docs/EXPERIMENTS.md``, "The
+  on Mixer alone"); an option, off.  ``window_sample`` also trains, beside each doc, the
+  candidate its title weighs most (a window or the whole image), cut out and encoded *with*
+  gradient, as one more sample of the doc's class, so the encoder learns the products the
+  windows frame; it lost seven points of validation recall (``docs/EXPERIMENTS.md``, "The
   chosen window as a sample of its class"); an option, off.
 
 The model knows no files: it takes image tensors (floats in [0, 1], N x 3 x H x W) and token
@@ -123,7 +124,7 @@ class ModelConfig:
     region_whole_bias: float = 0.0      # regions, title: added to the whole image's choice logit
     region_whole: str = "image"         # regions, title: the whole-image candidate: REGION_WHOLE
     title_sample: bool = False          # concept: the title's embedding trains beside its doc
-    window_sample: bool = False         # regions, title: the chosen window trains beside its doc
+    window_sample: bool = False         # regions, title: the chosen candidate trains beside it
     shared_transform: bool = False
     embed_norm: str = "batch"           # "batch": per-domain BatchNorm before L2 norm | "none"
     dropout: float = 0.1
@@ -740,12 +741,15 @@ class MixerModel(nn.Module):
         return torch.stack(samples, dim=1)
 
     def _chosen_window(self, images, region_weights):
-        """Each doc's window (never the whole image) that its title weighs most in
-        ``region_weights`` [B, 1, 10], cut out, resampled to full size and embedded as an
+        """Each doc's candidate that its title weighs most in ``region_weights`` [B, 1, 10],
+        the whole image among them, cut out, resampled to full size and embedded as an
         image-only doc is, with gradient into the encoder: what a photo of the product should
-        match when the title chose right.  The choice itself gets no gradient from it."""
-        pick = region_weights[:, 0, 1:].detach().argmax(dim=-1)
-        cut = zoom_to(normalise_pixels(images), self.regions[1:][pick])
+        match when the title chose right.  A doc no window wins trains its whole image, not a
+        part of its product no photo shows (the windows alone cost single docs 8.7 points,
+        ``docs/EXPERIMENTS.md``, "The chosen window as a sample of its class").  The choice
+        itself gets no gradient from it."""
+        pick = region_weights[:, 0].detach().argmax(dim=-1)
+        cut = zoom_to(normalise_pixels(images), self.regions[pick])
         window = self.doc_transform(self.image_encoder(cut)[1])
         return F.normalize(self.doc_norm(self.out_proj(window)), dim=-1)
 
