@@ -443,16 +443,21 @@ def window_images(seed=3):
     return x
 
 
+def window_by_hand(pixels, k):
+    """The k-th (row-major) 5/8 window of 64 px images: 40 px at 0, 12 or 24 px, cut out by
+    slicing and resized by ``interpolate``."""
+    top, left = 12 * (k // 3), 12 * (k % 3)
+    return F.interpolate(pixels[..., top:top + 40, left:left + 40], size=64, mode="bilinear",
+                         align_corners=False)
+
+
 def windows_and_concepts_by_hand(model, x, tokens):
-    """Each 5/8 window of a 64 px image is 40 px at 0, 12 or 24 px: cut out by slicing,
-    resized by ``interpolate`` and encoded with the running statistics, the whole image
-    first ([B, 10, D] pooled); and the concepts the title gives."""
+    """Each 5/8 window (:func:`window_by_hand`) encoded with the running statistics, the whole
+    image first ([B, 10, D] pooled); and the concepts the title gives."""
     from mixer_lite.encoders import normalise_pixels
 
     pixels = normalise_pixels(x)
-    windows = [F.interpolate(pixels[..., top:top + 40, left:left + 40], size=64,
-                             mode="bilinear", align_corners=False)
-               for top in (0, 12, 24) for left in (0, 12, 24)]
+    windows = [window_by_hand(pixels, k) for k in range(9)]
     pooled = torch.stack([model.image_encoder(w)[1] for w in [pixels] + windows], dim=1)
     concepts, _ = model.concept_memory(model.text_proj(model.text_encoder(
         tokens["input_ids"], tokens["attention_mask"])), tokens["attention_mask"])
@@ -588,10 +593,8 @@ def test_window_sample_is_the_titles_best_candidate_cut_by_hand_and_trains_the_e
         weights, _ = title_choice_by_hand(ref, ref.doc_transform(pooled), concepts)
         pick = (weights.log() + torch.tensor([1.5] + [0.0] * 9)).argmax(dim=-1)
         pixels = normalise_pixels(x)
-        cut = torch.stack([pixels[b] if k == 0 else F.interpolate(
-            pixels[b:b + 1, :, 12 * ((k - 1) // 3):12 * ((k - 1) // 3) + 40,
-                   12 * ((k - 1) % 3):12 * ((k - 1) % 3) + 40],
-            size=64, mode="bilinear", align_corners=False)[0] for b, k in enumerate(pick.tolist())])
+        cut = torch.stack([pixels[b] if k == 0 else window_by_hand(pixels[b:b + 1], k - 1)[0]
+                           for b, k in enumerate(pick.tolist())])
         ref.train()
         want = F.normalize(ref.doc_norm(ref.out_proj(ref.doc_transform(
             ref.image_encoder(cut)[1]))), dim=-1)
