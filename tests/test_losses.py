@@ -488,16 +488,9 @@ def test_objectives_train_each_title_beside_its_doc():
     with pytest.raises(ValueError, match="titles_move_centres=false anchors"):
         config_from("tiny-cpu", ["--titles_move_centres=false", "--model.title_sample=true",
                                  "--loss=infonce"])
-    pairs = SimpleNamespace(kind=np.zeros(3, dtype=int), label=np.arange(3))
-    q3 = F.normalize(torch.randn(3, 8), dim=-1)
-    for loss, fn, arg in (("infonce", info_nce, cfg.temperature),
-                          ("triplet", triplet_loss, 0.2)):
-        pair = Pairwise(config_from("tiny-cpu", [f"--loss={loss}", "--margin=0.2"]))
-        torch.testing.assert_close(pair(q3, d, pairs, np.arange(3), 0),
-                                   (fn(q3, d[:, 0], arg) + fn(q3, d[:, 1], arg)) / 2)
     # [B, 3, D], each doc's chosen window third (``window_sample``): the titles then the windows
-    # are more samples of their docs' classes, only the titles anchored; pairwise averages the
-    # three pairings
+    # are more samples of their docs' classes, only the titles anchored; pairwise (below)
+    # averages the three pairings
     d3 = F.normalize(torch.randn(3, 3, 8), dim=-1)
     ours, ref = Classification(anchored_cfg, 5, False), Classification(anchored_cfg, 5, False)
     ref.load_state_dict(ours.state_dict())
@@ -509,8 +502,12 @@ def test_objectives_train_each_title_beside_its_doc():
     want.backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(ours.classifier.dense_grad(), ref.classifier.dense_grad())
+    pairs = SimpleNamespace(kind=np.zeros(3, dtype=int), label=np.arange(3))
+    q3 = F.normalize(torch.randn(3, 8), dim=-1)
     for loss, fn, arg in (("infonce", info_nce, cfg.temperature),
                           ("triplet", triplet_loss, 0.2)):
         pair = Pairwise(config_from("tiny-cpu", [f"--loss={loss}", "--margin=0.2"]))
+        torch.testing.assert_close(pair(q3, d, pairs, np.arange(3), 0),
+                                   (fn(q3, d[:, 0], arg) + fn(q3, d[:, 1], arg)) / 2)
         torch.testing.assert_close(pair(q3, d3, pairs, np.arange(3), 0),
                                    sum(fn(q3, d3[:, j], arg) for j in range(3)) / 3)
