@@ -25,10 +25,8 @@ from pathlib import Path
 
 from .ablations import run_name
 from .reproduce import records_dir
-from .runcache import repo_root
+from .runcache import FAST_ENV, repo_root
 from .runs import environment
-
-FAST_ENV = "MIXER_LITE_FAST"  # the notebooks' fast mode: CI's `tiny` runs
 
 
 def made_with(preset: str, fast: bool, seed: int) -> str:

@@ -37,7 +37,7 @@ from .config import as_json, config_diff
 from .dataset import data_fingerprint, load_dataset
 from .ablations import METRICS, ROWS, row_overrides, run_name
 from .measures import evaluate_frozen_backbone, evaluate_untrained
-from .runcache import ICONS, ensure_data, ensure_row, repo_root
+from .runcache import FAST_ENV, ICONS, ensure_data, ensure_row, fast_mode, repo_root
 from .files import write_json
 from .retrieval import evaluate_raw_pixels
 from .runs import environment
@@ -145,6 +145,9 @@ def reproduce(preset: str = "small", seeds=(0, 1, 2), out: str | None = None,
               rows: list[str] | None = None) -> dict:
     """The table of the row slugs ``rows`` (all by default) over ``seeds``: each record checked
     (or measured), then read."""
+    if fast_mode():  # its short runs would be recorded as the rows
+        raise SystemExit(f"{FAST_ENV}=1 is the notebooks' fast mode (short runs); unset it to "
+                         "measure records")
     rows = list(ROWS) if rows is None else rows
     data_dir = ensure_data(preset, 0)
     fingerprint = data_fingerprint(data_dir)

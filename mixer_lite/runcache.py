@@ -22,6 +22,11 @@ from .train import config_from, train
 
 
 ICONS = "icons"  # the preset name of the icons dataset (:mod:`mixer_lite.icons`)
+FAST_ENV = "MIXER_LITE_FAST"  # "1": the notebooks' fast mode, CI's quick check on `tiny`
+# Every run's steps in fast mode: the notebooks' code and claims are checked on short runs
+# (a quarter to a third of `tiny-cpu`'s on `tiny`), so that CI fits in its time on a 2-core
+# laptop without AVX-512 (docs/EXPERIMENTS.md, "Where a CPU step's time goes").
+FAST_STEPS = 16
 ENSURE_LOCK = ".ensure.lock"  # held by ensure_run from its check of a run to its seconds.json
 
 
@@ -42,6 +47,11 @@ def validation_run_name(data_folder: str, variant: str, seed: int) -> str:
     """The name :func:`ensure_validation_run` gives a variant's run on the dataset folder
     named ``data_folder``, so a notebook can name its runs before they exist."""
     return f"{data_folder.removeprefix('synth-')}-{variant}-s{seed}"
+
+
+def fast_mode() -> bool:
+    """Whether the notebooks run in CI's fast mode (``MIXER_LITE_FAST=1``)."""
+    return os.environ.get(FAST_ENV, "0") == "1"
 
 
 def ensure_data(preset: str, seed: int = 0, root: str | Path | None = None,
@@ -82,7 +92,13 @@ def ensure_run(data_dir: str | Path, name: str, overrides: list[str] = (),
     never silently reused.  A key an older ``config.json`` lacks counts as its default: a new
     option's default keeps the behaviour from before the option existed.  A run another process
     is training (two notebooks at once) is waited for, then read, not trained twice.
+
+    In fast mode (:func:`fast_mode`) the run trains :data:`FAST_STEPS` steps, whatever its
+    overrides say, into ``<name>-fast``: a quick check of the code, cached apart from the
+    full-length run of the same name.
     """
+    if fast_mode():
+        name, overrides = f"{name}-fast", [*overrides, f"--steps={FAST_STEPS}"]
     run = Path(runs or repo_root() / "runs" / "experiments") / name
     cfg = config_from("tiny-cpu", list(overrides))
     refuse_other_run(run, cfg, "delete it or choose another name")

@@ -60,8 +60,8 @@ from .objectives import (DEFAULT_MARGIN, LOSSES, PAIRWISE_LOSSES, Objective, ima
 from .optim import (LossScale, clip_global_norm, frozen_then_warmup, sum_gradients_hook,
                     warmup_cosine)
 from .retrieval import embed_docs, embed_queries, evaluate_model, validation_recall
-from .runs import (check_run_folder, check_same_data, restore_checkpoint, save_checkpoint,
-                   setup_distributed, save_torch, torch_threads)
+from .runs import (check_run_folder, check_same_data, keep_freed_memory, restore_checkpoint,
+                   save_checkpoint, setup_distributed, save_torch, torch_threads)
 from .sampling import (EpochSampler, MicroBatches, Samples, TrainingImages, Validation,
                        make_samples, micro_batch_loader, total_steps, training_images)
 
@@ -302,7 +302,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, resume: bool 
           progress: bool | None = None, preset: str = "custom") -> dict:
     """Train on the dataset folder ``data_dir``; everything the run makes goes under ``out``.
 
-    Runs at ``cfg.threads`` torch threads and gives the caller's count back at the end."""
+    Runs at ``cfg.threads`` torch threads and gives the caller's count back at the end; keeps
+    freed memory in the process for the next step (:func:`runs.keep_freed_memory`)."""
+    keep_freed_memory()
     with torch_threads(cfg.threads):
         return _train(data_dir, Path(out), cfg, resume, progress, preset)
 

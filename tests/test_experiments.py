@@ -96,6 +96,35 @@ def test_ensure_run_refuses_a_run_made_with_another_config(tmp_path, tiny_dir):
         runcache.ensure_run(tiny_dir[0], "r", ["--seed=2"], runs=tmp_path)
 
 
+def test_fast_mode_trains_every_run_short_into_a_folder_of_its_own(tmp_path, tiny_dir,
+                                                                     monkeypatch):
+    """In the notebooks' fast mode a run trains ``FAST_STEPS`` steps whatever its overrides say
+    (a pairwise row's own ``--steps`` included) into ``<name>-fast``, beside the full-length
+    run of the same name; ``make reproduce`` refuses to record such runs."""
+    from mixer_lite import reproduce
+
+    trained = []
+
+    def fake_train(data_dir, out, cfg, **kwargs):
+        trained.append((out.name, cfg.steps, cfg.seed))
+        out.mkdir(exist_ok=True)  # ensure_run's lock made it
+        (out / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg),
+                                                     "steps": cfg.steps}))
+        (out / "eval.json").write_text(json.dumps({"recall@10": 0.5}))
+
+    monkeypatch.setattr(runcache, "train", fake_train)
+    monkeypatch.setenv(runcache.FAST_ENV, "1")
+    got = runcache.ensure_run(tiny_dir[0], "r", ["--seed=2", "--steps=90"], runs=tmp_path)
+    assert trained == [("r-fast", runcache.FAST_STEPS, 2)]
+    assert got["run"] == str(tmp_path / "r-fast") and got["steps"] == runcache.FAST_STEPS
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit, match="MIXER_LITE_FAST=1 is the notebooks' fast mode"):
+        reproduce.reproduce("tiny", seeds=(0,), records=tmp_path / "records")
+    monkeypatch.setenv(runcache.FAST_ENV, "0")
+    runcache.ensure_run(tiny_dir[0], "r", ["--seed=2", "--steps=90"], runs=tmp_path)
+    assert trained[1] == ("r", 90, 2)
+
+
 def test_ensure_validation_run_reads_the_run_the_scene_bench_names(tmp_path):
     """The run of variant ``mixer`` on ``data/synth-tiny-scenes30`` with seed 3 is
     ``tiny-scenes30-mixer-s3`` (``validation_run_name`` says so without the folder), trained
