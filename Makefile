@@ -9,8 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: install renderer browser demo serve test test-suite test-notebooks test-kernels reproduce \
-	notebooks data-icons gpu-check clean
+.PHONY: install renderer browser demo serve test test-kernels reproduce notebooks data-icons \
+	gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,23 +48,19 @@ serve: $(STAMP)
 	$(PY) -m mixer_lite.cli serve --run runs/demo$(DEMO_SUFFIX) --data data/synth-small
 
 # The suite on TEST_WORKERS processes (pytest-xdist), the CPU's own kernels at 1 torch thread a
-# test, and beside it the notebooks one after another (they share the cached runs in
-# runs/experiments/) with AVX2 kernels at 2 threads, so their claims are checked under the other
-# kernel kind and thread count than the suite's (the committed outputs come from the CPU's own
-# kernels); then the numerics-sensitive tests again under the other kernels and threads
-# (test-kernels).  The suite leaves a core idle a quarter of its time (processes starting,
-# torchrun's ranks), which the notebooks fill: each pass's output is printed when it ends.
+# test; the notebooks one after another (they share the cached runs in runs/experiments/: two
+# notebooks on 2 cores at once took longer, and so did the notebooks beside the suite) with
+# AVX2 kernels at 2 threads, so their claims are checked under the other kernel kind and thread
+# count than the suite's (the committed outputs come from the CPU's own kernels); then the
+# numerics-sensitive tests again under the other kernels and threads (test-kernels).
 TEST_WORKERS ?= 2
 AVX2 := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+# On a CPU whose own kernels are AVX2 the suite runs under them already, so it measures the
+# committed record too (beside the other tests), and test-kernels is left out.
 test: $(STAMP) renderer browser
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-suite test-notebooks
-	@$(MAKE) --no-print-directory test-kernels
-
-test-suite: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --deselect $(RECORD_TEST)
-
-test-notebooks: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(if $(NATIVE_AVX2),,--deselect $(RECORD_TEST))
 	MIXER_LITE_FAST=1 $(AVX2) $(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks/
+	$(if $(NATIVE_AVX2),,$(MAKE) --no-print-directory test-kernels)
 
 # The tests whose numbers depend on the CPU's kernels and the thread count (learning, the
 # committed record re-measured, rankings compared across libraries; the losses' tests compare
@@ -74,14 +70,12 @@ test-notebooks: $(STAMP)
 # here: it runs at the record's own thread count in both passes, so they would differ only in
 # the kernels, and AVX2's are the harder check of a record made with AVX-512's.  The notebooks
 # ran under AVX2 above.
-# On a CPU whose own kernels are AVX2 the suite already ran those tests under them (at 1
-# thread a test), so only the record is measured here.
 RECORD_TEST := tests/test_reproduce.py::test_a_committed_record_is_what_the_code_measures_again
 NUMERICS_TESTS := tests/test_learning.py tests/test_retrieval.py $(RECORD_TEST)
-NATIVE_KERNELS = $(shell $(PY) -c "import torch; print(torch.backends.cpu.get_cpu_capability())")
+NATIVE_AVX2 = $(filter AVX2,$(shell $(PY) -c \
+	"import torch; print(torch.backends.cpu.get_cpu_capability())"))
 test-kernels: $(STAMP)
-	$(AVX2) MIXER_LITE_TEST_THREADS=2 $(PY) -m pytest -q -p no:xdist \
-		$(if $(filter AVX2,$(NATIVE_KERNELS)),$(RECORD_TEST),$(NUMERICS_TESTS))
+	$(AVX2) MIXER_LITE_TEST_THREADS=2 $(PY) -m pytest -q -p no:xdist $(NUMERICS_TESTS)
 
 # The icons dataset (real drawings by 18 icon sets' designers, mixer_lite/icons.py): installs
 # the sets by package name (npm into data/.icon-packages, Debian's themes and librsvg with

@@ -23,9 +23,10 @@ from .train import config_from, train
 
 ICONS = "icons"  # the preset name of the icons dataset (:mod:`mixer_lite.icons`)
 FAST_ENV = "MIXER_LITE_FAST"  # "1": the notebooks' fast mode, CI's quick check on `tiny`
-# Every run's steps in fast mode: the notebooks' code and claims are checked on short runs
-# (a quarter to a third of `tiny-cpu`'s on `tiny`), so that CI fits in its time on a 2-core
-# laptop without AVX-512 (docs/EXPERIMENTS.md, "Where a CPU step's time goes").
+# Every run's steps in fast mode: the notebooks' code and claims are checked on short runs (a
+# third of `tiny-cpu`'s 42 on `tiny`), so that CI takes less time on a 2-core laptop without
+# AVX-512 (docs/EXPERIMENTS.md, "Where a CPU step's time goes").  At 32 px as well, two claims
+# failed (notebooks 01 and 02).
 FAST_STEPS = 16
 ENSURE_LOCK = ".ensure.lock"  # held by ensure_run from its check of a run to its seconds.json
 
