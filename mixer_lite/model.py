@@ -118,6 +118,7 @@ class ModelConfig:
     concept_attention: str = "softmax"  # how concepts attend over image regions: CONCEPT_ATTENTION
     concept_temperature: float = 10.0   # cosine / slots: the attention temperature's start value
     fusion_gate: bool = True            # doc = g * image + (1 - g) * fused; False: doc = fused
+    fusion_gate_bias: float = 0.0       # added to the gate's initial bias: 3 starts at 95% image
     concept_keeps_slot: bool = True     # concept = slot + what it read; False: what it read
     region_side: float = 0.625          # regions: the candidate windows' side (1 = the image)
     region_choice: str = "concepts"     # regions: what chooses the window: REGION_CHOICE
@@ -431,7 +432,11 @@ class ConceptFusion(nn.Module):
     image's patch tokens (:class:`ConceptImageAttention`, of the kind ``attention`` names),
     and the results are averaged (masked) into one fused vector.  A per-dimension sigmoid gate
     of [image; fused] decides how much each doc relies on its image (``gate=False``: none; the
-    fused vector is the doc).  Returns (doc vector, attention weights, gate or None).
+    fused vector is the doc).  ``gate_bias`` is added to the gate's initial bias: a positive
+    one starts every doc near its image vector, so the fused vector enters only as far as
+    training moves the gate (as Flamingo's cross-attention starts behind a closed tanh gate;
+    our option, off in every preset: ``docs/EXPERIMENTS.md``, "A gate that starts at the
+    image").  Returns (doc vector, attention weights, gate or None).
 
     ``text`` says what of the text itself a fused concept keeps (our choice; measured in
     ``docs/EXPERIMENTS.md``):
@@ -446,13 +451,17 @@ class ConceptFusion(nn.Module):
     """
 
     def __init__(self, dim: int, dropout: float, text: str = "residual",
-                 attention: str = "softmax", temperature: float = 10.0, gate: bool = True):
+                 attention: str = "softmax", temperature: float = 10.0, gate: bool = True,
+                 gate_bias: float = 0.0):
         super().__init__()
         self.text = text
         self.attend = ConceptImageAttention(dim, dropout, attention, temperature)
         self.norm = nn.LayerNorm(dim)
         self.ff = _feed_forward(dim, dropout)
         self.gate = nn.Linear(2 * dim, dim) if gate else None
+        if gate:
+            with torch.no_grad():
+                self.gate.bias.add_(gate_bias)
         if text == "gated":
             self.text_scale = nn.Parameter(torch.zeros(()))
 
@@ -519,7 +528,8 @@ class MixerModel(nn.Module):
         if cfg.fusion in ("concept", "direct") or cfg.fusion == "regions" and \
                 (not self.title_chooses or cfg.region_whole == "concepts"):
             self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text, cfg.concept_attention,
-                                        cfg.concept_temperature, cfg.fusion_gate)
+                                        cfg.concept_temperature, cfg.fusion_gate,
+                                        cfg.fusion_gate_bias)
         if cfg.fusion == "concat":
             self.concat_proj = nn.Linear(2 * d, d)
         self.out_proj = nn.Linear(d, d)

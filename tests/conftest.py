@@ -46,6 +46,17 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mini_dir(tmp_path_factory):
+    """A SynthShop folder a fifth of ``tiny`` (60 products, 480 photos) for the tests of how a
+    command treats a folder or a run, which no folder's size changes: every command reads and
+    checks a folder whole, so on ``tiny`` these tests spent most of their time decoding it."""
+    out = tmp_path_factory.mktemp("synth") / "mini"
+    stats = make_synthshop(out, preset="tiny", seed=0, progress=False, n_products=60,
+                           n_queries=480)
+    return out, stats
+
+
+@pytest.fixture(scope="session")
 def scene_dir(tmp_path_factory):
     """A small SynthShop folder with scene docs: 40% of docs shot among other products."""
     out = tmp_path_factory.mktemp("scenes") / "scenes"
@@ -70,3 +81,10 @@ def tiny_data(tiny_dir):
     from mixer_lite.dataset import load_dataset
 
     return load_dataset(tiny_dir[0])
+
+
+@pytest.fixture(scope="session")
+def mini_data(mini_dir):
+    from mixer_lite.dataset import load_dataset
+
+    return load_dataset(mini_dir[0])

@@ -311,14 +311,14 @@ def test_claim_prints_rounded_values_and_raises_when_false(capsys):
         measures.claim("b beats a", False, a=0.12345)
 
 
-def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypatch):
+def test_backbone_probe_recall_matches_brute_force_over_qrels(mini_dir, monkeypatch):
     """The probe's photo-to-doc Recall@10 on the test photos, against a numpy ranking of the
     same features scored with qrels.jsonl read straight from the file; the validation split
     scores photos of training products the fit photos never show."""
     from mixer_lite.dataset import image_files, load_dataset
     from mixer_lite.synthshop import load_truth
 
-    data_dir = tiny_dir[0]
+    data_dir = mini_dir[0]
     data = load_dataset(data_dir)
     encoder = measures.image_encoder_from("none", seed=3, vit_dim=32)
     seen = {}
@@ -363,7 +363,7 @@ def test_backbone_probe_recall_matches_brute_force_over_qrels(tiny_dir, monkeypa
         measures.backbone_probe(encoder, data_dir, split="test-ish")
 
 
-def test_ensure_run_waits_for_a_run_another_process_is_training(tmp_path, tiny_dir):
+def test_ensure_run_waits_for_a_run_another_process_is_training(tmp_path, mini_dir):
     """Two notebooks asking for one run at once: the second waits for the first's lock, then
     reads the finished run instead of failing or training it again.  Here the test holds the
     lock as the first ``ensure_run`` would, and finishes the run (its time written last, after
@@ -377,7 +377,7 @@ def test_ensure_run_waits_for_a_run_another_process_is_training(tmp_path, tiny_d
 
     run = tmp_path / "r"
     code = ("import json, sys; from mixer_lite.runcache import ensure_run; "
-            f"print(json.dumps(ensure_run({str(tiny_dir[0])!r}, 'r', ['--seed=2'], "
+            f"print(json.dumps(ensure_run({str(mini_dir[0])!r}, 'r', ['--seed=2'], "
             f"runs={str(tmp_path)!r})))")
     with folder_lock(run, "ensure_run", lock_file=ENSURE_LOCK):
         waiting = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
@@ -453,27 +453,27 @@ def test_ensure_data_refuses_a_foreign_folder_in_its_place(tmp_path):
         runcache.ensure_data("tiny", root=tmp_path)
 
 
-def test_frozen_backbone_floor_matches_brute_force_over_qrels(tiny_dir, tiny_data):
+def test_frozen_backbone_floor_matches_brute_force_over_qrels(mini_dir, mini_data):
     """The frozen backbone's Recall@10 and mAP@10, against the shipped encoder's pooled features
     computed here, ranked with numpy and scored with qrels.jsonl read straight from the file."""
     from mixer_lite.dataset import load_images
     from mixer_lite.encoders import normalise_pixels
 
-    got = measures.evaluate_frozen_backbone(tiny_data)
+    got = measures.evaluate_frozen_backbone(mini_data)
     encoder = measures.image_encoder_from("openclipart-cnn").eval()
-    with open(tiny_dir[0] / "qrels.jsonl") as f:
+    with open(mini_dir[0] / "qrels.jsonl") as f:
         qrels = {r["query_id"]: set(r["doc_ids"]) for r in map(json.loads, f)}
-    rows = [tiny_data.query_row[q] for q in sorted(qrels, key=tiny_data.query_row.get)]
+    rows = [mini_data.query_row[q] for q in sorted(qrels, key=mini_data.query_row.get)]
     with torch.no_grad():
-        doc_rows = np.arange(len(tiny_data.docs))
-        d = encoder(normalise_pixels(load_images(tiny_data, "docs", doc_rows, 64)))[1].numpy()
-        q = encoder(normalise_pixels(load_images(tiny_data, "queries", rows, 64)))[1].numpy()
+        doc_rows = np.arange(len(mini_data.docs))
+        d = encoder(normalise_pixels(load_images(mini_data, "docs", doc_rows, 64)))[1].numpy()
+        q = encoder(normalise_pixels(load_images(mini_data, "queries", rows, 64)))[1].numpy()
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     hits, aps = [], []
     for row, qi in zip(rows, q):
-        top = [tiny_data.doc_ids[j] for j in np.argsort(-(d @ qi), kind="stable")[:10]]
-        rel = qrels[tiny_data.query_ids[row]]
+        top = [mini_data.doc_ids[j] for j in np.argsort(-(d @ qi), kind="stable")[:10]]
+        rel = qrels[mini_data.query_ids[row]]
         hits.append(any(t in rel for t in top))
         found = [k for k, t in enumerate(top, 1) if t in rel]
         aps.append(sum((i + 1) / k for i, k in enumerate(found)) / min(len(rel), 10))
@@ -482,7 +482,7 @@ def test_frozen_backbone_floor_matches_brute_force_over_qrels(tiny_dir, tiny_dat
     assert got["map@10"] == pytest.approx(np.mean(aps), abs=0.01)
 
 
-def test_frozen_validation_floor_matches_brute_force_over_the_held_out_classes(tiny_data):
+def test_frozen_validation_floor_matches_brute_force_over_the_held_out_classes(mini_data):
     """Validation Recall@1/10 of the frozen encoder: the held-out classes' photos ranked here
     with numpy over the shipped encoder's pooled features, a hit a doc of the photo's class."""
     from mixer_lite.dataset import load_images
@@ -491,13 +491,13 @@ def test_frozen_validation_floor_matches_brute_force_over_the_held_out_classes(t
     from mixer_lite.train import config_from
 
     cfg = config_from("tiny-cpu", [])
-    got = measures.evaluate_frozen_validation(tiny_data, cfg)
-    val = make_samples(tiny_data, cfg)[0].validation
+    got = measures.evaluate_frozen_validation(mini_data, cfg)
+    val = make_samples(mini_data, cfg)[0].validation
     encoder = measures.image_encoder_from("openclipart-cnn").eval()
     with torch.no_grad():
-        d = encoder(normalise_pixels(load_images(tiny_data, "docs",
-                                                 np.arange(len(tiny_data.docs)), 64)))[1].numpy()
-        q = encoder(normalise_pixels(load_images(tiny_data, "queries", val.query_rows,
+        d = encoder(normalise_pixels(load_images(mini_data, "docs",
+                                                 np.arange(len(mini_data.docs)), 64)))[1].numpy()
+        q = encoder(normalise_pixels(load_images(mini_data, "queries", val.query_rows,
                                                  64)))[1].numpy()
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -508,7 +508,7 @@ def test_frozen_validation_floor_matches_brute_force_over_the_held_out_classes(t
         want = np.mean([r <= k for r in ranks])
         assert got[f"val_recall@{k}"] == pytest.approx(want, abs=1.5 / len(ranks))
     with pytest.raises(ValueError, match="val_share=0"):
-        measures.evaluate_frozen_validation(tiny_data, config_from("tiny-cpu", ["--val_share=0"]))
+        measures.evaluate_frozen_validation(mini_data, config_from("tiny-cpu", ["--val_share=0"]))
 
 
 class _TitleFollowingModel:

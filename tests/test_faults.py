@@ -1,4 +1,5 @@
-"""Fault injection: the CLI over corrupted copies of SynthShop ``tiny``, as a user would meet them.
+"""Fault injection: the CLI over corrupted copies of a small SynthShop folder (conftest's
+``mini_dir``), as a user would meet them.
 
 Every case runs a real ``mixer-lite`` command in a process of its own (``_cli``) and asserts what
 a user is owed: a non-zero exit, no Python traceback, a message that names the file (and the
@@ -34,13 +35,13 @@ def copy_dataset(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dir, tmp_path_factory):
+def trained(mini_dir, tmp_path_factory):
     """A finished tiny run with an index: the outputs a failing command must leave alone."""
     run = tmp_path_factory.mktemp("faults") / "run"
-    r = cli("train", "--data", tiny_dir[0], "--out", run, "--steps=4", "--checkpoint_every=2",
+    r = cli("train", "--data", mini_dir[0], "--out", run, "--steps=4", "--checkpoint_every=2",
             *TINY_MODEL)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = cli("index", "--run", run, "--data", tiny_dir[0], "--quiet")
+    r = cli("index", "--run", run, "--data", mini_dir[0], "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     return run
 
@@ -90,7 +91,7 @@ def bomb_png() -> bytes:
 
 
 # Each case: (id, corrupt(folder) -> text the message must contain).  Line numbers are those
-# of the corrupted line; the data is tiny's, whose first lines are known valid.
+# of the corrupted line; the data is SynthShop's, whose first lines are known valid.
 def _malformed(root):
     edit_line(root / "docs.jsonl", 5, '{"doc_id": "d0000004", "image": ')
     return "docs.jsonl:5"
@@ -279,13 +280,13 @@ def assert_refused(r, *named):
 
 
 @pytest.mark.parametrize("fault", DATA_FAULTS, ids=lambda f: f.__name__.strip("_"))
-def test_every_fault_is_named_by_file_and_line_when_the_folder_is_read(fault, tiny_dir,
+def test_every_fault_is_named_by_file_and_line_when_the_folder_is_read(fault, mini_dir,
                                                                        tmp_path):
     """What every command reads a folder with (``load_dataset``, images opened) refuses each
     fault, naming its file and line; the commands themselves are run on a sample below."""
     from mixer_lite.dataset import DatasetError, load_dataset
 
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     where = fault(data)
     with pytest.raises(DatasetError) as refused:
         load_dataset(data)
@@ -297,9 +298,9 @@ def test_every_fault_is_named_by_file_and_line_when_the_folder_is_read(fault, ti
 @pytest.mark.parametrize("fault", [_malformed, _unknown_doc_in_clicks, _missing_image, _bomb_image,
                                    _symlink_outside, _missing_qrels],
                          ids=lambda f: f.__name__.strip("_"))
-def test_evaluate_refuses_a_broken_folder_and_leaves_the_run_alone(fault, tiny_dir, trained,
+def test_evaluate_refuses_a_broken_folder_and_leaves_the_run_alone(fault, mini_dir, trained,
                                                                    tmp_path):
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     where = fault(data)
     before = snapshot(trained)
     r = cli("evaluate", "--run", trained, "--data", data, "--quiet")
@@ -309,17 +310,17 @@ def test_evaluate_refuses_a_broken_folder_and_leaves_the_run_alone(fault, tiny_d
 
 @pytest.mark.parametrize("fault", [_zero_byte_doc_image, _truncated_query_image, _bomb_image,
                                    _huge_count], ids=lambda f: f.__name__.strip("_"))
-def test_train_checks_its_input_before_any_work(fault, tiny_dir, tmp_path):
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+def test_train_checks_its_input_before_any_work(fault, mini_dir, tmp_path):
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     where = fault(data)
     r = cli("train", "--data", data, "--out", tmp_path / "run", "--steps=2", *TINY_MODEL)
     assert_refused(r, where)
     assert not (tmp_path / "run").exists()  # nothing half-made left behind
 
 
-def test_build_classes_blames_the_line_of_a_huge_count_and_keeps_its_output(tiny_dir,
+def test_build_classes_blames_the_line_of_a_huge_count_and_keeps_its_output(mini_dir,
                                                                            tmp_path):
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     where = _huge_count(data)
     out = tmp_path / "classes.jsonl"
     out.write_text("precious\n")
@@ -327,8 +328,8 @@ def test_build_classes_blames_the_line_of_a_huge_count_and_keeps_its_output(tiny
     assert out.read_text() == "precious\n"
 
 
-def test_build_classes_on_empty_clicks_writes_nothing_and_fails(tiny_dir, tmp_path):
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+def test_build_classes_on_empty_clicks_writes_nothing_and_fails(mini_dir, tmp_path):
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     (data / "clicks.jsonl").write_text("")
     assert_refused(cli("build-classes", "--data", data, "--out", tmp_path / "c.jsonl"),
                    "clicks.jsonl", "no clicks")
@@ -340,8 +341,8 @@ def test_a_missing_folder_is_called_missing(tmp_path):
     assert_refused(r, "nowhere", "no such folder")
 
 
-def test_validate_reports_a_decompression_bomb_as_a_bad_image(tiny_dir, tmp_path):
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+def test_validate_reports_a_decompression_bomb_as_a_bad_image(mini_dir, tmp_path):
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     where = _bomb_image(data)
     r = cli("validate", data)
     assert_refused(r, where, "does not open as an image")
@@ -349,10 +350,10 @@ def test_validate_reports_a_decompression_bomb_as_a_bad_image(tiny_dir, tmp_path
 
 @pytest.mark.parametrize("fault", [_half_truncated_image, _garbage_pixels_valid_crc,
                                    _symlink_loop], ids=lambda f: f.__name__.strip("_"))
-def test_validate_decodes_every_image(fault, tiny_dir, tmp_path):
+def test_validate_decodes_every_image(fault, mini_dir, tmp_path):
     """What only a whole decode finds (a cut JPEG, garbage pixels under valid CRCs) and a link
     loop: validate reports them, so train never fails later on a folder called valid."""
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     where = fault(data)
     r = cli("validate", data)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -365,15 +366,15 @@ def copy_run(run: Path, dst: Path) -> Path:
     return dst
 
 
-def test_a_truncated_model_file_is_named(tiny_dir, trained, tmp_path):
+def test_a_truncated_model_file_is_named(mini_dir, trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     model = run / "model.pt"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     before = snapshot(run)
-    for r in (cli("evaluate", "--run", run, "--data", tiny_dir[0], "--quiet"),
-              cli("index", "--run", run, "--data", tiny_dir[0], "--quiet"),
-              cli("search", "--run", run, "--data", tiny_dir[0], "--image",
-                  image_of(tiny_dir[0], "queries.jsonl", 1))):
+    for r in (cli("evaluate", "--run", run, "--data", mini_dir[0], "--quiet"),
+              cli("index", "--run", run, "--data", mini_dir[0], "--quiet"),
+              cli("search", "--run", run, "--data", mini_dir[0], "--image",
+                  image_of(mini_dir[0], "queries.jsonl", 1))):
         assert_refused(r, str(model), "damaged model file")
     assert snapshot(run) == before
 
@@ -390,42 +391,42 @@ def test_a_truncated_checkpoint_is_named_before_any_data_is_read(trained, tmp_pa
     assert snapshot(run) == before
 
 
-def test_a_crafted_model_file_is_refused_and_runs_nothing(tiny_dir, trained, tmp_path):
+def test_a_crafted_model_file_is_refused_and_runs_nothing(mini_dir, trained, tmp_path):
     """A model.pt whose pickle calls a function: every command that loads it refuses it, and
     the call never happens (the marker file it would create stays absent)."""
     run = copy_run(trained, tmp_path / "run")
     marker = tmp_path / "ran"
     plant_payload(run / "model.pt", marker)
     before = snapshot(run)
-    for r in (cli("evaluate", "--run", run, "--data", tiny_dir[0], "--quiet"),
-              cli("index", "--run", run, "--data", tiny_dir[0], "--quiet"),
-              cli("search", "--run", run, "--data", tiny_dir[0], "--image",
-                  image_of(tiny_dir[0], "queries.jsonl", 1))):
+    for r in (cli("evaluate", "--run", run, "--data", mini_dir[0], "--quiet"),
+              cli("index", "--run", run, "--data", mini_dir[0], "--quiet"),
+              cli("search", "--run", run, "--data", mini_dir[0], "--image",
+                  image_of(mini_dir[0], "queries.jsonl", 1))):
         assert_refused(r, str(run / "model.pt"), "refused", "would run")
         assert not marker.exists()
     assert snapshot(run) == before
 
 
-def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tiny_dir, trained, tmp_path):
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(mini_dir, trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     marker = tmp_path / "ran"
     ckpt = run / "checkpoints" / "last.pt"
     plant_payload(ckpt, marker)
     before = snapshot(run)
-    r = cli("train", "--data", tiny_dir[0], "--out", run, "--resume", "--steps=4",
+    r = cli("train", "--data", mini_dir[0], "--out", run, "--resume", "--steps=4",
             "--checkpoint_every=2", *TINY_MODEL)
     assert_refused(r, str(ckpt), "refused")
     assert not marker.exists() and snapshot(run) == before
 
 
 @pytest.mark.parametrize("changed", [["--steps=5"], ["--lr=0.1"], ["--model.embed_dim=16"]])
-def test_resume_with_other_settings_is_refused_naming_them(tiny_dir, trained, tmp_path,
+def test_resume_with_other_settings_is_refused_naming_them(mini_dir, trained, tmp_path,
                                                            changed):
     run = copy_run(trained, tmp_path / "run")
     before = snapshot(run)
     args = [a for a in ["--steps=4", "--checkpoint_every=2", *TINY_MODEL]
             if a.split("=")[0] not in {c.split("=")[0] for c in changed}]
-    r = cli("train", "--data", tiny_dir[0], "--out", run, "--resume", *args, *changed)
+    r = cli("train", "--data", mini_dir[0], "--out", run, "--resume", *args, *changed)
     key = changed[0][2:].split("=")[0]
     assert_refused(r, str(run), key, "config.json")
     assert snapshot(run) == before
@@ -439,27 +440,27 @@ def strict_lines(path: Path) -> list[dict]:
     return [json.loads(x, parse_constant=refuse) for x in path.read_text().splitlines()]
 
 
-def test_a_diverging_run_stops_naming_the_learning_rate_and_saves_no_model(tiny_dir, tmp_path):
-    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", "--lr=1e9",
+def test_a_diverging_run_stops_naming_the_learning_rate_and_saves_no_model(mini_dir, tmp_path):
+    r = cli("train", "--data", mini_dir[0], "--out", tmp_path / "run", "--lr=1e9",
             "--steps=6", "--log_every=1", "--checkpoint_every=1", *TINY_MODEL)
     assert_refused(r, "diverged", "--lr=1e+09", str(tmp_path / "run"))
     assert not (tmp_path / "run" / "model.pt").exists()
     initial, *log = strict_lines(tmp_path / "run" / "metrics.jsonl")
     assert initial["step"] == 0 and "loss" not in initial  # the initial weights' validation
     assert all(isinstance(x["loss"], float) for x in log)  # only finite steps were logged
-    again = cli("index", "--run", tmp_path / "run", "--data", tiny_dir[0], "--quiet")
+    again = cli("index", "--run", tmp_path / "run", "--data", mini_dir[0], "--quiet")
     assert_refused(again, "model.pt")
 
 
 # ---- indexes --------------------------------------------------------------------------------
-def test_search_refuses_an_index_of_another_build_or_model(tiny_dir, trained, tmp_path):
+def test_search_refuses_an_index_of_another_build_or_model(mini_dir, trained, tmp_path):
     """docs.faiss replaced under its meta.json (an index killed or running), and an index left
     from before the run's model was trained again: both are refused, never answered."""
-    photo = image_of(tiny_dir[0], "queries.jsonl", 1)
+    photo = image_of(mini_dir[0], "queries.jsonl", 1)
     run = copy_run(trained, tmp_path / "run")
     faiss_file = run / "index" / "docs.faiss"
     faiss_file.write_bytes(faiss_file.read_bytes()[:-32 * 4 * 17])  # 17 vectors fewer
-    assert_refused(cli("search", "--run", run, "--data", tiny_dir[0], "--image", photo),
+    assert_refused(cli("search", "--run", run, "--data", mini_dir[0], "--image", photo),
                    str(faiss_file), "mixer-lite index")
     run = copy_run(trained, tmp_path / "run2")
     model = run / "model.pt"
@@ -467,13 +468,13 @@ def test_search_refuses_an_index_of_another_build_or_model(tiny_dir, trained, tm
     obj["state_dict"] = {k: v + 1 if v.is_floating_point() else v
                          for k, v in obj["state_dict"].items()}
     torch.save(obj, model)  # the run trained again: other weights, same data
-    r = cli("search", "--run", run, "--data", tiny_dir[0], "--image", photo)
+    r = cli("search", "--run", run, "--data", mini_dir[0], "--image", photo)
     assert_refused(r, str(model), "mixer-lite index")
     assert r.stdout == ""
 
 
-def test_search_prints_control_characters_as_escapes(tiny_dir, trained, tmp_path):
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+def test_search_prints_control_characters_as_escapes(mini_dir, trained, tmp_path):
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     forged = "red hat\n1\td0000000\t0.9999\tfake\x1b[31m"
     lines = (data / "docs.jsonl").read_text().splitlines()
     for i, line in enumerate(lines):  # every title forged, so whatever comes back shows it
@@ -490,34 +491,34 @@ def test_search_prints_control_characters_as_escapes(tiny_dir, trained, tmp_path
                for x in out[1:])
 
 
-def test_search_skips_a_fifo_in_a_folder_and_refuses_one_named(tiny_dir, trained, tmp_path):
+def test_search_skips_a_fifo_in_a_folder_and_refuses_one_named(mini_dir, trained, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    shutil.copy(image_of(tiny_dir[0], "queries.jsonl", 1), folder / "a.png")
+    shutil.copy(image_of(mini_dir[0], "queries.jsonl", 1), folder / "a.png")
     os.mkfifo(folder / "b.png")
-    r = cli("search", "--run", trained, "--data", tiny_dir[0], "--image", folder)
+    r = cli("search", "--run", trained, "--data", mini_dir[0], "--image", folder)
     assert r.returncode == 0 and r.stdout.count("# ") == 1, r.stderr[-2000:]
-    assert_refused(cli("search", "--run", trained, "--data", tiny_dir[0], "--image",
+    assert_refused(cli("search", "--run", trained, "--data", mini_dir[0], "--image",
                        folder / "b.png"), "not a regular file")
 
 
 # ---- run folders: one writer, one run ------------------------------------------------------
-def test_a_run_folder_without_checkpoints_is_not_reused(tiny_dir, trained, tmp_path):
+def test_a_run_folder_without_checkpoints_is_not_reused(mini_dir, trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     shutil.rmtree(run / "checkpoints")
     before = snapshot(run)
-    r = cli("train", "--data", tiny_dir[0], "--out", run, "--steps=4", *TINY_MODEL)
+    r = cli("train", "--data", mini_dir[0], "--out", run, "--steps=4", *TINY_MODEL)
     assert_refused(r, str(run), "model.pt", "index", "no checkpoint")
     assert snapshot(run) == before
 
 
 def test_a_fresh_run_into_a_folder_killed_before_its_first_checkpoint_starts_its_log_anew(
-        tiny_dir, tmp_path):
+        mini_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text('{"train": {}}\n')
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
-    r = cli("train", "--data", tiny_dir[0], "--out", run, "--steps=3", "--log_every=1",
+    r = cli("train", "--data", mini_dir[0], "--out", run, "--steps=3", "--log_every=1",
             "--eval_at_end=false", *TINY_MODEL)
     assert r.returncode == 0, r.stderr[-2000:]
     initial, *log = strict_lines(run / "metrics.jsonl")
@@ -525,25 +526,25 @@ def test_a_fresh_run_into_a_folder_killed_before_its_first_checkpoint_starts_its
     assert [x["step"] for x in log] == [1, 2, 3] and all(x["loss"] != 9.0 for x in log)
 
 
-def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tiny_dir, trained,
+def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(mini_dir, trained,
                                                                       tmp_path):
     from mixer_lite.files import folder_lock
 
     run = copy_run(trained, tmp_path / "run")
     with folder_lock(run, "train"):  # as a train or index running now
         before = snapshot(run)
-        for r in (cli("train", "--data", tiny_dir[0], "--out", run, "--resume", "--steps=4",
+        for r in (cli("train", "--data", mini_dir[0], "--out", run, "--resume", "--steps=4",
                       "--checkpoint_every=2", *TINY_MODEL),
-                  cli("index", "--run", run, "--data", tiny_dir[0], "--quiet")):
+                  cli("index", "--run", run, "--data", mini_dir[0], "--quiet")):
             assert_refused(r, str(run), "in use by another mixer-lite process",
                            f"pid {os.getpid()}")
         assert snapshot(run) == before
-    r = cli("index", "--run", run, "--data", tiny_dir[0], "--quiet")  # the lock is gone with it
+    r = cli("index", "--run", run, "--data", mini_dir[0], "--quiet")  # the lock is gone with it
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_resume_on_other_data_is_refused(tiny_dir, trained, tmp_path):
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+def test_resume_on_other_data_is_refused(mini_dir, trained, tmp_path):
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     edit_line(data / "docs.jsonl", 3, set_field("text", "another title"))
     run = copy_run(trained, tmp_path / "run")
     before = snapshot(run)
@@ -553,12 +554,12 @@ def test_resume_on_other_data_is_refused(tiny_dir, trained, tmp_path):
     assert snapshot(run) == before
 
 
-def test_an_edit_that_keeps_the_modification_time_is_read(tiny_dir, tmp_path):
+def test_an_edit_that_keeps_the_modification_time_is_read(mini_dir, tmp_path):
     """The tables come from the lines just read, never from a cache keyed on the file's path
     and mtime; and no cache folder is needed (here it is a file, so none can be made)."""
     from mixer_lite.dataset import load_dataset
 
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
     docs = data / "docs.jsonl"
     assert load_dataset(data, check_images=False).doc_texts[2] != "x" * 5
     stamp = docs.stat()
@@ -576,24 +577,24 @@ def test_an_edit_that_keeps_the_modification_time_is_read(tiny_dir, tmp_path):
 
 
 # ---- outputs that cannot be written ---------------------------------------------------------
-def test_outputs_of_the_wrong_kind_are_refused_before_any_work(tiny_dir, trained, tmp_path):
+def test_outputs_of_the_wrong_kind_are_refused_before_any_work(mini_dir, trained, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     (tmp_path / "adir").mkdir()
-    cases = [(cli("train", "--data", tiny_dir[0], "--out", afile, *TINY_MODEL), str(afile)),
-             (cli("build-classes", "--data", tiny_dir[0], "--out", tmp_path / "adir"),
+    cases = [(cli("train", "--data", mini_dir[0], "--out", afile, *TINY_MODEL), str(afile)),
+             (cli("build-classes", "--data", mini_dir[0], "--out", tmp_path / "adir"),
               "is a folder"),
-             (cli("build-classes", "--data", tiny_dir[0], "--out", afile / "c.jsonl"),
+             (cli("build-classes", "--data", mini_dir[0], "--out", afile / "c.jsonl"),
               "is a file, not a folder"),
              (cli("make-data", "--preset", "tiny", "--out", afile / "d"), str(afile)),
-             (cli("evaluate", "--run", trained, "--data", tiny_dir[0], "--quiet",
+             (cli("evaluate", "--run", trained, "--data", mini_dir[0], "--quiet",
                   "--compare-out", tmp_path / "adir"), "is a folder")]
     for r, named in cases:
         assert_refused(r, named)
     assert afile.read_text() == "x" and not any((tmp_path / "adir").iterdir())
 
 
-def test_a_full_disk_during_training_is_named_not_a_torch_internal(tiny_dir, tmp_path):
+def test_a_full_disk_during_training_is_named_not_a_torch_internal(mini_dir, tmp_path):
     """A file-size limit stands in for a full disk: writes past it fail as they would there."""
     import resource
     import subprocess
@@ -602,7 +603,7 @@ def test_a_full_disk_during_training_is_named_not_a_torch_internal(tiny_dir, tmp
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
     r = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--data",
-                        str(tiny_dir[0]), "--out", str(tmp_path / "run"), "--steps=2",
+                        str(mini_dir[0]), "--out", str(tmp_path / "run"), "--steps=2",
                         *TINY_MODEL], capture_output=True, text=True, preexec_fn=limit)
     assert_refused(r, str(tmp_path / "run"), "writing failed")
     assert "inline_container" not in r.stderr
@@ -621,31 +622,31 @@ def keep_first_docs(root: Path, n: int) -> None:
             if set(r["doc_ids"]) & ids else None)
 
 
-def test_evaluate_refuses_ivfpq_over_too_few_docs_before_embedding(tiny_dir, trained, tmp_path):
-    data = copy_dataset(tiny_dir[0], tmp_path / "data")
-    keep_first_docs(data, 200)
+def test_evaluate_refuses_ivfpq_over_too_few_docs_before_embedding(mini_dir, trained, tmp_path):
+    data = copy_dataset(mini_dir[0], tmp_path / "data")
+    keep_first_docs(data, 100)
     assert cli("validate", data).returncode == 0
     before = snapshot(trained)
     for r in (cli("evaluate", "--run", trained, "--data", data, "--index", "ivfpq"),
               cli("index", "--run", trained, "--data", data, "--index", "ivfpq")):
-        assert_refused(r, "ivfpq", "at least 256 docs", "there are 200")
+        assert_refused(r, "ivfpq", "at least 256 docs", "there are 100")
     assert snapshot(trained) == before
 
 
-def test_a_run_config_of_wrong_types_is_named_before_evaluating(tiny_dir, trained, tmp_path):
+def test_a_run_config_of_wrong_types_is_named_before_evaluating(mini_dir, trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     (run / "config.json").write_text("[]")
-    r = cli("evaluate", "--run", run, "--data", tiny_dir[0], "--quiet")
+    r = cli("evaluate", "--run", run, "--data", mini_dir[0], "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]  # scored as a run of unknown data, by name
-    assert list(run.glob("eval-tiny-*.json"))
+    assert list(run.glob("eval-mini-*.json"))
 
 
-def test_a_model_file_whose_export_lacks_keys_is_named(tiny_dir, trained, tmp_path):
+def test_a_model_file_whose_export_lacks_keys_is_named(mini_dir, trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     obj = torch.load(run / "model.pt", weights_only=True)
     del obj["export"]["model"]
     torch.save(obj, run / "model.pt")
-    r = cli("evaluate", "--run", run, "--data", tiny_dir[0], "--quiet")
+    r = cli("evaluate", "--run", run, "--data", mini_dir[0], "--quiet")
     assert_refused(r, str(run / "model.pt"), "model config")
 
 
@@ -667,9 +668,9 @@ def test_make_data_recovers_from_a_killed_run(tmp_path):
 
 # ---- arguments ------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", ["0", "-1", "many"])
-def test_search_refuses_a_bad_k(tiny_dir, trained, k):
-    r = cli("search", "--run", trained, "--data", tiny_dir[0], "--k", k, "--image",
-            image_of(tiny_dir[0], "queries.jsonl", 1))
+def test_search_refuses_a_bad_k(mini_dir, trained, k):
+    r = cli("search", "--run", trained, "--data", mini_dir[0], "--k", k, "--image",
+            image_of(mini_dir[0], "queries.jsonl", 1))
     assert_refused(r, "--k")
 
 
@@ -687,44 +688,44 @@ def test_search_refuses_a_bad_k(tiny_dir, trained, k):
                                         ("--warmup_frac=-1", "warmup_frac"),
                                         ("--scale=0", "scale"),
                                         ("--margin=-5", "margin")])
-def test_train_refuses_bad_settings_before_any_work(tiny_dir, tmp_path, arg, named):
-    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", *TINY_MODEL, arg)
+def test_train_refuses_bad_settings_before_any_work(mini_dir, tmp_path, arg, named):
+    r = cli("train", "--data", mini_dir[0], "--out", tmp_path / "run", *TINY_MODEL, arg)
     assert_refused(r, named)
     assert not (tmp_path / "run").exists()
 
 
-def test_train_on_cuda_without_a_gpu_is_refused(tiny_dir, tmp_path):
+def test_train_on_cuda_without_a_gpu_is_refused(mini_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU: --device=cuda is valid here")
-    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", "--device=cuda",
+    r = cli("train", "--data", mini_dir[0], "--out", tmp_path / "run", "--device=cuda",
             *TINY_MODEL)
     assert_refused(r, "--device=cuda", "no CUDA GPU")
     assert not (tmp_path / "run").exists()
 
 
-def test_a_bare_flag_is_named_alone(tiny_dir, tmp_path):
-    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run", "--lr", "--steps=3")
+def test_a_bare_flag_is_named_alone(mini_dir, tmp_path):
+    r = cli("train", "--data", mini_dir[0], "--out", tmp_path / "run", "--lr", "--steps=3")
     assert_refused(r, "--lr")
     assert "--steps=3" not in r.stderr
 
 
-def test_an_oversized_batch_is_refused_with_an_estimate(tiny_dir, tmp_path):
-    r = cli("train", "--data", tiny_dir[0], "--out", tmp_path / "run",
+def test_an_oversized_batch_is_refused_with_an_estimate(mini_dir, tmp_path):
+    r = cli("train", "--data", mini_dir[0], "--out", tmp_path / "run",
             "--batch_size=50000000", "--steps=1", *TINY_MODEL[:-2])
     assert_refused(r, "batch_size=50000000", "GiB")
 
 
 @pytest.mark.parametrize("command", ["evaluate", "index", "search", "serve"])
-def test_the_other_commands_on_cuda_without_a_gpu_are_refused(tiny_dir, trained, tmp_path,
+def test_the_other_commands_on_cuda_without_a_gpu_are_refused(mini_dir, trained, tmp_path,
                                                               command):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU: --device=cuda is valid here")
     extra = {"search": ["--image", tmp_path]}.get(command, [])
     if command == "search":
-        (tmp_path / "p.png").write_bytes((tiny_dir[0] / jsonl_first_image(tiny_dir[0]))
+        (tmp_path / "p.png").write_bytes((mini_dir[0] / jsonl_first_image(mini_dir[0]))
                                          .read_bytes())
     before = snapshot(trained)
-    r = cli(command, "--run", trained, "--data", tiny_dir[0], "--device=cuda", *extra)
+    r = cli(command, "--run", trained, "--data", mini_dir[0], "--device=cuda", *extra)
     assert_refused(r, "--device=cuda", "no CUDA GPU")
     assert snapshot(trained) == before
 

@@ -131,7 +131,7 @@ def test_short_cosface_run_learns_its_training_classes_and_logs_validation(tiny_
     # generalising to new ones, which only small's validation photos show (EXPERIMENTS.md).
     cfg = config_from("tiny-cpu", SMALL_MODEL + ["--val_share=0.25", "--val_every=60",
                                                  "--steps=120", "--batch_size=64",
-                                                 "--eval_at_end=false", "--threads=2",
+                                                 "--eval_at_end=false", "--threads=1",
                                                  "--augment=false"])
     r = train(tiny_dir[0], tmp_path / "run", cfg, progress=False)
     log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -152,5 +152,6 @@ def test_short_cosface_run_learns_its_training_classes_and_logs_validation(tiny_
     before = validate(build_model(data, samples, cfg), seen, q, d, data.doc_texts, "cpu")[0]
     after = validate(load_run_model(tmp_path / "run"), seen, q, d, data.doc_texts, "cpu")[0]
     b, a = before["val_recall@10"], after["val_recall@10"]
-    # Measured 0.024 -> 0.064 (1,413 photos, 907 docs): the bound leaves room for other CPUs.
+    # Measured 0.025 -> 0.077 (1,413 photos, 907 docs; 0.024 -> 0.064 at 2 threads): the bound
+    # leaves room for other CPUs.
     assert a >= max(2 * b, b + 0.03), (b, a)

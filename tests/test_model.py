@@ -102,6 +102,23 @@ def test_every_variant_builds_runs_and_normalises(fusion):
     assert not torch.allclose(q[0], q[1], atol=1e-3)
 
 
+def test_the_gate_bias_shifts_every_doc_s_initial_gate_logits_by_itself():
+    """``fusion_gate_bias=b``: the same initial weights as without it (the same seed) but the
+    gate's bias, moved by ``b``; so on the same docs every gate logit (the gate layer's output,
+    caught by a hook) moves by ``b`` exactly, and every doc's image weight rises."""
+    plain, biased = make(seed=3).eval(), make(seed=3, fusion_gate_bias=3.0).eval()
+    for (name, a), (_, b) in zip(plain.state_dict().items(), biased.state_dict().items()):
+        torch.testing.assert_close(b - 3.0 if name == "fusion.gate.bias" else b, a, msg=name)
+    x, tokens = images(), plain.tokenize(TEXTS)
+    logits, weights = [], []
+    for model in (plain, biased):
+        hook = model.fusion.gate.register_forward_hook(lambda m, i, out: logits.append(out))
+        weights.append(model.embed_docs(x, tokens, return_attention=True)[1]["image_weight"])
+        hook.remove()
+    torch.testing.assert_close(logits[1] - logits[0], torch.full_like(logits[0], 3.0))
+    assert torch.all(weights[1] > weights[0])
+
+
 def test_without_the_gate_the_doc_is_its_fused_concepts_computed_by_hand():
     """``fusion_gate=False``: the doc vector is the mean of the fused concepts, step by step
     from the model's own parts, with no gate and no image vector in it."""

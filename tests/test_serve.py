@@ -23,7 +23,6 @@ from starlette.testclient import TestClient
 from mixer_lite.dataset import ImageTable, image_files
 from mixer_lite.server import MicroBatcher, create_app
 from mixer_lite.service import Limits, SearchService, build_run_index
-from mixer_lite.synthshop import make_synthshop
 from mixer_lite.train import config_from, train
 
 LIMITS = Limits(max_k=50, max_pixels=300 * 300, max_upload_bytes=200_000, max_photos=4)
@@ -302,11 +301,10 @@ def test_metrics_count_requests_by_route_and_status(service):
     assert sum(n * c for n, c in batches.items()) == 3  # three one-photo searches
 
 
-def test_serving_an_index_of_other_data_or_another_model_is_refused(run, tiny_dir, tmp_path):
-    other = tmp_path / "other"
-    make_synthshop(other, preset="tiny", seed=1, progress=False)
-    with pytest.raises(ValueError, match="whose docs differ from .*other/docs.jsonl"):
-        SearchService(run, other, progress=False)
+def test_serving_an_index_of_other_data_or_another_model_is_refused(run, tiny_dir, mini_dir,
+                                                                   tmp_path):
+    with pytest.raises(ValueError, match="whose docs differ from .*mini/docs.jsonl"):
+        SearchService(run, mini_dir[0], progress=False)
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     state = torch.load(copy / "model.pt", weights_only=True)

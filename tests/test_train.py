@@ -385,18 +385,15 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     batches through a loader worker process, == 1 process reading them itself, on the
     gradients of a step (weights after several Adam steps differ by float order: by up to
     7e-5 on AVX-512 kernels, where the two runs sum in different orders)."""
-    args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=1",
-            "--model.dropout=0", "--augment=false", "--clip_grad=0",
-            "--val_share=0", "--centre_init=random",
-            "--device=cpu",  # gloo, also on a machine with one GPU
-            # BatchNorm statistics are per rank under DDP (as everywhere without SyncBatchNorm),
-            # so only a model without it (the ViT, no embedding BatchNorm) can equal one
-            # process exactly.
-            "--model.image_encoder=vit", "--model.embed_norm=none"]
-    one = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--out",
-                          str(tmp_path / "one"), *args, "--eval_at_end=false"],
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
+    settings = ["--steps=1", "--model.dropout=0", "--augment=false", "--clip_grad=0",
+                "--val_share=0", "--centre_init=random",
+                "--device=cpu",  # gloo, also on a machine with one GPU
+                # BatchNorm statistics are per rank under DDP (as everywhere without
+                # SyncBatchNorm), so only a model without it (the ViT, no embedding BatchNorm)
+                # can equal one process exactly.
+                "--model.image_encoder=vit", "--model.embed_norm=none"]
+    args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, *settings]
+    train(tiny_dir[0], tmp_path / "one", cfg(*settings, "--eval_at_end=false"), progress=False)
     torchrun("train", "--out", tmp_path / "four", *args, "--loader_workers=1", ranks=4)
     assert_same_first_step(tmp_path / "one", tmp_path / "four")
     # The end-of-run evaluation, each rank embedding a quarter of the docs and photos, equals
@@ -457,15 +454,12 @@ def test_torchrun_grad_accum_reduces_each_gradient_once(tiny_dir, tmp_path):
     share; clipping is off so that nothing rescales it away.  The CNN, the preset's encoder,
     BatchNorm included (the ViT's DDP step is the test above's).
     """
-    args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=1",
-            "--model.dropout=0", "--augment=false", "--eval_at_end=false", "--device=cpu",
-            "--model.image_encoder=cnn", "--centre_init=random", "--clip_grad=0",
-            "--val_share=0"]
-    one = subprocess.run([sys.executable, "-m", "mixer_lite.cli", "train", "--out",
-                          str(tmp_path / "one"), *args, "--grad_accum=4"],
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    torchrun("train", "--out", tmp_path / "two", *args, "--grad_accum=2")
+    settings = ["--steps=1", "--model.dropout=0", "--augment=false", "--eval_at_end=false",
+                "--device=cpu", "--model.image_encoder=cnn", "--centre_init=random",
+                "--clip_grad=0", "--val_share=0"]
+    train(tiny_dir[0], tmp_path / "one", cfg(*settings, "--grad_accum=4"), progress=False)
+    torchrun("train", "--out", tmp_path / "two", "--data", tiny_dir[0], "--config", "tiny-cpu",
+             *SMALL, *settings, "--grad_accum=2")
     assert_same_first_step(tmp_path / "one", tmp_path / "two")
 
 
