@@ -2,7 +2,9 @@
 # Both create .venv when missing and install into it; a second run installs nothing.  uv
 # resolves the same versions as pip (constraints.txt) and downloads them in parallel: torch's
 # CUDA wheels, several GB, took 30 s against 5.5 minutes with pip on a 2-core machine.  Where
-# uv cannot install (no PyPI, only pip's configured indexes), pip does.
+# uv cannot install (no PyPI, only pip's configured indexes), pip does.  uv compiles the
+# bytecode at install, as pip does: without it, where PYTHONDONTWRITEBYTECODE is set, every
+# process (each test's command, each DDP rank) compiled torch's sources again on import.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +17,8 @@ PIP_QUIET := --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt uv
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -c constraints.txt -e ".[dev]" || \
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt \
+		-e ".[dev]" || \
 		$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
