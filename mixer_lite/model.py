@@ -174,6 +174,15 @@ class ModelConfig:
         if self.window_sample and not self.title_chooses:
             raise ValueError("ModelConfig.window_sample trains the window the title chooses: it "
                              "needs fusion='regions' and region_choice='title'")
+        if not math.isfinite(self.fusion_gate_bias):
+            raise ValueError(f"ModelConfig.fusion_gate_bias must be finite, "
+                             f"got {self.fusion_gate_bias}")
+        if self.fusion_gate_bias != 0 and not (self.fusion_gate and self.fuses_concepts):
+            raise ValueError(f"ModelConfig.fusion_gate_bias={self.fusion_gate_bias!r} starts the "
+                             f"gate of the concept fusion: it needs fusion_gate=True and a "
+                             f"fusion that holds one ('concept', 'direct', or 'regions' whose "
+                             f"windows the concepts weigh), not fusion={self.fusion!r}, "
+                             f"fusion_gate={self.fusion_gate!r}")
         if not math.isfinite(self.region_whole_bias):
             raise ValueError(f"ModelConfig.region_whole_bias must be finite, "
                              f"got {self.region_whole_bias}")
@@ -206,6 +215,13 @@ class ModelConfig:
     def title_chooses(self) -> bool:
         """Whether the title's own embedding chooses among the doc's windows."""
         return self.fusion == "regions" and self.region_choice == "title"
+
+    @property
+    def fuses_concepts(self) -> bool:
+        """Whether the doc head holds a :class:`ConceptFusion` (and so its gate): the concept
+        heads, and windows whose weights the concepts give rather than the title alone."""
+        return self.fusion in ("concept", "direct") or (
+            self.fusion == "regions" and (not self.title_chooses or self.region_whole == "concepts"))
 
     @property
     def trains_title(self) -> bool:
@@ -525,8 +541,7 @@ class MixerModel(nn.Module):
         self.trains_title = cfg.trains_title
         if self.title_chooses:
             self.choice_scale = nn.Parameter(torch.tensor(math.log(cfg.concept_temperature)))
-        if cfg.fusion in ("concept", "direct") or cfg.fusion == "regions" and \
-                (not self.title_chooses or cfg.region_whole == "concepts"):
+        if cfg.fuses_concepts:
             self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text, cfg.concept_attention,
                                         cfg.concept_temperature, cfg.fusion_gate,
                                         cfg.fusion_gate_bias)

@@ -119,6 +119,25 @@ def test_the_gate_bias_shifts_every_doc_s_initial_gate_logits_by_itself():
     assert torch.all(weights[1] > weights[0])
 
 
+def test_a_gate_bias_where_no_gate_is_built_is_refused():
+    """``fusion_gate_bias`` only starts a gate that exists: where the doc head builds no gated
+    :class:`ConceptFusion` (another fusion, the gate off, the title alone weighing the
+    windows) it is refused, naming the option, rather than silently ignored; where one is
+    built, its bias moves."""
+    for refused in ({"fusion": "image_only"}, {"fusion_gate": False},
+                    {"fusion": "regions", "region_choice": "title"}):
+        with pytest.raises(ValueError, match="fusion_gate_bias=3.0 starts the gate"):
+            ModelConfig(fusion_gate_bias=3.0, **refused)
+        fusion = getattr(make(**refused), "fusion", None)
+        assert fusion is None or fusion.gate is None
+    for kept in ({"fusion": "direct"}, {"fusion": "regions"},
+                 {"fusion": "regions", "region_choice": "title", "region_whole": "concepts"}):
+        plain, biased = make(**kept), make(fusion_gate_bias=3.0, **kept)
+        torch.testing.assert_close(biased.fusion.gate.bias - 3.0, plain.fusion.gate.bias)
+    with pytest.raises(ValueError, match="fusion_gate_bias must be finite"):
+        ModelConfig(fusion_gate_bias=math.nan)
+
+
 def test_without_the_gate_the_doc_is_its_fused_concepts_computed_by_hand():
     """``fusion_gate=False``: the doc vector is the mean of the fused concepts, step by step
     from the model's own parts, with no gate and no image vector in it."""

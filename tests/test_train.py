@@ -381,7 +381,7 @@ def test_channels_last_takes_the_same_first_step(tiny_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
-    """Hybrid parallel: DDP encoders + sharded classifier over 4 gloo ranks, each reading its
+    """Hybrid parallel: DDP encoders + sharded classifier over 2 gloo ranks, each reading its
     batches through a loader worker process, == 1 process reading them itself, on the
     gradients of a step (weights after several Adam steps differ by float order: by up to
     7e-5 on AVX-512 kernels, where the two runs sum in different orders)."""
@@ -394,35 +394,35 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
                 "--model.image_encoder=vit", "--model.embed_norm=none"]
     args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, *settings]
     train(tiny_dir[0], tmp_path / "one", cfg(*settings, "--eval_at_end=false"), progress=False)
-    torchrun("train", "--out", tmp_path / "four", *args, "--loader_workers=1", ranks=4)
-    assert_same_first_step(tmp_path / "one", tmp_path / "four")
-    # The end-of-run evaluation, each rank embedding a quarter of the docs and photos, equals
+    torchrun("train", "--out", tmp_path / "two", *args, "--loader_workers=1")
+    assert_same_first_step(tmp_path / "one", tmp_path / "two")
+    # The end-of-run evaluation, each rank embedding half of the docs and photos, equals
     # one process evaluating the same model.pt (907 docs: the shares differ by one).
-    sharded = json.loads((tmp_path / "four" / "eval.json").read_text())
-    whole = evaluate_model(load_run_model(tmp_path / "four"), load_dataset(tiny_dir[0]))
+    sharded = json.loads((tmp_path / "two" / "eval.json").read_text())
+    whole = evaluate_model(load_run_model(tmp_path / "two"), load_dataset(tiny_dir[0]))
     assert sharded["docs"] == whole["docs"] and whole["docs"] % 2 == 1
     for k in ("recall@1", "recall@10", "recall@50", "map@10", "mrr", "queries"):
         assert sharded[k] == pytest.approx(whole[k], abs=1e-9), k
     # `index` under torchrun: each rank embeds its share of the docs, rank 0 writes once (the
     # `evaluate` command shares them by the evaluate_model path checked above).
-    said = torchrun("index", "--run", tmp_path / "four", "--data", tiny_dir[0], "--device=cpu",
+    said = torchrun("index", "--run", tmp_path / "two", "--data", tiny_dir[0], "--device=cpu",
                     "--quiet")
     assert len(said.splitlines()) == 1
-    index, meta = load_index(tmp_path / "four" / "index")
+    index, meta = load_index(tmp_path / "two" / "index")
     data = load_dataset(tiny_dir[0])
-    model = load_run_model(tmp_path / "four")
+    model = load_run_model(tmp_path / "two")
     docs = embed_docs(model, ImageTable(image_files(data, "docs"), 64), data.doc_texts)
     assert meta["doc_ids"] == data.doc_ids
     np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), docs, atol=1e-5)
 
 
 @pytest.mark.long
-def test_torchrun_kill_and_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
+def test_torchrun_kill_and_resume_equals_uninterrupted_run(mini_dir, tmp_path):
     """2 gloo ranks, stopped after step 3 and resumed from the checkpoint of step 2, end with
     the same weights, classifier shards (each rank's own) and centre-optimiser state as 2 ranks
     that never stopped.  Sampled centres (each rank samples its shard by step) and clipping by
     the norm summed over shards are on, so both must be restored per rank."""
-    args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=5",
+    args = ["--data", str(mini_dir[0]), "--config", "tiny-cpu", *SMALL, "--steps=5",
             "--checkpoint_every=2", "--eval_at_end=false", "--val_share=0", "--device=cpu",
             "--sample_rate=0.5", "--clip_grad=1.0", "--centre_optimizer=adamw"]
     torchrun("train", "--out", tmp_path / "full", *args)
@@ -665,18 +665,18 @@ def test_centres_saved_by_any_number_of_ranks_load_into_any_other(monkeypatch):
 
 
 @pytest.mark.long
-def test_resuming_on_another_number_of_ranks_continues_the_run(tiny_dir, tmp_path):
+def test_resuming_on_another_number_of_ranks_continues_the_run(mini_dir, tmp_path):
     """2 gloo ranks stopped after step 3 and resumed in 1 process, and 1 process resumed on 2
     ranks, each from the checkpoint of step 2, end where 1 process that never stopped ends (up
     to float order: the settings make 2 ranks compute what 1 does, as in the test above)."""
     args = ["--steps=4", "--checkpoint_every=2", "--model.dropout=0", "--augment=false",
             "--clip_grad=0", "--val_share=0", "--centre_init=random", "--device=cpu",
             "--eval_at_end=false", "--model.image_encoder=vit", "--model.embed_norm=none"]
-    cli_args = ["--data", str(tiny_dir[0]), "--config", "tiny-cpu", *SMALL, *args]
-    train(tiny_dir[0], tmp_path / "one", cfg(*args), progress=False)
+    cli_args = ["--data", str(mini_dir[0]), "--config", "tiny-cpu", *SMALL, *args]
+    train(mini_dir[0], tmp_path / "one", cfg(*args), progress=False)
     torchrun("train", "--out", tmp_path / "two-then-one", *cli_args, "--stop_after=3")
-    train(tiny_dir[0], tmp_path / "two-then-one", cfg(*args), resume=True, progress=False)
-    train(tiny_dir[0], tmp_path / "one-then-two", cfg(*args, "--stop_after=3"), progress=False)
+    train(mini_dir[0], tmp_path / "two-then-one", cfg(*args), resume=True, progress=False)
+    train(mini_dir[0], tmp_path / "one-then-two", cfg(*args, "--stop_after=3"), progress=False)
     torchrun("train", "--out", tmp_path / "one-then-two", *cli_args, "--resume")
     want = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
     for run in ("two-then-one", "one-then-two"):
