@@ -6,7 +6,9 @@ The notebooks explain and plot; what they compute lives here.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -287,6 +289,60 @@ def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
         out.append(info["image_weight"].float().numpy())
     return np.concatenate(out)
 
+
+class _ConstantGate(torch.nn.Module):
+    """A gate layer whose every logit is ``value``: +inf makes the doc its image vector alone,
+    -inf its fused concepts alone (sigmoid gives 1 and 0 exactly)."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, image_and_text):
+        return image_and_text.new_full((len(image_and_text), image_and_text.shape[1] // 2),
+                                       self.value)
+
+
+@contextlib.contextmanager
+def gate_forced(model, value: float):
+    """Within the block, the fusion gate of ``model`` gives every logit ``value`` (``math.inf``:
+    each doc is its image vector; ``-math.inf``: its fused concepts); the trained gate is put
+    back after."""
+    fusion = getattr(model, "fusion", None)
+    if fusion is None or fusion.gate is None:
+        raise ValueError(f"fusion={model.cfg.fusion!r}, fusion_gate={model.cfg.fusion_gate}: "
+                         f"this model has no image/text gate")
+    trained, fusion.gate = fusion.gate, _ConstantGate(value)
+    try:
+        yield model
+    finally:
+        fusion.gate = trained
+
+
+@torch.no_grad()
+def fusion_halves(model, data, validation) -> dict:
+    """Whether a gated doc weighs its two halves or mixes them at one share: validation
+    Recall@1/10 with every doc embedded as trained, as its image vector alone (the gate forced
+    to 1) and as its fused concepts alone (forced to 0), and each doc's image weight (mean,
+    standard deviation, extremes over all docs).  A gate that weighs image against title
+    varies with the doc; one that learned a constant leaves two co-adapted halves, neither of
+    which is the doc (``docs/EXPERIMENTS.md``, "The gate learns one share for every doc").
+    ``validation``: a run's held-out photos (``make_samples(data, cfg)[0].validation``)."""
+    from .retrieval import embed_docs, embed_queries, validation_recall
+
+    model.eval()
+    size = model.cfg.image_size
+    weights = doc_image_weights(model, data)
+    docs = ImageTable(image_files(data, "docs"), size)
+    queries = embed_queries(model, ImageTable(image_files(data, "queries",
+                                                          validation.query_rows), size))
+    out = {"image_weight": {"mean": float(weights.mean()), "std": float(weights.std()),
+                            "min": float(weights.min()), "max": float(weights.max())}}
+    for half, value in (("trained", None), ("image", math.inf), ("concepts", -math.inf)):
+        with contextlib.nullcontext() if value is None else gate_forced(model, value):
+            out[half] = validation_recall(embed_docs(model, docs, data.doc_texts), queries,
+                                          validation.relevant)
+    return out
 
 
 @torch.no_grad()

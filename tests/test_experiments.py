@@ -511,6 +511,53 @@ def test_frozen_validation_floor_matches_brute_force_over_the_held_out_classes(m
         measures.evaluate_frozen_validation(mini_data, config_from("tiny-cpu", ["--val_share=0"]))
 
 
+def test_fusion_halves_are_the_same_weights_as_image_only_docs_and_as_docs_without_the_gate(
+        mini_data):
+    """``fusion_halves``: the docs as their image vector alone rank the validation photos as the
+    same weights do built as image-only docs, and as their fused concepts alone as the same
+    weights built without the gate (each loaded from the gated model's state, nothing it needs
+    missing); as trained, as the model itself; the image weights are ``doc_image_weights``'.
+    The gate is put back after, and a model without one is refused."""
+    from mixer_lite.dataset import ImageTable, image_files
+    from mixer_lite.retrieval import embed_docs, embed_queries, validation_recall
+    from mixer_lite.sampling import make_samples
+    from mixer_lite.train import build_model, config_from
+
+    base = ["--model.image_weights=none"]
+    cfg = config_from("tiny-cpu", base)
+    samples = make_samples(mini_data, cfg)[0]
+    val = samples.validation
+    torch.manual_seed(0)
+    model = build_model(mini_data, samples, cfg).eval()
+    with torch.no_grad():  # a gate that differs by doc and dimension, as a trained one may
+        model.fusion.gate.weight.normal_(0, 0.5)
+    gate = model.fusion.gate
+    got = measures.fusion_halves(model, mini_data, val)
+    assert model.fusion.gate is gate
+    weights = measures.doc_image_weights(model, mini_data)
+    assert got["image_weight"]["std"] == pytest.approx(float(weights.std()))
+    assert 0 < got["image_weight"]["min"] < got["image_weight"]["max"] < 1
+    docs = ImageTable(image_files(mini_data, "docs"), 64)
+    photos = ImageTable(image_files(mini_data, "queries", val.query_rows), 64)
+
+    def recall(m):
+        return validation_recall(embed_docs(m, docs, mini_data.doc_texts),
+                                 embed_queries(m, photos), val.relevant)
+
+    assert got["trained"] == recall(model)
+    for half, override in (("image", "--model.fusion=image_only"),
+                           ("concepts", "--model.fusion_gate=false")):
+        same = build_model(mini_data, samples, config_from("tiny-cpu", [*base, override]))
+        missing, _ = same.load_state_dict(model.state_dict(), strict=False)
+        assert missing == []
+        assert got[half] == recall(same.eval()), half
+    assert len({got[h]["val_recall@10"] for h in ("trained", "image", "concepts")}) > 1
+    image_only = build_model(mini_data, samples, config_from("tiny-cpu", [
+        *base, "--model.fusion=image_only"]))
+    with pytest.raises(ValueError, match="no image/text gate"):
+        measures.fusion_halves(image_only, mini_data, val)
+
+
 class _TitleFollowingModel:
     """A model whose attention follows the title perfectly: all concepts' weight spread over
     the regions of the object whose product the title names (read from the truth), in

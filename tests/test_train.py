@@ -453,6 +453,12 @@ def test_torchrun_grad_accum_reduces_each_gradient_once(tiny_dir, tmp_path):
     gradient's float noise becomes a step of lr).  A micro-batch reduced twice doubles its
     share; clipping is off so that nothing rescales it away.  The CNN, the preset's encoder,
     BatchNorm included (the ViT's DDP step is the test above's).
+
+    On ``tiny``: no micro-batch of its first step holds a single photo or doc.  The embedding
+    norm normalises a batch of one by its running statistics (``EmbeddingNorm``), which one
+    process has updated with the micro-batches before and a rank has not: on ``mini_dir``,
+    whose third micro-batch holds one doc, the gradients differed by 2% of the largest (by
+    4e-7 without the embedding norm).
     """
     settings = ["--steps=1", "--model.dropout=0", "--augment=false", "--eval_at_end=false",
                 "--device=cpu", "--model.image_encoder=cnn", "--centre_init=random",
