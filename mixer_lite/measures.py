@@ -304,14 +304,10 @@ class _ConstantGate(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def gate_forced(model, value: float):
-    """Within the block, the fusion gate of ``model`` gives every logit ``value`` (``math.inf``:
-    each doc is its image vector; ``-math.inf``: its fused concepts); the trained gate is put
-    back after."""
-    fusion = getattr(model, "fusion", None)
-    if fusion is None or fusion.gate is None:
-        raise ValueError(f"fusion={model.cfg.fusion!r}, fusion_gate={model.cfg.fusion_gate}: "
-                         f"this model has no image/text gate")
+def _gate_forced(model, value: float):
+    """Within the block, the fusion gate of ``model`` (a gated one, :func:`doc_image_weights`
+    checks) gives every logit ``value``; the trained gate is put back after."""
+    fusion = model.fusion
     trained, fusion.gate = fusion.gate, _ConstantGate(value)
     try:
         yield model
@@ -332,14 +328,14 @@ def fusion_halves(model, data, validation) -> dict:
 
     model.eval()
     size = model.cfg.image_size
-    weights = doc_image_weights(model, data)
+    weights = doc_image_weights(model, data)  # refuses a model without a gate
     docs = ImageTable(image_files(data, "docs"), size)
     queries = embed_queries(model, ImageTable(image_files(data, "queries",
                                                           validation.query_rows), size))
     out = {"image_weight": {"mean": float(weights.mean()), "std": float(weights.std()),
                             "min": float(weights.min()), "max": float(weights.max())}}
     for half, value in (("trained", None), ("image", math.inf), ("concepts", -math.inf)):
-        with contextlib.nullcontext() if value is None else gate_forced(model, value):
+        with contextlib.nullcontext() if value is None else _gate_forced(model, value):
             out[half] = validation_recall(embed_docs(model, docs, data.doc_texts), queries,
                                           validation.relevant)
     return out
