@@ -14,7 +14,8 @@ PIP_QUIET := --quiet --disable-pip-version-check
 .PHONY: install renderer browser demo serve test test-kernels reproduce notebooks data-icons \
 	gpu-check clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The stamp depends on this file too: a change to the install recipe reaches existing venvs.
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt uv
 	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt \

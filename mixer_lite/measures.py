@@ -274,8 +274,9 @@ def classifier_step_seconds(num_classes: int, sample_rate: float, dim: int = 128
 
 
 @torch.no_grad()
-def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
-    """Every doc's image weight (the fusion gate's mean; 1 = image only), in doc-row order."""
+def doc_gates(model, data, batch_size: int = 256) -> np.ndarray:
+    """Every doc's image/text gate, per dimension (1 = image only), [docs, embed_dim] in doc-row
+    order."""
     if model.cfg.fusion not in ("concept", "direct") or not model.cfg.fusion_gate:
         raise ValueError(f"fusion={model.cfg.fusion!r}, fusion_gate={model.cfg.fusion_gate}: "
                          f"this model has no image/text gate")
@@ -286,29 +287,36 @@ def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
         rows = np.arange(lo, min(lo + batch_size, len(data.docs)))
         tokens = model.tokenize([data.doc_texts[int(r)] for r in rows])
         _, info = model.embed_docs(images[rows], tokens, return_attention=True)
-        out.append(info["image_weight"].float().numpy())
+        out.append(info["gate"].float().numpy())
     return np.concatenate(out)
 
 
-class _ConstantGate(torch.nn.Module):
-    """A gate layer whose every logit is ``value``: +inf makes the doc its image vector alone,
-    -inf its fused concepts alone (sigmoid gives 1 and 0 exactly)."""
+def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
+    """Every doc's image weight (the fusion gate's mean over dimensions; 1 = image only), in
+    doc-row order."""
+    return doc_gates(model, data, batch_size).mean(axis=1)
 
-    def __init__(self, value: float):
+
+class _ConstantGate(torch.nn.Module):
+    """A gate layer whose logits are ``logits`` for every doc (a scalar, or one per dimension):
+    +inf makes the doc its image vector alone, -inf its fused concepts alone (sigmoid gives 1
+    and 0 exactly)."""
+
+    def __init__(self, logits):
         super().__init__()
-        self.value = value
+        self.logits = torch.as_tensor(logits, dtype=torch.float32)
 
     def forward(self, image_and_text):
-        return image_and_text.new_full((len(image_and_text), image_and_text.shape[1] // 2),
-                                       self.value)
+        shape = (len(image_and_text), image_and_text.shape[1] // 2)
+        return self.logits.to(image_and_text.dtype).expand(shape)
 
 
 @contextlib.contextmanager
-def _gate_forced(model, value: float):
-    """Within the block, the fusion gate of ``model`` (a gated one, :func:`doc_image_weights`
-    checks) gives every logit ``value``; the trained gate is put back after."""
+def _gate_forced(model, logits):
+    """Within the block, the fusion gate of ``model`` (a gated one, :func:`doc_gates` checks)
+    gives every doc the logits ``logits``; the trained gate is put back after."""
     fusion = model.fusion
-    trained, fusion.gate = fusion.gate, _ConstantGate(value)
+    trained, fusion.gate = fusion.gate, _ConstantGate(logits)
     try:
         yield model
     finally:
@@ -317,25 +325,33 @@ def _gate_forced(model, value: float):
 
 @torch.no_grad()
 def fusion_halves(model, data, validation) -> dict:
-    """Whether a gated doc weighs its two halves or mixes them at one share: validation
-    Recall@1/10 with every doc embedded as trained, as its image vector alone (the gate forced
-    to 1) and as its fused concepts alone (forced to 0), and each doc's image weight (mean,
-    standard deviation, extremes over all docs).  A gate that weighs image against title
-    varies with the doc; one that learned a constant leaves two co-adapted halves, neither of
-    which is the doc (``docs/EXPERIMENTS.md``, "The gate learns one share for every doc").
+    """Whether a gated doc weighs its two halves by the doc or mixes them at fixed shares:
+    validation Recall@1/10 with every doc embedded as trained; with each gate dimension fixed
+    at its mean over all docs (``constant``: what the gate's variation between docs adds); as
+    its image vector alone (the gate forced to 1); and as its fused concepts alone (forced to
+    0).  Also the spread of the gate: each doc's image weight (its mean over dimensions: mean,
+    standard deviation, extremes over all docs), and per dimension, the standard deviation
+    across docs (``across_docs``, the mean over dimensions) and that variance's share of the
+    gate's whole variance (``doc_share``; the rest lies between dimensions).
+    ``docs/EXPERIMENTS.md``, "The gate mixes at fixed shares".
     ``validation``: a run's held-out photos (``make_samples(data, cfg)[0].validation``)."""
     from .retrieval import embed_docs, embed_queries, validation_recall
 
     model.eval()
     size = model.cfg.image_size
-    weights = doc_image_weights(model, data)  # refuses a model without a gate
+    gates = doc_gates(model, data)  # refuses a model without a gate
+    weights = gates.mean(axis=1)
+    mean_gate = torch.from_numpy(gates.mean(axis=0)).double()
     docs = ImageTable(image_files(data, "docs"), size)
     queries = embed_queries(model, ImageTable(image_files(data, "queries",
                                                           validation.query_rows), size))
     out = {"image_weight": {"mean": float(weights.mean()), "std": float(weights.std()),
-                            "min": float(weights.min()), "max": float(weights.max())}}
-    for half, value in (("trained", None), ("image", math.inf), ("concepts", -math.inf)):
-        with contextlib.nullcontext() if value is None else _gate_forced(model, value):
+                            "min": float(weights.min()), "max": float(weights.max())},
+           "gate_spread": {"across_docs": float(gates.std(axis=0).mean()),
+                           "doc_share": float(gates.var(axis=0).mean() / gates.var())}}
+    for half, logits in (("trained", None), ("constant", torch.logit(mean_gate).float()),
+                         ("image", math.inf), ("concepts", -math.inf)):
+        with contextlib.nullcontext() if logits is None else _gate_forced(model, logits):
             out[half] = validation_recall(embed_docs(model, docs, data.doc_texts), queries,
                                           validation.relevant)
     return out

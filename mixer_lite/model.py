@@ -500,6 +500,12 @@ class ConceptFusion(nn.Module):
         return gate * image_vec + (1 - gate) * text_vec, weights, gate
 
 
+def _note_gate(info: dict, gate) -> None:
+    """A doc head's gate, where its fusion has one, into ``embed_docs``' attention info."""
+    if gate is not None:
+        info["gate"], info["image_weight"] = gate, gate.mean(dim=-1)
+
+
 class MixerModel(nn.Module):
     """Query photos and multi-modal docs into one L2-normalised embedding space."""
 
@@ -584,7 +590,8 @@ class MixerModel(nn.Module):
 
         With ``return_attention=True`` also returns a dict: ``text_to_image`` [B, K, P] (each
         concept's weights over the image patches), ``token_to_concept`` [B, K, T] (each concept's
-        weights over the text tokens), ``image_weight`` [B] (mean gate: 1 = image only),
+        weights over the text tokens), ``gate`` [B, embed_dim] (the image/text gate, per
+        dimension: 1 = image only), ``image_weight`` [B] (its mean over dimensions),
         ``token_mask`` [B, T] and ``grid`` (patches per side); ``zoom`` adds ``zoom_box`` [B, 3]
         and ``regions`` adds ``region_weights`` [B, K, 10] (each concept's weights over the
         candidate windows, whose spread over the patches is ``text_to_image``).  Entries an
@@ -648,8 +655,7 @@ class MixerModel(nn.Module):
     def _attend_to_image(self, queries, query_mask, patches, image_vec, info):
         out, info["text_to_image"], gate = self.fusion(queries, self.doc_transform(patches),
                                                        image_vec, query_mask)
-        if gate is not None:
-            info["image_weight"] = gate.mean(dim=-1)
+        _note_gate(info, gate)
         info["grid"] = int(round(math.sqrt(patches.shape[1])))
         return out
 
@@ -709,8 +715,7 @@ class MixerModel(nn.Module):
                 fused, whole_map, gate = self.fusion(concepts, self.doc_transform(encoded[0]),
                                                      image_vec)
                 regions = torch.cat([fused[:, None], regions[:, 1:]], dim=1)
-                if gate is not None:
-                    info["image_weight"] = gate.mean(dim=-1)
+                _note_gate(info, gate)
             title = self._title_embedding(concepts, info)
             cosine = F.normalize(self.out_proj(regions), dim=-1) @ \
                 F.normalize(title, dim=-1)[:, :, None]
@@ -720,8 +725,7 @@ class MixerModel(nn.Module):
             out = (weights @ regions).squeeze(1)
         else:
             out, weights, gate = self.fusion(concepts, regions, image_vec)
-            if gate is not None:
-                info["image_weight"] = gate.mean(dim=-1)
+            _note_gate(info, gate)
         info["region_weights"], info["grid"] = weights, int(round(math.sqrt(encoded[0].shape[1])))
         cells = boxes_on_grid(self.regions, info["grid"]).to(weights.dtype)
         if whole_map is None:

@@ -516,8 +516,10 @@ def test_fusion_halves_are_the_same_weights_as_image_only_docs_and_as_docs_witho
     """``fusion_halves``: the docs as their image vector alone rank the validation photos as the
     same weights do built as image-only docs, and as their fused concepts alone as the same
     weights built without the gate (each loaded from the gated model's state, nothing it needs
-    missing); as trained, as the model itself; the image weights are ``doc_image_weights``'.
-    The gate is put back after, and a model without one is refused."""
+    missing); with each gate dimension at its mean over the docs, as the same weights with a
+    gate layer that ignores its input and says that mean; as trained, as the model itself.  The
+    gates are what the gate layer itself outputs (a hook on it), and their spread is computed
+    from them.  The gate is put back after, and a model without one is refused."""
     from mixer_lite.dataset import ImageTable, image_files
     from mixer_lite.retrieval import embed_docs, embed_queries, validation_recall
     from mixer_lite.sampling import make_samples
@@ -534,9 +536,22 @@ def test_fusion_halves_are_the_same_weights_as_image_only_docs_and_as_docs_witho
     gate = model.fusion.gate
     got = measures.fusion_halves(model, mini_data, val)
     assert model.fusion.gate is gate
+    seen = []
+    hook = gate.register_forward_hook(lambda m, i, o: seen.append(torch.sigmoid(o)))
+    gates = measures.doc_gates(model, mini_data)
+    hook.remove()
+    hooked = torch.cat(seen).numpy()
+    assert gates.shape == (len(mini_data.docs), model.cfg.embed_dim)
+    np.testing.assert_allclose(gates, hooked, rtol=0, atol=1e-6)
     weights = measures.doc_image_weights(model, mini_data)
-    assert got["image_weight"]["std"] == pytest.approx(float(weights.std()))
+    np.testing.assert_allclose(weights, hooked.mean(axis=1), rtol=0, atol=1e-6)
+    assert got["image_weight"]["std"] == pytest.approx(float(hooked.mean(axis=1).std()), abs=1e-6)
     assert 0 < got["image_weight"]["min"] < got["image_weight"]["max"] < 1
+    assert got["gate_spread"]["across_docs"] == pytest.approx(
+        float(np.mean([hooked[:, j].std() for j in range(hooked.shape[1])])), abs=1e-6)
+    assert got["gate_spread"]["doc_share"] == pytest.approx(
+        float(np.mean(hooked.var(axis=0)) / hooked.var()), abs=1e-5)
+    assert 0 < got["gate_spread"]["doc_share"] < 1
     docs = ImageTable(image_files(mini_data, "docs"), 64)
     photos = ImageTable(image_files(mini_data, "queries", val.query_rows), 64)
 
@@ -551,6 +566,13 @@ def test_fusion_halves_are_the_same_weights_as_image_only_docs_and_as_docs_witho
         missing, _ = same.load_state_dict(model.state_dict(), strict=False)
         assert missing == []
         assert got[half] == recall(same.eval()), half
+    fixed = build_model(mini_data, samples, cfg)
+    fixed.load_state_dict(model.state_dict())
+    with torch.no_grad():  # logit(mean gate) as the bias of a layer blind to its input
+        fixed.fusion.gate.weight.zero_()
+        mean = torch.from_numpy(hooked.mean(axis=0)).double()
+        fixed.fusion.gate.bias.copy_(torch.log(mean / (1 - mean)))
+    assert got["constant"] == pytest.approx(recall(fixed.eval()), abs=1e-9)
     assert len({got[h]["val_recall@10"] for h in ("trained", "image", "concepts")}) > 1
     image_only = build_model(mini_data, samples, config_from("tiny-cpu", [
         *base, "--model.fusion=image_only"]))
