@@ -28,7 +28,9 @@ Where the paper is silent, we chose (and say so):
 * The gate is per dimension, ``doc = g * image + (1 - g) * fused``; its mean is the doc's
   "image weight" that the notebooks plot.  ``fusion_gate=False`` drops it: the doc is its
   fused concepts alone, so everything of the image it keeps passes through the title's
-  attention (``docs/EXPERIMENTS.md``, "Scene docs").
+  attention (``docs/EXPERIMENTS.md``, "Scene docs").  ``fusion_gate_input="agreement"``
+  gives each doc one share, read from how far its fused concepts agree with its whole image
+  (:class:`AgreementGate`).
 * Optional modality dropout (``text_dropout``): in training, that share of docs skips the text
   and is embedded from its image vector alone.
 * Encoders by config (:mod:`mixer_lite.encoders`): a small BatchNorm CNN (the ``tiny-cpu``
@@ -89,6 +91,9 @@ CONCEPT_TEXT = ("residual", "none", "gated")
 CONCEPT_ATTENTION = ("softmax", "cosine", "slots")
 REGION_CHOICE = ("concepts", "title")
 REGION_WHOLE = ("image", "concepts")
+# What the fusion gate reads: "vectors", a per-dimension share from a linear map of [image;
+# fused]; "agreement", one share per doc from the cosine of the two (ConceptFusion).
+GATE_INPUTS = ("vectors", "agreement")
 
 
 @dataclass
@@ -119,6 +124,7 @@ class ModelConfig:
     concept_temperature: float = 10.0   # cosine / slots: the attention temperature's start value
     fusion_gate: bool = True            # doc = g * image + (1 - g) * fused; False: doc = fused
     fusion_gate_bias: float = 0.0       # added to the gate's initial bias: 3 starts at 95% image
+    fusion_gate_input: str = "vectors"  # what the gate reads: GATE_INPUTS
     concept_keeps_slot: bool = True     # concept = slot + what it read; False: what it read
     region_side: float = 0.625          # regions: the candidate windows' side (1 = the image)
     region_choice: str = "concepts"     # regions: what chooses the window: REGION_CHOICE
@@ -177,12 +183,18 @@ class ModelConfig:
         if not math.isfinite(self.fusion_gate_bias):
             raise ValueError(f"ModelConfig.fusion_gate_bias must be finite, "
                              f"got {self.fusion_gate_bias}")
-        if self.fusion_gate_bias != 0 and not (self.fusion_gate and self.fuses_concepts):
-            raise ValueError(f"ModelConfig.fusion_gate_bias={self.fusion_gate_bias!r} starts the "
-                             f"gate of the concept fusion: it needs fusion_gate=True and a "
-                             f"fusion that holds one ('concept', 'direct', or 'regions' whose "
-                             f"windows the concepts weigh), not fusion={self.fusion!r}, "
-                             f"fusion_gate={self.fusion_gate!r}")
+        if self.fusion_gate_input not in GATE_INPUTS:
+            raise ValueError(f"ModelConfig.fusion_gate_input must be one of {GATE_INPUTS}, "
+                             f"got {self.fusion_gate_input!r}")
+        gate_only = {"fusion_gate_bias": ("starts", self.fusion_gate_bias != 0),
+                     "fusion_gate_input": ("shapes", self.fusion_gate_input != "vectors")}
+        for name, (verb, set_) in gate_only.items():
+            if set_ and not (self.fusion_gate and self.fuses_concepts):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} {verb} the gate "
+                                 f"of the concept fusion: it needs fusion_gate=True and a "
+                                 f"fusion that holds one ('concept', 'direct', or 'regions' "
+                                 f"whose windows the concepts weigh), not "
+                                 f"fusion={self.fusion!r}, fusion_gate={self.fusion_gate!r}")
         if not math.isfinite(self.region_whole_bias):
             raise ValueError(f"ModelConfig.region_whole_bias must be finite, "
                              f"got {self.region_whole_bias}")
@@ -441,6 +453,31 @@ class ConceptMemory(nn.Module):
         return concepts + self.ff(concepts), weights
 
 
+class AgreementGate(nn.Module):
+    """One gate logit per doc from how far its fused concepts agree with its whole image:
+    ``GAIN * (scale * cos(image, fused) + bias)``.  A linear map of [image; fused] (the
+    ``vectors`` gate) cannot compute that agreement, a product of the two; a scene doc whose
+    title picks one of several objects is where the two disagree, and a single shot where they
+    agree (our option: ``docs/EXPERIMENTS.md``, "A gate that reads the agreement").  ``scale``
+    starts at 0, so every doc starts at one share (``start``, a logit) and training decides
+    which way agreement pushes it.  ``GAIN``: AdamW moves a parameter by at most about the
+    sum of its learning rates over the run, 0.055 in the ``tiny-cpu`` preset on icons and 0.11
+    on SynthShop ``small``, so a logit read at 1x could not move the share by more than a few
+    hundredths; read at 50x, the two can reach logits of a few units within the budget."""
+
+    GAIN = 50.0
+
+    def __init__(self, start: float = 0.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.full((1,), start / self.GAIN))
+
+    def forward(self, image_and_fused):
+        image, fused = image_and_fused.chunk(2, dim=-1)
+        agreement = F.cosine_similarity(image, fused, dim=-1)[:, None]
+        return self.GAIN * (self.scale * agreement + self.bias)
+
+
 class ConceptFusion(nn.Module):
     """Text-to-image attention plus a learned image/text gate (concept-aware modality fusion).
 
@@ -448,7 +485,8 @@ class ConceptFusion(nn.Module):
     image's patch tokens (:class:`ConceptImageAttention`, of the kind ``attention`` names),
     and the results are averaged (masked) into one fused vector.  A per-dimension sigmoid gate
     of [image; fused] decides how much each doc relies on its image (``gate=False``: none; the
-    fused vector is the doc).  ``gate_bias`` is added to the gate's initial bias: a positive
+    fused vector is the doc; ``gate_input="agreement"``: one share per doc,
+    :class:`AgreementGate`).  ``gate_bias`` is added to the gate's initial bias: a positive
     one starts every doc near its image vector, so the fused vector enters only as far as
     training moves the gate (as Flamingo's cross-attention starts behind a closed tanh gate;
     our option, off in every preset: ``docs/EXPERIMENTS.md``, "A gate that starts at the
@@ -468,14 +506,18 @@ class ConceptFusion(nn.Module):
 
     def __init__(self, dim: int, dropout: float, text: str = "residual",
                  attention: str = "softmax", temperature: float = 10.0, gate: bool = True,
-                 gate_bias: float = 0.0):
+                 gate_bias: float = 0.0, gate_input: str = "vectors"):
         super().__init__()
         self.text = text
         self.attend = ConceptImageAttention(dim, dropout, attention, temperature)
         self.norm = nn.LayerNorm(dim)
         self.ff = _feed_forward(dim, dropout)
-        self.gate = nn.Linear(2 * dim, dim) if gate else None
-        if gate:
+        if not gate:
+            self.gate = None
+        elif gate_input == "agreement":
+            self.gate = AgreementGate(gate_bias)
+        else:
+            self.gate = nn.Linear(2 * dim, dim)
             with torch.no_grad():
                 self.gate.bias.add_(gate_bias)
         if text == "gated":
@@ -550,7 +592,7 @@ class MixerModel(nn.Module):
         if cfg.fuses_concepts:
             self.fusion = ConceptFusion(d, cfg.dropout, cfg.concept_text, cfg.concept_attention,
                                         cfg.concept_temperature, cfg.fusion_gate,
-                                        cfg.fusion_gate_bias)
+                                        cfg.fusion_gate_bias, cfg.fusion_gate_input)
         if cfg.fusion == "concat":
             self.concat_proj = nn.Linear(2 * d, d)
         self.out_proj = nn.Linear(d, d)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mixer_lite.encoders import WordTokenizer
-from mixer_lite.model import (CONCEPT_ATTENTION, FUSIONS, ConceptImageAttention, MixerModel,
-                              ModelConfig, SingleHeadAttention)
+from mixer_lite.model import (CONCEPT_ATTENTION, FUSIONS, AgreementGate, ConceptImageAttention,
+                              MixerModel, ModelConfig, SingleHeadAttention)
 
 TEXTS = ["norvik red leather tote bag hot sale free shipping", "blue mug", "",
          "alba green striped cotton v-neck tee gift"]
@@ -138,16 +138,11 @@ def test_a_gate_bias_where_no_gate_is_built_is_refused():
         ModelConfig(fusion_gate_bias=math.nan)
 
 
-def test_without_the_gate_the_doc_is_its_fused_concepts_computed_by_hand():
-    """``fusion_gate=False``: the doc vector is the mean of the fused concepts, step by step
-    from the model's own parts, with no gate and no image vector in it."""
-    model = make(fusion_gate=False, concept_text="none", concept_attention="cosine").eval()
-    assert model.fusion.gate is None
-    x, tokens = images(), model.tokenize(TEXTS)
-    got, info = model.embed_docs(x, tokens, return_attention=True)
-    assert "image_weight" not in info
+def _fused_concepts_by_hand(model, x, tokens):
+    """(the doc's image vector, the mean of its fused concepts), step by step from the model's
+    own parts (``concept_text="none"``, cosine attention)."""
     with torch.no_grad():
-        patches, _ = model.encode_images(x)
+        patches, pooled = model.encode_images(x)
         mask = tokens["attention_mask"]
         text = model.text_proj(model.text_encoder(tokens["input_ids"], mask))
         concepts, _ = model.concept_memory(text, mask)
@@ -157,12 +152,58 @@ def test_without_the_gate_the_doc_is_its_fused_concepts_computed_by_hand():
             torch.nn.functional.normalize(f.attend.q(concepts), dim=-1)
             @ torch.nn.functional.normalize(f.attend.k(keys), dim=-1).transpose(1, 2)), dim=-1)
         seen = f.norm(f.attend.out(weights @ f.attend.v(keys)))
-        doc = (seen + f.ff(seen)).mean(dim=1)
-        want = torch.nn.functional.normalize(model.doc_norm(model.out_proj(doc)), dim=-1)
-    torch.testing.assert_close(got, want)
+        return model.doc_transform(pooled), (seen + f.ff(seen)).mean(dim=1)
+
+
+def _embedded(model, doc):
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.doc_norm(model.out_proj(doc)), dim=-1)
+
+
+def test_without_the_gate_the_doc_is_its_fused_concepts_computed_by_hand():
+    """``fusion_gate=False``: the doc vector is the mean of the fused concepts, step by step
+    from the model's own parts, with no gate and no image vector in it."""
+    model = make(fusion_gate=False, concept_text="none", concept_attention="cosine").eval()
+    assert model.fusion.gate is None
+    x, tokens = images(), model.tokenize(TEXTS)
+    got, info = model.embed_docs(x, tokens, return_attention=True)
+    assert "image_weight" not in info
+    _, fused = _fused_concepts_by_hand(model, x, tokens)
+    torch.testing.assert_close(got, _embedded(model, fused))
     with pytest.raises(ValueError, match="no image/text gate"):
         from mixer_lite.measures import doc_image_weights
         doc_image_weights(model, None)
+
+
+def test_the_agreement_gate_is_one_share_per_doc_from_the_cosine_computed_by_hand():
+    """``fusion_gate_input="agreement"``: each doc's one gate is sigmoid(GAIN * (scale *
+    cos(image vector, fused concepts) + bias)), computed by hand from the model's parts; it
+    starts the same for every doc (scale 0) at the logit ``fusion_gate_bias`` gives, and it is
+    refused where no gate is built."""
+    model = make(fusion_gate_input="agreement", concept_text="none",
+                 concept_attention="cosine").eval()
+    x, tokens = images(), model.tokenize(TEXTS)
+    _, info = model.embed_docs(x, tokens, return_attention=True)
+    torch.testing.assert_close(info["gate"], torch.full((len(x), 1), 0.5))
+    with torch.no_grad():
+        model.fusion.gate.scale.fill_(0.07)
+        model.fusion.gate.bias.fill_(-0.005)
+    got, info = model.embed_docs(x, tokens, return_attention=True)
+    image, fused = _fused_concepts_by_hand(model, x, tokens)
+    cosine = (image * fused).sum(-1) / (image.norm(dim=-1) * fused.norm(dim=-1))
+    share = torch.sigmoid(AgreementGate.GAIN * (0.07 * cosine - 0.005))[:, None]
+    torch.testing.assert_close(info["gate"], share)
+    torch.testing.assert_close(info["image_weight"], share[:, 0])
+    assert share.std() > 1e-3  # it differs between these docs
+    torch.testing.assert_close(got, _embedded(model, share * image + (1 - share) * fused))
+    started = make(fusion_gate_input="agreement", fusion_gate_bias=3.0).eval()
+    _, info = started.embed_docs(x, started.tokenize(TEXTS), return_attention=True)
+    torch.testing.assert_close(info["gate"], torch.sigmoid(torch.full((len(x), 1), 3.0)))
+    for refused in ({"fusion": "image_only"}, {"fusion_gate": False}):
+        with pytest.raises(ValueError, match="fusion_gate_input='agreement' shapes the gate"):
+            ModelConfig(fusion_gate_input="agreement", **refused)
+    with pytest.raises(ValueError, match="fusion_gate_input must be one of"):
+        ModelConfig(fusion_gate_input="title")
 
 
 @pytest.mark.parametrize("fusion", ["concept", "text_only"])
