@@ -13,7 +13,8 @@ the scene-docs recall again with every other object painted out of the scene doc
 product cut out and framed as a single shot (ceilings of choosing the region), and with each
 scene doc cut where the model's own attention points (a hard pointer, no truth used); then
 where its concepts look on 256 scene docs (:func:`mixer_lite.measures.scene_attention`; fusions
-without attention print none).
+without attention print none); for a gated concept fusion, the image weight of the scene docs
+and of the single docs.
 
 ``--no-ceilings`` skips the three re-embedded scene-doc columns (for more seeds of a chosen
 variant).  ``--pointed-beside`` also prints the validation recall with every doc indexed twice,
@@ -29,8 +30,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from mixer_lite.dataset import data_fingerprint, load_dataset
-from mixer_lite.measures import recall_by_doc_kind, scene_attention
+from mixer_lite.measures import (doc_image_weights, recall_by_doc_kind, scene_attention,
+                                 scene_doc_rows)
 from mixer_lite.reproduce import recorded, scene_records_dir
 from mixer_lite.runcache import ensure_data, ensure_validation_run
 from mixer_lite.runs import load_run_model
@@ -126,6 +130,13 @@ def main() -> None:
         else:
             cells += ["-", "-", "-"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        if model.cfg.fusion in ("concept", "direct") and model.cfg.fusion_gate:
+            weight = doc_image_weights(model, data)
+            scene = np.zeros(len(weight), bool)
+            scene[scene_doc_rows(data, data_dir)] = True
+            print("  image weight (the gate's mean), mean (sd): scene docs "
+                  f"{weight[scene].mean():.3f} ({weight[scene].std():.3f}), single docs "
+                  f"{weight[~scene].mean():.3f} ({weight[~scene].std():.3f})", flush=True)
         if args.pointed_beside and pointing:
             both = recall_by_doc_kind(model, data, data_dir, validation, pointed_beside=True)
             print("  pointed crop beside each doc, val R@10 " + ", ".join(
