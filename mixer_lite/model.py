@@ -457,13 +457,14 @@ class AgreementGate(nn.Module):
     """One gate logit per doc from how far its fused concepts agree with its whole image:
     ``GAIN * (scale * cos(image, fused) + bias)``.  A linear map of [image; fused] (the
     ``vectors`` gate) cannot compute that agreement, a product of the two; a scene doc whose
-    title picks one of several objects is where the two disagree, and a single shot where they
-    agree (our option: ``docs/EXPERIMENTS.md``, "A gate that reads the agreement").  ``scale``
-    starts at 0, so every doc starts at one share (``start``, a logit) and training decides
-    which way agreement pushes it.  ``GAIN``: AdamW moves a parameter by at most about the
-    sum of its learning rates over the run, 0.055 in the ``tiny-cpu`` preset on icons and 0.11
-    on SynthShop ``small``, so a logit read at 1x could not move the share by more than a few
-    hundredths; read at 50x, the two can reach logits of a few units within the budget."""
+    title picks one of several objects should be where the two disagree.  Our option, off in
+    every preset: trained on scene docs it gave every doc one share, the two halves' cosine
+    being alike in scene and single docs (``docs/EXPERIMENTS.md``, "A gate that reads the
+    agreement").  ``scale`` starts at 0, so every doc starts at one share (``start``, a logit)
+    and training decides which way agreement pushes it.  ``GAIN``: AdamW moves a parameter by
+    at most about the sum of its learning rates over the run, 0.055 in the ``tiny-cpu`` preset
+    on icons and 0.11 on SynthShop ``small``, so a logit read at 1x could not move the share by
+    more than a few hundredths; read at 50x, the two can reach logits of a few units."""
 
     GAIN = 50.0
 
