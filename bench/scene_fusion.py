@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from mixer_lite.dataset import data_fingerprint, load_dataset
-from mixer_lite.measures import (doc_image_weights, recall_by_doc_kind, scene_attention,
-                                 scene_doc_rows)
+from mixer_lite.measures import (doc_image_weights, has_image_text_gate, recall_by_doc_kind,
+                                 scene_attention, scene_doc_rows)
 from mixer_lite.reproduce import recorded, scene_records_dir
 from mixer_lite.runcache import ensure_data, ensure_validation_run
 from mixer_lite.runs import load_run_model
@@ -130,7 +130,7 @@ def main() -> None:
         else:
             cells += ["-", "-", "-"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
-        if model.cfg.fusion in ("concept", "direct") and model.cfg.fusion_gate:
+        if has_image_text_gate(model):
             weight = doc_image_weights(model, data)
             scene = np.zeros(len(weight), bool)
             scene[scene_doc_rows(data, data_dir)] = True

@@ -274,10 +274,17 @@ def classifier_step_seconds(num_classes: int, sample_rate: float, dim: int = 128
 
 
 @torch.no_grad()
+def has_image_text_gate(model) -> bool:
+    """Whether ``model``'s docs mix their image vector and their fused concepts through a gate
+    that :func:`doc_gates` reads (a gated ``concept`` or ``direct`` fusion)."""
+    return model.cfg.fusion in ("concept", "direct") and model.cfg.fusion_gate
+
+
+@torch.no_grad()
 def doc_gates(model, data, batch_size: int = 256) -> np.ndarray:
     """Every doc's image/text gate, per dimension (1 = image only), [docs, embed_dim] in doc-row
     order."""
-    if model.cfg.fusion not in ("concept", "direct") or not model.cfg.fusion_gate:
+    if not has_image_text_gate(model):
         raise ValueError(f"fusion={model.cfg.fusion!r}, fusion_gate={model.cfg.fusion_gate}: "
                          f"this model has no image/text gate")
     images = ImageTable(image_files(data, "docs"), model.cfg.image_size)
