@@ -43,13 +43,15 @@ browser:
 # its own run and reports folders.
 CONFIG ?= tiny-cpu
 DEMO_SUFFIX := $(if $(filter-out tiny-cpu,$(CONFIG)),-$(CONFIG))
+# The demo's data: SynthShop small with 30% scene docs (mixer_lite/demo.py says why).
+DEMO_DATA := data/synth-small-scenes30
 demo: $(STAMP)
-	$(PY) -m mixer_lite.cli demo --config $(CONFIG) --data data/synth-small \
+	$(PY) -m mixer_lite.cli demo --config $(CONFIG) --data $(DEMO_DATA) --scene-share 0.3 \
 		--reports reports$(DEMO_SUFFIX) --run runs/demo$(DEMO_SUFFIX)
 
 # The search service and page over the demo's run (after make demo): http://127.0.0.1:8000/
 serve: $(STAMP)
-	$(PY) -m mixer_lite.cli serve --run runs/demo$(DEMO_SUFFIX) --data data/synth-small
+	$(PY) -m mixer_lite.cli serve --run runs/demo$(DEMO_SUFFIX) --data $(DEMO_DATA)
 
 # The suite on TEST_WORKERS processes (pytest-xdist), the CPU's own kernels at 1 torch thread a
 # test; the notebooks one after another (they share the cached runs in runs/experiments/: two

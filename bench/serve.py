@@ -1,6 +1,6 @@
 """Serving under load: `mixer-lite serve` against the same model and index called in-process.
 
-    python bench/serve.py --run runs/demo --data data/synth-small \
+    python bench/serve.py --run runs/demo --data data/synth-small-scenes30 \
         [--clients 1,8,32,128] [--seconds 10] [--max-requests 3000] [--soak 60]
 
 1. In-process, the limit: the run's test photos (file bytes) decoded, embedded and searched in
@@ -109,7 +109,7 @@ def start_server(run: str, data: str, port: int, threads: int, window_ms: float)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/demo")
-    ap.add_argument("--data", default="data/synth-small")
+    ap.add_argument("--data", default="data/synth-small-scenes30")  # make demo's
     ap.add_argument("--clients", default="1,8,32,128")
     ap.add_argument("--seconds", type=float, default=10.0, help="per client count")
     ap.add_argument("--max-requests", type=int, default=3000, help="per client count")

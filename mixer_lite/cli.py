@@ -276,7 +276,8 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(data_dir=args.data, reports=args.reports, preset=args.preset, seed=args.seed,
-             run=args.run, train_overrides=args.overrides, config=args.config)
+             run=args.run, train_overrides=args.overrides, config=args.config,
+             **({"scene_share": args.scene_share} if args.scene_share is not None else {}))
     return 0
 
 
@@ -410,7 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("demo", help="the main job on the built-in data (what `make demo` runs)")
-    s.add_argument("--data", default="data/synth-small")
+    s.add_argument("--data", default=None, help="dataset folder, generated when missing "
+                   "(default: data/synth-<preset>-scenes<percent>)")
+    s.add_argument("--scene-share", type=float, default=None,
+                   help="share of docs shot among other products, where the data is generated "
+                        "(default: demo.DEMO_SCENE_SHARE)")
     s.add_argument("--reports", default="reports")
     s.add_argument("--preset", default="small", choices=["tiny", "small", "large"])
     s.add_argument("--seed", type=int, default=0)

@@ -668,17 +668,28 @@ def evaluate_frozen_validation(data, train_cfg, image_weights: str = "openclipar
 
 
 @torch.no_grad()
-def doc_attention(model, data, n_docs: int = 4, seed: int = 0) -> dict:
+def doc_attention(model, data, n_docs: int = 4, seed: int = 0,
+                  among: np.ndarray | None = None) -> dict:
     """What :func:`viz.concept_attention` draws, for ``n_docs`` docs of products never seen in
-    training (each the first relevant doc of a random test query): their images, the model's
-    attention (``embed_docs(..., return_attention=True)``), their tokens and titles."""
+    training (each the first relevant doc of a random test query; with ``among``, random docs
+    of those rows relevant to a test query, such as the scene docs): their images, the model's
+    attention (``embed_docs(..., return_attention=True)``), their tokens, titles and rows."""
     rel = data.qrels
     rng = np.random.default_rng(seed)
-    rows = [data.doc_row[rel[int(i)]["doc_ids"][0]]
-            for i in rng.choice(len(rel), size=min(n_docs, len(rel)), replace=False)]
+    if among is None:
+        rows = [data.doc_row[rel[int(i)]["doc_ids"][0]]
+                for i in rng.choice(len(rel), size=min(n_docs, len(rel)), replace=False)]
+    else:
+        tested = {data.doc_row[d] for r in rel for d in r["doc_ids"]}
+        pool = sorted(tested.intersection(int(r) for r in among))
+        if not pool:
+            raise ValueError("doc_attention: none of the rows given is a doc of a test query")
+        rows = [int(r) for r in np.sort(rng.choice(pool, min(n_docs, len(pool)),
+                                                    replace=False))]
     images = load_images(data, "docs", rows, model.cfg.image_size)
     titles = [data.doc_texts[r] for r in rows]
-    return {"images": images, **attention_of_docs(model, images, titles), "titles": titles}
+    return {"images": images, **attention_of_docs(model, images, titles), "titles": titles,
+            "rows": rows}
 
 
 def attention_of_docs(model, images, titles: list[str]) -> dict:

@@ -36,14 +36,18 @@ def _finish_image_grid(fig, axes, title: str, fontsize: int, path, colorbar=None
     """Image panels carry no axis ticks (pixels are not a unit worth reading); one title,
     with room kept for it above the first row's titles.
 
-    ``colorbar``: (mappable, label) for one bar shared by every panel, right of the grid."""
+    ``colorbar``: (mappable, label) for one bar shared by every panel, right of the grid, in a
+    margin of fixed inches (a share of the width clipped the label of a narrow grid)."""
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=fontsize)
-    fig.tight_layout(rect=(0, 0, 0.93 if colorbar else 1, 0.96))
+    width = fig.get_figwidth()
+    fig.tight_layout(rect=(0, 0, 1 - 1.0 / width if colorbar else 1, 0.96))
     if colorbar is not None:
-        bar = fig.colorbar(colorbar[0], cax=fig.add_axes((0.945, 0.15, 0.012, 0.7)))
+        bar = fig.colorbar(colorbar[0], cax=fig.add_axes((1 - 0.85 / width, 0.15, 0.12 / width,
+                                                          0.7)))
+        bar.ax.tick_params(labelsize=8)
         bar.set_label(colorbar[1], fontsize=8)
     return _save(fig, path)
 

@@ -16,8 +16,10 @@ import pytest
 from _cli import TINY_MODEL, cli, cli_subprocess, run_embeddings
 
 from mixer_lite.dataset import ImageTable, image_files, load_dataset
+from mixer_lite.measures import scene_attention
 from mixer_lite.retrieval import embed_queries, evaluate_raw_pixels
 from mixer_lite.runs import load_run_model
+from mixer_lite.synthshop import make_synthshop
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY = {"recall@1", "recall@5", "recall@10", "recall@20", "recall@50", "map@10", "mrr",
@@ -159,7 +161,7 @@ def test_index_then_search_many_photos_in_one_call(run, tiny_dir, tmp_path, refe
         np.testing.assert_allclose(printed_scores, np.sort(scores)[::-1][:k], atol=2e-4)
 
 
-def test_demo_runs_the_pipeline_then_skips_what_is_done(tiny_dir, tmp_path):
+def test_demo_runs_the_pipeline_then_skips_what_is_done(tmp_path):
     data, reports, run = tmp_path / "data", tmp_path / "reports", tmp_path / "run"
     args = ("demo", "--preset", "tiny", "--data", data, "--reports", reports, "--run", run,
             "--steps=6", *TINY_MODEL)
@@ -168,12 +170,15 @@ def test_demo_runs_the_pipeline_then_skips_what_is_done(tiny_dir, tmp_path):
         assert f"[demo] {step}/5" in first
     assert sorted(p.name for p in reports.iterdir() if p.name != ".lock") == [
         "attention_gallery.png", "class_sizes.png", "classes.jsonl", "metrics.json",
-        "query_doc_grid.png", "recall_curves.png"]
+        "query_doc_grid.png", "recall_curves.png", "scene_attention.png"]
     for png in reports.glob("*.png"):
         assert png.read_bytes()[:8] == PNG_SIGNATURE
-    # the data it generated is SynthShop tiny with seed 0, line for line
-    for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl"):
-        assert (data / name).read_text() == (tiny_dir[0] / name).read_text()
+    # the data it generated is SynthShop tiny with seed 0 and 30% scene docs, line for line
+    reference = tmp_path / "reference"
+    make_synthshop(reference, preset="tiny", seed=0, progress=False, scene_share=0.3)
+    for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl",
+                 "_truth/docs.jsonl"):
+        assert (data / name).read_text() == (reference / name).read_text()
 
     metrics = json.loads((reports / "metrics.json").read_text())
     judged = len(jsonl(data / "qrels.jsonl"))
@@ -187,6 +192,11 @@ def test_demo_runs_the_pipeline_then_skips_what_is_done(tiny_dir, tmp_path):
     assert_metrics_close(metrics["raw_pixels"], {k: raw[k] for k in metrics["raw_pixels"]},
                          raw["queries"])
     assert f"Recall@10 {metrics['mixer']['recall@10']:.3f}" in first
+    # the scene measures are those measures.scene_attention gives for the demo's run
+    scenes = scene_attention(model, load_dataset(data), data)
+    del scenes["per_doc"]
+    assert metrics["scene_attention"] == pytest.approx(scenes, abs=1e-6)
+    assert f"in {scenes['swap_moved']:.0%} of {scenes['docs']} docs" in first
 
     trained_at = (run / "model.pt").stat().st_mtime_ns
     second = ok(cli(*args))

@@ -678,6 +678,34 @@ def test_scene_attention_against_a_naive_loop_over_the_label_maps(scene_dir):
     assert blind["swap_moved"] == 0.0
 
 
+def test_doc_attention_among_rows_draws_test_docs_of_those_rows(scene_dir):
+    """With ``among`` (the demo passes the scene docs) the gallery's docs are rows given that a
+    test query judges relevant, each image and title its own row's, and its attention is what
+    the model's ``embed_docs`` returns for them."""
+    from mixer_lite.dataset import load_dataset, load_images
+    from mixer_lite.model import MixerModel, ModelConfig, WordTokenizer
+
+    data = load_dataset(scene_dir)
+    scenes = measures.scene_doc_rows(data, scene_dir)
+    judged = {data.doc_row[d] for q in data.qrels for d in q["doc_ids"]}
+    torch.manual_seed(0)
+    model = MixerModel(ModelConfig(fusion="concept", vit_depth=2, vit_dim=64, text_dim=64,
+                                   embed_dim=32, n_concepts=4), WordTokenizer.fit(data.doc_texts))
+    shown = measures.doc_attention(model, data, n_docs=5, seed=2, among=scenes)
+    rows = shown["rows"]
+    assert len(set(rows)) == 5 and set(rows) <= set(scenes.tolist()) & judged
+    assert shown["titles"] == [data.doc_texts[r] for r in rows]
+    assert torch.equal(shown["images"], load_images(data, "docs", rows, 64))
+    model.eval()
+    with torch.no_grad():
+        _, info = model.embed_docs(shown["images"], model.tokenize(shown["titles"]),
+                                   return_attention=True)
+    assert torch.equal(shown["info"]["text_to_image"], info["text_to_image"])
+    untested = np.setdiff1d(np.arange(len(data.docs)), sorted(judged))
+    with pytest.raises(ValueError, match="none of the rows"):
+        measures.doc_attention(model, data, among=untested)
+
+
 def test_recall_by_doc_kind_splits_the_test_queries_by_their_docs(scene_dir):
     """The groups partition the judged queries by whether a relevant doc is a scene (checked
     against the truth file), and ``all`` is what the project's evaluator reports."""
