@@ -50,6 +50,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "softmax": ("--model.concept_attention=softmax",),
     "no_gate": ("--model.fusion_gate=false",),
     "agreement": ("--model.fusion_gate_input=agreement",),
+    "constant_gate": ("--model.fusion_gate_input=constant",),
     "direct": ("--model.fusion=direct",),
     "read_only": ("--model.concept_keeps_slot=false",),
     "read_only_no_gate": ("--model.concept_keeps_slot=false", "--model.fusion_gate=false"),

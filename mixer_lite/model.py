@@ -30,7 +30,8 @@ Where the paper is silent, we chose (and say so):
   fused concepts alone, so everything of the image it keeps passes through the title's
   attention (``docs/EXPERIMENTS.md``, "Scene docs").  ``fusion_gate_input="agreement"``
   gives each doc one share, read from how far its fused concepts agree with its whole image
-  (:class:`AgreementGate`).
+  (:class:`AgreementGate`); ``"constant"`` one learned share per dimension that reads nothing
+  (:class:`ConstantGate`).
 * Optional modality dropout (``text_dropout``): in training, that share of docs skips the text
   and is embedded from its image vector alone.
 * Encoders by config (:mod:`mixer_lite.encoders`): a small BatchNorm CNN (the ``tiny-cpu``
@@ -92,8 +93,9 @@ CONCEPT_ATTENTION = ("softmax", "cosine", "slots")
 REGION_CHOICE = ("concepts", "title")
 REGION_WHOLE = ("image", "concepts")
 # What the fusion gate reads: "vectors", a per-dimension share from a linear map of [image;
-# fused]; "agreement", one share per doc from the cosine of the two (ConceptFusion).
-GATE_INPUTS = ("vectors", "agreement")
+# fused]; "agreement", one share per doc from the cosine of the two; "constant", nothing: one
+# learned share per dimension, the same for every doc (ConceptFusion).
+GATE_INPUTS = ("vectors", "agreement", "constant")
 
 
 @dataclass
@@ -453,6 +455,13 @@ class ConceptMemory(nn.Module):
         return concepts + self.ff(concepts), weights
 
 
+# AdamW moves a parameter by at most about the sum of its learning rates over the run, 0.055
+# in the ``tiny-cpu`` preset on icons and 0.11 on SynthShop ``small``: a gate logit read at 1x
+# from one parameter could not move its share by more than a few hundredths, read at 50x it can
+# reach logits of a few units (docs/EXPERIMENTS.md, "The gate mixes at fixed shares").
+GATE_GAIN = 50.0
+
+
 class AgreementGate(nn.Module):
     """One gate logit per doc from how far its fused concepts agree with its whole image:
     ``GAIN * (scale * cos(image, fused) + bias)``.  A linear map of [image; fused] (the
@@ -461,12 +470,9 @@ class AgreementGate(nn.Module):
     every preset: trained on scene docs it gave every doc one share, the two halves' cosine
     being alike in scene and single docs (``docs/EXPERIMENTS.md``, "A gate that reads the
     agreement").  ``scale`` starts at 0, so every doc starts at one share (``start``, a logit)
-    and training decides which way agreement pushes it.  ``GAIN``: AdamW moves a parameter by
-    at most about the sum of its learning rates over the run, 0.055 in the ``tiny-cpu`` preset
-    on icons and 0.11 on SynthShop ``small``, so a logit read at 1x could not move the share by
-    more than a few hundredths; read at 50x, the two can reach logits of a few units."""
+    and training decides which way agreement pushes it, at ``GATE_GAIN``."""
 
-    GAIN = 50.0
+    GAIN = GATE_GAIN
 
     def __init__(self, start: float = 0.0):
         super().__init__()
@@ -479,6 +485,25 @@ class AgreementGate(nn.Module):
         return self.GAIN * (self.scale * agreement + self.bias)
 
 
+class ConstantGate(nn.Module):
+    """One learned gate logit per dimension, the same for every doc: ``GATE_GAIN * bias``.  The
+    trained ``vectors`` gate, fixed dimension by dimension at its mean over the docs, retrieves
+    within 0.3 points of itself (``docs/EXPERIMENTS.md``, "The gate mixes at fixed shares"), so
+    this asks whether a mix that never looks at the doc does as well trained from the start.
+    Our option, off in every preset: level on icons (three seeds), 3.7 points below the
+    ``vectors`` gate on SynthShop's scene docs (seed 0; ``docs/EXPERIMENTS.md``, "A gate that
+    reads nothing").  Every dimension starts at the logit ``start``."""
+
+    GAIN = GATE_GAIN
+
+    def __init__(self, dim: int, start: float = 0.0):
+        super().__init__()
+        self.bias = nn.Parameter(torch.full((dim,), start / self.GAIN))
+
+    def forward(self, image_and_fused):
+        return (self.GAIN * self.bias).expand(len(image_and_fused), -1)
+
+
 class ConceptFusion(nn.Module):
     """Text-to-image attention plus a learned image/text gate (concept-aware modality fusion).
 
@@ -487,7 +512,8 @@ class ConceptFusion(nn.Module):
     and the results are averaged (masked) into one fused vector.  A per-dimension sigmoid gate
     of [image; fused] decides how much each doc relies on its image (``gate=False``: none; the
     fused vector is the doc; ``gate_input="agreement"``: one share per doc,
-    :class:`AgreementGate`).  ``gate_bias`` is added to the gate's initial bias: a positive
+    :class:`AgreementGate`; ``"constant"``: one share per dimension for every doc,
+    :class:`ConstantGate`).  ``gate_bias`` is added to the gate's initial bias: a positive
     one starts every doc near its image vector, so the fused vector enters only as far as
     training moves the gate (as Flamingo's cross-attention starts behind a closed tanh gate;
     our option, off in every preset: ``docs/EXPERIMENTS.md``, "A gate that starts at the
@@ -517,6 +543,8 @@ class ConceptFusion(nn.Module):
             self.gate = None
         elif gate_input == "agreement":
             self.gate = AgreementGate(gate_bias)
+        elif gate_input == "constant":
+            self.gate = ConstantGate(dim, gate_bias)
         else:
             self.gate = nn.Linear(2 * dim, dim)
             with torch.no_grad():

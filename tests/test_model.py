@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mixer_lite.encoders import WordTokenizer
 from mixer_lite.model import (CONCEPT_ATTENTION, FUSIONS, AgreementGate, ConceptImageAttention,
-                              MixerModel, ModelConfig, SingleHeadAttention)
+                              ConstantGate, MixerModel, ModelConfig, SingleHeadAttention)
 
 TEXTS = ["norvik red leather tote bag hot sale free shipping", "blue mug", "",
          "alba green striped cotton v-neck tee gift"]
@@ -175,6 +175,18 @@ def test_without_the_gate_the_doc_is_its_fused_concepts_computed_by_hand():
         doc_image_weights(model, None)
 
 
+def _starts_at_the_bias_and_is_refused_without_a_gate(gate_input: str, width: int):
+    """A gate of ``gate_input`` gives every doc the logit ``fusion_gate_bias`` at the start, in
+    each of its ``width`` shares, and is refused where the doc head builds no gate."""
+    started = make(fusion_gate_input=gate_input, fusion_gate_bias=3.0).eval()
+    x = images()
+    _, info = started.embed_docs(x, started.tokenize(TEXTS), return_attention=True)
+    torch.testing.assert_close(info["gate"], torch.sigmoid(torch.full((len(x), width), 3.0)))
+    for refused in ({"fusion": "image_only"}, {"fusion_gate": False}):
+        with pytest.raises(ValueError, match=f"fusion_gate_input='{gate_input}' shapes the gate"):
+            ModelConfig(fusion_gate_input=gate_input, **refused)
+
+
 def test_the_agreement_gate_is_one_share_per_doc_from_the_cosine_computed_by_hand():
     """``fusion_gate_input="agreement"``: each doc's one gate is sigmoid(GAIN * (scale *
     cos(image vector, fused concepts) + bias)), computed by hand from the model's parts; it
@@ -196,14 +208,41 @@ def test_the_agreement_gate_is_one_share_per_doc_from_the_cosine_computed_by_han
     torch.testing.assert_close(info["image_weight"], share[:, 0])
     assert share.std() > 1e-3  # it differs between these docs
     torch.testing.assert_close(got, _embedded(model, share * image + (1 - share) * fused))
-    started = make(fusion_gate_input="agreement", fusion_gate_bias=3.0).eval()
-    _, info = started.embed_docs(x, started.tokenize(TEXTS), return_attention=True)
-    torch.testing.assert_close(info["gate"], torch.sigmoid(torch.full((len(x), 1), 3.0)))
-    for refused in ({"fusion": "image_only"}, {"fusion_gate": False}):
-        with pytest.raises(ValueError, match="fusion_gate_input='agreement' shapes the gate"):
-            ModelConfig(fusion_gate_input="agreement", **refused)
+    _starts_at_the_bias_and_is_refused_without_a_gate("agreement", width=1)
     with pytest.raises(ValueError, match="fusion_gate_input must be one of"):
         ModelConfig(fusion_gate_input="title")
+
+
+def test_the_constant_gate_is_one_learned_share_per_dimension_for_every_doc():
+    """``fusion_gate_input="constant"``: every doc's gate is sigmoid(GAIN * bias), one share
+    per dimension that reads nothing of the doc, and the doc vector mixes its halves computed
+    by hand at those shares; every dimension starts at the logit ``fusion_gate_bias`` gives;
+    refused where no gate is built; and training moves the shares."""
+    model = make(fusion_gate_input="constant", concept_text="none",
+                 concept_attention="cosine").eval()
+    x, tokens = images(), model.tokenize(TEXTS)
+    _, info = model.embed_docs(x, tokens, return_attention=True)
+    torch.testing.assert_close(info["gate"], torch.full((len(x), 32), 0.5))
+    bias = torch.linspace(-0.04, 0.04, 32)
+    with torch.no_grad():
+        model.fusion.gate.bias.copy_(bias)
+    got, info = model.embed_docs(x, tokens, return_attention=True)
+    share = torch.sigmoid(ConstantGate.GAIN * bias).expand(len(x), -1)
+    torch.testing.assert_close(info["gate"], share)
+    image, fused = _fused_concepts_by_hand(model, x, tokens)
+    torch.testing.assert_close(got, _embedded(model, share * image + (1 - share) * fused))
+    _starts_at_the_bias_and_is_refused_without_a_gate("constant", width=32)
+
+    trained = make(fusion_gate_input="constant").train()
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
+    for _ in range(3):
+        emb = trained.embed_docs(x, trained.tokenize(TEXTS))
+        loss = -emb[:, 0].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = (trained.fusion.gate.bias * ConstantGate.GAIN).abs()
+    assert moved.max() > 0.1  # three steps of 1e-3 move a logit by about 0.15 at GAIN 50
 
 
 @pytest.mark.parametrize("fusion", ["concept", "text_only"])
