@@ -5,10 +5,9 @@ against the raw-pixel baseline -> figures and metrics in ``reports/``.  The data
 docs (``DEMO_SCENE_SHARE``: the product shot among other products, the title naming it), the
 share of the scene records (docs/EXPERIMENTS.md, "Scene docs"), so the attention figures show
 whether the title chooses the region, where a single shot gives it nothing to choose.  Each
-step is skipped
-when its output exists, so a second ``make demo`` is quick and an interrupted one resumes
-(training from its last checkpoint); a run folder holding a run of other settings is an error,
-never silently reused.
+step is skipped when its output exists, so a second ``make demo`` is quick and an interrupted
+one resumes (training from its last checkpoint); a run folder holding a run of other settings
+is an error, never silently reused.
 """
 from __future__ import annotations
 
