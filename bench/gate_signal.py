@@ -10,7 +10,8 @@ title read by the run's concepts, four per-doc signals:
 * ``vectors``: the cosine of the doc's image vector and its fused concepts, what
   ``--model.fusion_gate_input=agreement`` reads;
 * ``transformed``: the cosine of the image vector and the concepts' attended patches (the mean
-  over concepts), in the doc transform's space before the fusion's norm and feed-forward;
+  over concepts), in the doc transform's space before the fusion's norm and feed-forward (and
+  before any text content a ``concept_text`` other than ``none`` adds);
 * ``encoder``: the cosine of the encoder's pooled vector and its patches weighted by the
   concepts' mean attention, before either transform;
 * ``entropy``: the concepts' mean attention map's entropy over the image regions, as a share
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from mixer_lite.dataset import load_dataset, load_images
-from mixer_lite.measures import scene_doc_rows
+from mixer_lite.measures import has_image_text_gate, scene_doc_rows
 from mixer_lite.runs import load_run_model
 
 SIGNALS = ("vectors", "transformed", "encoder", "entropy")
@@ -39,26 +40,32 @@ SIGNALS = ("vectors", "transformed", "encoder", "entropy")
 
 @torch.no_grad()
 def signals(model, data, rows) -> dict[str, np.ndarray]:
-    """The four signals of the docs at ``rows`` (see the module's docstring)."""
-    if model.cfg.fusion != "concept" or model.cfg.concept_text != "none":
-        raise ValueError(f"fusion={model.cfg.fusion!r}, concept_text="
-                         f"{model.cfg.concept_text!r}: the signals are those of the presets' "
-                         f"concept fusion, whose concepts carry no text content")
-    images = load_images(data, "docs", rows, model.cfg.image_size)
-    tokens = model.tokenize([data.doc_texts[int(r)] for r in rows])
-    patches, pooled = model.encode_images(images)
-    text = model.text_proj(model.text_encoder(tokens["input_ids"], tokens["attention_mask"]))
-    concepts, _ = model.concept_memory(text, tokens["attention_mask"])
-    _, info = model.embed_docs(images, tokens, return_attention=True)
-    seen, weights = model.fusion.attend(concepts, model.doc_transform(patches))
-    image_vec = model.doc_transform(pooled)
-    fused = model.fusion.norm(seen)
-    fused = (fused + model.fusion.ff(fused)).mean(dim=1)
+    """The four signals of the docs at ``rows`` (see the module's docstring), read by forward
+    hooks from one ``embed_docs`` pass: the encoder's output, the concepts' attention and the
+    gate's input, so each is what the model computed."""
+    if not has_image_text_gate(model):
+        raise ValueError(f"fusion={model.cfg.fusion!r}, fusion_gate={model.cfg.fusion_gate}: "
+                         f"the signals are read where a gate mixes image and fused concepts")
+    seen: dict = {}
+    hooks = [model.image_encoder.register_forward_hook(
+                 lambda m, args, out: seen.update(encoded=out)),
+             model.fusion.attend.register_forward_hook(
+                 lambda m, args, out: seen.update(attended=out)),
+             model.fusion.gate.register_forward_hook(
+                 lambda m, args, out: seen.update(gate_input=args[0]))]
+    try:
+        model.embed_docs(load_images(data, "docs", rows, model.cfg.image_size),
+                         model.tokenize([data.doc_texts[int(r)] for r in rows]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    patches, pooled = seen["encoded"]
+    attended, weights = seen["attended"]
+    image_vec, fused = seen["gate_input"].chunk(2, dim=-1)
     mean_map = weights.mean(dim=1)                                         # [B, P]
-    assert torch.allclose(mean_map, info["text_to_image"].mean(dim=1), atol=1e-6)
     entropy = -(mean_map * mean_map.clamp_min(1e-12).log()).sum(-1) / math.log(mean_map.shape[1])
     return {"vectors": F.cosine_similarity(image_vec, fused, dim=-1).numpy(),
-            "transformed": F.cosine_similarity(image_vec, seen.mean(dim=1), dim=-1).numpy(),
+            "transformed": F.cosine_similarity(image_vec, attended.mean(dim=1), dim=-1).numpy(),
             "encoder": F.cosine_similarity(pooled, (mean_map[..., None] * patches).sum(1),
                                            dim=-1).numpy(),
             "entropy": entropy.numpy()}

@@ -273,7 +273,6 @@ def classifier_step_seconds(num_classes: int, sample_rate: float, dim: int = 128
     return float(np.median(times[1:]))
 
 
-@torch.no_grad()
 def has_image_text_gate(model) -> bool:
     """Whether ``model``'s docs mix their image vector and their fused concepts through a gate
     that :func:`doc_gates` reads (a gated ``concept`` or ``direct`` fusion)."""
