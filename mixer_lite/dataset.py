@@ -390,7 +390,7 @@ VALID_STAMP = ".mixer-lite-valid.json"
 PACK_FILE = "pack.json"  # a pack's description (mixer_lite/pack.py)
 
 
-def write_valid_stamp(root: str | os.PathLike) -> Path:
+def write_valid_stamp(root: str | os.PathLike, by: str = "mixer-lite validate") -> Path:
     """Record that every image of ``root`` decoded, for the JSONL files as they are now
     (``mixer-lite validate`` writes it): :func:`load_dataset` then checks the lines and paths
     but opens no image, so each process of a large job does not decode millions of files."""
@@ -398,7 +398,7 @@ def write_valid_stamp(root: str | os.PathLike) -> Path:
 
     path = Path(root) / VALID_STAMP
     write_json(path, {"fingerprint": data_fingerprint(root), "images": "every one decoded",
-                      "by": "mixer-lite validate"})
+                      "by": by})
     return path
 
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from .classes import build_classes_from_clicks, raw_click_classes, write_classes
-from .dataset import load_dataset
+from .dataset import images_validated, load_dataset, write_valid_stamp
 from .files import write_json
 from .files import folder_lock
 from .retrieval import evaluate_model, evaluate_raw_pixels
@@ -52,7 +52,14 @@ def _demo_steps(data_dir: Path, reports: Path, preset: str, seed: int, workers: 
         make_synthshop(data_dir, preset=preset, seed=seed, workers=workers,
                        scene_share=scene_share)
     print(f"[demo] 2/5 validating {data_dir}")
+    stamped = images_validated(data_dir)
     data = load_dataset(data_dir)
+    if not stamped and not data.packed:  # every image decoded: training need not do it again
+        try:
+            write_valid_stamp(data_dir, by="mixer-lite demo")
+        except OSError as e:  # a read-only folder is valid all the same
+            print(f"[demo]     (no validation stamp written: {e}; training decodes every "
+                  f"image again)")
     print(f"[demo]     valid: {json.dumps(data.summary)}")
     reports.mkdir(parents=True, exist_ok=True)
     query_doc_grid(data, path=reports / "query_doc_grid.png")

@@ -221,6 +221,43 @@ def zoom_out(x: torch.Tensor, step: int, seed: int, min_scale: float) -> torch.T
     return out.round().to(x.dtype)
 
 
+def doc_mosaic(x: torch.Tensor, labels: np.ndarray, step: int, seed: int,
+               share: float) -> torch.Tensor:
+    """A ``share`` of the doc images, at random, each made a shot of several products: shrunk
+    into one cell of a 2 x 2 layout (a side of 38-50% of the image, anywhere in its cell), with
+    1-3 doc images of the batch's other classes in other cells, on the doc's own background
+    (the median colour of its border); seeded by (seed, step).
+
+    The doc keeps its title and class, so the title is what tells which object the doc sells:
+    the situation of a shop image showing more than its product, made from any data (our choice;
+    the paper is silent; ``docs/EXPERIMENTS.md``, "Docs composed with other products").
+    """
+    n, _, h, w = x.shape
+    if n < 2 or share <= 0:
+        return x
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 700_001)
+    composed = torch.rand(n, generator=g) < share
+    xf = x.float()
+    border = torch.cat([xf[:, :, 0], xf[:, :, -1], xf[:, :, :, 0], xf[:, :, :, -1]], dim=2)
+    ground = border.median(dim=2).values
+    out = xf.clone()
+    for i in torch.nonzero(composed).flatten().tolist():
+        others = [j for j in torch.randperm(n, generator=g).tolist() if labels[j] != labels[i]]
+        others = others[:int(torch.randint(1, 4, (1,), generator=g))]
+        if not others:
+            continue
+        cells = torch.randperm(4, generator=g).tolist()
+        out[i] = ground[i][:, None, None]
+        for j, cell in zip([i, *others], cells):
+            s = max(1, int(round(min(h, w) * (0.38 + 0.12 * float(torch.rand(1, generator=g))))))
+            top, left = (cell // 2) * (h // 2), (cell % 2) * (w // 2)
+            dy, dx = (torch.rand(2, generator=g) * torch.tensor(
+                [max(0, h // 2 - s) + 1, max(0, w // 2 - s) + 1])).long().tolist()
+            out[i, :, top + dy:top + dy + s, left + dx:left + dx + s] = F.interpolate(
+                xf[j:j + 1], size=(s, s), mode="area")[0]
+    return out.round().to(x.dtype)
+
+
 @dataclass
 class TrainingImages:
     """The images a run reads, decoded once (or per batch with ``preload_images=False``):
@@ -293,6 +330,10 @@ class MicroBatches(torch.utils.data.Dataset):
             q_img = augment(q_img, 2 * i, cfg.seed)
             d_img = augment(d_img, 2 * i + 1, cfg.seed)
         d_img = zoom_out(d_img, i, cfg.seed, cfg.doc_zoom_out)
+        if cfg.doc_mosaic > 0:
+            doc_labels = (self.samples.label[idx] if self.samples.pair_doc is not None
+                          else self.samples.label[idx][self.samples.kind[idx] == 1])
+            d_img = doc_mosaic(d_img, doc_labels, i, cfg.seed, cfg.doc_mosaic)
         return idx, doc_rows, q_img, d_img
 
 

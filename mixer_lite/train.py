@@ -107,6 +107,8 @@ class TrainConfig:
     clip_centres: bool = True         # False: clip the encoder's gradients only (Partial FC)
     augment: bool = True
     doc_zoom_out: float = 1.0         # < 1: half the doc images shrunk to this-1 of their side
+    doc_mosaic: float = 0.0           # > 0: this share of doc images composed with other
+                                      # classes' docs (sampling.doc_mosaic)
     amp: bool = True                  # autocast to amp_dtype on CUDA (no effect on CPU)
     amp_dtype: str = "bf16"           # "fp16": for GPUs without bf16, with a loss scale
     channels_last: bool = False       # the image encoder's tensors in NHWC (convolutions)
@@ -153,6 +155,8 @@ class TrainConfig:
                             "model.region_choice=title)")
         if not 0 < self.doc_zoom_out <= 1:
             problems.append(f"doc_zoom_out must be in (0, 1] (1: off), got {self.doc_zoom_out}")
+        if not 0 <= self.doc_mosaic <= 1:
+            problems.append(f"doc_mosaic must be in [0, 1] (0: off), got {self.doc_mosaic}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             problems.append("checkpoint_every and log_every must be >= 1")
         if self.clip_grad < 0 or self.weight_decay < 0 or self.centre_weight_decay < 0:

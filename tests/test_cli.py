@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _cli import TINY_MODEL, cli, cli_subprocess, run_embeddings
 
-from mixer_lite.dataset import ImageTable, image_files, load_dataset
+from mixer_lite.dataset import VALID_STAMP, ImageTable, image_files, images_validated, load_dataset
 from mixer_lite.measures import scene_attention
 from mixer_lite.retrieval import embed_queries, evaluate_raw_pixels
 from mixer_lite.runs import load_run_model
@@ -179,6 +179,9 @@ def test_demo_runs_the_pipeline_then_skips_what_is_done(tmp_path):
     for name in ("docs.jsonl", "queries.jsonl", "clicks.jsonl", "qrels.jsonl",
                  "_truth/docs.jsonl"):
         assert (data / name).read_text() == (reference / name).read_text()
+    # it decoded every image, so training (and any later command) trusts its stamp
+    assert images_validated(data)
+    assert json.loads((data / VALID_STAMP).read_text())["by"] == "mixer-lite demo"
 
     metrics = json.loads((reports / "metrics.json").read_text())
     judged = len(jsonl(data / "qrels.jsonl"))

@@ -769,6 +769,47 @@ def test_zoom_out_shrinks_half_the_images_onto_their_own_background():
     assert 6 <= shrunk <= 18  # about half of 24
 
 
+def test_doc_mosaic_puts_a_doc_among_other_classes_docs_in_the_cells_of_a_2x2_layout():
+    """On solid-colour images (each its own ground), a composed doc is its own colour with 1-3
+    squares of other classes' colours, each of side 38-50% inside one quadrant, and never a
+    colour of its own class; the rest are untouched; the same (seed, step) gives the same
+    batch; share 0, or one class in the batch, is the identity."""
+    from mixer_lite.sampling import doc_mosaic
+
+    n, side = 20, 64
+    colours = torch.arange(n, dtype=torch.uint8)[:, None] * torch.tensor([12, 7, 3],
+                                                                        dtype=torch.uint8)
+    x = colours[:, :, None, None].expand(n, 3, side, side).clone()
+    labels = np.arange(n) // 2  # pairs of docs share a class
+    out = doc_mosaic(x, labels, 5, 0, 0.5)
+    assert torch.equal(out, doc_mosaic(x, labels, 5, 0, 0.5))
+    assert not torch.equal(out, doc_mosaic(x, labels, 6, 0, 0.5))
+    assert torch.equal(doc_mosaic(x, labels, 5, 0, 0.0), x)
+    assert torch.equal(doc_mosaic(x, np.zeros(n), 5, 0, 0.5), x)
+    composed = 0
+    for i in range(n):
+        if torch.equal(out[i], x[i]):
+            continue
+        composed += 1
+        others = 0
+        for j in range(n):
+            where = (out[i] == colours[j][:, None, None]).all(0).numpy()
+            if j == i or not where.any():
+                continue
+            assert labels[j] != labels[i], "a doc of its own class pasted beside it"
+            rows, cols = np.nonzero(where)
+            h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+            assert h == w and where.sum() == h * w, "each other doc is one square"
+            assert round(0.38 * side) <= h <= round(0.5 * side)
+            assert rows.min() // 32 == rows.max() // 32 and cols.min() // 32 == cols.max() // 32
+            others += 1
+        assert 1 <= others <= 3
+        assert (out[i] == x[i]).all(0).float().mean() > 0.25  # its own square and ground
+    assert 5 <= composed <= 15  # about half of 20
+    with pytest.raises(ValueError, match=r"doc_mosaic must be in \[0, 1\] \(0: off\), got 1.5"):
+        config_from("tiny-cpu", ["--doc_mosaic=1.5"])
+
+
 def test_the_end_of_run_evaluation_searches_the_last_validation_passs_doc_embeddings(
         tiny_dir, tmp_path, monkeypatch):
     """A run with a validation split embeds every doc after its last step; its evaluation
