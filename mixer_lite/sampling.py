@@ -14,6 +14,9 @@ held out for validation, the order of batches, augmentation, and the images behi
   is a function of (seed, epoch) alone, so a resumed run sees the same batches.
 * **Augmentation** (our choice; the paper names none): a random flip and a shift of up to 4
   pixels, for both domains, seeded by the step (``docs/EXPERIMENTS.md``, the recipe table).
+  Two doc-side options for scene docs, off in every preset: ``doc_zoom_out`` (docs shrunk onto
+  their background) and ``doc_mosaic`` (docs composed with other classes' docs, the title
+  naming theirs); ``docs/EXPERIMENTS.md``, "Scene docs".
 * **Micro-batches.**  What a step encodes (:class:`MicroBatches`), read through a torch
   ``DataLoader``: with ``loader_workers`` > 0 worker processes decode and augment the next
   batches while the model trains on this one, and the batches are the same whatever the count.
@@ -197,6 +200,12 @@ def augment(x: torch.Tensor, step: int, seed: int, pad: int = 4) -> torch.Tensor
     return out.permute(0, 3, 1, 2).contiguous().to(x.dtype)
 
 
+def border_colour(x: torch.Tensor) -> torch.Tensor:
+    """Each image's background, (N, C): the (lower) median of its border pixels per channel."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
+    return border.median(dim=2).values
+
+
 def zoom_out(x: torch.Tensor, step: int, seed: int, min_scale: float) -> torch.Tensor:
     """Half the images, at random, shrunk to a side of ``min_scale``-1 of theirs and placed
     anywhere on their own background (the median colour of their border), seeded by (seed,
@@ -210,8 +219,7 @@ def zoom_out(x: torch.Tensor, step: int, seed: int, min_scale: float) -> torch.T
     sides = (h * (min_scale + (1 - min_scale) * torch.rand(n, generator=g))).round().long()
     corners = torch.rand(n, 2, generator=g)
     xf = x.float()
-    border = torch.cat([xf[:, :, 0], xf[:, :, -1], xf[:, :, :, 0], xf[:, :, :, -1]], dim=2)
-    ground = border.median(dim=2).values
+    ground = border_colour(xf)
     out = xf.clone()
     for i in torch.nonzero(shrink).flatten().tolist():
         s = max(1, min(h, w, int(sides[i])))
@@ -238,8 +246,7 @@ def doc_mosaic(x: torch.Tensor, labels: np.ndarray, step: int, seed: int,
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 700_001)
     composed = torch.rand(n, generator=g) < share
     xf = x.float()
-    border = torch.cat([xf[:, :, 0], xf[:, :, -1], xf[:, :, :, 0], xf[:, :, :, -1]], dim=2)
-    ground = border.median(dim=2).values
+    ground = border_colour(xf)
     out = xf.clone()
     for i in torch.nonzero(composed).flatten().tolist():
         others = [j for j in torch.randperm(n, generator=g).tolist() if labels[j] != labels[i]]
