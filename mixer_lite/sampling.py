@@ -71,6 +71,12 @@ class Samples:
         kind = self.kind[idx]
         return self.row[idx][kind == 0], self.row[idx][kind == 1]
 
+    def doc_labels_of(self, idx: np.ndarray) -> np.ndarray:
+        """The label of each doc image :meth:`images_of` gives for ``idx``, in its order."""
+        if self.pair_doc is not None:
+            return self.label[idx]
+        return self.label[idx][self.kind[idx] == 1]
+
 
 def held_out(classes: list[dict], share: float) -> np.ndarray:
     """Which classes validation keeps (a boolean per class).
@@ -338,9 +344,8 @@ class MicroBatches(torch.utils.data.Dataset):
             d_img = augment(d_img, 2 * i + 1, cfg.seed)
         d_img = zoom_out(d_img, i, cfg.seed, cfg.doc_zoom_out)
         if cfg.doc_mosaic > 0:
-            doc_labels = (self.samples.label[idx] if self.samples.pair_doc is not None
-                          else self.samples.label[idx][self.samples.kind[idx] == 1])
-            d_img = doc_mosaic(d_img, doc_labels, i, cfg.seed, cfg.doc_mosaic)
+            d_img = doc_mosaic(d_img, self.samples.doc_labels_of(idx), i, cfg.seed,
+                               cfg.doc_mosaic)
         return idx, doc_rows, q_img, d_img
 
 

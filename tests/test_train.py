@@ -256,6 +256,23 @@ def test_validation_classes_are_held_out_of_training(tiny_data, extra):
     assert np.array_equal(np.sort(other_seed.validation.query_rows), np.sort(val.query_rows))
 
 
+@pytest.mark.parametrize("loss", ["cosface", "infonce"])
+def test_doc_labels_of_gives_each_doc_image_of_a_batch_its_own_label(tiny_data, loss):
+    """What doc_mosaic reads to keep a doc's own class out of its layout: the label of each doc
+    image images_of gives, in its order (a class sample's class: each doc is in one class; a
+    pair's index)."""
+    samples, _ = make_samples(tiny_data, cfg(f"--loss={loss}"))
+    idx = np.random.default_rng(0).permutation(len(samples.label))[:64]
+    doc_rows, labels = samples.images_of(idx)[1], samples.doc_labels_of(idx)
+    assert len(labels) == len(doc_rows) > 0
+    if samples.pair_doc is None:
+        class_of = {int(r): int(c) for r, c, k in zip(samples.row, samples.label, samples.kind)
+                    if k == 1}
+        assert [class_of[int(r)] for r in doc_rows] == labels.tolist()
+    else:
+        assert labels.tolist() == [int(samples.label[k]) for k in idx]
+
+
 @pytest.mark.parametrize("item,msg", [
     ("--lr=fast", "expected float"),
     ("--modle.fusion=concat", "unknown config key 'modle.fusion'"),
