@@ -16,8 +16,9 @@ where its concepts look on 256 scene docs (:func:`mixer_lite.measures.scene_atte
 without attention print none); for a gated concept fusion, the image weight of the scene docs
 and of the single docs.
 
-``--no-ceilings`` skips the three re-embedded scene-doc columns (for more seeds of a chosen
-variant).  ``--pointed-beside`` also prints the validation recall with every doc indexed twice,
+Each ceiling also prints its Recall@10 on all, scene and single photos: what that region choice
+would give the scene photos, whose single-shot docs answer for them too.  ``--no-ceilings``
+skips the three re-embedded scene-doc columns (for more seeds of a chosen variant).  ``--pointed-beside`` also prints the validation recall with every doc indexed twice,
 as shot and cut where its attention points, scoring the better of the two (the pointer as a
 second vector per doc).  ``--test`` (once a variant is chosen) also reads each finished run's
 test queries, once, and writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and
@@ -138,6 +139,9 @@ def main() -> None:
         else:
             cells += ["-", "-", "-"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        for how, c in ceiling.items():
+            print(f"  scene docs {how}, val R@10 " + ", ".join(
+                f"{k} {100 * v['recall@10']:.1f}" for k, v in c.items()), flush=True)
         if has_image_text_gate(model):
             weight = doc_image_weights(model, data)
             scene = np.zeros(len(weight), bool)

@@ -17,7 +17,7 @@ import torch
 
 from .dataset import ImageTable, image_files, load_dataset, load_images
 from .encoders import build_image_encoder, normalise_pixels
-from .model import ModelConfig, zoom_to
+from .model import ConstantGate, ModelConfig, zoom_to
 from .weights import load_image_weights
 from .shop_images import CANVAS
 from .synthshop import doc_object_masks, doc_objects, doc_scene_masks, load_truth
@@ -303,26 +303,14 @@ def doc_image_weights(model, data, batch_size: int = 256) -> np.ndarray:
     return doc_gates(model, data, batch_size).mean(axis=1)
 
 
-class _ConstantGate(torch.nn.Module):
-    """A gate layer whose logits are ``logits`` for every doc (a scalar, or one per dimension):
-    +inf makes the doc its image vector alone, -inf its fused concepts alone (sigmoid gives 1
-    and 0 exactly)."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = torch.as_tensor(logits, dtype=torch.float32)
-
-    def forward(self, image_and_text):
-        shape = (len(image_and_text), image_and_text.shape[1] // 2)
-        return self.logits.to(image_and_text.dtype).expand(shape)
-
-
 @contextlib.contextmanager
-def _gate_forced(model, logits):
+def _gate_forced(model, logits, dim: int):
     """Within the block, the fusion gate of ``model`` (a gated one, :func:`doc_gates` checks)
-    gives every doc the logits ``logits``; the trained gate is put back after."""
+    gives every doc the logits ``logits`` (a number, or one per each of the ``dim``
+    dimensions); the trained gate is put back after."""
     fusion = model.fusion
-    trained, fusion.gate = fusion.gate, _ConstantGate(logits)
+    device = next(model.parameters()).device
+    trained, fusion.gate = fusion.gate, ConstantGate(dim, logits).to(device)
     try:
         yield model
     finally:
@@ -357,7 +345,8 @@ def fusion_halves(model, data, validation) -> dict:
                            "doc_share": float(gates.var(axis=0).mean() / gates.var())}}
     for half, logits in (("trained", None), ("constant", torch.logit(mean_gate).float()),
                          ("image", math.inf), ("concepts", -math.inf)):
-        with contextlib.nullcontext() if logits is None else _gate_forced(model, logits):
+        with contextlib.nullcontext() if logits is None else \
+                _gate_forced(model, logits, gates.shape[1]):
             out[half] = validation_recall(embed_docs(model, docs, data.doc_texts), queries,
                                           validation.relevant)
     return out

@@ -492,13 +492,16 @@ class ConstantGate(nn.Module):
     this asks whether a mix that never looks at the doc does as well trained from the start.
     Our option, off in every preset: level on icons (three seeds), 3.7 points below the
     ``vectors`` gate on SynthShop's scene docs (seed 0; ``docs/EXPERIMENTS.md``, "A gate that
-    reads nothing").  Every dimension starts at the logit ``start``."""
+    reads nothing").  Every dimension starts at the logit ``start`` (a number, or one per
+    dimension; +inf gives a doc its image vector alone, -inf its fused vector alone, which
+    :func:`measures.fusion_halves` forces on a trained model)."""
 
     GAIN = GATE_GAIN
 
-    def __init__(self, dim: int, start: float = 0.0):
+    def __init__(self, dim: int, start: float | torch.Tensor = 0.0):
         super().__init__()
-        self.bias = nn.Parameter(torch.full((dim,), start / self.GAIN))
+        self.bias = nn.Parameter(torch.as_tensor(start, dtype=torch.float32).expand(dim)
+                                 / self.GAIN)
 
     def forward(self, image_and_fused):
         return (self.GAIN * self.bias).expand(len(image_and_fused), -1)

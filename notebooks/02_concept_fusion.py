@@ -170,14 +170,17 @@ print(f"the object covers {a['object_share']:.0%} of a doc image")
 
 # %% [markdown]
 # ## How much each doc relies on its image
-# The gate's mean is the doc's "image weight" (1 = image only, 0 = fused text only).
+# The gate's mean is the doc's "image weight": 1 = the whole image's pooled vector only, 0 = the
+# concepts' fused vector only. With the preset's `concept_text=none` the fused vector is image
+# content too, the regions the title chose, so the gate weighs the whole image against the
+# title's choice in it, not image against text.
 
 # %%
 weights = doc_image_weights(model, data)
 fig, ax = plt.subplots(figsize=(6.4, 3.6))
 ax.hist(weights, bins=np.linspace(0, 1, 51), color="tab:blue")
-ax.set(xlim=(0, 1), xlabel="image weight (mean gate; 1 = image only, 0 = text only)",
-       ylabel="docs", title="Learned image-vs-text weighting across all docs")
+ax.set(xlim=(0, 1), xlabel="image weight (mean gate; 1 = whole image, 0 = title-chosen regions)",
+       ylabel="docs", title="How much each doc keeps of its whole-image vector")
 print(f"image weight: mean {weights.mean():.2f}, 5%-95% range "
       f"{np.quantile(weights, 0.05):.2f}-{np.quantile(weights, 0.95):.2f}")
 
@@ -365,9 +368,9 @@ claim("the title choosing among windows finds the scene docs themselves more oft
 goal = "meets" if cos["object_lift"] >= lift_goal else "falls short of"
 corr_goal = "below" if cos["concept_correlation"] < correlation_goal else "not yet below"
 gate_spread = np.quantile(weights, 0.95) - np.quantile(weights, 0.05)
-gate_reading = ("it barely varies between docs, so it weighs image against text the same way "
-                "for every doc" if gate_spread < 0.1 else
-                "it varies between docs: some rely on their image more than others")
+gate_reading = ("it barely varies between docs, so every doc mixes its whole image and the "
+                "regions its title chose in about the same proportion" if gate_spread < 0.1 else
+                "it varies between docs: some keep more of their whole image than others")
 seeds = (0, 1, 2)  # the committed records of `small` (make reproduce), whatever preset runs here
 small = {slug: recorded_metrics("small", slug, seeds) for slug in ("mixer", "image_only")}
 mean = {slug: {k: 100 * np.mean([m[k] for m in ms]) for k in ("recall@1", "recall@10", "map@10")}
