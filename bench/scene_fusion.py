@@ -10,20 +10,22 @@ with validation only (``runs/experiments/<preset>-scenes<percent>-<variant>-s<se
 queries are never read), and prints its validation Recall@10 on all held-out photos, on those
 whose class has a scene doc (and with only the scene docs counted as hits), and on the others;
 the scene-docs recall again with every other object painted out of the scene docs, with the
-product cut out and framed as a single shot (ceilings of choosing the region), and with each
-scene doc cut where the model's own attention points (a hard pointer, no truth used); then
+product cut out and framed as a single shot, with each scene doc cut to the window of
+``fusion="regions"`` that best shows its product (ceilings of choosing the region; the
+window's on its own line), and with each scene doc cut where the model's own attention points
+(a hard pointer, no truth used); then
 where its concepts look on 256 scene docs (:func:`mixer_lite.measures.scene_attention`; fusions
 without attention print none); for a gated concept fusion, the image weight of the scene docs
 and of the single docs.
 
 Each ceiling also prints its Recall@10 on all, scene and single photos: what that region choice
 would give the scene photos, whose single-shot docs answer for them too.  ``--no-ceilings``
-skips the three re-embedded scene-doc columns (for more seeds of a chosen variant).  ``--pointed-beside`` also prints the validation recall with every doc indexed twice,
-as shot and cut where its attention points, scoring the better of the two (the pointer as a
-second vector per doc).  ``--test`` (once a variant is chosen) also reads each finished run's
-test queries, once, and writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and
-mAP@10 by doc kind (:func:`mixer_lite.measures.recall_by_doc_kind`) and the attention
-measures.
+skips the re-embedded scene docs (for more seeds of a chosen variant).  ``--pointed-beside``
+also prints the validation recall with every doc indexed twice, as shot and cut where its
+attention points, scoring the better of the two (the pointer as a second vector per doc).
+``--test`` (once a variant is chosen) also reads each finished run's test queries, once, and
+writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and mAP@10 by doc kind
+(:func:`mixer_lite.measures.recall_by_doc_kind`) and the attention measures.
 About 10 minutes a run on ``small``, 1 on ``tiny``, on 2 cores.
 """
 from __future__ import annotations
@@ -103,8 +105,8 @@ def main() -> None:
     p.add_argument("--test", action="store_true",
                    help="also read the test queries once and write results/scenes/<run>.json")
     p.add_argument("--no-ceilings", action="store_true",
-                   help="skip the three re-embeddings of the scene docs (painted out, cut out, "
-                        "cut where attention points): for more seeds of a chosen variant")
+                   help="skip the re-embeddings of the scene docs (painted out, cut out, best "
+                        "window, cut where attention points): for more seeds of a chosen variant")
     p.add_argument("--pointed-beside", action="store_true",
                    help="also index every doc cut where its attention points, beside the doc as "
                         "shot, and print that validation recall")
@@ -123,13 +125,13 @@ def main() -> None:
         r = recall_by_doc_kind(model, data, data_dir, validation)
         pointing = model.cfg.fusion in ("concept", "direct", "regions")
         ceilings = () if args.no_ceilings else \
-            ("painted", "cropped") + (("pointed",) if pointing else ())
+            ("painted", "cropped", "windowed") + (("pointed",) if pointing else ())
         ceiling = {how: recall_by_doc_kind(model, data, data_dir, validation, how)
                    for how in ceilings}
         cells = [f"{100 * r[k]['recall@10']:.1f} ({r[k]['queries']})"
                  for k in ("all", "scene", "scene_docs", "single")]
-        cells += [f"{100 * c['scene_docs']['recall@10']:.1f}" for c in ceiling.values()]
-        cells += ["-"] * (3 - len(ceiling))
+        cells += [f"{100 * ceiling[how]['scene_docs']['recall@10']:.1f}" if how in ceiling
+                  else "-" for how in ("painted", "cropped", "pointed")]
         attention = {}
         if model.cfg.fusion in ("concept", "direct", "zoom", "regions"):
             a = scene_attention(model, data, data_dir, seed=args.seed)

@@ -17,7 +17,7 @@ import torch
 
 from .dataset import ImageTable, image_files, load_dataset, load_images
 from .encoders import build_image_encoder, normalise_pixels
-from .model import ConstantGate, ModelConfig, zoom_to
+from .model import ConstantGate, ModelConfig, boxes_on_grid, candidate_boxes, zoom_to
 from .weights import load_image_weights
 from .shop_images import CANVAS
 from .synthshop import doc_object_masks, doc_objects, doc_scene_masks, load_truth
@@ -549,6 +549,29 @@ def pointed_crops(model, data, rows, size: int, window: int = 5,
     return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
 
 
+def truth_windows(data, data_dir: str | Path, rows, size: int,
+                  side: float = ModelConfig.region_side, batch_size: int = 256) -> torch.Tensor:
+    """The doc images of ``rows`` (scene docs) each cut to the window of ``fusion="regions"``
+    (the 3 x 3 grid of ``side``, :func:`model.candidate_boxes`) that shows the most of its
+    product less the other objects, by the truth masks, from the 128 px canvas and shrunk to
+    ``size`` (uint8 [len(rows), 3, size, size]): the best a choice among those windows could
+    show the doc tower, against the product cut out and framed (:func:`scenes_without_others`)."""
+    grid = 32  # the masks' resolution for scoring the windows
+    windows = candidate_boxes(side)[1:]
+    cover = boxes_on_grid(windows, grid)  # [9, grid * grid]; all windows of one area
+    rows = np.asarray(rows, dtype=np.int64)
+    out = []
+    for lo in range(0, len(rows), batch_size):
+        part = rows[lo: lo + batch_size]
+        masks, _ = doc_scene_masks(data_dir, [data.doc_ids[int(r)] for r in part], grid)
+        inside = torch.from_numpy(masks).flatten(2) @ cover.T  # [docs, objects, windows]
+        best = (inside[:, 0] - inside[:, 1:].sum(dim=1)).argmax(dim=1)
+        canvas = load_images(data, "docs", part, CANVAS).float()
+        out.append(torch.nn.functional.interpolate(zoom_to(canvas, windows[best]),
+                                                   size=(size, size), mode="area"))
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
 def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
                        others_removed: str | None = None, pointed_beside: bool = False) -> dict:
     """Metrics (Recall@1, Recall@10, mAP@10) of the judged test queries, or of the held-out
@@ -561,6 +584,8 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     :func:`scenes_without_others`, the product where it stands (``"painted"``) or cut out and
     framed as a single shot (``"cropped"``): what a doc tower that ignored every other object
     could reach (the ceiling of choosing the region; ``docs/EXPERIMENTS.md``, "Scene docs");
+    cut to the candidate window that best shows the product (``"windowed"``,
+    :func:`truth_windows`): the ceiling of choosing among ``fusion="regions"``'s windows;
     or (``"pointed"``) cut to where the model's own attention points (:func:`pointed_crops`,
     no truth used): what that attention is worth as a hard pointer.  ``pointed_beside``: every
     doc, scene or not (a server cannot tell), is indexed twice, as shot and cut where its
@@ -576,18 +601,20 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     else:
         rows, relevant = validation.query_rows, validation.relevant
     size = model.cfg.image_size
-    if others_removed not in (None, "painted", "cropped", "pointed"):
-        raise ValueError(f"others_removed must be None, 'painted', 'cropped' or 'pointed', got "
-                         f"{others_removed!r}")
+    if others_removed not in (None, "painted", "cropped", "windowed", "pointed"):
+        raise ValueError(f"others_removed must be None, 'painted', 'cropped', 'windowed' or "
+                         f"'pointed', got {others_removed!r}")
     if pointed_beside and others_removed is not None:
         raise ValueError(f"pointed_beside indexes the docs as shot beside their pointed crops; "
                          f"it does not combine with others_removed={others_removed!r}")
-    if others_removed in (None, "pointed"):
+    if others_removed in (None, "pointed", "windowed"):
         docs = ImageTable(image_files(data, "docs"), size)
-        if others_removed == "pointed":
+        if others_removed is not None:
             docs = docs[np.arange(len(data.docs))]
             scenes = scene_doc_rows(data, data_dir)
-            docs[torch.from_numpy(scenes)] = pointed_crops(model, data, scenes, size)
+            docs[torch.from_numpy(scenes)] = (
+                pointed_crops(model, data, scenes, size) if others_removed == "pointed" else
+                truth_windows(data, data_dir, scenes, size, model.cfg.region_side))
     else:
         docs = scenes_without_others(data, data_dir, size, crop=others_removed == "cropped")
     doc_emb = embed_docs(model, docs, data.doc_texts)

@@ -909,6 +909,38 @@ def test_pointed_crops_cut_where_the_attention_points(scene_dir):
         assert np.abs(got[i].transpose(1, 2, 0) - want).mean() < 6, doc  # resampling differs
 
 
+def test_truth_windows_cut_each_scene_doc_to_the_window_that_best_shows_its_product(scene_dir):
+    """Each scene doc cut to one of the 3 x 3 windows of 5/8 of the side (80 px of the 128 px
+    canvas, at 0, 24 or 48 px), the one whose pixels of the 128 px label map hold the most of the
+    product less the other objects (up to the 32 px masks' rounding), shrunk by box averaging:
+    against PIL cutting every window by hand."""
+    from PIL import Image
+
+    from mixer_lite.dataset import image_files, load_dataset
+
+    data = load_dataset(scene_dir)
+    rows = measures.scene_doc_rows(data, scene_dir)[:8]
+    got = measures.truth_windows(data, scene_dir, rows, 32, 0.625, batch_size=3).numpy()
+    for i, r in enumerate(rows):
+        doc = data.doc_ids[r]
+        labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{doc}.png"))
+        assert labels.shape == (128, 128)
+        img = Image.open(image_files(data, "docs")[r]).convert("RGB").resize((128, 128),
+                                                                            Image.BILINEAR)
+        score, diff = {}, {}
+        for top in (0, 24, 48):
+            for left in (0, 24, 48):
+                inside = labels[top:top + 80, left:left + 80]
+                score[top, left] = (inside == 1).sum() - (inside >= 2).sum()
+                want = np.asarray(img.crop((left, top, left + 80, top + 80))
+                                  .resize((32, 32), Image.BOX), dtype=np.float64)
+                diff[top, left] = np.abs(got[i].transpose(1, 2, 0) - want).mean()
+        chosen = min(diff, key=diff.get)
+        assert diff[chosen] < 6, doc  # torch's and PIL's resampling differ a little
+        product = (labels == 1).sum()
+        assert score[chosen] >= max(score.values()) - 0.03 * product, (doc, chosen, score)
+
+
 def frame(ax) -> tuple:
     edge = ax.spines["left"]
     return matplotlib.colors.to_hex(edge.get_edgecolor()), edge.get_linewidth()
