@@ -13,10 +13,9 @@ the scene-docs recall again with every other object painted out of the scene doc
 product cut out and framed as a single shot, with each scene doc cut to the window of
 ``fusion="regions"`` that best shows its product (ceilings of choosing the region; the
 window's on its own line), and with each scene doc cut where the model's own attention points
-(a hard pointer, no truth used); then
-where its concepts look on 256 scene docs (:func:`mixer_lite.measures.scene_attention`; fusions
-without attention print none); for a gated concept fusion, the image weight of the scene docs
-and of the single docs.
+(a hard pointer, no truth used); then where its concepts look on 256 scene docs
+(:func:`mixer_lite.measures.scene_attention`; fusions without attention print none); for a
+gated concept fusion, the image weight of the scene docs and of the single docs.
 
 Each ceiling also prints its Recall@10 on all, scene and single photos: what that region choice
 would give the scene photos, whose single-shot docs answer for them too.  ``--no-ceilings``

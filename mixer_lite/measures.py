@@ -526,6 +526,15 @@ def pointed_window(weights: torch.Tensor, grid: int, window: int) -> torch.Tenso
                         torch.full_like(left, half, dtype=torch.float32)], dim=-1)
 
 
+def cut_from_canvas(data, rows, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """The doc images of ``rows`` each cut to its box (``boxes`` [len(rows), 3], centre x,
+    centre y, half side in ``grid_sample``'s coordinates) from the 128 px canvas and shrunk to
+    ``size`` by area (uint8 [len(rows), 3, size, size])."""
+    canvas = load_images(data, "docs", rows, CANVAS).float()
+    cut = torch.nn.functional.interpolate(zoom_to(canvas, boxes), size=(size, size), mode="area")
+    return cut.round().clamp(0, 255).to(torch.uint8)
+
+
 def pointed_crops(model, data, rows, size: int, window: int = 5,
                   batch_size: int = 256) -> torch.Tensor:
     """The doc images of ``rows`` cut to the window their own concepts' attention points at
@@ -542,11 +551,9 @@ def pointed_crops(model, data, rows, size: int, window: int = 5,
             _, info = model.embed_docs(images, model.tokenize([data.doc_texts[int(r)]
                                                                for r in part]),
                                        return_attention=True)
-        boxes = pointed_window(info["text_to_image"], info["grid"], window)
-        canvas = load_images(data, "docs", part, CANVAS).float()
-        out.append(torch.nn.functional.interpolate(zoom_to(canvas, boxes), size=(size, size),
-                                                   mode="area"))
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+        out.append(cut_from_canvas(data, part, pointed_window(info["text_to_image"],
+                                                              info["grid"], window), size))
+    return torch.cat(out)
 
 
 def truth_windows(data, data_dir: str | Path, rows, size: int,
@@ -566,10 +573,8 @@ def truth_windows(data, data_dir: str | Path, rows, size: int,
         masks, _ = doc_scene_masks(data_dir, [data.doc_ids[int(r)] for r in part], grid)
         inside = torch.from_numpy(masks).flatten(2) @ cover.T  # [docs, objects, windows]
         best = (inside[:, 0] - inside[:, 1:].sum(dim=1)).argmax(dim=1)
-        canvas = load_images(data, "docs", part, CANVAS).float()
-        out.append(torch.nn.functional.interpolate(zoom_to(canvas, windows[best]),
-                                                   size=(size, size), mode="area"))
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+        out.append(cut_from_canvas(data, part, windows[best], size))
+    return torch.cat(out)
 
 
 def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
