@@ -9,11 +9,12 @@ SynthShop ``--preset`` with ``--scene-share`` of scene docs (default 0.3: the pr
 with validation only (``runs/experiments/<preset>-scenes<percent>-<variant>-s<seed>``; the test
 queries are never read), and prints its validation Recall@10 on all held-out photos, on those
 whose class has a scene doc (and with only the scene docs counted as hits), and on the others;
-the scene-docs recall again with every other object painted out of the scene docs, with the
-product cut out and framed as a single shot, with each scene doc cut to the window of
-``fusion="regions"`` that best shows its product (ceilings of choosing the region; the
-window's on its own line), and with each scene doc cut where the model's own attention points
-(a hard pointer, no truth used); then where its concepts look on 256 scene docs
+the scene-docs recall again with each scene doc redrawn from the truth (ceilings of choosing
+the region, :func:`mixer_lite.measures.recall_by_doc_kind`'s ``scene_docs_as``): every other
+object painted out; the product cut out and framed as a single shot; the product's box cut
+with what overlaps it left in; cut to the window of ``fusion="regions"`` that best shows its
+product, and to the best of 75 windows of three sizes; and cut where the model's own attention
+points (a hard pointer, no truth used); then where its concepts look on 256 scene docs
 (:func:`mixer_lite.measures.scene_attention`; fusions without attention print none); for a
 gated concept fusion, the image weight of the scene docs and of the single docs.
 
@@ -104,8 +105,9 @@ def main() -> None:
     p.add_argument("--test", action="store_true",
                    help="also read the test queries once and write results/scenes/<run>.json")
     p.add_argument("--no-ceilings", action="store_true",
-                   help="skip the re-embeddings of the scene docs (painted out, cut out, best "
-                        "window, cut where attention points): for more seeds of a chosen variant")
+                   help="skip the re-embeddings of the scene docs (painted out, cut out, boxed, best "
+                        "windows, cut where attention points): for more seeds of a chosen "
+                        "variant")
     p.add_argument("--pointed-beside", action="store_true",
                    help="also index every doc cut where its attention points, beside the doc as "
                         "shot, and print that validation recall")
@@ -124,8 +126,9 @@ def main() -> None:
         r = recall_by_doc_kind(model, data, data_dir, validation)
         pointing = model.cfg.fusion in ("concept", "direct", "regions")
         ceilings = () if args.no_ceilings else \
-            ("painted", "cropped", "windowed") + (("pointed",) if pointing else ())
-        ceiling = {how: recall_by_doc_kind(model, data, data_dir, validation, how)
+            ("painted", "cropped", "boxed", "windowed", "windowed_fine") + \
+            (("pointed",) if pointing else ())
+        ceiling = {how: recall_by_doc_kind(model, data, data_dir, validation, scene_docs_as=how)
                    for how in ceilings}
         cells = [f"{100 * r[k]['recall@10']:.1f} ({r[k]['queries']})"
                  for k in ("all", "scene", "scene_docs", "single")]

@@ -17,7 +17,7 @@ import torch
 
 from .dataset import ImageTable, image_files, load_dataset, load_images
 from .encoders import build_image_encoder, normalise_pixels
-from .model import ConstantGate, ModelConfig, boxes_on_grid, candidate_boxes, zoom_to
+from .model import ConstantGate, ModelConfig, boxes_on_grid, window_grid, zoom_to
 from .weights import load_image_weights
 from .shop_images import CANVAS
 from .synthshop import doc_object_masks, doc_objects, doc_scene_masks, load_truth
@@ -480,13 +480,14 @@ def scene_attention(model, data, data_dir: str | Path, n_docs: int = 256,
 
 
 @torch.no_grad()
-def scenes_without_others(data, data_dir: str | Path, size: int, crop: bool = False) -> \
-        torch.Tensor:
-    """Every doc image at ``size`` (uint8 [N, 3, size, size]), each scene doc's other objects
-    painted over with its own background (the median colour of the pixels no object covers, from
-    the ``_truth`` masks): the shot as it would be with the product alone, where it stands.
-    ``crop``: then cut to the product's box and a margin of 5% of its side on each side (where
-    the canvas allows), framed as a single-product studio shot is."""
+def scene_docs_redrawn(data, data_dir: str | Path, size: int, paint_others: bool = True,
+                       crop: bool = False) -> torch.Tensor:
+    """Every doc image at ``size`` (uint8 [N, 3, size, size]), each scene doc redrawn from its
+    ``_truth`` masks.  ``paint_others``: its other objects painted over with its own background
+    (the median colour of the pixels no object covers): the shot as it would be with the
+    product alone, where it stands.  ``crop``: cut to the product's box and a margin of 5% of
+    its side on each side (where the canvas allows), framed as a single-product studio shot
+    is; without ``paint_others``, the objects that overlap that box stay in it."""
     images = ImageTable(image_files(data, "docs"), size)[np.arange(len(data.docs))]
     rows = scene_doc_rows(data, data_dir)
     if not len(rows):
@@ -494,10 +495,11 @@ def scenes_without_others(data, data_dir: str | Path, size: int, crop: bool = Fa
     side = CANVAS if crop else size  # the boxes are on the canvas: cut there, then shrink
     masks, objects = doc_scene_masks(data_dir, [data.doc_ids[r] for r in rows], side)
     x = ImageTable(image_files(data, "docs", rows), side)[np.arange(len(rows))].float()
-    others = torch.from_numpy(masks[:, 1:].sum(1).clip(0, 1))[:, None]
-    free = torch.from_numpy(masks.sum(1) < 1e-6)
-    ground = torch.stack([x[i][:, free[i]].median(dim=1).values for i in range(len(rows))])
-    x = x * (1 - others) + ground[:, :, None, None] * others
+    if paint_others:
+        others = torch.from_numpy(masks[:, 1:].sum(1).clip(0, 1))[:, None]
+        free = torch.from_numpy(masks.sum(1) < 1e-6)
+        ground = torch.stack([x[i][:, free[i]].median(dim=1).values for i in range(len(rows))])
+        x = x * (1 - others) + ground[:, :, None, None] * others
     if crop:
         cut = []
         for i, objs in enumerate(objects):
@@ -508,6 +510,11 @@ def scenes_without_others(data, data_dir: str | Path, size: int, crop: bool = Fa
         x = torch.cat(cut)
     images[rows] = x.round().clamp(0, 255).to(torch.uint8)
     return images
+
+
+# 75 candidate windows (sides 1/2, 5/8 and 3/4, 5 x 5 places each): the finer choice the
+# ceiling "windowed_fine" measures against the nine windows of ``fusion="regions"``.
+FINE_WINDOWS = window_grid((0.5, 0.625, 0.75), 5)
 
 
 def pointed_window(weights: torch.Tensor, grid: int, window: int) -> torch.Tensor:
@@ -556,46 +563,60 @@ def pointed_crops(model, data, rows, size: int, window: int = 5,
     return torch.cat(out)
 
 
-def truth_windows(data, data_dir: str | Path, rows, size: int,
-                  side: float = ModelConfig.region_side, batch_size: int = 256) -> torch.Tensor:
-    """The doc images of ``rows`` (scene docs) each cut to the window of ``fusion="regions"``
-    (the 3 x 3 grid of ``side``, :func:`model.candidate_boxes`) that shows the most of its
-    product less the other objects, by the truth masks, from the 128 px canvas and shrunk to
-    ``size`` (uint8 [len(rows), 3, size, size]): the best a choice among those windows could
-    show the doc tower, against the product cut out and framed (:func:`scenes_without_others`)."""
+def truth_windows(data, data_dir: str | Path, rows, size: int, windows: torch.Tensor,
+                  batch_size: int = 256) -> torch.Tensor:
+    """The doc images of ``rows`` (scene docs) each cut to the one of ``windows`` (boxes
+    [W, 3], :func:`window_grid`) that best shows its product by the truth masks, from the 128
+    px canvas and shrunk to ``size`` (uint8 [len(rows), 3, size, size]): the best a choice among
+    those windows could show the doc tower, against the product cut out and framed
+    (:func:`scene_docs_redrawn`).  Best: the most of the product less the other objects, over
+    the union of the window and the product (the product's overlap over union where nothing
+    else is in the window), so among windows of several sizes the one that fits the product
+    wins, not the largest that holds it."""
     grid = 32  # the masks' resolution for scoring the windows
-    windows = candidate_boxes(side)[1:]
-    cover = boxes_on_grid(windows, grid)  # [9, grid * grid]; all windows of one area
+    cover = boxes_on_grid(windows, grid)                     # [W, grid * grid], each sums to 1
+    cells = (windows[:, 2] * grid) ** 2                      # each window's area in cells
     rows = np.asarray(rows, dtype=np.int64)
     out = []
     for lo in range(0, len(rows), batch_size):
         part = rows[lo: lo + batch_size]
         masks, _ = doc_scene_masks(data_dir, [data.doc_ids[int(r)] for r in part], grid)
-        inside = torch.from_numpy(masks).flatten(2) @ cover.T  # [docs, objects, windows]
-        best = (inside[:, 0] - inside[:, 1:].sum(dim=1)).argmax(dim=1)
+        masks = torch.from_numpy(masks).flatten(2)               # [docs, objects, cells]
+        inside = masks @ cover.T * cells                         # [docs, objects, windows]
+        product = inside[:, 0]
+        union = cells + masks[:, 0].sum(dim=1, keepdim=True) - product
+        best = ((product - inside[:, 1:].sum(dim=1)) / union).argmax(dim=1)
         out.append(cut_from_canvas(data, part, windows[best], size))
     return torch.cat(out)
 
 
+# How :func:`recall_by_doc_kind` can show the scene docs to the doc tower: as shot, or redrawn
+# from the truth or the model's own attention (the ceilings of choosing the region).
+SCENE_DOCS_AS = ("shot", "painted", "cropped", "boxed", "windowed", "windowed_fine", "pointed")
+
+
 def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
-                       others_removed: str | None = None, pointed_beside: bool = False) -> dict:
+                       scene_docs_as: str = "shot", pointed_beside: bool = False) -> dict:
     """Metrics (Recall@1, Recall@10, mAP@10) of the judged test queries, or of the held-out
     photos of a :class:`~mixer_lite.sampling.Validation`, grouped by their relevant docs:
     ``scene`` (at least one is a scene doc), ``single`` (all show the product alone), and
     ``all``; and ``scene_docs``: the ``scene`` queries with only their scene docs counted as
     hits, so a single-object doc of the same product cannot answer for them.  Where fusion
     should help (a scene doc's image holds other objects a photo of the product does not) and
-    where it has nothing to choose.  ``others_removed``: the scene docs embedded from
-    :func:`scenes_without_others`, the product where it stands (``"painted"``) or cut out and
-    framed as a single shot (``"cropped"``): what a doc tower that ignored every other object
-    could reach (the ceiling of choosing the region; ``docs/EXPERIMENTS.md``, "Scene docs");
-    cut to the candidate window that best shows the product (``"windowed"``,
-    :func:`truth_windows`): the ceiling of choosing among ``fusion="regions"``'s windows;
-    or (``"pointed"``) cut to where the model's own attention points (:func:`pointed_crops`,
-    no truth used): what that attention is worth as a hard pointer.  ``pointed_beside``: every
-    doc, scene or not (a server cannot tell), is indexed twice, as shot and cut where its
-    attention points, and scores the better of its two entries: the pointer as a second
-    vector per doc rather than a replacement (``docs/EXPERIMENTS.md``, "Scene docs")."""
+    where it has nothing to choose.
+
+    ``scene_docs_as`` (:data:`SCENE_DOCS_AS`): how the scene docs are embedded.  ``"shot"``:
+    as they are.  From the truth (:func:`scene_docs_redrawn`), what a doc tower that chose the
+    region perfectly could reach (``docs/EXPERIMENTS.md``, "Scene docs"): the other objects
+    painted out, the product where it stands (``"painted"``); the product cut out and framed as
+    a single shot (``"cropped"``); the product's box cut, what overlaps it left in
+    (``"boxed"``).  Cut to the window that best shows the product (:func:`truth_windows`):
+    among ``fusion="regions"``'s nine (``"windowed"``), among :data:`FINE_WINDOWS`' 75
+    (``"windowed_fine"``).  Cut where the model's own attention points (``"pointed"``,
+    :func:`pointed_crops`, no truth used): what that attention is worth as a hard pointer.
+    ``pointed_beside``: every doc, scene or not (a server cannot tell), is indexed twice, as
+    shot and cut where its attention points, and scores the better of its two entries: the
+    pointer as a second vector per doc rather than a replacement."""
     from .retrieval import (embed_docs, embed_queries, exact_search, judged_query_rows,
                             ranking_metrics, relevance)
 
@@ -606,22 +627,25 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
     else:
         rows, relevant = validation.query_rows, validation.relevant
     size = model.cfg.image_size
-    if others_removed not in (None, "painted", "cropped", "windowed", "pointed"):
-        raise ValueError(f"others_removed must be None, 'painted', 'cropped', 'windowed' or "
-                         f"'pointed', got {others_removed!r}")
-    if pointed_beside and others_removed is not None:
+    if scene_docs_as not in SCENE_DOCS_AS:
+        raise ValueError(f"scene_docs_as must be one of {', '.join(SCENE_DOCS_AS)}, got "
+                         f"{scene_docs_as!r}")
+    if pointed_beside and scene_docs_as != "shot":
         raise ValueError(f"pointed_beside indexes the docs as shot beside their pointed crops; "
-                         f"it does not combine with others_removed={others_removed!r}")
-    if others_removed in (None, "pointed", "windowed"):
+                         f"it does not combine with scene_docs_as={scene_docs_as!r}")
+    if scene_docs_as in ("painted", "cropped", "boxed"):
+        docs = scene_docs_redrawn(data, data_dir, size, paint_others=scene_docs_as != "boxed",
+                                  crop=scene_docs_as != "painted")
+    else:
         docs = ImageTable(image_files(data, "docs"), size)
-        if others_removed is not None:
+        if scene_docs_as != "shot":
             docs = docs[np.arange(len(data.docs))]
             scenes = scene_doc_rows(data, data_dir)
             docs[torch.from_numpy(scenes)] = (
-                pointed_crops(model, data, scenes, size) if others_removed == "pointed" else
-                truth_windows(data, data_dir, scenes, size, model.cfg.region_side))
-    else:
-        docs = scenes_without_others(data, data_dir, size, crop=others_removed == "cropped")
+                pointed_crops(model, data, scenes, size) if scene_docs_as == "pointed" else
+                truth_windows(data, data_dir, scenes, size,
+                              window_grid((model.cfg.region_side,), 3)
+                              if scene_docs_as == "windowed" else FINE_WINDOWS))
     doc_emb = embed_docs(model, docs, data.doc_texts)
     query_emb = embed_queries(model, ImageTable(image_files(data, "queries", rows), size))
     if pointed_beside:

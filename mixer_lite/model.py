@@ -355,12 +355,23 @@ def zoom_to(images: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
                          align_corners=False)
 
 
+def window_grid(sides: tuple[float, ...], places: int) -> torch.Tensor:
+    """Square windows of each of ``sides`` (share of the image's side) at ``places`` x
+    ``places`` evenly spaced positions, the first and last touching the image's edges, as boxes
+    [len(sides) * places**2, 3] (centre x, centre y, half side; ``grid_sample``'s coordinates),
+    row-major within a side."""
+    boxes = []
+    for side in sides:
+        at = torch.linspace(-(1 - side), 1 - side, places).tolist() if places > 1 else [0.0]
+        boxes += [[x, y, side] for y in at for x in at]
+    return torch.tensor(boxes)
+
+
 def candidate_boxes(side: float) -> torch.Tensor:
     """The regions of ``fusion="regions"``: [10, 3] boxes (centre x, centre y, half side) in
     ``grid_sample``'s coordinates, the whole image first, then a 3 x 3 grid of windows
-    ``side`` of the image's side (row-major; corners touching the image's corners)."""
-    at = [-(1 - side), 0.0, 1 - side]
-    return torch.tensor([[0.0, 0.0, 1.0]] + [[x, y, side] for y in at for x in at])
+    ``side`` of the image's side (:func:`window_grid`; corners touching the image's corners)."""
+    return torch.cat([torch.tensor([[0.0, 0.0, 1.0]]), window_grid((side,), 3)])
 
 
 def boxes_on_grid(boxes: torch.Tensor, grid: int) -> torch.Tensor:

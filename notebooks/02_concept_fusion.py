@@ -25,7 +25,9 @@
 #
 # In `mixer_lite/model.py`: `ConceptMemory` (slots read the title), `ConceptFusion` (each
 # concept attends over the image regions, the encoder's 8x8 output grid; a per-dimension gate
-# weighs image against fused text). Here we open a trained model and look at what it does:
+# weighs the whole image against what the concepts found in it: with the preset's
+# `concept_text=none` the title decides where they look and adds no content of its own). Here
+# we open a trained model and look at what it does:
 # first on SynthShop's docs, one product on a plain ground each, where the title has nothing
 # to choose; then on **scene docs**, whose image shows the product among other products, where
 # it has.

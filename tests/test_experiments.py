@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mixer_lite import ablations, measures, runcache
+from mixer_lite.model import window_grid
 from mixer_lite.reproduce import markdown
 from mixer_lite.viz import (bars, concept_map_change, domain_projections, missed_queries,
                             recall_curves, search_grid, training_curves, weak_label_class)
@@ -746,7 +747,7 @@ def test_recall_by_doc_kind_splits_the_test_queries_by_their_docs(scene_dir):
     assert r["scene_docs"]["recall@10"] == pytest.approx(np.mean(found))
 
 
-def test_scenes_without_others_paints_only_the_other_objects(scene_dir):
+def test_scene_docs_redrawn_paints_only_the_other_objects(scene_dir):
     """Single-object docs untouched; in a scene doc, the pixels only other objects cover take the
     background's median colour (computed here from the label PNG, by numpy), the pixels no other
     object covers are unchanged; the ceiling measure embeds exactly these images."""
@@ -756,7 +757,7 @@ def test_scenes_without_others_paints_only_the_other_objects(scene_dir):
 
     data = load_dataset(scene_dir)
     size = 64
-    painted = measures.scenes_without_others(data, scene_dir, size).numpy()
+    painted = measures.scene_docs_redrawn(data, scene_dir, size).numpy()
     original = ImageTable(image_files(data, "docs"), size)[np.arange(len(data.docs))].numpy()
     objects = {json.loads(line)["doc_id"]: json.loads(line)["objects"]
                for line in open(scene_dir / "_truth" / "docs.jsonl")}
@@ -778,9 +779,9 @@ def test_scenes_without_others_paints_only_the_other_objects(scene_dir):
         assert only_others.sum() > 20  # the scene has other objects to paint
 
 
-def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
-    """``recall_by_doc_kind(others_removed="painted")`` is the brute-force recall over
-    embeddings of :func:`scenes_without_others`' images (``"pointed"`` swaps in
+def test_the_painted_ceiling_ranks_the_painted_scene_docs(scene_dir):
+    """``recall_by_doc_kind(scene_docs_as="painted")`` is the brute-force recall over
+    embeddings of :func:`scene_docs_redrawn`'s images (``"pointed"`` swaps in
     :func:`pointed_crops` on the same path; those crops are tested against PIL)."""
     from mixer_lite.dataset import ImageTable, image_files, load_dataset
     from mixer_lite.retrieval import embed_docs, embed_queries, judged_query_rows
@@ -790,8 +791,8 @@ def test_the_others_removed_ceiling_ranks_the_painted_scene_docs(scene_dir):
     data = load_dataset(scene_dir)
     cfg = config_from("tiny-cpu", ["--model.image_weights=none"])
     model = build_model(data, make_samples(data, cfg)[0], cfg)
-    r = measures.recall_by_doc_kind(model, data, scene_dir, others_removed="painted")
-    docs = embed_docs(model, measures.scenes_without_others(data, scene_dir, 64), data.doc_texts)
+    r = measures.recall_by_doc_kind(model, data, scene_dir, scene_docs_as="painted")
+    docs = embed_docs(model, measures.scene_docs_redrawn(data, scene_dir, 64), data.doc_texts)
     rows = judged_query_rows(data)
     queries = embed_queries(model, ImageTable(image_files(data, "queries", rows), 64))
     qrels = {q["query_id"]: set(q["doc_ids"]) for q in data.qrels}
@@ -833,42 +834,65 @@ def test_pointed_beside_scores_each_doc_by_the_better_of_its_two_entries(scene_d
     assert r["all"]["map@10"] == pytest.approx(1.0)
     # The second entries matter: ranked by the shots alone, some top 10 differs.
     assert measures.recall_by_doc_kind(model, data, scene_dir, chosen)["all"]["map@10"] < 1
-    with pytest.raises(ValueError, match="others_removed"):
-        measures.recall_by_doc_kind(model, data, scene_dir, others_removed="painted",
+    with pytest.raises(ValueError, match="scene_docs_as"):
+        measures.recall_by_doc_kind(model, data, scene_dir, scene_docs_as="painted",
                                     pointed_beside=True)
 
 
-def test_a_cropped_scene_doc_is_its_product_cut_out_and_framed(scene_dir):
+@pytest.mark.parametrize("paint_others", [True, False])
+def test_a_cropped_scene_doc_is_its_product_cut_out_and_framed(scene_dir, paint_others):
     """``crop=True``: against PIL doing the same by hand on the 128 px file and label map (the
-    other objects filled with the background median, the box plus 5% cut, shrunk by box
-    averaging); single-object docs unchanged."""
+    other objects filled with the background median unless they are kept, the box plus 5% cut,
+    shrunk by box averaging); single-object docs unchanged."""
     from PIL import Image
 
     from mixer_lite.dataset import ImageTable, image_files, load_dataset
 
     data = load_dataset(scene_dir)
     size = 32
-    cropped = measures.scenes_without_others(data, scene_dir, size, crop=True).numpy()
+    cropped = measures.scene_docs_redrawn(data, scene_dir, size, paint_others=paint_others,
+                                          crop=True).numpy()
     plain = ImageTable(image_files(data, "docs"), size)[np.arange(len(data.docs))].numpy()
     objects = {json.loads(line)["doc_id"]: json.loads(line)["objects"]
                for line in open(scene_dir / "_truth" / "docs.jsonl")}
     singles = [r for r, d in enumerate(data.doc_ids) if len(objects[d]) == 1]
     assert (cropped[singles] == plain[singles]).all()
     scenes = [r for r, d in enumerate(data.doc_ids) if len(objects[d]) > 1]
+    overlapped = 0
     for r in scenes[:8]:
         doc = data.doc_ids[r]
-        img = np.asarray(Image.open(image_files(data, "docs")[r]).convert("RGB")
-                         .resize((128, 128), Image.BILINEAR), dtype=np.float64)
+        shot = np.asarray(Image.open(image_files(data, "docs")[r]).convert("RGB")
+                          .resize((128, 128), Image.BILINEAR), dtype=np.float64)
         labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{doc}.png"))
-        ground = np.median(img[labels == 0], axis=0)
-        img[labels >= 2] = ground
+        painted = shot.copy()
+        painted[labels >= 2] = np.median(shot[labels == 0], axis=0)
         x, y, s = objects[doc][0]["box"]
         m = round(0.05 * s)
-        piece = Image.fromarray(img[max(0, y - m):y + s + m, max(0, x - m):x + s + m]
-                                .round().astype(np.uint8))
-        want = np.asarray(piece.resize((size, size), Image.BOX), dtype=np.float64)
-        got = cropped[r].transpose(1, 2, 0).astype(np.float64)
-        assert np.abs(got - want).mean() < 4, doc  # torch's and PIL's resampling differ a little
+        box = (slice(max(0, y - m), y + s + m), slice(max(0, x - m), x + s + m))
+        diff = {}
+        for name, img in (("painted", painted), ("kept", shot)):
+            piece = Image.fromarray(img[box].round().astype(np.uint8))
+            want = np.asarray(piece.resize((size, size), Image.BOX), dtype=np.float64)
+            diff[name] = np.abs(cropped[r].transpose(1, 2, 0) - want).mean()
+        mine = "painted" if paint_others else "kept"
+        assert diff[mine] < 6, doc  # torch's and PIL's resampling differ a little
+        if (labels[box] >= 2).mean() > 0.05:  # another object overlaps the box: they differ
+            overlapped += 1
+            assert diff[mine] < diff[{"painted": "kept", "kept": "painted"}[mine]], doc
+    assert overlapped  # some box holds another object: the two settings differ there
+
+
+def test_window_grid_places_windows_edge_to_edge():
+    """Hand-computed: two sides at 2 places are the four corners of each, half side first; three
+    places put the middle one at the centre."""
+    three = window_grid((0.625,), 3)
+    assert three[:, 0].tolist() == pytest.approx([-0.375, 0, 0.375] * 3)
+    assert three[:, 1].tolist() == pytest.approx([-0.375] * 3 + [0] * 3 + [0.375] * 3)
+    two = window_grid((0.5, 0.75), 2)
+    want = [[-0.5, -0.5, 0.5], [0.5, -0.5, 0.5], [-0.5, 0.5, 0.5], [0.5, 0.5, 0.5],
+            [-0.25, -0.25, 0.75], [0.25, -0.25, 0.75], [-0.25, 0.25, 0.75], [0.25, 0.25, 0.75]]
+    assert two.flatten().tolist() == pytest.approx(np.ravel(want))
+    assert len(measures.FINE_WINDOWS) == 75
 
 
 def test_pointed_window_hand_computed():
@@ -909,36 +933,52 @@ def test_pointed_crops_cut_where_the_attention_points(scene_dir):
         assert np.abs(got[i].transpose(1, 2, 0) - want).mean() < 6, doc  # resampling differs
 
 
-def test_truth_windows_cut_each_scene_doc_to_the_window_that_best_shows_its_product(scene_dir):
-    """Each scene doc cut to one of the 3 x 3 windows of 5/8 of the side (80 px of the 128 px
-    canvas, at 0, 24 or 48 px), the one whose pixels of the 128 px label map hold the most of the
-    product less the other objects (up to the 32 px masks' rounding), shrunk by box averaging:
-    against PIL cutting every window by hand."""
+@pytest.mark.parametrize("sides,places,windows", [
+    ((0.625,), 3, [(80, top, left) for top in (0, 24, 48) for left in (0, 24, 48)]),
+    ((0.5, 0.75), 2, [(64, top, left) for top in (0, 64) for left in (0, 64)]
+     + [(96, top, left) for top in (0, 32) for left in (0, 32)])])
+def test_truth_windows_cut_each_scene_doc_to_the_window_that_best_shows_its_product(
+        scene_dir, sides, places, windows):
+    """Each scene doc cut to one of the windows (side, top, left in px of the 128 px canvas),
+    the one whose pixels of the 128 px label map hold the most of the product less the other
+    objects over the union of the window and the product (up to the 32 px masks' rounding),
+    shrunk by box averaging: against PIL cutting every window by hand.  The docs checked are
+    the first six and those where the union changes the choice (with two sizes: where the
+    window that fits the product beats the larger one that also holds it)."""
     from PIL import Image
 
     from mixer_lite.dataset import image_files, load_dataset
 
     data = load_dataset(scene_dir)
-    rows = measures.scene_doc_rows(data, scene_dir)[:8]
-    got = measures.truth_windows(data, scene_dir, rows, 32, 0.625, batch_size=3).numpy()
-    for i, r in enumerate(rows):
-        doc = data.doc_ids[r]
-        labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" / f"{doc}.png"))
+    scenes = measures.scene_doc_rows(data, scene_dir)
+    score, raw = {}, {}
+    for r in scenes:
+        labels = np.asarray(Image.open(scene_dir / "_truth" / "masks" /
+                                       f"{data.doc_ids[r]}.png"))
         assert labels.shape == (128, 128)
+        product = (labels == 1).sum()
+        for side, top, left in windows:
+            inside = labels[top:top + side, left:left + side]
+            mine = (inside == 1).sum()
+            raw[r, side, top, left] = mine - (inside >= 2).sum()
+            score[r, side, top, left] = raw[r, side, top, left] / (side ** 2 + product - mine)
+    best = {r: max(windows, key=lambda w: score[(r, *w)]) for r in scenes}
+    changed = [r for r in scenes if best[r] != max(windows, key=lambda w: raw[(r, *w)])]
+    assert changed  # the union decides somewhere
+    rows = np.array(sorted({*scenes[:6], *changed[:6]}))
+    got = measures.truth_windows(data, scene_dir, rows, 32, window_grid(sides, places),
+                                 batch_size=3).numpy()
+    for i, r in enumerate(rows):
         img = Image.open(image_files(data, "docs")[r]).convert("RGB").resize((128, 128),
                                                                             Image.BILINEAR)
-        score, diff = {}, {}
-        for top in (0, 24, 48):
-            for left in (0, 24, 48):
-                inside = labels[top:top + 80, left:left + 80]
-                score[top, left] = (inside == 1).sum() - (inside >= 2).sum()
-                want = np.asarray(img.crop((left, top, left + 80, top + 80))
-                                  .resize((32, 32), Image.BOX), dtype=np.float64)
-                diff[top, left] = np.abs(got[i].transpose(1, 2, 0) - want).mean()
+        diff = {}
+        for side, top, left in windows:
+            want = np.asarray(img.crop((left, top, left + side, top + side))
+                              .resize((32, 32), Image.BOX), dtype=np.float64)
+            diff[side, top, left] = np.abs(got[i].transpose(1, 2, 0) - want).mean()
         chosen = min(diff, key=diff.get)
-        assert diff[chosen] < 6, doc  # torch's and PIL's resampling differ a little
-        product = (labels == 1).sum()
-        assert score[chosen] >= max(score.values()) - 0.03 * product, (doc, chosen, score)
+        assert diff[chosen] < 6, r  # torch's and PIL's resampling differ a little
+        assert score[(r, *chosen)] >= score[(r, *best[r])] - 0.03, (r, chosen, best[r])
 
 
 def frame(ax) -> tuple:
