@@ -26,7 +26,7 @@ attention points, scoring the better of the two (the pointer as a second vector 
 ``--test`` (once a variant is chosen) also reads each finished run's test queries, once, and
 writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and mAP@10 by doc kind
 (:func:`mixer_lite.measures.recall_by_doc_kind`) and the attention measures.
-About 10 minutes a run on ``small``, 1 on ``tiny``, on 2 cores.
+About 10 minutes a run on ``small`` (12-13 with the ceilings), 1 on ``tiny``, on 2 cores.
 """
 from __future__ import annotations
 
@@ -105,9 +105,9 @@ def main() -> None:
     p.add_argument("--test", action="store_true",
                    help="also read the test queries once and write results/scenes/<run>.json")
     p.add_argument("--no-ceilings", action="store_true",
-                   help="skip the re-embeddings of the scene docs (painted out, cut out, boxed, best "
-                        "windows, cut where attention points): for more seeds of a chosen "
-                        "variant")
+                   help="skip the re-embeddings of the scene docs (painted out, cut out, "
+                        "boxed, best windows, cut where attention points): for more seeds of a "
+                        "chosen variant")
     p.add_argument("--pointed-beside", action="store_true",
                    help="also index every doc cut where its attention points, beside the doc as "
                         "shot, and print that validation recall")
