@@ -17,7 +17,8 @@ import torch
 
 from .dataset import ImageTable, image_files, load_dataset, load_images
 from .encoders import build_image_encoder, normalise_pixels
-from .model import ConstantGate, ModelConfig, boxes_on_grid, window_grid, zoom_to
+from .model import (ConstantGate, ModelConfig, boxes_on_grid, candidate_boxes, window_grid,
+                    zoom_to)
 from .weights import load_image_weights
 from .shop_images import CANVAS
 from .synthshop import doc_object_masks, doc_objects, doc_scene_masks, load_truth
@@ -644,7 +645,7 @@ def recall_by_doc_kind(model, data, data_dir: str | Path, validation=None,
             docs[torch.from_numpy(scenes)] = (
                 pointed_crops(model, data, scenes, size) if scene_docs_as == "pointed" else
                 truth_windows(data, data_dir, scenes, size,
-                              window_grid((model.cfg.region_side,), 3)
+                              candidate_boxes(model.cfg.region_side)[1:]
                               if scene_docs_as == "windowed" else FINE_WINDOWS))
     doc_emb = embed_docs(model, docs, data.doc_texts)
     query_emb = embed_queries(model, ImageTable(image_files(data, "queries", rows), size))
