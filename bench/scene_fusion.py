@@ -23,6 +23,8 @@ would give the scene photos, whose single-shot docs answer for them too.  ``--no
 skips the re-embedded scene docs (for more seeds of a chosen variant).  ``--pointed-beside``
 also prints the validation recall with every doc indexed twice, as shot and cut where its
 attention points, scoring the better of the two (the pointer as a second vector per doc).
+``--region-pick argmax`` serves each title-choosing ``regions`` run with its top candidate
+alone instead of the blend it was trained through (no retraining).
 ``--test`` (once a variant is chosen) also reads each finished run's test queries, once, and
 writes a record to ``results/scenes/<run>.json``: test Recall@1/10 and mAP@10 by doc kind
 (:func:`mixer_lite.measures.recall_by_doc_kind`) and the attention measures.
@@ -31,6 +33,7 @@ About 10 minutes a run on ``small`` (12-13 with the ceilings), 1 on ``tiny``, on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +111,10 @@ def main() -> None:
                    help="skip the re-embeddings of the scene docs (painted out, cut out, "
                         "boxed, best windows, cut where attention points): for more seeds of a "
                         "chosen variant")
+    p.add_argument("--region-pick", default="blend", choices=["blend", "argmax"],
+                   help="serve a title-choosing regions run with its candidates blended (as "
+                        "trained) or its top candidate alone (model.ModelConfig.region_pick; "
+                        "the same trained run, records named <run>-argmax)")
     p.add_argument("--pointed-beside", action="store_true",
                    help="also index every doc cut where its attention points, beside the doc as "
                         "shot, and print that validation recall")
@@ -121,6 +128,9 @@ def main() -> None:
         trained = ensure_validation_run(data_dir, name, args.seed, VARIANTS[name])
         overrides, run_name = trained["overrides"], Path(trained["run"]).name
         model = load_run_model(trained["run"])
+        if args.region_pick != "blend":  # serving only: the trained run is the same
+            model.cfg = dataclasses.replace(model.cfg, region_pick=args.region_pick)
+            name, run_name = f"{name}, {args.region_pick}", f"{run_name}-{args.region_pick}"
         cfg = config_from("tiny-cpu", overrides)
         validation = make_samples(data, cfg)[0].validation
         r = recall_by_doc_kind(model, data, data_dir, validation)
@@ -166,6 +176,8 @@ def main() -> None:
 
             want = {"row": name, "seed": args.seed, "overrides": overrides, "config": cfg,
                     "data": data_fingerprint(data_dir)}
+            if args.region_pick != "blend":  # the records of blended runs predate the key
+                want["region_pick"] = args.region_pick
             rec = recorded(scene_records_dir() / f"{run_name}.json", want,
                            measure)
             t = rec["metrics"]["by_doc_kind"]

@@ -92,6 +92,7 @@ CONCEPT_TEXT = ("residual", "none", "gated")
 CONCEPT_ATTENTION = ("softmax", "cosine", "slots")
 REGION_CHOICE = ("concepts", "title")
 REGION_WHOLE = ("image", "concepts")
+REGION_PICK = ("blend", "argmax")
 # What the fusion gate reads: "vectors", a per-dimension share from a linear map of [image;
 # fused]; "agreement", one share per doc from the cosine of the two; "constant", nothing: one
 # learned share per dimension, the same for every doc (ConceptFusion).
@@ -132,6 +133,8 @@ class ModelConfig:
     region_choice: str = "concepts"     # regions: what chooses the window: REGION_CHOICE
     region_whole_bias: float = 0.0      # regions, title: added to the whole image's choice logit
     region_whole: str = "image"         # regions, title: the whole-image candidate: REGION_WHOLE
+    region_pick: str = "blend"          # regions, title, served: the candidates blended by
+                                        # their weights, or the top one alone: REGION_PICK
     title_sample: bool = False          # concept: the title's embedding trains beside its doc
     window_sample: bool = False         # regions, title: the chosen candidate trains beside it
     shared_transform: bool = False
@@ -168,8 +171,12 @@ class ModelConfig:
         if self.region_whole not in REGION_WHOLE:
             raise ValueError(f"ModelConfig.region_whole must be one of {REGION_WHOLE}, "
                              f"got {self.region_whole!r}")
+        if self.region_pick not in REGION_PICK:
+            raise ValueError(f"ModelConfig.region_pick must be one of {REGION_PICK}, "
+                             f"got {self.region_pick!r}")
         title_only = {"region_whole_bias": self.region_whole_bias != 0,
-                      "region_whole": self.region_whole != "image"}  # set away from default
+                      "region_whole": self.region_whole != "image",
+                      "region_pick": self.region_pick != "blend"}  # set away from default
         for name in (n for n, set_ in title_only.items() if set_):
             if self.region_choice != "title":
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} shapes the whole "
@@ -781,7 +788,10 @@ class MixerModel(nn.Module):
         photo would match (``docs/EXPERIMENTS.md``, "The title in the photos' space");
         ``region_whole_bias`` is added to the whole image's logit, and ``region_whole="concepts"``
         makes the whole-image candidate :meth:`_concept_head`'s doc vector (the concepts attend
-        over its patches), so a doc no window wins is the paper's fused doc."""
+        over its patches), so a doc no window wins is the paper's fused doc.
+        ``region_pick="argmax"``: served (eval mode), a doc is its top candidate alone, not the
+        blend training learns through (a single shot's whole image then keeps none of its
+        windows; ``docs/EXPERIMENTS.md``, "The top candidate alone, served")."""
         concepts, info["token_to_concept"] = self.concept_memory(text, mask)
         windows = self.regions[1:]
         n, k = len(images), len(windows)
@@ -807,6 +817,8 @@ class MixerModel(nn.Module):
             logits = self.choice_scale.exp() * cosine.transpose(1, 2)
             logits[..., 0] += self.cfg.region_whole_bias  # a window must beat the whole image
             weights = torch.softmax(logits, dim=-1)
+            if self.cfg.region_pick == "argmax" and not self.training:  # training blends
+                weights = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(weights.dtype)
             out = (weights @ regions).squeeze(1)
         else:
             out, weights, gate = self.fusion(concepts, regions, image_vec)

@@ -653,6 +653,32 @@ def test_title_chosen_window_by_hand_and_the_title_trained_beside_its_doc():
     logits = weights.log() + torch.tensor([1.5] + [0.0] * 9)  # log-softmax + a constant
     torch.testing.assert_close(got[:, 0], logits.softmax(dim=-1), rtol=0, atol=1e-5)
     assert (got[:, 0, 0] > weights[:, 0]).all()
+    # region_pick="argmax": served, the doc is the candidate of the highest logit alone (the
+    # whole image disfavoured here, so that the docs pick different windows)
+    picked = make("regions", region_choice="title", region_pick="argmax", region_whole_bias=-3.0,
+                  image_encoder="cnn", image_weights="openclipart-cnn", dropout=0.0)
+    picked.load_state_dict(model.state_dict())
+    got, info = picked.eval().embed_docs(x, tokens, return_attention=True)
+    with torch.no_grad():
+        regions = model.doc_transform(pooled)
+        logits = weights.log() + torch.tensor([-3.0] + [0.0] * 9)
+        top = [max(range(logits.shape[1]), key=lambda k: logits[i, k].item())
+               for i in range(len(x))]
+        want = F.normalize(model.doc_norm(model.out_proj(regions[torch.arange(len(x)), top])),
+                           dim=-1)
+    assert len(set(top)) > 1  # the docs pick different windows
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert info["region_weights"][:, 0].tolist() == [[float(k == t) for k in range(10)]
+                                                     for t in top]
+    blending = make("regions", region_choice="title", region_whole_bias=-3.0,
+                    image_encoder="cnn", image_weights="openclipart-cnn", dropout=0.0)
+    blending.load_state_dict(model.state_dict())
+    blended = blending.train()(images(n=3, seed=5), x, tokens)[1]  # training blends alike
+    torch.testing.assert_close(picked.train()(images(n=3, seed=5), x, tokens)[1], blended)
+    with pytest.raises(ValueError, match="region_pick"):
+        ModelConfig(fusion="regions", region_choice="title", region_pick="top")
+    with pytest.raises(ValueError, match="region_pick='argmax' .* not 'concepts'"):
+        ModelConfig(fusion="regions", region_pick="argmax")
     model.train()
     q, d = model(images(n=3, seed=5), x, tokens)
     assert q.shape == (3, 32) and d.shape == (4, 2, 32)
