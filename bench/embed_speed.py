@@ -7,8 +7,7 @@ glibc's malloc at batch 256.
     python bench/embed_speed.py [--data data/synth-small-scenes30] [--run runs/demo]
                                 [--sizes 32,64,256] [--images 2048] [--repeats 3]
 
-``--run``: a trained run's model (``make demo``'s by default); without one, the ``tiny-cpu``
-model at its initial weights on ``--data`` (the same layers, so the same cost).  Each allocator
+``--run``: a trained run's model (``make demo``'s by default).  Each allocator
 setting runs in a fresh process (``MIXER_LITE_KEEP_FREED_MEMORY``), which embeds the same first
 ``--images`` docs and photos, preloaded, the batch sizes alternating ``--repeats`` times at the
 process's torch threads; the median is kept.
@@ -34,22 +33,11 @@ from mixer_lite.runs import KEEP_FREED_MEMORY_ENV, keep_freed_memory, load_run_m
 SETTINGS = {"glibc": "0", "kept": "1"}  # the environment variable's value for each
 
 
-def model_for(run: str, data):
-    if Path(run, "model.pt").exists():
-        return load_run_model(run), run
-    from mixer_lite.sampling import make_samples
-    from mixer_lite.train import build_model, config_from
-
-    cfg = config_from("tiny-cpu", [])
-    samples, _ = make_samples(data, cfg)
-    return build_model(data, samples, cfg), "tiny-cpu at its initial weights"
-
-
 def measure(args, out: Path) -> None:
     """One process's measurements: rates per (kind, batch) and the embeddings, into ``out``."""
     applied = keep_freed_memory()
     data = load_dataset(args.data)
-    model, what = model_for(args.run, data)
+    model = load_run_model(args.run)
     n = min(args.images, len(data.docs), len(data.queries))
     rows = np.arange(n)
     size = model.cfg.image_size
@@ -67,7 +55,7 @@ def measure(args, out: Path) -> None:
                 emb[f"{kind} {b}"] = embed(b)
                 seconds[f"{kind} {b}"].append(time.perf_counter() - began)
     np.savez(out.with_suffix(".npz"), **emb)
-    out.write_text(json.dumps({"what": what, "n": n, "size": size, "applied": applied,
+    out.write_text(json.dumps({"n": n, "size": size, "applied": applied,
                                "rate": {k: n / statistics.median(s)
                                         for k, s in seconds.items()}}))
 
@@ -99,7 +87,7 @@ def main() -> None:
     first = got["glibc"]
     if not got["kept"]["applied"]:
         print("(keep_freed_memory is a no-op here: off glibc, both columns measure the same)")
-    print(f"{first['what']}; {first['n']} photos and {first['n']} docs at {first['size']} px, "
+    print(f"{args.run}; {first['n']} photos and {first['n']} docs at {first['size']} px, "
           f"each setting in its own process, median of {args.repeats}")
     print("| batch | photos/s, glibc | photos/s, kept | x | docs/s, glibc | docs/s, kept | x "
           "| embeddings equal |")

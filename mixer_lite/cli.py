@@ -136,7 +136,7 @@ def _cmd_pretrain(args) -> int:
 def _cmd_evaluate(args) -> int:
     """Under torchrun each rank embeds its share of the docs and photos (its own GPU); rank 0
     writes and prints.  Like ``index``, a job that exits: it keeps the memory freed between
-    batches (:func:`runs.keep_freed_memory`; 1.6-1.75x the embeddings a second on 2 CPU cores,
+    batches (:func:`runs.keep_freed_memory`; 1.57-1.75x the embeddings a second on 2 CPU cores,
     ``bench/embed_speed.py``)."""
     from pathlib import Path
 

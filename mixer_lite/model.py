@@ -179,8 +179,8 @@ class ModelConfig:
                       "region_pick": self.region_pick != "blend"}  # set away from default
         for name in (n for n, set_ in title_only.items() if set_):
             if self.region_choice != "title":
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} shapes the whole "
-                                 f"image's place in the title's choice: it needs "
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} shapes the "
+                                 f"title's choice among the windows: it needs "
                                  f"region_choice='title', not {self.region_choice!r}")
         if self.title_sample and self.fusion != "concept":
             raise ValueError(f"ModelConfig.title_sample trains the concept head's title beside "

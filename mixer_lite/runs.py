@@ -254,7 +254,7 @@ def keep_freed_memory() -> bool:
     kernel).  With mmap off and trimming raised, freed blocks stay in the heap: the same steps
     ran 1.28x faster for 17% more peak memory (``bench/allocator.py``;
     ``docs/EXPERIMENTS.md``, "Where a CPU step's time goes").  Nothing a step computes changes.
-    Embedding in batches without gradients gains as much (1.6-1.75x at batch 256,
+    Embedding in batches without gradients gains as much (1.57-1.75x at batch 256,
     ``bench/embed_speed.py``), so the ``evaluate`` and ``index`` commands call it as ``train``
     does.  Process-wide and idempotent; a no-op off glibc or with
     ``MIXER_LITE_KEEP_FREED_MEMORY=0``.
